@@ -1,0 +1,137 @@
+//! `mesh-agent run`: the agent's life from start to a clean exit.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use aya_log::EbpfLogger;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    config::Config,
+    datapath::{Datapath, Loaded},
+    outbound,
+    routing::Routes,
+    system,
+};
+
+/// What `mesh-agent run` was told.
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// cgroup v2 subtree to attach to, relative to the cgroup v2 mount.
+    pub cgroup: String,
+    /// Leave programs attached and maps pinned on exit.
+    pub keep_pins: bool,
+    /// How long connections may go on after SIGTERM before they are closed.
+    pub grace_period: Duration,
+    /// Most verbose level of the eBPF programs' own log.
+    pub ebpf_log_level: aya_log::Level,
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(opts: RunOptions) -> Result<()> {
+    system::require_root()?;
+    let config = Config::load(&opts.config)?;
+    system::require_bpffs()?;
+    let cgroup_mount = system::cgroup2_mount()?;
+    let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
+    let listener = outbound::bind()?;
+
+    let node = config.node.name.as_str();
+    let Loaded {
+        datapath,
+        logger,
+        mut state,
+        orig_dst,
+        counters: _,
+    } = Datapath::load(node, &cgroup, opts.ebpf_log_level)?;
+    tokio::spawn(drain_ebpf_log(logger));
+
+    let served = async {
+        state.sync(&config, &cgroup_mount)?;
+        let routes = Arc::new(Routes::new(&config));
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let abort = CancellationToken::new();
+        let accepting = tokio::spawn(outbound::serve(
+            listener,
+            orig_dst,
+            routes,
+            tracker.clone(),
+            stop.clone(),
+            abort.clone(),
+        ));
+        info!(node, config = %opts.config.display(), "mesh agent ready");
+
+        wait_for_signal().await?;
+        stop.cancel();
+        accepting.await.context("the outbound listener failed")?;
+        tracker.close();
+        if !tracker.is_empty() {
+            info!(
+                connections = tracker.len(),
+                grace_period = ?opts.grace_period,
+                "no longer accepting; waiting for open connections"
+            );
+        }
+        if tokio::time::timeout(opts.grace_period, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                connections = tracker.len(),
+                "grace period over: closing the remaining connections"
+            );
+            abort.cancel();
+            tracker.wait().await;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+
+    if opts.keep_pins {
+        info!(pins = %datapath.pin_dir().display(), "keeping the programs attached and pinned");
+    } else {
+        datapath.unpin()?;
+    }
+    served
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    Ok(())
+}
+
+/// Forwards the eBPF programs' aya-log records to `tracing` as they come.
+async fn drain_ebpf_log(logger: EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and the same until the
+    // logger (owned by the AsyncFd) is dropped.
+    let mut fd = match unsafe { AsyncFd::register(logger) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("cannot watch the eBPF log: {e}");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                warn!("cannot read the eBPF log: {e}");
+                return;
+            }
+        }
+    }
+}

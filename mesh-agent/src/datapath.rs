@@ -1,0 +1,343 @@
+//! The kernel side: loading, attaching and pinning the eBPF programs, and their maps.
+//!
+//! Everything of one node lives under `/sys/fs/bpf/mesh/<node>`: the state maps (by their
+//! names), the programs (`prog_<name>`) and the cgroup links (`link_<name>`). Pinned links keep
+//! the programs attached after the agent exits; a restarted agent reuses the pinned maps, so
+//! enrollment and counters survive it. Removing the directory detaches and frees everything.
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    hash::Hash,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
+};
+use mesh_common::{
+    Addr, AgentListener, Counter, SET_MEMBER, SockAddr, SockPair, ipv4_mapped, ipv4_unmapped,
+};
+use tracing::{debug, info, warn};
+
+use crate::{config::Config, system::BPFFS};
+
+/// The compiled eBPF programs (`cargo xtask build-ebpf`).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
+
+/// The agent's outbound listener port, where captured connects go.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+const CGROUP_PROGRAMS: [&str; 3] = ["mesh_connect4", "mesh_connect6", "mesh_sockops"];
+
+/// The directory holding a node's pins.
+pub fn pin_dir(node: &str) -> PathBuf {
+    Path::new(BPFFS).join("mesh").join(node)
+}
+
+/// Loaded, attached and pinned programs.
+pub struct Datapath {
+    _ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+/// What [`Datapath::load`] hands out: the programs and, each to its one user, their log and maps.
+pub struct Loaded {
+    pub datapath: Datapath,
+    /// Drains the programs' aya-log records; keep it alive as long as the programs.
+    pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+    pub state: StateMaps,
+    pub orig_dst: OrigDstTable,
+    pub counters: Counters,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing the node's pinned maps if any, attaches them to the cgroup
+    /// v2 directory `cgroup` (replacing the node's earlier attachments) and pins them.
+    /// `log_level` is the most verbose aya-log level the programs emit.
+    pub fn load(node: &str, cgroup: &Path, log_level: aya_log::Level) -> Result<Loaded> {
+        let pin_dir = pin_dir(node);
+        std::fs::create_dir_all(&pin_dir)
+            .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(aya_log::LEVEL, &(log_level as u8), true)
+            .load(OBJECT)
+            .context("cannot load the eBPF programs (does this kernel have BPF and BTF?)")?;
+        let logger =
+            aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log")?;
+
+        let cgroup_fd = File::open(cgroup)
+            .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
+        for name in CGROUP_PROGRAMS {
+            attach_to_cgroup(&mut ebpf, name, &cgroup_fd, &pin_dir)
+                .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
+        }
+        attach_sk_msg(&mut ebpf, &pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
+        info!(
+            cgroup = %cgroup.display(),
+            pins = %pin_dir.display(),
+            "eBPF programs attached"
+        );
+
+        Ok(Loaded {
+            state: StateMaps {
+                enrolled: take_map(&mut ebpf, "ENROLLED")?,
+                owned_services: take_map(&mut ebpf, "OWNED_SERVICES")?,
+                owned_cidrs: take_map(&mut ebpf, "OWNED_CIDRS")?,
+                agent: take_map(&mut ebpf, "AGENT")?,
+            },
+            orig_dst: OrigDstTable(take_map(&mut ebpf, "ORIG_DST_BY_CLIENT")?),
+            counters: Counters(take_map(&mut ebpf, "COUNTERS")?),
+            logger,
+            datapath: Datapath {
+                _ebpf: ebpf,
+                pin_dir,
+            },
+        })
+    }
+
+    /// Where this node's pins live.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Unpins everything of this node: once the agent's handles close, the programs are
+    /// detached and the maps freed.
+    pub fn unpin(&self) -> Result<()> {
+        unpin(&self.pin_dir)
+    }
+}
+
+/// Removes a node's pin directory (see [`Datapath::unpin`]); fails if there is none.
+pub fn unpin(pin_dir: &Path) -> Result<()> {
+    if !pin_dir.exists() {
+        bail!("nothing is pinned at {}", pin_dir.display());
+    }
+    std::fs::remove_dir_all(pin_dir)
+        .with_context(|| format!("cannot remove the pins at {}", pin_dir.display()))?;
+    info!(pins = %pin_dir.display(), "eBPF programs detached and unpinned");
+    Ok(())
+}
+
+fn attach_to_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_dir: &Path) -> Result<()> {
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?;
+    // aya attaches through a bpf_link (kernel >= 5.7), which always lets several programs
+    // share a cgroup and takes no mode flags, hence `Single`. An earlier agent's programs stay
+    // attached until their links are unpinned below, after the new ones are in place.
+    let link: FdLink = if name == "mesh_sockops" {
+        let p: &mut SockOps = program.try_into()?;
+        p.load()?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+        p.take_link(id)?.try_into()?
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into()?;
+        p.load()?;
+        let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+        p.take_link(id)?.try_into()?
+    };
+    replace_pin(&pin_dir.join(format!("prog_{name}")))?;
+    program.pin(pin_dir.join(format!("prog_{name}")))?;
+    let link_pin = pin_dir.join(format!("link_{name}"));
+    replace_pin(&link_pin)?;
+    link.pin(&link_pin)?;
+    Ok(())
+}
+
+fn attach_sk_msg(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<()> {
+    let sockets: SockHash<MapData, SockPair> = take_map(ebpf, "SOCKETS")?;
+    let program: &mut SkMsg = ebpf
+        .program_mut("mesh_redirect")
+        .context("the eBPF object has no program mesh_redirect")?
+        .try_into()?;
+    program.load()?;
+    // Replaces an earlier agent's program on the pinned map.
+    let id = program.attach(sockets.fd())?;
+    // The attachment lives in the (pinned) map, not in a handle of ours: keep it when the
+    // agent exits; unpinning the map frees both.
+    std::mem::forget(program.take_link(id)?);
+    let pin = pin_dir.join("prog_mesh_redirect");
+    replace_pin(&pin)?;
+    program.pin(pin)?;
+    Ok(())
+}
+
+fn replace_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            debug!(pin = %path.display(), "replaced an earlier pin");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot remove the old pin {}", path.display())),
+    }
+}
+
+fn take_map<T: TryFrom<Map, Error = MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// The maps that mirror the agent's state: the listener, enrolled cgroups, owned destinations.
+pub struct StateMaps {
+    enrolled: HashMap<MapData, u64, u8>,
+    owned_services: HashMap<MapData, SockAddr, u8>,
+    owned_cidrs: LpmTrie<MapData, Addr, u8>,
+    agent: Array<MapData, AgentListener>,
+}
+
+impl StateMaps {
+    /// Makes the maps match `config`: adds what is new, removes what is gone.
+    /// `cgroup_mount` is where the workloads' cgroup paths start.
+    pub fn sync(&mut self, config: &Config, cgroup_mount: &Path) -> Result<()> {
+        let listener = AgentListener {
+            ipv4: config.node.ipv4().map_or([0; 4], |a| a.octets()),
+            ipv6: config.node.ipv6().map_or([0; 16], |a| a.octets()),
+            port: OUTBOUND_PORT,
+            has_ipv4: config.node.ipv4().is_some().into(),
+            has_ipv6: config.node.ipv6().is_some().into(),
+        };
+        self.agent.set(0, listener, 0).context("cannot set AGENT")?;
+
+        let mut enrolled = HashSet::new();
+        for w in &config.workloads {
+            let dir = w.cgroup.under(cgroup_mount);
+            match cgroup_id(&dir) {
+                Ok(id) => {
+                    enrolled.insert(id);
+                }
+                Err(e) => warn!(
+                    workload = %format!("{}/{}", w.namespace, w.name),
+                    cgroup = %dir.display(),
+                    "not enrolled: {e}"
+                ),
+            }
+        }
+        sync_set(&mut self.enrolled, &enrolled, "ENROLLED")?;
+
+        let services: HashSet<SockAddr> = config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.addresses.iter().flat_map(|a| {
+                    s.ports
+                        .iter()
+                        .map(|p| sock_addr(SocketAddr::new(*a, p.port)))
+                })
+            })
+            .collect();
+        sync_set(&mut self.owned_services, &services, "OWNED_SERVICES")?;
+
+        let cidrs: HashSet<(u32, Addr)> = config
+            .pod_cidrs
+            .iter()
+            .map(|net| match net {
+                ipnet::IpNet::V4(n) => (
+                    96 + u32::from(n.prefix_len()),
+                    ipv4_mapped(n.network().octets()),
+                ),
+                ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+            })
+            .collect();
+        let present: Vec<Key<Addr>> = self.owned_cidrs.keys().collect::<Result<_, _>>()?;
+        for key in &present {
+            if !cidrs.contains(&(key.prefix_len(), key.data())) {
+                self.owned_cidrs.remove(key)?;
+            }
+        }
+        for (prefix_len, addr) in &cidrs {
+            self.owned_cidrs
+                .insert(&Key::new(*prefix_len, *addr), SET_MEMBER, 0)
+                .context("cannot fill OWNED_CIDRS")?;
+        }
+        info!(
+            enrolled = enrolled.len(),
+            service_ports = services.len(),
+            cidrs = cidrs.len(),
+            "eBPF maps synced"
+        );
+        Ok(())
+    }
+}
+
+fn sync_set<K: Pod + Eq + Hash>(
+    map: &mut HashMap<MapData, K, u8>,
+    want: &HashSet<K>,
+    name: &str,
+) -> Result<()> {
+    let present: Vec<K> = map.keys().collect::<Result<_, _>>()?;
+    for key in present.iter().filter(|k| !want.contains(k)) {
+        map.remove(key)?;
+    }
+    for key in want {
+        map.insert(key, SET_MEMBER, 0)
+            .with_context(|| format!("cannot fill {name}"))?;
+    }
+    Ok(())
+}
+
+/// The id the kernel gives a cgroup v2 directory: its inode number.
+fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| m.ino())
+}
+
+/// A socket address in the maps' form.
+pub fn sock_addr(addr: SocketAddr) -> SockAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    SockAddr::new(ip, addr.port())
+}
+
+/// A socket address from the maps' form, IPv4-mapped addresses as IPv4.
+pub fn socket_addr(addr: &SockAddr) -> SocketAddr {
+    let ip = match ipv4_unmapped(&addr.addr) {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::from(addr.addr),
+    };
+    SocketAddr::new(ip, addr.port)
+}
+
+/// Original destinations of captured connections, by the client's address.
+pub struct OrigDstTable(HashMap<MapData, SockAddr, SockAddr>);
+
+impl OrigDstTable {
+    /// Takes (returns and forgets) the original destination of the connection from `client`.
+    pub fn take(&mut self, client: SocketAddr) -> Option<SocketAddr> {
+        let key = sock_addr(client);
+        let dst = self.0.get(&key, 0).ok()?;
+        if let Err(e) = self.0.remove(&key) {
+            warn!(%client, "cannot forget an original destination: {e}");
+        }
+        Some(socket_addr(&dst))
+    }
+}
+
+/// The programs' per-CPU event counters.
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+impl Counters {
+    /// Opens the counters pinned for `node`, from any process.
+    pub fn open_pinned(node: &str) -> Result<Self> {
+        let path = pin_dir(node).join("COUNTERS");
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
+        Ok(Self(PerCpuArray::try_from(Map::PerCpuArray(data))?))
+    }
+
+    /// The counter summed over all CPUs.
+    pub fn get(&self, counter: Counter) -> Result<u64> {
+        let values = self.0.get(&(counter as u32), 0)?;
+        Ok(values.iter().sum())
+    }
+}

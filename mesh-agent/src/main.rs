@@ -1,0 +1,109 @@
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use mesh_agent::{
+    agent::{self, RunOptions},
+    datapath::{self, Datapath},
+    system,
+};
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::EnvFilter;
+
+/// Node agent of the eBPF-accelerated service mesh.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `info,mesh_agent::outbound=debug`. The eBPF programs log at the most verbose level named.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the programs, fill the maps from the config and proxy captured traffic.
+    Run {
+        /// The agent's YAML configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// cgroup v2 subtree whose connects are captured, relative to the cgroup v2 mount.
+        #[arg(long, default_value = "/")]
+        cgroup: String,
+        /// Leave the programs attached and the maps pinned on exit (for a restart or upgrade).
+        #[arg(long)]
+        keep_pins: bool,
+        /// Seconds open connections may go on after SIGTERM before they are closed.
+        #[arg(long, default_value_t = 10)]
+        grace_period: u64,
+    },
+    /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
+    Load {
+        #[arg(long)]
+        node: String,
+        /// cgroup v2 subtree to attach to, relative to the cgroup v2 mount.
+        #[arg(long, default_value = "/")]
+        cgroup: String,
+    },
+    /// Detach and unpin everything pinned under /sys/fs/bpf/mesh/<node>.
+    Unload {
+        #[arg(long)]
+        node: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let filter = EnvFilter::try_new(&cli.log_level)
+        .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cli.log_level))?;
+    let ebpf_log_level = ebpf_level(filter.max_level_hint());
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+
+    match cli.command {
+        Command::Run {
+            config,
+            cgroup,
+            keep_pins,
+            grace_period,
+        } => tokio::runtime::Runtime::new()?.block_on(agent::run(RunOptions {
+            config,
+            cgroup,
+            keep_pins,
+            grace_period: Duration::from_secs(grace_period),
+            ebpf_log_level,
+        })),
+        Command::Load { node, cgroup } => {
+            system::require_root()?;
+            system::require_bpffs()?;
+            let dir = system::cgroup_dir(&system::cgroup2_mount()?, &cgroup)?;
+            Datapath::load(&node, &dir, ebpf_log_level)?;
+            Ok(())
+        }
+        Command::Unload { node } => {
+            system::require_root()?;
+            datapath::unpin(&datapath::pin_dir(&node))
+        }
+    }
+}
+
+fn ebpf_level(max: Option<LevelFilter>) -> aya_log::Level {
+    use aya_log::Level;
+    match max.unwrap_or(LevelFilter::TRACE) {
+        LevelFilter::TRACE => Level::Trace,
+        LevelFilter::DEBUG => Level::Debug,
+        LevelFilter::INFO => Level::Info,
+        LevelFilter::WARN => Level::Warn,
+        _ => Level::Error,
+    }
+}

@@ -1,0 +1,135 @@
+//! What the agent needs from the host, checked up front with errors that say what to do.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// Where bpffs is expected; the agent pins under `BPFFS/mesh/<node>`.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Fails unless the agent runs as root (it loads eBPF programs and attaches them to cgroups).
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "mesh-agent must run as root: it loads eBPF programs and attaches them to cgroups \
+             (try: sudo mesh-agent ...)"
+        );
+    }
+    Ok(())
+}
+
+/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on most systems,
+/// `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    mount_point("cgroup2")?.context(
+        "no cgroup v2 hierarchy is mounted (nothing of type cgroup2 in /proc/mounts); \
+         the mesh attaches its programs to cgroup v2: boot with systemd.unified_cgroup_hierarchy=1 \
+         or mount one with `mount -t cgroup2 none /sys/fs/cgroup`",
+    )
+}
+
+/// Fails unless bpffs is mounted at [`BPFFS`].
+pub fn require_bpffs() -> Result<()> {
+    let mounted = mounts()?
+        .iter()
+        .any(|(dir, fstype)| dir == Path::new(BPFFS) && fstype == "bpf");
+    if !mounted {
+        bail!(
+            "bpffs is not mounted at {BPFFS}, where the mesh pins its programs and maps: \
+             mount it with `mount -t bpf bpf {BPFFS}`"
+        );
+    }
+    Ok(())
+}
+
+/// Resolves a cgroup given relative to the cgroup v2 mount (or as an absolute path under it)
+/// to its directory; fails if it does not exist.
+pub fn cgroup_dir(mount: &Path, cgroup: &str) -> Result<PathBuf> {
+    let path = Path::new(cgroup);
+    let dir = if path.starts_with(mount) {
+        path.to_owned()
+    } else {
+        mount.join(cgroup.trim_start_matches('/'))
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cgroup {cgroup} does not exist (looked for {}); create it or name an existing one",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+fn mount_point(fstype: &str) -> Result<Option<PathBuf>> {
+    Ok(mounts()?
+        .into_iter()
+        .find(|(_, t)| t == fstype)
+        .map(|(dir, _)| dir))
+}
+
+/// (mount point, filesystem type) of every mount.
+fn mounts() -> Result<Vec<(PathBuf, String)>> {
+    let text = std::fs::read_to_string("/proc/mounts").context("cannot read /proc/mounts")?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let _source = fields.next()?;
+            let dir = fields.next()?;
+            let fstype = fields.next()?;
+            Some((PathBuf::from(unescape_mount(dir)), fstype.to_owned()))
+        })
+        .collect())
+}
+
+/// /proc/mounts writes space, tab, newline and backslash as octal escapes.
+fn unescape_mount(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(b) => {
+                out.push(char::from(b));
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_fields_are_unescaped() {
+        assert_eq!(unescape_mount(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount(r"/plain"), "/plain");
+        assert_eq!(unescape_mount(r"/odd\x"), r"/odd\x");
+    }
+
+    #[test]
+    fn cgroup2_is_found_on_this_machine() {
+        let mount = cgroup2_mount().unwrap();
+        assert!(mount.join("cgroup.procs").exists(), "{}", mount.display());
+    }
+
+    #[test]
+    fn missing_cgroup_is_named() {
+        let e = cgroup_dir(Path::new("/sys/fs/cgroup"), "/no-such-mesh-cgroup").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cgroup /no-such-mesh-cgroup does not exist")
+        );
+    }
+}

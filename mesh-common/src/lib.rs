@@ -1,0 +1,179 @@
+//! Map keys and values shared by the mesh eBPF programs and the node agent.
+//!
+//! Every address is stored as 16 bytes in network byte order: IPv6 as is, IPv4 in its
+//! IPv4-mapped form (`::ffff:a.b.c.d`). One shape for both families keeps one map per job
+//! and lets a dual-stack socket that talks IPv4 meet its IPv4 peer under the same key.
+//! Ports are in host byte order. Padding is explicit and always zero, so keys hash the same
+//! on both sides.
+#![no_std]
+
+/// An IP address in IPv6 or IPv4-mapped IPv6 form, network byte order.
+pub type Addr = [u8; 16];
+
+/// The IPv4-mapped form of an IPv4 address given in network byte order.
+#[inline(always)]
+pub const fn ipv4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// The IPv4 octets of an IPv4-mapped address, or `None` for a real IPv6 address.
+#[inline(always)]
+pub fn ipv4_unmapped(addr: &Addr) -> Option<[u8; 4]> {
+    let mut i = 0;
+    while i < 10 {
+        if addr[i] != 0 {
+            return None;
+        }
+        i += 1;
+    }
+    if addr[10] != 0xff || addr[11] != 0xff {
+        return None;
+    }
+    Some([addr[12], addr[13], addr[14], addr[15]])
+}
+
+/// An address and port: a service address, an original destination or a client's source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+impl SockAddr {
+    #[inline(always)]
+    pub const fn new(addr: Addr, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Both ends of a TCP connection as one socket sees it; the SOCKHASH key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockPair {
+    pub local: SockAddr,
+    pub remote: SockAddr,
+}
+
+impl SockPair {
+    /// The same connection as the socket at the other end sees it.
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            local: self.remote,
+            remote: self.local,
+        }
+    }
+}
+
+/// Where captured connects are sent: the agent's outbound listener.
+///
+/// Held at index 0 of the `AGENT` array. A family whose flag is zero is not captured, so an
+/// empty entry (before the agent has filled it) captures nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentListener {
+    /// IPv4 address, network byte order.
+    pub ipv4: [u8; 4],
+    /// IPv6 address, network byte order.
+    pub ipv6: [u8; 16],
+    pub port: u16,
+    pub has_ipv4: u8,
+    pub has_ipv6: u8,
+}
+
+/// The value of maps that are sets (`ENROLLED`, `OWNED_SERVICES`, `OWNED_CIDRS`,
+/// `MSG_PASSTHROUGH`): only the key's presence means anything.
+pub const SET_MEMBER: u8 = 1;
+
+/// How deep below the cgroup v2 root the capture program looks for an enrolled ancestor.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+
+/// Indexes of the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// TCP connects rewritten to the agent.
+    ConnectsCaptured = 0,
+    /// TCP connects from the attached subtree left alone (not enrolled or not owned).
+    ConnectsPassed = 1,
+    /// Captured connections whose original destination was handed to the agent.
+    OrigDstRecorded = 2,
+    /// Messages that `sk_msg` put straight into the peer socket.
+    MsgRedirected = 3,
+    /// Bytes that `sk_msg` put straight into the peer socket.
+    BytesRedirected = 4,
+    /// Messages of shortcut sockets that went through the TCP/IP stack instead.
+    MsgPassed = 5,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 6] = [
+        Counter::ConnectsCaptured,
+        Counter::ConnectsPassed,
+        Counter::OrigDstRecorded,
+        Counter::MsgRedirected,
+        Counter::BytesRedirected,
+        Counter::MsgPassed,
+    ];
+
+    /// The counter's name in snake case, as the agent reports it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::ConnectsCaptured => "connects_captured",
+            Counter::ConnectsPassed => "connects_passed",
+            Counter::OrigDstRecorded => "orig_dst_recorded",
+            Counter::MsgRedirected => "msg_redirected",
+            Counter::BytesRedirected => "bytes_redirected",
+            Counter::MsgPassed => "msg_passed",
+        }
+    }
+}
+
+/// Number of slots in the `COUNTERS` array.
+pub const COUNTER_SLOTS: u32 = Counter::ALL.len() as u32;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, hold only integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::SockAddr {}
+    unsafe impl aya::Pod for super::SockPair {}
+    unsafe impl aya::Pod for super::AgentListener {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapping_round_trips() {
+        let mapped = ipv4_mapped([198, 18, 1, 2]);
+        assert_eq!(ipv4_unmapped(&mapped), Some([198, 18, 1, 2]));
+        let mut v6 = mapped;
+        v6[0] = 0x20;
+        assert_eq!(ipv4_unmapped(&v6), None);
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<SockAddr>(), 20);
+        assert_eq!(core::mem::size_of::<SockPair>(), 40);
+        assert_eq!(core::mem::size_of::<AgentListener>(), 24);
+    }
+
+    #[test]
+    fn counters_are_indexed_in_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

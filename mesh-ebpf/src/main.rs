@@ -1,0 +1,386 @@
+//! Kernel side of the mesh.
+//!
+//! - `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP connect
+//!   from an enrolled cgroup to a destination the mesh owns is rewritten to the agent's
+//!   outbound listener; the original destination is kept under the socket cookie.
+//! - `mesh_sockops` (`sock_ops`): when a captured connect is established, its original
+//!   destination moves to a map keyed by the client's address and port (what the agent sees
+//!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH.
+//! - `mesh_redirect` (`sk_msg`): a send on a socket in `SOCKETS` goes straight into the
+//!   receive queue of its peer, skipping the TCP/IP stack and the veth between them.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        bpf_sock_addr, sk_action::SK_PASS,
+    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, error};
+use mesh_common::{
+    Addr, AgentListener, COUNTER_SLOTS, Counter, MAX_CGROUP_DEPTH, SET_MEMBER, SockAddr, SockPair,
+    ipv4_mapped, ipv4_unmapped,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const IPPROTO_TCP: u32 = 6;
+/// `cgroup/connect*` verdict that lets the connect go on.
+const ALLOW: i32 = 1;
+/// `cgroup/connect*` verdict that fails the connect with EPERM.
+const DENY: i32 = 0;
+
+/// Set of enrolled cgroup ids; a connect is enrolled if its cgroup or an ancestor is here.
+#[map]
+static ENROLLED: HashMap<u64, u8> = HashMap::pinned(16_384, 0);
+
+/// Set of meshed service addresses and ports.
+#[map]
+static OWNED_SERVICES: HashMap<SockAddr, u8> = HashMap::pinned(262_144, 0);
+
+/// Set of meshed address ranges (pod CIDRs), any port.
+#[map]
+static OWNED_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(4096, 0);
+
+/// The agent's outbound listener, at index 0.
+#[map]
+static AGENT: Array<AgentListener> = Array::pinned(1, 0);
+
+/// Original destination of a captured connect, by socket cookie, until it is established.
+#[map]
+static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65_536, 0);
+
+/// Original destination of an established captured connection, by the client's address and
+/// port; the agent takes (reads and deletes) it after `accept`.
+#[map]
+static ORIG_DST_BY_CLIENT: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(65_536, 0);
+
+/// Both ends of app↔agent connections, keyed by the connection as each socket sees it.
+#[map]
+static SOCKETS: SockHash<SockPair> = SockHash::pinned(131_072, 0);
+
+/// Sockets whose sends must keep going through TCP/IP (see `mesh_common::SET_MEMBER`).
+#[map]
+static MSG_PASSTHROUGH: LruHashMap<SockPair, u8> = LruHashMap::pinned(16_384, 0);
+
+/// Per-CPU event counters, indexed by `mesh_common::Counter`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+
+#[inline(always)]
+fn count(counter: Counter, by: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, valid for the duration of the program.
+        unsafe { *slot += by };
+    }
+}
+
+/// Whether the current task's cgroup, or one of its ancestors, is enrolled.
+#[inline(always)]
+fn is_enrolled() -> bool {
+    for level in 1..=MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call; returns 0 past the task's own cgroup.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { ENROLLED.get(&id) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn is_owned(dst: &SockAddr) -> bool {
+    // SAFETY: the values are plain bytes read only for their presence.
+    unsafe { OWNED_SERVICES.get(dst) }.is_some()
+        || OWNED_CIDRS.get(Key::new(128, dst.addr)).is_some()
+}
+
+#[inline(always)]
+fn agent() -> Option<&'static AgentListener> {
+    AGENT.get(0)
+}
+
+/// Remembers `dst` as the original destination of the connecting socket; false if it can't.
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, dst: &SockAddr) -> bool {
+    // SAFETY: `bpf_get_socket_cookie` accepts the sock_addr context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    ORIG_DST_BY_COOKIE.insert(&cookie, dst, 0).is_ok()
+}
+
+#[inline(always)]
+fn is_tcp(sa: &bpf_sock_addr) -> bool {
+    sa.protocol == IPPROTO_TCP
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    let dst = SockAddr::new(
+        ipv4_mapped(sa.user_ip4.to_ne_bytes()),
+        u16::from_be(sa.user_port as u16),
+    );
+    let Some(agent) = agent() else {
+        return ALLOW;
+    };
+    if agent.has_ipv4 == 0 || !is_owned(&dst) || !is_enrolled() {
+        count(Counter::ConnectsPassed, 1);
+        return ALLOW;
+    }
+    if !remember(&ctx, &dst) {
+        error!(
+            &ctx,
+            "connect4: cannot record original destination, refusing"
+        );
+        return DENY;
+    }
+    sa.user_ip4 = u32::from_ne_bytes(agent.ipv4);
+    sa.user_port = u32::from(agent.port.to_be());
+    count(Counter::ConnectsCaptured, 1);
+    debug!(&ctx, "connect4 captured: port {} to agent", dst.port);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if !is_tcp(sa) {
+        return ALLOW;
+    }
+    let dst = SockAddr::new(
+        words_to_addr(sa.user_ip6),
+        u16::from_be(sa.user_port as u16),
+    );
+    let Some(agent) = agent() else {
+        return ALLOW;
+    };
+    // A dual-stack socket reaching an IPv4 peer is sent to the agent's IPv4 address.
+    let target = match ipv4_unmapped(&dst.addr) {
+        Some(_) if agent.has_ipv4 != 0 => ipv4_mapped(agent.ipv4),
+        None if agent.has_ipv6 != 0 => agent.ipv6,
+        _ => {
+            count(Counter::ConnectsPassed, 1);
+            return ALLOW;
+        }
+    };
+    if !is_owned(&dst) || !is_enrolled() {
+        count(Counter::ConnectsPassed, 1);
+        return ALLOW;
+    }
+    if !remember(&ctx, &dst) {
+        error!(
+            &ctx,
+            "connect6: cannot record original destination, refusing"
+        );
+        return DENY;
+    }
+    sa.user_ip6 = addr_to_words(&target);
+    sa.user_port = u32::from(agent.port.to_be());
+    count(Counter::ConnectsCaptured, 1);
+    debug!(&ctx, "connect6 captured: port {} to agent", dst.port);
+    ALLOW
+}
+
+#[inline(always)]
+fn words_to_addr(words: [u32; 4]) -> Addr {
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        addr[i * 4] = b[0];
+        addr[i * 4 + 1] = b[1];
+        addr[i * 4 + 2] = b[2];
+        addr[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    addr
+}
+
+#[inline(always)]
+fn addr_to_words(addr: &Addr) -> [u32; 4] {
+    let mut words = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        words[i] = u32::from_ne_bytes([
+            addr[i * 4],
+            addr[i * 4 + 1],
+            addr[i * 4 + 2],
+            addr[i * 4 + 3],
+        ]);
+        i += 1;
+    }
+    words
+}
+
+/// The 16-byte form of a socket's address, from the fields of a `sock_ops` or `sk_msg` context.
+#[inline(always)]
+fn socket_addr(family: u32, ip4: u32, ip6: [u32; 4]) -> Option<Addr> {
+    match family {
+        AF_INET => Some(ipv4_mapped(ip4.to_ne_bytes())),
+        AF_INET6 => Some(words_to_addr(ip6)),
+        _ => None,
+    }
+}
+
+/// The address fields of a `sock_ops` or `sk_msg` context, which have the same names and
+/// encodings: `remote_port` in network byte order in the upper half of a u32, `local_port`
+/// in host byte order.
+struct SocketFields {
+    family: u32,
+    local_ip4: u32,
+    remote_ip4: u32,
+    local_ip6: [u32; 4],
+    remote_ip6: [u32; 4],
+    local_port: u32,
+    remote_port: u32,
+}
+
+/// Reads the address fields of a `bpf_sock_ops` or `sk_msg_md`.
+///
+/// Every field is read once, up front, with a volatile load of its own: otherwise LLVM may
+/// merge the IPv4 and IPv6 paths into a load through a computed context pointer, which the
+/// verifier refuses ("dereference of modified ctx ptr").
+macro_rules! socket_fields {
+    ($ctx:expr) => {{
+        let c = $ctx;
+        // SAFETY: `c` is the program's context pointer; each field is a plain u32 the
+        // verifier lets the program read.
+        unsafe {
+            use core::ptr::{addr_of, read_volatile as rd};
+            SocketFields {
+                family: rd(addr_of!((*c).family)),
+                local_ip4: rd(addr_of!((*c).local_ip4)),
+                remote_ip4: rd(addr_of!((*c).remote_ip4)),
+                local_ip6: [
+                    rd(addr_of!((*c).local_ip6[0])),
+                    rd(addr_of!((*c).local_ip6[1])),
+                    rd(addr_of!((*c).local_ip6[2])),
+                    rd(addr_of!((*c).local_ip6[3])),
+                ],
+                remote_ip6: [
+                    rd(addr_of!((*c).remote_ip6[0])),
+                    rd(addr_of!((*c).remote_ip6[1])),
+                    rd(addr_of!((*c).remote_ip6[2])),
+                    rd(addr_of!((*c).remote_ip6[3])),
+                ],
+                local_port: rd(addr_of!((*c).local_port)),
+                remote_port: rd(addr_of!((*c).remote_port)),
+            }
+        }
+    }};
+}
+
+impl SocketFields {
+    /// The connection as this socket sees it.
+    #[inline(always)]
+    fn pair(&self) -> Option<SockPair> {
+        Some(SockPair {
+            local: SockAddr::new(
+                socket_addr(self.family, self.local_ip4, self.local_ip6)?,
+                self.local_port as u16,
+            ),
+            remote: SockAddr::new(
+                socket_addr(self.family, self.remote_ip4, self.remote_ip6)?,
+                u32::from_be(self.remote_port) as u16,
+            ),
+        })
+    }
+}
+
+#[sock_ops]
+pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return 0;
+    }
+    let Some(pair) = socket_fields!(ctx.ops).pair() else {
+        return 0;
+    };
+    let shortcut = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        hand_over_orig_dst(&ctx, &pair)
+    } else {
+        is_agent_listener(&pair.local)
+    };
+    if shortcut {
+        let _ = MSG_PASSTHROUGH.remove(&pair);
+        let mut key = pair;
+        // SAFETY: the context is the `bpf_sock_ops` of the established socket.
+        if let Err(e) = SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
+            error!(&ctx, "sock_ops: cannot add socket to SOCKETS: {}", e);
+        }
+    }
+    0
+}
+
+/// Moves a captured socket's original destination from its cookie to its client address;
+/// true if the socket was captured.
+#[inline(always)]
+fn hand_over_orig_dst(ctx: &SockOpsContext, pair: &SockPair) -> bool {
+    // SAFETY: `bpf_get_socket_cookie` accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+        return false;
+    };
+    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
+    if ORIG_DST_BY_CLIENT.insert(&pair.local, &dst, 0).is_err() {
+        error!(ctx, "sock_ops: cannot record original destination");
+        return false;
+    }
+    count(Counter::OrigDstRecorded, 1);
+    true
+}
+
+#[inline(always)]
+fn is_agent_listener(local: &SockAddr) -> bool {
+    let Some(agent) = agent() else {
+        return false;
+    };
+    local.port == agent.port
+        && ((agent.has_ipv4 != 0 && local.addr == ipv4_mapped(agent.ipv4))
+            || (agent.has_ipv6 != 0 && local.addr == agent.ipv6))
+}
+
+#[sk_msg]
+pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
+    let Some(me) = socket_fields!(ctx.msg).pair() else {
+        return SK_PASS;
+    };
+    // SAFETY: read only for presence.
+    if unsafe { MSG_PASSTHROUGH.get(&me) }.is_some() {
+        count(Counter::MsgPassed, 1);
+        return SK_PASS;
+    }
+    let size = u64::from(ctx.size());
+    let mut peer = me.reversed();
+    if SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+        count(Counter::MsgRedirected, 1);
+        count(Counter::BytesRedirected, size);
+    } else {
+        // The peer is not in the map (yet, or any more): this send takes the TCP/IP path,
+        // and so must every later one, or a redirected send could overtake it.
+        let _ = MSG_PASSTHROUGH.insert(&me, &SET_MEMBER, 0);
+        count(Counter::MsgPassed, 1);
+    }
+    SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,1 @@
+//! Lab fixtures for the end-to-end tests.

@@ -1,0 +1,61 @@
+//! Builds: the eBPF object (Debian's rustc, `-Z build-std=core`) and the host crates.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::Result;
+
+use crate::shell::{self, Step};
+
+/// Where the eBPF object lands; the agent's build script embeds it from here.
+pub fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("target/ebpf/bpfel-unknown-none/release/mesh-ebpf")
+}
+
+/// Builds the eBPF programs into [`ebpf_object`].
+pub fn ebpf(root: &Path) -> Result<()> {
+    let step = Step::start("build-ebpf: mesh-ebpf for bpfel-unknown-none");
+    shell::run(
+        Command::new("cargo")
+            .current_dir(root.join("mesh-ebpf"))
+            // Debian's rustc ships the core source that build-std needs (see TOOLCHAIN).
+            .env("RUSTC", "/usr/bin/rustc")
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args(["build", "--release", "-Z", "build-std=core"])
+            .args(["--target", "bpfel-unknown-none", "--target-dir"])
+            .arg(root.join("target/ebpf")),
+    )?;
+    eprintln!("    object: {}", ebpf_object(root).display());
+    step.done();
+    Ok(())
+}
+
+/// Builds the eBPF object, then the agent (which embeds it).
+pub fn agent(root: &Path, release: bool) -> Result<()> {
+    ebpf(root)?;
+    let step = Step::start(format!(
+        "build: mesh-agent ({})",
+        if release { "release" } else { "debug" }
+    ));
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .env("MESH_EBPF_OBJECT", ebpf_object(root))
+        .args(["build", "--package", "mesh-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    shell::run(&mut cmd)?;
+    step.done();
+    Ok(())
+}
+
+/// The agent binary that [`agent`] builds.
+pub fn agent_binary(root: &Path, release: bool) -> PathBuf {
+    root.join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mesh-agent")
+}

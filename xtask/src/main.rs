@@ -1,0 +1,100 @@
+//! `cargo xtask`: the project's tasks, each doing its own set-up.
+
+mod compile;
+mod setup;
+mod shell;
+mod test;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Tasks of the mesh project", arg_required_else_help = true)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what builds and tests need (Debian packages, bpf-linker); nothing if present.
+    Setup,
+    /// Build the eBPF programs.
+    BuildEbpf,
+    /// Build the eBPF programs and the agent that embeds them.
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Attach the programs to a cgroup v2 subtree and pin them under /sys/fs/bpf/mesh/<node>.
+    Load {
+        /// Node name: the pins go under /sys/fs/bpf/mesh/<node>.
+        #[arg(long)]
+        node: String,
+        /// cgroup v2 directory to attach to, relative to the cgroup v2 mount (or absolute).
+        #[arg(long, default_value = "/")]
+        cgroup: String,
+    },
+    /// Detach and unpin a node's programs and maps.
+    Unload {
+        /// Node name given to `load` or in the agent's config.
+        #[arg(long)]
+        node: String,
+    },
+    /// Build and run the agent: `cargo xtask run -- --config FILE [...]`.
+    Run {
+        /// Arguments of `mesh-agent run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let root = workspace_root()?;
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => {
+            setup::run()?;
+            compile::ebpf(&root)
+        }
+        Task::Build { release } => {
+            setup::run()?;
+            compile::agent(&root, release)
+        }
+        Task::Load { node, cgroup } => agent(
+            &root,
+            ["load", "--node", &node, "--cgroup", &cgroup].map(String::from),
+        ),
+        Task::Unload { node } => agent(&root, ["unload", "--node", &node].map(String::from)),
+        Task::Run { args } => agent(&root, std::iter::once("run".into()).chain(args)),
+        Task::Test { args } => test::run(&root, &args),
+    }
+}
+
+/// Builds the agent and runs it with `args`.
+fn agent(root: &Path, args: impl IntoIterator<Item = String>) -> Result<()> {
+    setup::run()?;
+    compile::agent(root, false)?;
+    shell::run(Command::new(compile::agent_binary(root, false)).args(args))
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")
+        .context("run this through cargo: `cargo xtask <task>`")?;
+    Path::new(&manifest_dir)
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}

@@ -1,0 +1,79 @@
+//! Running commands and reporting progress.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Prints a task's start; [`Step::done`] prints how long it took.
+pub struct Step {
+    name: String,
+    started: Instant,
+}
+
+impl Step {
+    pub fn start(name: impl Into<String>) -> Self {
+        let name = name.into();
+        eprintln!("==> {name}");
+        Self {
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn done(self) {
+        eprintln!(
+            "==> {}: done in {}",
+            self.name,
+            human(self.started.elapsed())
+        );
+    }
+}
+
+/// A duration as people read it: `850 ms`, `12.3 s`, `4 min 05 s`.
+pub fn human(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 1.0 {
+        format!("{} ms", d.as_millis())
+    } else if secs < 60.0 {
+        format!("{secs:.1} s")
+    } else {
+        format!("{} min {:02} s", d.as_secs() / 60, d.as_secs() % 60)
+    }
+}
+
+/// Runs `cmd` with inherited output; fails with the command line if it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let line = describe(cmd);
+    eprintln!("    $ {line}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{line}`"))?;
+    if !status.success() {
+        bail!("`{line}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its standard output, or `None` if it fails or is missing.
+pub fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}

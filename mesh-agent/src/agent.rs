@@ -35,6 +35,7 @@ pub struct RunOptions {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_root()?;
+    system::raise_fd_limit();
     let config = Config::load(&opts.config)?;
     system::require_bpffs()?;
     let cgroup_mount = system::cgroup2_mount()?;

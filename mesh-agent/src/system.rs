@@ -19,6 +19,23 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft limit on open files to the hard limit: a proxy holds two descriptors per
+/// connection, and the usual soft limit of 1024 is soon reached.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on most systems,
 /// `/sys/fs/cgroup/unified` on hybrid ones).
 pub fn cgroup2_mount() -> Result<PathBuf> {

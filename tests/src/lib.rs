@@ -1,1 +1,12 @@
-//! Lab fixtures for the end-to-end tests.
+//! Fixtures for the end-to-end tests: a lab of nodes and pods in network namespaces and
+//! cgroups of its own, the real agent on each node, and the `mesh-testpod` helper in pods.
+//!
+//! A [`Lab`] removes everything it made when dropped, also when a test panics; a lab left
+//! behind by a test process that was killed is removed by the next lab that starts.
+
+mod lab;
+mod netns;
+mod topology;
+
+pub use lab::{Agent, Lab, Output, Running};
+pub use topology::{LabSpec, PodSpec, ServiceSpec};

@@ -1,0 +1,624 @@
+//! A lab: nodes and pods in network namespaces and cgroups, agents and helper processes.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    io::{BufRead, BufReader, Read},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    netns::{self, Placement, ip, ip_in},
+    topology::{self, LabSpec},
+};
+
+/// What every name a lab makes starts with; the rest is `<pid>-<n>-...`.
+const PREFIX: &str = "mesh-e2e-";
+/// How long a process may take to say it is ready before the test gives up on it.
+const READY_WATCHDOG: Duration = Duration::from_secs(60);
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+/// A running lab; dropping it removes everything it made.
+pub struct Lab {
+    pub spec: LabSpec,
+    id: String,
+    cgroup_mount: PathBuf,
+    /// Scratch directory for configs and logs.
+    dir: PathBuf,
+    netns: Vec<String>,
+}
+
+impl Lab {
+    /// Builds the lab of `spec`: one namespace per node and pod, joined by veths and bridges,
+    /// and a cgroup per node (the agent attaches there) with one per pod and one for the agent.
+    pub fn new(spec: LabSpec) -> Result<Self> {
+        require_root()?;
+        ensure_bpffs()?;
+        let cgroup_mount = mesh_agent::system::cgroup2_mount()?;
+        remove_stale(&cgroup_mount);
+
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            LABS.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("{PREFIX}{id}"));
+        let mut lab = Lab {
+            spec,
+            id,
+            cgroup_mount,
+            dir,
+            netns: Vec::new(),
+        };
+        // On error, `lab` is dropped here and removes whatever was made so far.
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::create_dir_all(self.cgroup_root())?;
+        let switch = self.netns_name("switch");
+        self.add_netns(&switch)?;
+        ip_in(&switch, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(&switch, &["link", "set", "br0", "up"])?;
+
+        for node in self.spec.nodes.clone() {
+            let k = self.node_index(&node)?;
+            let ns = self.netns_name(&node);
+            self.add_netns(&ns)?;
+            let (v4, v6) = topology::node_addrs(k);
+            // The node's link to the others, through the switch's bridge.
+            let port = format!("n{k}");
+            ip_in(
+                &switch,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            ip_in(&switch, &["link", "set", &port, "master", "br0", "up"])?;
+            ip_in(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+            ip_in(
+                &ns,
+                &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
+            )?;
+            ip_in(&ns, &["link", "set", "eth0", "up"])?;
+            // The bridge its pods hang on.
+            let (gw4, gw6) = topology::pod_addrs(k, 1);
+            ip_in(&ns, &["link", "add", "pods", "type", "bridge"])?;
+            ip_in(&ns, &["addr", "add", &format!("{gw4}/24"), "dev", "pods"])?;
+            ip_in(
+                &ns,
+                &["addr", "add", &format!("{gw6}/64"), "dev", "pods", "nodad"],
+            )?;
+            ip_in(&ns, &["link", "set", "pods", "up"])?;
+            let node_cgroup = self.node_cgroup(&node);
+            for sub in ["agent", "host"] {
+                std::fs::create_dir_all(node_cgroup.join(sub))?;
+            }
+        }
+
+        for pod in self.spec.pods.clone() {
+            let ns = self.netns_name(&pod.name);
+            self.add_netns(&ns)?;
+            let node_ns = self.netns_name(&pod.node);
+            let k = self.node_index(&pod.node)?;
+            let (v4, v6) = self.pod_addrs(&pod.name)?;
+            let (gw4, gw6) = topology::pod_addrs(k, 1);
+            let port = format!("v-{}", v4.octets()[3]);
+            ip_in(
+                &node_ns,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            ip_in(&node_ns, &["link", "set", &port, "master", "pods", "up"])?;
+            ip_in(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+            ip_in(
+                &ns,
+                &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
+            )?;
+            ip_in(&ns, &["link", "set", "eth0", "up"])?;
+            ip_in(&ns, &["route", "add", "default", "via", &gw4.to_string()])?;
+            ip_in(
+                &ns,
+                &["-6", "route", "add", "default", "via", &gw6.to_string()],
+            )?;
+            std::fs::create_dir_all(self.pod_cgroup(&pod.name)?)?;
+        }
+        Ok(())
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        ip(&["netns", "add", name])?;
+        self.netns.push(name.to_owned());
+        ip_in(name, &["link", "set", "lo", "up"])
+    }
+
+    fn node_index(&self, node: &str) -> Result<u8> {
+        self.spec
+            .node_index(node)
+            .with_context(|| format!("no node {node} in the lab"))
+    }
+
+    /// The IPv4 and IPv6 address of a pod.
+    pub fn pod_addrs(&self, pod: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv6Addr)> {
+        self.spec
+            .pod_addrs(pod)
+            .with_context(|| format!("no pod {pod} in the lab"))
+    }
+
+    /// The name the agent of `node` goes by (and pins under).
+    pub fn agent_node_name(&self, node: &str) -> String {
+        format!("{PREFIX}{}-{node}", self.id)
+    }
+
+    /// The name of the network namespace of a node or pod.
+    pub fn netns_name(&self, part: &str) -> String {
+        format!("{PREFIX}{}-{part}", self.id)
+    }
+
+    /// The lab's cgroup; everything the lab runs is inside it.
+    pub fn cgroup_root(&self) -> PathBuf {
+        self.cgroup_mount.join(format!("{PREFIX}{}", self.id))
+    }
+
+    fn node_cgroup(&self, node: &str) -> PathBuf {
+        self.cgroup_root().join(node)
+    }
+
+    fn pod_cgroup(&self, pod: &str) -> Result<PathBuf> {
+        let spec = self
+            .spec
+            .pod_spec(pod)
+            .with_context(|| format!("no pod {pod} in the lab"))?;
+        Ok(self.node_cgroup(&spec.node).join(pod))
+    }
+
+    /// The cgroup path of `dir` as the agent's config writes it: relative to the mount.
+    fn cgroup_rel(&self, dir: &Path) -> String {
+        let rel = dir.strip_prefix(&self.cgroup_mount).unwrap_or(dir);
+        format!("/{}", rel.display())
+    }
+
+    /// The agent configuration of `node`.
+    pub fn agent_config(&self, node: &str) -> Result<String> {
+        let k = self.node_index(node)?;
+        let (v4, v6) = topology::node_addrs(k);
+        let mut y = String::new();
+        writeln!(
+            y,
+            "node:\n  name: {}\n  addresses: [{v4}, \"{v6}\"]",
+            self.agent_node_name(node)
+        )?;
+        let cidrs: Vec<String> = (1..=self.spec.nodes.len())
+            .filter_map(|k| u8::try_from(k).ok())
+            .flat_map(topology::pod_cidrs)
+            .map(|c| format!("\"{c}\""))
+            .collect();
+        writeln!(y, "pod_cidrs: [{}]", cidrs.join(", "))?;
+        writeln!(y, "workloads:")?;
+        for pod in self
+            .spec
+            .pods
+            .iter()
+            .filter(|p| p.node == node && p.enrolled)
+        {
+            let (a4, a6) = self.pod_addrs(&pod.name)?;
+            writeln!(
+                y,
+                "  - {{ name: {}, namespace: lab, service_account: {}, addresses: [{a4}, \"{a6}\"], cgroup: {} }}",
+                pod.name,
+                pod.name,
+                self.cgroup_rel(&self.pod_cgroup(&pod.name)?)
+            )?;
+        }
+        writeln!(y, "services:")?;
+        for s in &self.spec.services {
+            let addrs: Vec<String> = s.addresses.iter().map(|a| format!("\"{a}\"")).collect();
+            let v6_only = s.addresses.iter().all(IpAddr::is_ipv6);
+            writeln!(
+                y,
+                "  - name: {}\n    namespace: lab\n    addresses: [{}]\n    ports: [{{ port: {}, target_port: {} }}]\n    endpoints:",
+                s.name,
+                addrs.join(", "),
+                s.port,
+                s.target_port
+            )?;
+            for e in &s.endpoints {
+                let (a4, a6) = self.pod_addrs(e)?;
+                let addr = if v6_only {
+                    a6.to_string()
+                } else {
+                    a4.to_string()
+                };
+                let spec = self.spec.pod_spec(e).context("endpoint pod")?;
+                writeln!(
+                    y,
+                    "      - {{ address: \"{addr}\", node: {} }}",
+                    self.agent_node_name(&spec.node)
+                )?;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Starts the agent of `node` with its configuration and `extra` arguments of `run`, and
+    /// waits until it is ready.
+    pub fn start_agent(&self, node: &str, extra: &[&str]) -> Result<Agent> {
+        let config = self.dir.join(format!("{node}.yaml"));
+        std::fs::write(&config, self.agent_config(node)?)?;
+        let log = self.dir.join(format!("agent-{node}.log"));
+        let mut cmd = Command::new(agent_binary()?);
+        cmd.args([
+            "--log-level",
+            "info,mesh_agent=debug,mesh_ebpf=debug",
+            "run",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--cgroup")
+        .arg(self.cgroup_rel(&self.node_cgroup(node)))
+        .args(extra);
+        let child = self.spawn_logged(cmd, node, "agent", &log)?;
+        let agent = Agent {
+            child,
+            log,
+            node_name: self.agent_node_name(node),
+        };
+        agent.wait_for_log("mesh agent ready")?;
+        Ok(agent)
+    }
+
+    /// Starts the agent binary in `node`'s agent cgroup with `args`, and waits for it to exit.
+    pub fn agent_command(&self, node: &str, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(agent_binary()?);
+        cmd.args(args);
+        self.placement(node, "agent")?.apply(&mut cmd)?;
+        output(cmd)
+    }
+
+    fn spawn_logged(
+        &self,
+        mut cmd: Command,
+        node: &str,
+        cgroup: &str,
+        log: &Path,
+    ) -> Result<Child> {
+        let file = std::fs::File::create(log)?;
+        cmd.stdout(file.try_clone()?)
+            .stderr(file)
+            .stdin(Stdio::null());
+        self.placement(node, cgroup)?.apply(&mut cmd)?;
+        cmd.spawn().context("cannot start the agent")
+    }
+
+    fn placement(&self, node: &str, cgroup: &str) -> Result<Placement> {
+        Ok(Placement {
+            netns: self.netns_name(node),
+            cgroup: self.node_cgroup(node).join(cgroup),
+        })
+    }
+
+    fn pod_placement(&self, pod: &str) -> Result<Placement> {
+        Ok(Placement {
+            netns: self.netns_name(pod),
+            cgroup: self.pod_cgroup(pod)?,
+        })
+    }
+
+    /// Starts `mesh-testpod args` in `pod` and waits until it prints `ready`.
+    pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<Running> {
+        spawn_ready(testpod(args), self.pod_placement(pod)?)
+    }
+
+    /// Starts `mesh-testpod args` on `node` itself (host network, outside any pod, in a
+    /// cgroup of the node's attached subtree that is not enrolled).
+    pub fn spawn_on_node(&self, node: &str, args: &[&str]) -> Result<Running> {
+        spawn_ready(testpod(args), self.placement(node, "host")?)
+    }
+
+    /// Runs `mesh-testpod args` in `pod` to completion; fails if it fails.
+    pub fn run(&self, pod: &str, args: &[&str]) -> Result<Output> {
+        let mut cmd = testpod(args);
+        self.pod_placement(pod)?.apply(&mut cmd)?;
+        let out = output(cmd)?;
+        if !out.status.success() {
+            bail!(
+                "mesh-testpod {} in {pod} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                out.stderr
+            );
+        }
+        Ok(out)
+    }
+
+    fn remove(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Err(e) = netns::remove_cgroup_tree(&self.cgroup_root()) {
+            problems.push(format!("{e:#}"));
+        }
+        for ns in self.netns.drain(..) {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        for node in &self.spec.nodes {
+            let pins = mesh_agent::datapath::pin_dir(&self.agent_node_name(node));
+            if pins.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&pins) {
+                    problems.push(format!("cannot remove {}: {e}", pins.display()));
+                }
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            problems.push(format!("cannot remove {}: {e}", self.dir.display()));
+        }
+        problems
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.spec.nodes {
+                let log = self.dir.join(format!("agent-{node}.log"));
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    eprintln!("--- agent log of {node} ---\n{text}--- end of agent log ---");
+                }
+            }
+        }
+        for problem in self.remove() {
+            eprintln!("lab clean-up: {problem}");
+        }
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Child,
+    log: PathBuf,
+    /// The node name it was configured with (and pins under).
+    pub node_name: String,
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log contains `text`; fails if the agent exits first.
+    pub fn wait_for_log(&self, text: &str) -> Result<()> {
+        let started = Instant::now();
+        while !self.log().contains(text) {
+            if !alive(self.pid()) {
+                bail!("the agent exited before logging {text:?}:\n{}", self.log());
+            }
+            if started.elapsed() > READY_WATCHDOG {
+                bail!("the agent did not log {text:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) -> Result<()> {
+        signal(self.pid(), libc::SIGTERM)
+    }
+
+    /// Waits for the agent to exit.
+    pub fn wait(mut self) -> Result<ExitStatus> {
+        Ok(self.child.wait()?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = signal(self.pid(), libc::SIGTERM);
+            for _ in 0..500 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A helper process that runs until it ends or is dropped.
+pub struct Running {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to end and returns what it printed after `ready`.
+    pub fn wait_output(mut self) -> Result<Output> {
+        let mut stdout = String::new();
+        self.stdout.read_to_string(&mut stdout)?;
+        let status = self.child.wait()?;
+        Ok(Output {
+            status,
+            stdout,
+            stderr: String::new(),
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A finished process: its status and output; `key=value` words of stdout are its fields.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// The value of `key=value` in the output; panics with the output if it is missing.
+    pub fn field(&self, key: &str) -> &str {
+        let prefix = format!("{key}=");
+        self.stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no {key}= in output: {}", self.stdout))
+    }
+
+    /// All `key=value` words, by key.
+    pub fn fields(&self) -> HashMap<&str, &str> {
+        self.stdout
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .collect()
+    }
+}
+
+fn output(mut cmd: Command) -> Result<Output> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    Ok(Output {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+fn testpod(args: &[&str]) -> Command {
+    let mut cmd = Command::new(testpod_binary());
+    cmd.args(args);
+    cmd
+}
+
+/// `mesh-testpod`, which cargo builds beside the test executables (`target/<profile>/`,
+/// one level above `deps/`).
+fn testpod_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("mesh-testpod"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("mesh-testpod"))
+}
+
+fn spawn_ready(mut cmd: Command, placement: Placement) -> Result<Running> {
+    placement.apply(&mut cmd)?;
+    cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    let mut child = cmd.spawn().context("cannot start mesh-testpod")?;
+    let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+    let mut first = String::new();
+    stdout.read_line(&mut first)?;
+    let running = Running { child, stdout };
+    if first.trim() != "ready" {
+        bail!("mesh-testpod did not get ready (said {first:?})");
+    }
+    Ok(running)
+}
+
+/// The agent binary under test: `MESH_AGENT_BIN`, or the workspace's debug build.
+fn agent_binary() -> Result<PathBuf> {
+    let path = std::env::var_os("MESH_AGENT_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/mesh-agent"),
+        PathBuf::from,
+    );
+    if !path.is_file() {
+        bail!(
+            "no agent binary at {}: run the tests with `cargo xtask test`, which builds it",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the end-to-end tests need root (sudo -E cargo xtask test)");
+    }
+    Ok(())
+}
+
+fn ensure_bpffs() -> Result<()> {
+    if mesh_agent::system::require_bpffs().is_err() {
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf", mesh_agent::system::BPFFS])
+            .status()?;
+        if !status.success() {
+            bail!("cannot mount bpffs at {}", mesh_agent::system::BPFFS);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn signal(pid: u32, sig: i32) -> Result<()> {
+    let pid = i32::try_from(pid)?;
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+/// Removes what labs of test processes that no longer run left behind.
+fn remove_stale(cgroup_mount: &Path) {
+    let dead = |name: &str| {
+        name.strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !alive(pid))
+    };
+    let names_in = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for name in names_in(cgroup_mount).into_iter().filter(|n| dead(n)) {
+        let _ = netns::remove_cgroup_tree(&cgroup_mount.join(name));
+    }
+    for name in netns::list().into_iter().filter(|n| dead(n)) {
+        let _ = ip(&["netns", "del", &name]);
+    }
+    let pins = Path::new(mesh_agent::system::BPFFS).join("mesh");
+    for name in names_in(&pins).into_iter().filter(|n| dead(n)) {
+        let _ = std::fs::remove_dir_all(pins.join(name));
+    }
+    for name in names_in(&std::env::temp_dir())
+        .into_iter()
+        .filter(|n| dead(n))
+    {
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(name));
+    }
+}

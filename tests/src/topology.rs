@@ -1,0 +1,105 @@
+//! What a lab is made of, and the addresses its parts get (see DESIGN.md, "The lab").
+//!
+//! Node `k` (1-based) is 198.18.0.k and 2001:2::k; its pods live in 198.18.k.0/24 and
+//! 2001:2:0:k::/64, with the node's pod bridge at .1 and pod `j` (1-based) at .(j+1).
+//! Service addresses come from the test, inside 198.19.0.0/16 and 2001:2:ff::/64.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The parts of a lab.
+#[derive(Debug, Clone, Default)]
+pub struct LabSpec {
+    /// Node names, in order: the first is node 1.
+    pub nodes: Vec<String>,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+}
+
+/// A pod: its own network namespace and cgroup, on one node.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: String,
+    /// Whether the node's agent meshes the pod's connects.
+    pub enrolled: bool,
+}
+
+/// A service of the mesh: its addresses, one port, and the pods behind it.
+#[derive(Debug, Clone)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub port: u16,
+    pub target_port: u16,
+    /// Names of the pods that serve it.
+    pub endpoints: Vec<String>,
+}
+
+impl LabSpec {
+    pub fn node(mut self, name: &str) -> Self {
+        self.nodes.push(name.into());
+        self
+    }
+
+    pub fn pod(mut self, node: &str, name: &str, enrolled: bool) -> Self {
+        self.pods.push(PodSpec {
+            name: name.into(),
+            node: node.into(),
+            enrolled,
+        });
+        self
+    }
+
+    pub fn service(mut self, service: ServiceSpec) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    /// 1-based index of a node.
+    pub fn node_index(&self, node: &str) -> Option<u8> {
+        let i = self.nodes.iter().position(|n| n == node)?;
+        u8::try_from(i + 1).ok()
+    }
+
+    /// 1-based index of a pod among the pods of its node.
+    fn pod_index(&self, pod: &str) -> Option<(u8, u8)> {
+        let spec = self.pods.iter().find(|p| p.name == pod)?;
+        let j = self
+            .pods
+            .iter()
+            .filter(|p| p.node == spec.node)
+            .position(|p| p.name == pod)?;
+        Some((self.node_index(&spec.node)?, u8::try_from(j + 1).ok()?))
+    }
+
+    pub fn pod_spec(&self, pod: &str) -> Option<&PodSpec> {
+        self.pods.iter().find(|p| p.name == pod)
+    }
+
+    /// A pod's addresses: IPv4 and IPv6.
+    pub fn pod_addrs(&self, pod: &str) -> Option<(Ipv4Addr, Ipv6Addr)> {
+        let (k, j) = self.pod_index(pod)?;
+        Some(pod_addrs(k, j + 1))
+    }
+}
+
+/// A node's own addresses.
+pub fn node_addrs(k: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(198, 18, 0, k),
+        Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, u16::from(k)),
+    )
+}
+
+/// The address of host `h` in node `k`'s pod network (`h` = 1 is the node's bridge).
+pub fn pod_addrs(k: u8, h: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(198, 18, k, h),
+        Ipv6Addr::new(0x2001, 2, 0, u16::from(k), 0, 0, 0, u16::from(h)),
+    )
+}
+
+/// A node's pod CIDRs, IPv4 and IPv6.
+pub fn pod_cidrs(k: u8) -> [String; 2] {
+    [format!("198.18.{k}.0/24"), format!("2001:2:0:{k}::/64")]
+}

@@ -277,12 +277,42 @@ impl Lab {
         Ok(agent)
     }
 
-    /// Starts the agent binary in `node`'s agent cgroup with `args`, and waits for it to exit.
-    pub fn agent_command(&self, node: &str, args: &[&str]) -> Result<Output> {
+    /// Runs the agent binary with `args` in `node`'s agent cgroup, after `prepare` has had
+    /// its say on the command, and waits for it to exit.
+    pub fn agent_command(
+        &self,
+        node: &str,
+        args: &[&str],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Result<Output> {
         let mut cmd = Command::new(agent_binary()?);
         cmd.args(args);
         self.placement(node, "agent")?.apply(&mut cmd)?;
+        prepare(&mut cmd);
         output(cmd)
+    }
+
+    /// Writes `text` to a file in the lab's scratch directory and returns its path.
+    pub fn write_file(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Everything this lab made that outlives a process: network namespaces, its cgroup
+    /// tree, the agents' pins and its scratch directory.
+    pub fn footprint(&self) -> Footprint {
+        let mut paths = vec![self.cgroup_root(), self.dir.clone()];
+        paths.extend(
+            self.spec
+                .nodes
+                .iter()
+                .map(|n| mesh_agent::datapath::pin_dir(&self.agent_node_name(n))),
+        );
+        Footprint {
+            netns: self.netns.clone(),
+            paths,
+        }
     }
 
     fn spawn_logged(
@@ -379,6 +409,31 @@ impl Drop for Lab {
         for problem in self.remove() {
             eprintln!("lab clean-up: {problem}");
         }
+    }
+}
+
+/// What a lab made, to check that it is gone.
+#[derive(Debug, Clone)]
+pub struct Footprint {
+    pub netns: Vec<String>,
+    pub paths: Vec<PathBuf>,
+}
+
+impl Footprint {
+    /// The parts that still exist.
+    pub fn remains(&self) -> Vec<String> {
+        let live = netns::list();
+        self.netns
+            .iter()
+            .filter(|n| live.contains(n))
+            .map(|n| format!("network namespace {n}"))
+            .chain(
+                self.paths
+                    .iter()
+                    .filter(|p| p.exists())
+                    .map(|p| p.display().to_string()),
+            )
+            .collect()
     }
 }
 
@@ -575,8 +630,12 @@ fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
 }
 
 fn signal(pid: u32, sig: i32) -> Result<()> {

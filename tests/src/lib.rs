@@ -8,5 +8,5 @@ mod lab;
 mod netns;
 mod topology;
 
-pub use lab::{Agent, Lab, Output, Running};
+pub use lab::{Agent, Footprint, Lab, Output, Running, alive};
 pub use topology::{LabSpec, PodSpec, ServiceSpec};

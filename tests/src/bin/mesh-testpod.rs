@@ -20,7 +20,7 @@ use tokio::{
     sync::Barrier,
 };
 
-/// Ends a command that has not finished by then.
+/// Ends a client command that has not finished by then.
 const WATCHDOG: Duration = Duration::from_secs(180);
 const CHUNK: usize = 64 * 1024;
 
@@ -80,6 +80,10 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        if let Cmd::Serve { listen } = &cli.command {
+            // Servers run until the test stops them.
+            return serve(listen).await;
+        }
         match tokio::time::timeout(WATCHDOG, run(cli.command)).await {
             Ok(result) => result,
             Err(_) => bail!("watchdog: still running after {WATCHDOG:?}"),
@@ -230,11 +234,11 @@ async fn echo(addr: SocketAddr, bytes: u64, pause_until: Option<PathBuf>) -> Res
         }
         received += n as u64;
     }
+    if received != bytes {
+        writer.abort();
+        bail!("{received} of {bytes} bytes came back before the connection closed");
+    }
     writer.await??;
-    ensure!(
-        received == bytes,
-        "sent {bytes} bytes, {received} came back"
-    );
     let mut words = banner.split_whitespace();
     let local = words.next().unwrap_or_default();
     let peer = words.next().unwrap_or_default();

@@ -1,0 +1,213 @@
+//! End-to-end: the agent's life — restart on pinned maps, graceful shutdown, clean exit.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use mesh_agent::datapath::{Counters, pin_dir};
+use mesh_common::Counter;
+use mesh_tests::{Lab, LabSpec, ServiceSpec};
+
+const VIP: &str = "198.19.0.10:80";
+
+fn one_node() -> LabSpec {
+    LabSpec::default()
+        .node("n1")
+        .pod("n1", "client", true)
+        .pod("n1", "backend", false)
+        .service(ServiceSpec {
+            name: "echo".into(),
+            addresses: vec!["198.19.0.10".parse().unwrap()],
+            port: 80,
+            target_port: 8080,
+            endpoints: vec!["backend".into()],
+        })
+}
+
+fn captured(node_name: &str) -> u64 {
+    Counters::open_pinned(node_name)
+        .unwrap()
+        .get(Counter::ConnectsCaptured)
+        .unwrap()
+}
+
+#[test]
+fn restarted_agent_reuses_pins_and_connects_fail_closed_meanwhile() {
+    let lab = Lab::new(one_node()).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let echo = ["echo", "--connect", VIP, "--bytes", "10000"];
+
+    let agent = lab.start_agent("n1", &["--keep-pins"]).unwrap();
+    let node_name = agent.node_name.clone();
+    lab.run("client", &echo).unwrap();
+    assert_eq!(captured(&node_name), 1);
+    agent.terminate().unwrap();
+    assert!(agent.wait().unwrap().success());
+
+    // The agent is gone, its programs are not: a meshed connect is still captured and,
+    // with nobody listening, refused at once rather than sent anywhere in the clear.
+    let pins = pin_dir(&node_name);
+    for pin in [
+        "link_mesh_connect4",
+        "link_mesh_connect6",
+        "link_mesh_sockops",
+        "ENROLLED",
+    ] {
+        assert!(pins.join(pin).exists(), "{pin} is pinned");
+    }
+    let out = lab.run("client", &["connect", "--addr", VIP]).unwrap();
+    assert_eq!(out.field("connect"), "ConnectionRefused");
+    assert_eq!(captured(&node_name), 2);
+
+    // A new agent picks up the pinned maps: the counters go on from where they were.
+    let agent = lab.start_agent("n1", &[]).unwrap();
+    lab.run("client", &echo).unwrap();
+    assert_eq!(captured(&node_name), 3);
+    agent.terminate().unwrap();
+    assert!(agent.wait().unwrap().success());
+
+    // Without --keep-pins it leaves nothing: no pins, and no capture any more.
+    assert!(!pins.exists(), "{} was removed", pins.display());
+    let (backend4, _) = lab.pod_addrs("backend").unwrap();
+    let (client4, _) = lab.pod_addrs("client").unwrap();
+    let out = lab
+        .run(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                &format!("{backend4}:8080"),
+                "--bytes",
+                "10",
+            ],
+        )
+        .unwrap();
+    let peer: SocketAddr = out.field("banner_peer").parse().unwrap();
+    assert_eq!(
+        peer.ip().to_canonical(),
+        IpAddr::from(client4),
+        "not proxied"
+    );
+}
+
+#[test]
+fn sigterm_stops_accepting_and_lets_open_connections_finish() {
+    let lab = Lab::new(one_node()).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let agent = lab.start_agent("n1", &["--grace-period", "120"]).unwrap();
+    let go = lab
+        .write_file("go.unused", "")
+        .unwrap()
+        .with_extension("go");
+    let bytes = (2u64 << 20).to_string();
+    let open = lab
+        .spawn(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                VIP,
+                "--bytes",
+                &bytes,
+                "--pause-until",
+                &go.display().to_string(),
+            ],
+        )
+        .unwrap();
+
+    agent.terminate().unwrap();
+    agent.wait_for_log("no longer accepting").unwrap();
+    let out = lab.run("client", &["connect", "--addr", VIP]).unwrap();
+    assert_eq!(
+        out.field("connect"),
+        "ConnectionRefused",
+        "new connections are refused"
+    );
+
+    // The connection that was open goes on to the end, byte-exact.
+    std::fs::write(&go, "").unwrap();
+    let out = open.wait_output().unwrap();
+    assert!(out.status.success(), "{}", out.stdout);
+    assert_eq!(out.field("echoed"), bytes);
+    let node_name = agent.node_name.clone();
+    assert!(agent.wait().unwrap().success());
+    assert!(!pin_dir(&node_name).exists());
+}
+
+#[test]
+fn connections_still_open_after_the_grace_period_are_closed() {
+    let lab = Lab::new(one_node()).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let agent = lab.start_agent("n1", &["--grace-period", "1"]).unwrap();
+    let never = lab
+        .write_file("never.unused", "")
+        .unwrap()
+        .with_extension("never");
+    let open = lab
+        .spawn(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                VIP,
+                "--bytes",
+                "1000",
+                "--pause-until",
+                &never.display().to_string(),
+            ],
+        )
+        .unwrap();
+
+    agent.terminate().unwrap();
+    agent.wait_for_log("grace period over").unwrap();
+    let log = agent.log();
+    assert!(agent.wait().unwrap().success(), "{log}");
+    // The client's connection was closed under it: it never saw its bytes back.
+    let out = open.wait_output().unwrap();
+    assert!(!out.status.success(), "{}", out.stdout);
+}
+
+#[test]
+fn load_and_unload_attach_and_detach() {
+    let lab = Lab::new(one_node()).unwrap();
+    let node_name = lab.agent_node_name("n1");
+    let cgroup = format!(
+        "/{}",
+        lab.cgroup_root().file_name().unwrap().to_string_lossy()
+    );
+    let out = lab
+        .agent_command(
+            "n1",
+            &["load", "--node", &node_name, "--cgroup", &cgroup],
+            |_| {},
+        )
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    let pins = pin_dir(&node_name);
+    for pin in [
+        "prog_mesh_connect4",
+        "prog_mesh_redirect",
+        "link_mesh_sockops",
+        "SOCKETS",
+    ] {
+        assert!(pins.join(pin).exists(), "{pin} is pinned");
+    }
+    let out = lab
+        .agent_command("n1", &["unload", "--node", &node_name], |_| {})
+        .unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(!pins.exists());
+    let out = lab
+        .agent_command("n1", &["unload", "--node", &node_name], |_| {})
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("nothing is pinned"), "{}", out.stderr);
+    assert!(Path::new(&lab.cgroup_root()).exists());
+}

@@ -1,22 +1,23 @@
 //! The agent's YAML configuration: what this node is, which local workloads are meshed, and
 //! the services the mesh knows.
 //!
-//! Every check runs while the YAML is read, so an error names the file, the line and the
-//! field (`config.yaml:12:7: services[1].ports[0].port: ...`) and nothing half-read is used.
+//! An error names the file, the line, the column and the field
+//! (`config.yaml:12:7: services[1].ports[0].port: ...`); nothing half-read is ever used.
 
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
     marker::PhantomData,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
 };
 
 use ipnet::IpNet;
+use saphyr_parser::{Event, Marker, Span};
 use serde::{
     Deserialize, Deserializer, Serialize,
-    de::{self, DeserializeSeed, SeqAccess, Visitor},
+    de::{self, Visitor},
 };
 
 /// A configuration that could not be used, with where and why.
@@ -38,56 +39,24 @@ pub enum ConfigError {
 
 /// The whole configuration of one node's agent.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, try_from = "RawConfig")]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: Node,
+    #[serde(default = "default_trust_domain")]
     pub trust_domain: Name,
     /// Address ranges the mesh owns at every port (pod CIDRs of all nodes).
+    #[serde(default)]
     pub pod_cidrs: Vec<IpNet>,
     /// Meshed workloads (pods) running on this node.
+    #[serde(default)]
     pub workloads: Vec<Workload>,
     /// Services: addresses and ports the mesh owns, and their endpoints.
+    #[serde(default)]
     pub services: Vec<Service>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    node: Node,
-    #[serde(default = "default_trust_domain")]
-    trust_domain: Name,
-    #[serde(default)]
-    pod_cidrs: Vec<IpNet>,
-    #[serde(default)]
-    workloads: Unique<Workload>,
-    #[serde(default)]
-    services: Unique<Service>,
 }
 
 fn default_trust_domain() -> Name {
     Name("cluster.local".into())
-}
-
-impl TryFrom<RawConfig> for Config {
-    type Error = String;
-
-    fn try_from(raw: RawConfig) -> Result<Self, String> {
-        for cidr in &raw.pod_cidrs {
-            if let Some(addr) = raw.node.addresses.iter().find(|a| cidr.contains(*a)) {
-                return Err(format!(
-                    "pod_cidrs: {cidr} contains the node address {addr}; \
-                     the agent's own address must not be captured"
-                ));
-            }
-        }
-        Ok(Config {
-            node: raw.node,
-            trust_domain: raw.trust_domain,
-            pod_cidrs: raw.pod_cidrs,
-            workloads: raw.workloads.0,
-            services: raw.services.0,
-        })
-    }
 }
 
 impl Config {
@@ -102,63 +71,222 @@ impl Config {
 
     /// Validates `text`, naming `file` in errors.
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
-        serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+        let invalid = |(line, column), reason| ConfigError::Invalid {
+            file: file.to_owned(),
+            line,
+            column,
+            reason,
+        };
+        let config: Config = serde_yaml::from_str(text).map_err(|e| {
+            let at = e.location().map_or((1, 1), |l| (l.line(), l.column()));
             let message = e.to_string();
             // serde_yaml appends " at line L column C"; the location leads our message instead.
             let reason = match message.rsplit_once(" at line ") {
                 Some((reason, _)) => reason.to_owned(),
                 None => message,
             };
-            ConfigError::Invalid {
-                file: file.to_owned(),
-                line,
-                column,
-                reason,
-            }
-        })
+            invalid(at, reason)
+        })?;
+        config.validate().map_err(|(path, reason)| {
+            let at = locate(text, &path).unwrap_or((1, 1));
+            invalid(at, format!("{}: {reason}", display_path(&path)))
+        })?;
+        Ok(config)
     }
+
+    /// The checks that span fields or items; each failure names the path of the culprit.
+    fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::{Index as I, Key as K};
+        let node = &self.node;
+        if node.addresses.is_empty() {
+            return Err((
+                vec![K("node"), K("addresses")],
+                "the node needs an address".into(),
+            ));
+        }
+        for (i, a) in node.addresses.iter().enumerate() {
+            let here = || vec![K("node"), K("addresses"), I(i)];
+            if a.is_unspecified() || a.is_multicast() {
+                return Err((here(), format!("{a} cannot be a node address")));
+            }
+            if node.addresses[..i]
+                .iter()
+                .any(|b| b.is_ipv4() == a.is_ipv4())
+            {
+                return Err((here(), "at most one IPv4 and one IPv6 address".into()));
+            }
+        }
+        for (i, cidr) in self.pod_cidrs.iter().enumerate() {
+            if let Some(a) = node.addresses.iter().find(|a| cidr.contains(*a)) {
+                return Err((
+                    vec![K("pod_cidrs"), I(i)],
+                    format!("{cidr} contains the node address {a}, which must never be captured"),
+                ));
+            }
+        }
+
+        let mut workloads = HashSet::new();
+        let mut cgroups = HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if !workloads.insert((&w.namespace, &w.name)) {
+                return Err((
+                    vec![K("workloads"), I(i), K("name")],
+                    format!("workload {}/{} is defined twice", w.namespace, w.name),
+                ));
+            }
+            if !cgroups.insert(&w.cgroup) {
+                return Err((
+                    vec![K("workloads"), I(i), K("cgroup")],
+                    format!("cgroup {} belongs to another workload too", w.cgroup),
+                ));
+            }
+        }
+
+        let mut services = HashSet::new();
+        let mut service_addrs = HashSet::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = |rest: &[Seg]| [&[K("services"), I(i)], rest].concat();
+            if !services.insert((&s.namespace, &s.name)) {
+                return Err((
+                    at(&[K("name")]),
+                    format!("service {}/{} is defined twice", s.namespace, s.name),
+                ));
+            }
+            if s.addresses.is_empty() {
+                return Err((at(&[K("addresses")]), "a service needs an address".into()));
+            }
+            if s.ports.is_empty() {
+                return Err((at(&[K("ports")]), "a service needs a port".into()));
+            }
+            for (j, p) in s.ports.iter().enumerate() {
+                if p.port == 0 || p.target_port == Some(0) {
+                    return Err((at(&[K("ports"), I(j)]), "port 0 is not a port".into()));
+                }
+                if s.ports[..j].iter().any(|q| q.port == p.port) {
+                    return Err((
+                        at(&[K("ports"), I(j)]),
+                        format!("port {} is listed twice", p.port),
+                    ));
+                }
+            }
+            for (k, a) in s.addresses.iter().enumerate() {
+                for p in &s.ports {
+                    if !service_addrs.insert(SocketAddr::new(*a, p.port)) {
+                        return Err((
+                            at(&[K("addresses"), I(k)]),
+                            format!(
+                                "{} belongs to another service too",
+                                SocketAddr::new(*a, p.port)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One step of a path into the YAML document.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seg {
+    Key(&'static str),
+    Index(usize),
+}
+
+/// `services[1].ports[0]`, as serde_yaml writes paths.
+fn display_path(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) if out.is_empty() => out.push_str(k),
+            Seg::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// The (1-based) line and column of the node at `path` in `text`; for a mapping key, of the
+/// key. Only called to report an error, so it parses the text again rather than keep spans.
+fn locate(text: &str, path: &[Seg]) -> Option<(usize, usize)> {
+    let mut events = saphyr_parser::Parser::new_from_str(text).filter_map(Result::ok);
+    loop {
+        let (event, span) = events.next()?;
+        if matches!(
+            event,
+            Event::MappingStart(..) | Event::SequenceStart(..) | Event::Scalar(..)
+        ) {
+            let start = find(&mut events, (event, span), path)?;
+            return Some((start.line(), start.col() + 1));
+        }
+    }
+}
+
+type Events<'a> = dyn Iterator<Item = (Event<'a>, Span)> + 'a;
+
+/// Walks the node that starts with `first` down `path`.
+fn find<'a>(events: &mut Events<'a>, first: (Event<'a>, Span), path: &[Seg]) -> Option<Marker> {
+    let Some((seg, rest)) = path.split_first() else {
+        return Some(first.1.start);
+    };
+    match (first.0, seg) {
+        (Event::MappingStart(..), Seg::Key(want)) => loop {
+            let key = events.next()?;
+            let Event::Scalar(name, ..) = &key.0 else {
+                return None;
+            };
+            let value = events.next()?;
+            if name == want {
+                return if rest.is_empty() {
+                    Some(key.1.start)
+                } else {
+                    find(events, value, rest)
+                };
+            }
+            skip(events, &value.0)?;
+        },
+        (Event::SequenceStart(..), Seg::Index(want)) => {
+            for _ in 0..*want {
+                let item = events.next()?;
+                if matches!(item.0, Event::SequenceEnd) {
+                    return None;
+                }
+                skip(events, &item.0)?;
+            }
+            let item = events.next()?;
+            find(events, item, rest)
+        }
+        _ => None,
+    }
+}
+
+/// Consumes the rest of the node that starts with `first`.
+fn skip(events: &mut Events<'_>, first: &Event<'_>) -> Option<()> {
+    let mut depth = usize::from(matches!(
+        first,
+        Event::MappingStart(..) | Event::SequenceStart(..)
+    ));
+    while depth > 0 {
+        match events.next()?.0 {
+            Event::MappingStart(..) | Event::SequenceStart(..) => depth += 1,
+            Event::MappingEnd | Event::SequenceEnd => depth -= 1,
+            _ => {}
+        }
+    }
+    Some(())
 }
 
 /// This node.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, try_from = "RawNode")]
+#[serde(deny_unknown_fields)]
 pub struct Node {
     pub name: Name,
     /// The node's addresses, at most one per family: where captured connects are sent.
     pub addresses: Vec<IpAddr>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNode {
-    name: Name,
-    addresses: Vec<IpAddr>,
-}
-
-impl TryFrom<RawNode> for Node {
-    type Error = String;
-
-    fn try_from(raw: RawNode) -> Result<Self, String> {
-        if raw.addresses.is_empty() {
-            return Err("addresses: the node needs at least one address".into());
-        }
-        let v4 = raw.addresses.iter().filter(|a| a.is_ipv4()).count();
-        if v4 > 1 || raw.addresses.len() - v4 > 1 {
-            return Err("addresses: at most one IPv4 and one IPv6 address".into());
-        }
-        if let Some(a) = raw
-            .addresses
-            .iter()
-            .find(|a| a.is_unspecified() || a.is_multicast())
-        {
-            return Err(format!("addresses: {a} cannot be a node address"));
-        }
-        Ok(Node {
-            name: raw.name,
-            addresses: raw.addresses,
-        })
-    }
 }
 
 impl Node {
@@ -192,83 +320,32 @@ pub struct Workload {
 
 /// A service: addresses and ports the mesh owns, and the endpoints behind them.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, try_from = "RawService")]
+#[serde(deny_unknown_fields)]
 pub struct Service {
     pub name: Name,
     pub namespace: Name,
     pub addresses: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
-    pub endpoints: Vec<Endpoint>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: Name,
-    namespace: Name,
-    addresses: Vec<IpAddr>,
-    ports: Vec<ServicePort>,
     #[serde(default)]
-    endpoints: Vec<Endpoint>,
-}
-
-impl TryFrom<RawService> for Service {
-    type Error = String;
-
-    fn try_from(raw: RawService) -> Result<Self, String> {
-        let id = format!("service {}/{}", raw.namespace, raw.name);
-        if raw.addresses.is_empty() {
-            return Err(format!("{id}: addresses: at least one address is needed"));
-        }
-        if raw.ports.is_empty() {
-            return Err(format!("{id}: ports: at least one port is needed"));
-        }
-        let mut seen = HashSet::new();
-        if let Some(p) = raw.ports.iter().find(|p| !seen.insert(p.port)) {
-            return Err(format!("{id}: ports: port {} is listed twice", p.port));
-        }
-        Ok(Service {
-            name: raw.name,
-            namespace: raw.namespace,
-            addresses: raw.addresses,
-            ports: raw.ports,
-            endpoints: raw.endpoints,
-        })
-    }
+    pub endpoints: Vec<Endpoint>,
 }
 
 /// One port of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, try_from = "RawServicePort")]
+#[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
-    /// The endpoints' port.
-    pub target_port: u16,
+    /// The endpoints' port; the service port if not given.
+    #[serde(default)]
+    pub target_port: Option<u16>,
+    #[serde(default)]
     pub protocol: Protocol,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServicePort {
-    port: u16,
-    target_port: Option<u16>,
-    #[serde(default)]
-    protocol: Protocol,
-}
-
-impl TryFrom<RawServicePort> for ServicePort {
-    type Error = String;
-
-    fn try_from(raw: RawServicePort) -> Result<Self, String> {
-        let target_port = raw.target_port.unwrap_or(raw.port);
-        if raw.port == 0 || target_port == 0 {
-            return Err("ports: port 0 is not a port".into());
-        }
-        Ok(ServicePort {
-            port: raw.port,
-            target_port,
-            protocol: raw.protocol,
-        })
+impl ServicePort {
+    /// The port the endpoints listen on.
+    pub fn target_port(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
     }
 }
 
@@ -332,7 +409,7 @@ impl FromStr for Name {
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(de::Error::custom)
+        d.deserialize_str(ParsedStr(PhantomData))
     }
 }
 
@@ -353,104 +430,38 @@ impl fmt::Display for CgroupPath {
     }
 }
 
+impl FromStr for CgroupPath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if !s.starts_with('/') || s.split('/').any(|c| c == ".." || c == ".") {
+            return Err(format!(
+                "cgroup {s:?} must be an absolute path under the cgroup v2 mount, without '.' or '..'"
+            ));
+        }
+        Ok(CgroupPath(s.to_owned()))
+    }
+}
+
 impl<'de> Deserialize<'de> for CgroupPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if !s.starts_with('/') || s.split('/').any(|c| c == ".." || c == ".") {
-            return Err(de::Error::custom(format!(
-                "cgroup {s:?} must be an absolute path under the cgroup v2 mount, without '.' or '..'"
-            )));
-        }
-        Ok(CgroupPath(s))
+        d.deserialize_str(ParsedStr(PhantomData))
     }
 }
 
-/// What must be unique across the items of a list, with a description for the error.
-trait UniqueKeys {
-    fn unique_keys(&self) -> Vec<String>;
-}
+/// Parses a string scalar with `FromStr` inside the visitor, so that serde_yaml reports an
+/// error at the scalar itself.
+struct ParsedStr<T>(PhantomData<T>);
 
-impl UniqueKeys for Workload {
-    fn unique_keys(&self) -> Vec<String> {
-        vec![
-            format!("workload {}/{}", self.namespace, self.name),
-            format!("cgroup {}", self.cgroup),
-        ]
-    }
-}
-
-impl UniqueKeys for Service {
-    fn unique_keys(&self) -> Vec<String> {
-        let mut keys = vec![format!("service {}/{}", self.namespace, self.name)];
-        for addr in &self.addresses {
-            for port in &self.ports {
-                keys.push(format!(
-                    "service address {}",
-                    std::net::SocketAddr::new(*addr, port.port)
-                ));
-            }
-        }
-        keys
-    }
-}
-
-/// A list whose items share no [`UniqueKeys`] key. A duplicate is reported at its own line.
-#[derive(Debug)]
-struct Unique<T>(Vec<T>);
-
-impl<T> Default for Unique<T> {
-    fn default() -> Self {
-        Self(Vec::new())
-    }
-}
-
-impl<'de, T: Deserialize<'de> + UniqueKeys> Deserialize<'de> for Unique<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_seq(UniqueVisitor(PhantomData))
-    }
-}
-
-struct UniqueVisitor<T>(PhantomData<T>);
-
-impl<'de, T: Deserialize<'de> + UniqueKeys> Visitor<'de> for UniqueVisitor<T> {
-    type Value = Unique<T>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique<T>, A::Error> {
-        let mut seen = HashSet::new();
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(UniqueItem {
-            seen: &mut seen,
-            _item: PhantomData,
-        })? {
-            items.push(item);
-        }
-        Ok(Unique(items))
-    }
-}
-
-/// Reads one item and checks its keys against the items before it, so that the error
-/// carries the location of the duplicate.
-struct UniqueItem<'a, T> {
-    seen: &'a mut HashSet<String>,
-    _item: PhantomData<T>,
-}
-
-impl<'de, T: Deserialize<'de> + UniqueKeys> DeserializeSeed<'de> for UniqueItem<'_, T> {
+impl<T: FromStr<Err = String>> Visitor<'_> for ParsedStr<T> {
     type Value = T;
 
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
-        let item = T::deserialize(d)?;
-        for key in item.unique_keys() {
-            if self.seen.contains(&key) {
-                return Err(de::Error::custom(format!("{key} is defined twice")));
-            }
-            self.seen.insert(key);
-        }
-        Ok(item)
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+        s.parse().map_err(E::custom)
     }
 }
 
@@ -491,7 +502,7 @@ services:
         assert_eq!(c.pod_cidrs.len(), 2);
         assert_eq!(c.workloads[0].cgroup.to_string(), "/mesh-lab/node-1/cart-0");
         let port = c.services[0].ports[0];
-        assert_eq!((port.port, port.target_port), (80, 8080));
+        assert_eq!((port.port, port.target_port()), (80, 8080));
         assert_eq!(port.protocol, Protocol::Tcp);
         assert_eq!(c.services[0].endpoints[0].labels["version"], "v1");
     }
@@ -513,53 +524,68 @@ services:
             "namespace: Shop\n    service",
         );
         let e = parse(&bad_name).unwrap_err();
-        assert!(e.starts_with("node.yaml:7:"), "{e}");
+        assert!(
+            e.starts_with("node.yaml:7:16: workloads[0].namespace: "),
+            "{e}"
+        );
         assert!(e.contains("\"Shop\" is not a valid name"), "{e}");
     }
 
     #[test]
     fn duplicates_are_reported_at_the_duplicate() {
-        let twice = format!(
+        let service_twice = format!(
             "{VALID}  - name: cart2\n    namespace: shop\n    addresses: [198.19.0.10]\n    ports: [{{ port: 80 }}]\n"
         );
-        let e = parse(&twice).unwrap_err();
-        assert!(e.starts_with("node.yaml:17:"), "{e}");
+        assert_eq!(
+            parse(&service_twice).unwrap_err(),
+            "node.yaml:19:17: services[1].addresses[0]: 198.19.0.10:80 belongs to another service too"
+        );
+
+        let cgroup_twice = VALID.replace(
+            "services:",
+            "  - name: cart-1\n    namespace: shop\n    service_account: cart\n    cgroup: /mesh-lab/node-1/cart-0\nservices:",
+        );
+        let e = parse(&cgroup_twice).unwrap_err();
         assert!(
-            e.contains("service address 198.19.0.10:80 is defined twice"),
+            e.starts_with("node.yaml:14:5: workloads[1].cgroup: "),
             "{e}"
         );
     }
 
     #[test]
-    fn semantic_errors_are_explained() {
+    fn semantic_errors_are_explained_where_they_are() {
         let cases = [
             (
                 VALID.replace("[198.18.1.0/24,", "[198.18.0.0/16,"),
-                "contains the node address",
+                "node.yaml:4:13: pod_cidrs[0]: 198.18.0.0/16 contains the node address",
             ),
             (
                 VALID.replace("ports: [{ port: 80, target_port: 8080 }]", "ports: []"),
-                "at least one port",
+                "node.yaml:15:5: services[0].ports: a service needs a port",
+            ),
+            (
+                VALID.replace("port: 80,", "port: 0,"),
+                "node.yaml:15:13: services[0].ports[0]: port 0 is not a port",
             ),
             (
                 VALID.replace("cgroup: /mesh-lab", "cgroup: mesh-lab"),
-                "must be an absolute path",
+                "node.yaml:10:13: workloads[0].cgroup: cgroup \"mesh-lab/node-1/cart-0\" must be",
             ),
             (
-                VALID.replace(
-                    "addresses: [198.18.0.1, \"2001:2::1\"]",
-                    "addresses: [198.18.0.1, 198.18.0.2]",
-                ),
-                "at most one IPv4",
+                VALID.replace("\"2001:2::1\"]", "198.18.0.2]"),
+                "node.yaml:3:27: node.addresses[1]: at most one IPv4",
             ),
             (
                 VALID.replace("[198.19.0.10]", "[198.19.0.300]"),
-                "invalid IP address syntax",
+                "node.yaml:14:17: services[0].addresses[0]: invalid IP address syntax",
             ),
         ];
-        for (text, reason) in cases {
+        for (text, expected) in cases {
             let e = parse(&text).unwrap_err();
-            assert!(e.contains(reason), "{e} should say {reason}");
+            assert!(
+                e.starts_with(expected),
+                "{e}\nshould start with\n{expected}"
+            );
         }
     }
 

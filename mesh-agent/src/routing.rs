@@ -49,7 +49,7 @@ impl Routes {
                 let endpoints: Vec<SocketAddr> = s
                     .endpoints
                     .iter()
-                    .map(|e| SocketAddr::new(e.address, port.target_port))
+                    .map(|e| SocketAddr::new(e.address, port.target_port()))
                     .collect();
                 for addr in &s.addresses {
                     services.insert(

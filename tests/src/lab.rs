@@ -383,10 +383,10 @@ impl Lab {
         }
         for node in &self.spec.nodes {
             let pins = mesh_agent::datapath::pin_dir(&self.agent_node_name(node));
-            if pins.exists() {
-                if let Err(e) = std::fs::remove_dir_all(&pins) {
-                    problems.push(format!("cannot remove {}: {e}", pins.display()));
-                }
+            if pins.exists()
+                && let Err(e) = std::fs::remove_dir_all(&pins)
+            {
+                problems.push(format!("cannot remove {}: {e}", pins.display()));
             }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {

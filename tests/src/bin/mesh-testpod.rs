@@ -194,11 +194,11 @@ async fn echo(addr: SocketAddr, bytes: u64, pause_until: Option<PathBuf>) -> Res
         let mut sent = 0u64;
         let half = bytes / 2;
         while sent < bytes {
-            if let Some(path) = &pause_until {
-                if sent >= half {
-                    while !path.exists() {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+            if let Some(path) = &pause_until
+                && sent >= half
+            {
+                while !path.exists() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
             let limit = if pause_until.is_some() && sent < half {

@@ -590,6 +590,13 @@ services:
     }
 
     #[test]
+    fn the_example_in_deploy_is_valid() {
+        let example = include_str!("../../deploy/agent.example.yaml");
+        let c = parse(example).unwrap();
+        assert_eq!(c.services[0].ports[0].protocol, Protocol::Http);
+    }
+
+    #[test]
     fn unreadable_file_says_so() {
         let e = Config::load(Path::new("/nonexistent/node.yaml")).unwrap_err();
         assert!(

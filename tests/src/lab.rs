@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// What every name a lab makes starts with; the rest is `<pid>-<n>-...`.
-const PREFIX: &str = "mesh-e2e-";
+const PREFIX: &str = "mesh-lab-";
 /// How long a process may take to say it is ready before the test gives up on it.
 const READY_WATCHDOG: Duration = Duration::from_secs(60);
 

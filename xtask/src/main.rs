@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks, each doing its own set-up.
 
 mod compile;
+mod lab;
 mod setup;
 mod shell;
 mod test;
@@ -53,6 +54,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The demo: builds everything, starts a lab node with the agent and a few pods, sends
+    /// traffic through the mesh and prints what happened, then removes the lab.
+    Lab,
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
@@ -79,6 +83,7 @@ fn main() -> Result<()> {
         ),
         Task::Unload { node } => agent(&root, ["unload", "--node", &node].map(String::from)),
         Task::Run { args } => agent(&root, std::iter::once("run".into()).chain(args)),
+        Task::Lab => lab::run(&root),
         Task::Test { args } => test::run(&root, &args),
     }
 }

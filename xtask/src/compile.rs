@@ -59,3 +59,17 @@ pub fn agent_binary(root: &Path, release: bool) -> PathBuf {
         .join(if release { "release" } else { "debug" })
         .join("mesh-agent")
 }
+
+/// Builds the agent and the lab programs (`mesh-lab`, `mesh-testpod`) in `target/debug/`.
+pub fn lab(root: &Path) -> Result<()> {
+    agent(root, false)?;
+    let step = Step::start("build: the lab (mesh-lab, mesh-testpod)");
+    shell::run(
+        Command::new("cargo")
+            .current_dir(root)
+            .env("MESH_EBPF_OBJECT", ebpf_object(root))
+            .args(["build", "--package", "mesh-tests", "--bins"]),
+    )?;
+    step.done();
+    Ok(())
+}

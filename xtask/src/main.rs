@@ -1,12 +1,12 @@
 //! `cargo xtask`: the project's tasks, each doing its own set-up.
 
 mod compile;
-mod lab;
 mod setup;
 mod shell;
 mod test;
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
 };
@@ -83,7 +83,20 @@ fn main() -> Result<()> {
         ),
         Task::Unload { node } => agent(&root, ["unload", "--node", &node].map(String::from)),
         Task::Run { args } => agent(&root, std::iter::once("run".into()).chain(args)),
-        Task::Lab => lab::run(&root),
+        Task::Lab => {
+            if !shell::is_root() {
+                anyhow::bail!(
+                    "the lab makes network namespaces and loads eBPF programs: \
+                     run as root (sudo -E cargo xtask lab)"
+                );
+            }
+            setup::run()?;
+            compile::lab(&root)?;
+            // Become the lab, so that Ctrl-C reaches it (it cleans up) and not us.
+            Err(Command::new(root.join("target/debug/mesh-lab"))
+                .exec()
+                .into())
+        }
         Task::Test { args } => test::run(&root, &args),
     }
 }

@@ -1,8 +1,12 @@
 //! `cargo xtask test`: everything CI runs, from a fresh machine.
 
-use std::{path::Path, process::Command};
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::{
     compile, setup,
@@ -21,16 +25,58 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     lint(root)?;
 
     let step = Step::start("test: unit and end-to-end tests");
-    shell::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .env("MESH_EBPF_OBJECT", compile::ebpf_object(root))
-            .env("MESH_AGENT_BIN", compile::agent_binary(root, false))
-            .args(["test", "--workspace", "--"])
-            .args(extra),
-    )?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .env("MESH_EBPF_OBJECT", compile::ebpf_object(root))
+        .env("MESH_AGENT_BIN", compile::agent_binary(root, false))
+        .args(["test", "--workspace", "--all-targets", "--"])
+        .args(extra);
+    let totals = run_counting(&mut cmd)?;
     step.done();
+    // One closing line for the whole run, in the form CI reads.
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if totals.failed > 0 {
+        bail!("{} tests failed", totals.failed);
+    }
     Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+fn run_counting(cmd: &mut Command) -> Result<Totals> {
+    eprintln!("    $ cargo test --workspace --all-targets");
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().context("no stdout from cargo test")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |what: &str| {
+                result
+                    .split([';', '.'])
+                    .find_map(|part| part.trim().strip_suffix(what)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            totals.passed += count(" passed");
+            totals.failed += count(" failed");
+            totals.ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && totals.failed == 0 {
+        bail!("cargo test failed ({status}) before any test failed: see its output above");
+    }
+    Ok(totals)
 }
 
 /// `cargo fmt --check` on every crate and `cargo clippy -D warnings` on the host crates.

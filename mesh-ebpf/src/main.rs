@@ -90,7 +90,7 @@ fn is_enrolled() -> bool {
         if id == 0 {
             return false;
         }
-        if unsafe { ENROLLED.get(&id) }.is_some() {
+        if unsafe { ENROLLED.get(id) }.is_some() {
             return true;
         }
     }
@@ -114,7 +114,7 @@ fn agent() -> Option<&'static AgentListener> {
 fn remember(ctx: &SockAddrContext, dst: &SockAddr) -> bool {
     // SAFETY: `bpf_get_socket_cookie` accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_DST_BY_COOKIE.insert(&cookie, dst, 0).is_ok()
+    ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).is_ok()
 }
 
 #[inline(always)]
@@ -316,7 +316,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         is_agent_listener(&pair.local)
     };
     if shortcut {
-        let _ = MSG_PASSTHROUGH.remove(&pair);
+        let _ = MSG_PASSTHROUGH.remove(pair);
         let mut key = pair;
         // SAFETY: the context is the `bpf_sock_ops` of the established socket.
         if let Err(e) = SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
@@ -333,11 +333,11 @@ fn hand_over_orig_dst(ctx: &SockOpsContext, pair: &SockPair) -> bool {
     // SAFETY: `bpf_get_socket_cookie` accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(&cookie) }).copied() else {
+    let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return false;
     };
-    let _ = ORIG_DST_BY_COOKIE.remove(&cookie);
-    if ORIG_DST_BY_CLIENT.insert(&pair.local, &dst, 0).is_err() {
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+    if ORIG_DST_BY_CLIENT.insert(pair.local, dst, 0).is_err() {
         error!(ctx, "sock_ops: cannot record original destination");
         return false;
     }
@@ -361,7 +361,7 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: read only for presence.
-    if unsafe { MSG_PASSTHROUGH.get(&me) }.is_some() {
+    if unsafe { MSG_PASSTHROUGH.get(me) }.is_some() {
         count(Counter::MsgPassed, 1);
         return SK_PASS;
     }
@@ -373,7 +373,7 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     } else {
         // The peer is not in the map (yet, or any more): this send takes the TCP/IP path,
         // and so must every later one, or a redirected send could overtake it.
-        let _ = MSG_PASSTHROUGH.insert(&me, &SET_MEMBER, 0);
+        let _ = MSG_PASSTHROUGH.insert(me, SET_MEMBER, 0);
         count(Counter::MsgPassed, 1);
     }
     SK_PASS

@@ -122,77 +122,84 @@ fn is_tcp(sa: &bpf_sock_addr) -> bool {
     sa.protocol == IPPROTO_TCP
 }
 
+/// What the capture programs decided for a connect.
+enum Capture {
+    /// Not meshed: leave it alone.
+    No,
+    /// Meshed, but its original destination could not be kept: fail it rather than let it
+    /// out unencrypted.
+    Refused,
+    /// Meshed and recorded: rewrite it to the agent.
+    Yes,
+}
+
+/// The part connect4 and connect6 share. `family_ok`: the agent listens on the family the
+/// connect would be rewritten to.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, dst: &SockAddr, family_ok: bool) -> Capture {
+    if !family_ok || !is_owned(dst) || !is_enrolled() {
+        count(Counter::ConnectsPassed, 1);
+        return Capture::No;
+    }
+    if !remember(ctx, dst) {
+        error!(
+            ctx,
+            "cannot record an original destination; refusing the connect"
+        );
+        return Capture::Refused;
+    }
+    count(Counter::ConnectsCaptured, 1);
+    debug!(ctx, "captured a connect to port {}", dst.port);
+    Capture::Yes
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !is_tcp(sa) {
+    let Some(agent) = agent().filter(|_| is_tcp(sa)) else {
         return ALLOW;
-    }
+    };
     let dst = SockAddr::new(
         ipv4_mapped(sa.user_ip4.to_ne_bytes()),
         u16::from_be(sa.user_port as u16),
     );
-    let Some(agent) = agent() else {
-        return ALLOW;
-    };
-    if agent.has_ipv4 == 0 || !is_owned(&dst) || !is_enrolled() {
-        count(Counter::ConnectsPassed, 1);
-        return ALLOW;
+    match capture(&ctx, &dst, agent.has_ipv4 != 0) {
+        Capture::No => ALLOW,
+        Capture::Refused => DENY,
+        Capture::Yes => {
+            sa.user_ip4 = u32::from_ne_bytes(agent.ipv4);
+            sa.user_port = u32::from(agent.port.to_be());
+            ALLOW
+        }
     }
-    if !remember(&ctx, &dst) {
-        error!(
-            &ctx,
-            "connect4: cannot record original destination, refusing"
-        );
-        return DENY;
-    }
-    sa.user_ip4 = u32::from_ne_bytes(agent.ipv4);
-    sa.user_port = u32::from(agent.port.to_be());
-    count(Counter::ConnectsCaptured, 1);
-    debug!(&ctx, "connect4 captured: port {} to agent", dst.port);
-    ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if !is_tcp(sa) {
+    let Some(agent) = agent().filter(|_| is_tcp(sa)) else {
         return ALLOW;
-    }
+    };
     let dst = SockAddr::new(
         words_to_addr(sa.user_ip6),
         u16::from_be(sa.user_port as u16),
     );
-    let Some(agent) = agent() else {
-        return ALLOW;
-    };
     // A dual-stack socket reaching an IPv4 peer is sent to the agent's IPv4 address.
-    let target = match ipv4_unmapped(&dst.addr) {
-        Some(_) if agent.has_ipv4 != 0 => ipv4_mapped(agent.ipv4),
-        None if agent.has_ipv6 != 0 => agent.ipv6,
-        _ => {
-            count(Counter::ConnectsPassed, 1);
-            return ALLOW;
-        }
+    let (family_ok, target) = match ipv4_unmapped(&dst.addr) {
+        Some(_) => (agent.has_ipv4 != 0, ipv4_mapped(agent.ipv4)),
+        None => (agent.has_ipv6 != 0, agent.ipv6),
     };
-    if !is_owned(&dst) || !is_enrolled() {
-        count(Counter::ConnectsPassed, 1);
-        return ALLOW;
+    match capture(&ctx, &dst, family_ok) {
+        Capture::No => ALLOW,
+        Capture::Refused => DENY,
+        Capture::Yes => {
+            sa.user_ip6 = addr_to_words(&target);
+            sa.user_port = u32::from(agent.port.to_be());
+            ALLOW
+        }
     }
-    if !remember(&ctx, &dst) {
-        error!(
-            &ctx,
-            "connect6: cannot record original destination, refusing"
-        );
-        return DENY;
-    }
-    sa.user_ip6 = addr_to_words(&target);
-    sa.user_port = u32::from(agent.port.to_be());
-    count(Counter::ConnectsCaptured, 1);
-    debug!(&ctx, "connect6 captured: port {} to agent", dst.port);
-    ALLOW
 }
 
 #[inline(always)]

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     io::{BufRead, BufReader, Read},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -74,30 +74,17 @@ impl Lab {
             let k = self.node_index(&node)?;
             let ns = self.netns_name(&node);
             self.add_netns(&ns)?;
-            let (v4, v6) = topology::node_addrs(k);
             // The node's link to the others, through the switch's bridge.
-            let port = format!("n{k}");
-            ip_in(
+            plug(
                 &switch,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-                ],
-            )?;
-            ip_in(&switch, &["link", "set", &port, "master", "br0", "up"])?;
-            ip_in(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            ip_in(
+                "br0",
+                &format!("n{k}"),
                 &ns,
-                &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
+                topology::node_addrs(k),
             )?;
-            ip_in(&ns, &["link", "set", "eth0", "up"])?;
             // The bridge its pods hang on.
-            let (gw4, gw6) = topology::pod_addrs(k, 1);
             ip_in(&ns, &["link", "add", "pods", "type", "bridge"])?;
-            ip_in(&ns, &["addr", "add", &format!("{gw4}/24"), "dev", "pods"])?;
-            ip_in(
-                &ns,
-                &["addr", "add", &format!("{gw6}/64"), "dev", "pods", "nodad"],
-            )?;
+            add_addrs(&ns, "pods", topology::pod_addrs(k, 1))?;
             ip_in(&ns, &["link", "set", "pods", "up"])?;
             let node_cgroup = self.node_cgroup(&node);
             for sub in ["agent", "host"] {
@@ -108,24 +95,11 @@ impl Lab {
         for pod in self.spec.pods.clone() {
             let ns = self.netns_name(&pod.name);
             self.add_netns(&ns)?;
-            let node_ns = self.netns_name(&pod.node);
             let k = self.node_index(&pod.node)?;
             let (v4, v6) = self.pod_addrs(&pod.name)?;
-            let (gw4, gw6) = topology::pod_addrs(k, 1);
             let port = format!("v-{}", v4.octets()[3]);
-            ip_in(
-                &node_ns,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-                ],
-            )?;
-            ip_in(&node_ns, &["link", "set", &port, "master", "pods", "up"])?;
-            ip_in(&ns, &["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            ip_in(
-                &ns,
-                &["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"],
-            )?;
-            ip_in(&ns, &["link", "set", "eth0", "up"])?;
+            plug(&self.netns_name(&pod.node), "pods", &port, &ns, (v4, v6))?;
+            let (gw4, gw6) = topology::pod_addrs(k, 1);
             ip_in(&ns, &["route", "add", "default", "via", &gw4.to_string()])?;
             ip_in(
                 &ns,
@@ -149,7 +123,7 @@ impl Lab {
     }
 
     /// The IPv4 and IPv6 address of a pod.
-    pub fn pod_addrs(&self, pod: &str) -> Result<(std::net::Ipv4Addr, std::net::Ipv6Addr)> {
+    pub fn pod_addrs(&self, pod: &str) -> Result<(Ipv4Addr, Ipv6Addr)> {
         self.spec
             .pod_addrs(pod)
             .with_context(|| format!("no pod {pod} in the lab"))
@@ -292,9 +266,14 @@ impl Lab {
         output(cmd)
     }
 
+    /// The path of `name` in the lab's scratch directory (removed with the lab).
+    pub fn scratch_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
     /// Writes `text` to a file in the lab's scratch directory and returns its path.
     pub fn write_file(&self, name: &str, text: &str) -> Result<PathBuf> {
-        let path = self.dir.join(name);
+        let path = self.scratch_path(name);
         std::fs::write(&path, text)?;
         Ok(path)
     }
@@ -394,6 +373,35 @@ impl Lab {
         }
         problems
     }
+}
+
+/// Joins `netns` to `bridge` in `host`: a veth whose end in `host` is `port` and whose end in
+/// `netns` is `eth0`, with `addrs`.
+fn plug(
+    host: &str,
+    bridge: &str,
+    port: &str,
+    netns: &str,
+    addrs: (Ipv4Addr, Ipv6Addr),
+) -> Result<()> {
+    ip_in(
+        host,
+        &[
+            "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns,
+        ],
+    )?;
+    ip_in(host, &["link", "set", port, "master", bridge, "up"])?;
+    add_addrs(netns, "eth0", addrs)?;
+    ip_in(netns, &["link", "set", "eth0", "up"])
+}
+
+/// Gives `dev` in `netns` its IPv4 (/24) and IPv6 (/64) address.
+fn add_addrs(netns: &str, dev: &str, (v4, v6): (Ipv4Addr, Ipv6Addr)) -> Result<()> {
+    ip_in(netns, &["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+    ip_in(
+        netns,
+        &["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"],
+    )
 }
 
 impl Drop for Lab {

@@ -35,6 +35,22 @@ pub struct ServiceSpec {
     pub endpoints: Vec<String>,
 }
 
+impl ServiceSpec {
+    /// A service on port 80 whose endpoints listen on 8080 (`mesh-testpod serve`).
+    pub fn echo(name: &str, addresses: &[&str], endpoints: &[&str]) -> Self {
+        Self {
+            name: name.into(),
+            addresses: addresses
+                .iter()
+                .map(|a| a.parse().unwrap_or_else(|e| panic!("address {a}: {e}")))
+                .collect(),
+            port: 80,
+            target_port: 8080,
+            endpoints: endpoints.iter().map(|e| (*e).into()).collect(),
+        }
+    }
+}
+
 impl LabSpec {
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.into());

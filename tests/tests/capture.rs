@@ -17,20 +17,8 @@ fn one_node() -> LabSpec {
         .pod("n1", "client", true)
         .pod("n1", "backend", false)
         .pod("n1", "outsider", false)
-        .service(ServiceSpec {
-            name: "echo".into(),
-            addresses: vec![VIP4.parse().unwrap()],
-            port: 80,
-            target_port: 8080,
-            endpoints: vec!["backend".into()],
-        })
-        .service(ServiceSpec {
-            name: "echo6".into(),
-            addresses: vec![VIP6.parse().unwrap()],
-            port: 80,
-            target_port: 8080,
-            endpoints: vec!["backend".into()],
-        })
+        .service(ServiceSpec::echo("echo", &[VIP4], &["backend"]))
+        .service(ServiceSpec::echo("echo6", &[VIP6], &["backend"]))
 }
 
 fn counter(node_name: &str, c: Counter) -> u64 {

@@ -10,13 +10,7 @@ fn spec() -> LabSpec {
         .node("n1")
         .pod("n1", "client", true)
         .pod("n1", "backend", false)
-        .service(ServiceSpec {
-            name: "echo".into(),
-            addresses: vec!["198.19.0.10".parse().unwrap()],
-            port: 80,
-            target_port: 8080,
-            endpoints: vec!["backend".into()],
-        })
+        .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
 }
 
 /// Builds a lab with a running agent, a server and traffic, then hands it to `end`.

@@ -20,6 +20,16 @@ fn run_agent(lab: &Lab, args: &[&str], prepare: impl FnOnce(&mut Command)) -> Ou
     out
 }
 
+/// Runs `mesh-agent run` with a valid configuration and `extra` arguments, in a lab of its own.
+fn run_with_valid_config(extra: &[&str], prepare: impl FnOnce(&mut Command)) -> Output {
+    let lab = lab();
+    let config = lab
+        .write_file("n1.yaml", &lab.agent_config("n1").unwrap())
+        .unwrap();
+    let args = [&["run", "--config", config.to_str().unwrap()], extra].concat();
+    run_agent(&lab, &args, prepare)
+}
+
 /// Runs the command in a mount namespace of its own where `dir` is not mounted.
 fn without_mount(cmd: &mut Command, dir: &Path) {
     let dir = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
@@ -81,21 +91,7 @@ fn invalid_config_names_file_line_and_reason() {
 
 #[test]
 fn missing_cgroup_is_named() {
-    let lab = lab();
-    let config = lab
-        .write_file("n1.yaml", &lab.agent_config("n1").unwrap())
-        .unwrap();
-    let out = run_agent(
-        &lab,
-        &[
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-            "--cgroup",
-            "/no-such-mesh-cgroup",
-        ],
-        |_| {},
-    );
+    let out = run_with_valid_config(&["--cgroup", "/no-such-mesh-cgroup"], |_| {});
     assert!(
         out.stderr
             .contains("cgroup /no-such-mesh-cgroup does not exist"),
@@ -106,39 +102,25 @@ fn missing_cgroup_is_named() {
 
 #[test]
 fn not_root_is_refused() {
-    let lab = lab();
-    let config = lab
-        .write_file("n1.yaml", &lab.agent_config("n1").unwrap())
-        .unwrap();
-    let out = run_agent(
-        &lab,
-        &["run", "--config", config.to_str().unwrap()],
-        |cmd| {
-            // SAFETY: only system calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        },
-    );
+    let out = run_with_valid_config(&[], |cmd| {
+        // SAFETY: only system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
     assert!(out.stderr.contains("must run as root"), "{}", out.stderr);
 }
 
 #[test]
 fn missing_bpffs_says_how_to_mount_it() {
-    let lab = lab();
-    let config = lab
-        .write_file("n1.yaml", &lab.agent_config("n1").unwrap())
-        .unwrap();
-    let out = run_agent(
-        &lab,
-        &["run", "--config", config.to_str().unwrap()],
-        |cmd| without_mount(cmd, Path::new(mesh_agent::system::BPFFS)),
-    );
+    let out = run_with_valid_config(&[], |cmd| {
+        without_mount(cmd, Path::new(mesh_agent::system::BPFFS))
+    });
     assert!(
         out.stderr.contains("bpffs is not mounted at /sys/fs/bpf")
             && out.stderr.contains("mount -t bpf bpf /sys/fs/bpf"),
@@ -149,16 +131,8 @@ fn missing_bpffs_says_how_to_mount_it() {
 
 #[test]
 fn missing_cgroup2_is_explained() {
-    let lab = lab();
-    let config = lab
-        .write_file("n1.yaml", &lab.agent_config("n1").unwrap())
-        .unwrap();
     let mount = mesh_agent::system::cgroup2_mount().unwrap();
-    let out = run_agent(
-        &lab,
-        &["run", "--config", config.to_str().unwrap()],
-        |cmd| without_mount(cmd, &mount),
-    );
+    let out = run_with_valid_config(&[], |cmd| without_mount(cmd, &mount));
     assert!(
         out.stderr.contains("no cgroup v2 hierarchy is mounted"),
         "{}",

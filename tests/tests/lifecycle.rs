@@ -2,12 +2,12 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use mesh_agent::datapath::{Counters, pin_dir};
 use mesh_common::Counter;
-use mesh_tests::{Lab, LabSpec, ServiceSpec};
+use mesh_tests::{Lab, LabSpec, Running, ServiceSpec};
 
 const VIP: &str = "198.19.0.10:80";
 
@@ -16,13 +16,7 @@ fn one_node() -> LabSpec {
         .node("n1")
         .pod("n1", "client", true)
         .pod("n1", "backend", false)
-        .service(ServiceSpec {
-            name: "echo".into(),
-            addresses: vec!["198.19.0.10".parse().unwrap()],
-            port: 80,
-            target_port: 8080,
-            endpoints: vec!["backend".into()],
-        })
+        .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
 }
 
 fn captured(node_name: &str) -> u64 {
@@ -30,6 +24,27 @@ fn captured(node_name: &str) -> u64 {
         .unwrap()
         .get(Counter::ConnectsCaptured)
         .unwrap()
+}
+
+/// Starts a client in `client` that sends half of `bytes` through the echo service, then
+/// waits for the returned file to appear before it sends the rest.
+fn paused_client(lab: &Lab, bytes: u64) -> (Running, PathBuf) {
+    let release = lab.scratch_path("release-the-client");
+    let client = lab
+        .spawn(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                VIP,
+                "--bytes",
+                &bytes.to_string(),
+                "--pause-until",
+                release.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    (client, release)
 }
 
 #[test]
@@ -100,25 +115,8 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
     let agent = lab.start_agent("n1", &["--grace-period", "120"]).unwrap();
-    let go = lab
-        .write_file("go.unused", "")
-        .unwrap()
-        .with_extension("go");
-    let bytes = (2u64 << 20).to_string();
-    let open = lab
-        .spawn(
-            "client",
-            &[
-                "echo",
-                "--connect",
-                VIP,
-                "--bytes",
-                &bytes,
-                "--pause-until",
-                &go.display().to_string(),
-            ],
-        )
-        .unwrap();
+    let bytes = 2u64 << 20;
+    let (open, go) = paused_client(&lab, bytes);
 
     agent.terminate().unwrap();
     agent.wait_for_log("no longer accepting").unwrap();
@@ -133,7 +131,7 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
     std::fs::write(&go, "").unwrap();
     let out = open.wait_output().unwrap();
     assert!(out.status.success(), "{}", out.stdout);
-    assert_eq!(out.field("echoed"), bytes);
+    assert_eq!(out.field("echoed"), bytes.to_string());
     let node_name = agent.node_name.clone();
     assert!(agent.wait().unwrap().success());
     assert!(!pin_dir(&node_name).exists());
@@ -146,24 +144,7 @@ fn connections_still_open_after_the_grace_period_are_closed() {
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
     let agent = lab.start_agent("n1", &["--grace-period", "1"]).unwrap();
-    let never = lab
-        .write_file("never.unused", "")
-        .unwrap()
-        .with_extension("never");
-    let open = lab
-        .spawn(
-            "client",
-            &[
-                "echo",
-                "--connect",
-                VIP,
-                "--bytes",
-                "1000",
-                "--pause-until",
-                &never.display().to_string(),
-            ],
-        )
-        .unwrap();
+    let (open, _never_released) = paused_client(&lab, 1000);
 
     agent.terminate().unwrap();
     agent.wait_for_log("grace period over").unwrap();

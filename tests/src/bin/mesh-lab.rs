@@ -53,13 +53,9 @@ fn run() -> Result<()> {
         || {
             let mut spec = LabSpec::default().node("n1").pod("n1", "web", true);
             for (name, vip) in SERVICES {
-                spec = spec.pod("n1", name, false).service(ServiceSpec {
-                    name: name.into(),
-                    addresses: vec![vip.parse()?],
-                    port: 80,
-                    target_port: 8080,
-                    endpoints: vec![name.into()],
-                });
+                spec =
+                    spec.pod("n1", name, false)
+                        .service(ServiceSpec::echo(name, &[vip], &[name]));
             }
             let lab = Lab::new(spec).context("cannot build the lab")?;
             let agent = lab.start_agent("n1", &[])?;

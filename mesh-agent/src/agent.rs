@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use aya_log::EbpfLogger;
 use tokio::{
     io::unix::AsyncFd,
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -36,6 +36,8 @@ pub struct RunOptions {
 pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_root()?;
     system::raise_fd_limit();
+    // Handled from here on: a SIGTERM during start-up still ends in a clean exit.
+    let signals = Signals::new()?;
     let config = Config::load(&opts.config)?;
     system::require_bpffs()?;
     let cgroup_mount = system::cgroup2_mount()?;
@@ -68,7 +70,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         ));
         info!(node, config = %opts.config.display(), "mesh agent ready");
 
-        wait_for_signal().await?;
+        signals.wait().await;
         stop.cancel();
         accepting.await.context("the outbound listener failed")?;
         tracker.close();
@@ -102,14 +104,27 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     served
 }
 
-async fn wait_for_signal() -> Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+/// SIGTERM and SIGINT, caught.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
     }
-    Ok(())
+
+    /// Waits for either.
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => info!("SIGINT: shutting down"),
+        }
+    }
 }
 
 /// Forwards the eBPF programs' aya-log records to `tracing` as they come.

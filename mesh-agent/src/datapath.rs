@@ -59,46 +59,22 @@ impl Datapath {
     /// Loads the programs, reusing the node's pinned maps if any, attaches them to the cgroup
     /// v2 directory `cgroup` (replacing the node's earlier attachments) and pins them.
     /// `log_level` is the most verbose aya-log level the programs emit.
+    ///
+    /// If it fails on a node that had no pins, it removes what it pinned; an earlier agent's
+    /// pins stay (in use: what was replaced was replaced by working programs).
     pub fn load(node: &str, cgroup: &Path, log_level: aya_log::Level) -> Result<Loaded> {
         let pin_dir = pin_dir(node);
+        let fresh = !pin_dir.exists();
         std::fs::create_dir_all(&pin_dir)
             .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .override_global(aya_log::LEVEL, &(log_level as u8), true)
-            .load(OBJECT)
-            .context("cannot load the eBPF programs (does this kernel have BPF and BTF?)")?;
-        let logger =
-            aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log")?;
-
-        let cgroup_fd = File::open(cgroup)
-            .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
-        for name in CGROUP_PROGRAMS {
-            attach_to_cgroup(&mut ebpf, name, &cgroup_fd, &pin_dir)
-                .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
+        let loaded = load_and_attach(&pin_dir, cgroup, log_level);
+        if loaded.is_err()
+            && fresh
+            && let Err(e) = std::fs::remove_dir_all(&pin_dir)
+        {
+            warn!(pins = %pin_dir.display(), "cannot remove a failed load's pins: {e}");
         }
-        attach_sk_msg(&mut ebpf, &pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
-        info!(
-            cgroup = %cgroup.display(),
-            pins = %pin_dir.display(),
-            "eBPF programs attached"
-        );
-
-        Ok(Loaded {
-            state: StateMaps {
-                enrolled: take_map(&mut ebpf, "ENROLLED")?,
-                owned_services: take_map(&mut ebpf, "OWNED_SERVICES")?,
-                owned_cidrs: take_map(&mut ebpf, "OWNED_CIDRS")?,
-                agent: take_map(&mut ebpf, "AGENT")?,
-            },
-            orig_dst: OrigDstTable(take_map(&mut ebpf, "ORIG_DST_BY_CLIENT")?),
-            counters: Counters(take_map(&mut ebpf, "COUNTERS")?),
-            logger,
-            datapath: Datapath {
-                _ebpf: ebpf,
-                pin_dir,
-            },
-        })
+        loaded
     }
 
     /// Where this node's pins live.
@@ -111,6 +87,45 @@ impl Datapath {
     pub fn unpin(&self) -> Result<()> {
         unpin(&self.pin_dir)
     }
+}
+
+fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: aya_log::Level) -> Result<Loaded> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global(aya_log::LEVEL, &(log_level as u8), true)
+        .load(OBJECT)
+        .context("cannot load the eBPF programs (does this kernel have BPF and BTF?)")?;
+    let logger =
+        aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log")?;
+
+    let cgroup_fd = File::open(cgroup)
+        .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
+    for name in CGROUP_PROGRAMS {
+        attach_to_cgroup(&mut ebpf, name, &cgroup_fd, pin_dir)
+            .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
+    }
+    attach_sk_msg(&mut ebpf, pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
+    info!(
+        cgroup = %cgroup.display(),
+        pins = %pin_dir.display(),
+        "eBPF programs attached"
+    );
+
+    Ok(Loaded {
+        state: StateMaps {
+            enrolled: take_map(&mut ebpf, "ENROLLED")?,
+            owned_services: take_map(&mut ebpf, "OWNED_SERVICES")?,
+            owned_cidrs: take_map(&mut ebpf, "OWNED_CIDRS")?,
+            agent: take_map(&mut ebpf, "AGENT")?,
+        },
+        orig_dst: OrigDstTable(take_map(&mut ebpf, "ORIG_DST_BY_CLIENT")?),
+        counters: Counters(take_map(&mut ebpf, "COUNTERS")?),
+        logger,
+        datapath: Datapath {
+            _ebpf: ebpf,
+            pin_dir: pin_dir.to_owned(),
+        },
+    })
 }
 
 /// Removes a node's pin directory (see [`Datapath::unpin`]); fails if there is none.

@@ -39,7 +39,7 @@ pub fn run() -> Result<()> {
         shell::run(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(["install", "-y", "-q"])
                 .args(&missing),
         )?;
         eprintln!(

@@ -336,18 +336,15 @@ impl Lab {
 
     /// Runs `mesh-testpod args` in `pod` to completion; fails if it fails.
     pub fn run(&self, pod: &str, args: &[&str]) -> Result<Output> {
-        let mut cmd = testpod(args);
-        self.pod_placement(pod)?.apply(&mut cmd)?;
-        let out = output(cmd)?;
-        if !out.status.success() {
-            bail!(
-                "mesh-testpod {} in {pod} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                out.stderr
-            );
-        }
-        Ok(out)
+        run_placed(self.pod_placement(pod)?, pod, args)
+    }
+
+    /// Like [`Lab::run`], from a cgroup below the pod's, as a Kubernetes container runs.
+    pub fn run_in_container(&self, pod: &str, container: &str, args: &[&str]) -> Result<Output> {
+        let mut placement = self.pod_placement(pod)?;
+        placement.cgroup = placement.cgroup.join(container);
+        std::fs::create_dir_all(&placement.cgroup)?;
+        run_placed(placement, &format!("{pod}/{container}"), args)
     }
 
     fn remove(&mut self) -> Vec<String> {
@@ -560,6 +557,21 @@ impl Output {
             .filter_map(|w| w.split_once('='))
             .collect()
     }
+}
+
+fn run_placed(placement: Placement, place: &str, args: &[&str]) -> Result<Output> {
+    let mut cmd = testpod(args);
+    placement.apply(&mut cmd)?;
+    let out = output(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "mesh-testpod {} in {place} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            out.stderr
+        );
+    }
+    Ok(out)
 }
 
 fn output(mut cmd: Command) -> Result<Output> {

@@ -38,10 +38,13 @@ fn service_traffic_is_byte_exact_through_the_agent() {
     );
 
     let mut connections = 0;
-    for (vip, agent_source) in [(VIP4, gw4), (VIP6, gw6)] {
+    // The IPv4-mapped form: an IPv6 socket reaching an IPv4 service (connect6, dual stack).
+    let mapped = format!("::ffff:{VIP4}");
+    for (vip, agent_source) in [(VIP4, gw4), (VIP6, gw6), (mapped.as_str(), gw4)] {
         let vip: IpAddr = vip.parse().unwrap();
         for bytes in [1u64, 1000, 65_543, 1 << 20, 16 << 20] {
             let target = SocketAddr::new(vip, 80).to_string();
+            // (An IPv4-mapped `vip` stays an IPv6 address here, and so does the socket.)
             let out = lab
                 .run(
                     "client",
@@ -183,5 +186,30 @@ fn thousand_concurrent_connections_each_get_their_own_destination() {
     assert_eq!(
         counter(&agent.node_name, Counter::ConnectsCaptured) - before,
         1000
+    );
+}
+
+#[test]
+fn processes_in_cgroups_below_an_enrolled_one_are_meshed() {
+    let lab = Lab::new(one_node()).unwrap();
+    let agent = lab.start_agent("n1", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let before = counter(&agent.node_name, Counter::ConnectsCaptured);
+    // Kubernetes puts a pod's containers in cgroups below the pod's; only the pod is enrolled.
+    for container in ["app", "app/nested/deeper"] {
+        let out = lab
+            .run_in_container(
+                "client",
+                container,
+                &["echo", "--connect", "198.19.0.10:80", "--bytes", "5000"],
+            )
+            .unwrap();
+        assert_eq!(out.field("echoed"), "5000");
+    }
+    assert_eq!(
+        counter(&agent.node_name, Counter::ConnectsCaptured) - before,
+        2
     );
 }

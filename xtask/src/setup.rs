@@ -49,7 +49,7 @@ pub fn run() -> Result<()> {
     }
     if linker_missing {
         let started = Instant::now();
-        eprintln!("    installing bpf-linker {BPF_LINKER_VERSION} (about 2-4 minutes on 2 cores)");
+        eprintln!("    installing bpf-linker {BPF_LINKER_VERSION} (a minute or two on 2 cores)");
         let path = format!(
             "/usr/lib/llvm-22/bin:{}",
             std::env::var("PATH").unwrap_or_default()

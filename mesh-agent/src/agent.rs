@@ -50,7 +50,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         logger,
         mut state,
         orig_dst,
-        counters: _,
     } = Datapath::load(node, &cgroup, opts.ebpf_log_level)?;
     tokio::spawn(drain_ebpf_log(logger));
 

@@ -52,7 +52,6 @@ pub struct Loaded {
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     pub state: StateMaps,
     pub orig_dst: OrigDstTable,
-    pub counters: Counters,
 }
 
 impl Datapath {
@@ -119,7 +118,6 @@ fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: aya_log::Level) -> 
             agent: take_map(&mut ebpf, "AGENT")?,
         },
         orig_dst: OrigDstTable(take_map(&mut ebpf, "ORIG_DST_BY_CLIENT")?),
-        counters: Counters(take_map(&mut ebpf, "COUNTERS")?),
         logger,
         datapath: Datapath {
             _ebpf: ebpf,

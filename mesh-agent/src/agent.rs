@@ -7,6 +7,7 @@ use aya_log::EbpfLogger;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
+    sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -14,7 +15,7 @@ use tracing::{info, warn};
 use crate::{
     config::Config,
     datapath::{Datapath, Loaded},
-    outbound,
+    outbound, reload,
     routing::Routes,
     system,
 };
@@ -55,14 +56,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let served = async {
         state.sync(&config, &cgroup_mount)?;
-        let routes = Arc::new(Routes::new(&config));
+        let (routes, routes_rx) = watch::channel(Arc::new(Routes::new(&config)));
+        let following = tokio::spawn(
+            reload::Running {
+                file: opts.config.clone(),
+                config: config.clone(),
+                state,
+                cgroup_mount,
+                routes,
+            }
+            .follow(),
+        );
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let accepting = tokio::spawn(outbound::serve(
             listener,
             orig_dst,
-            routes,
+            routes_rx,
             tracker.clone(),
             stop.clone(),
             abort.clone(),
@@ -70,6 +81,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         info!(node, config = %opts.config.display(), "mesh agent ready");
 
         signals.wait().await;
+        following.abort();
         stop.cancel();
         accepting.await.context("the outbound listener failed")?;
         tracker.close();

@@ -5,5 +5,6 @@ pub mod agent;
 pub mod config;
 pub mod datapath;
 pub mod outbound;
+pub mod reload;
 pub mod routing;
 pub mod system;

@@ -12,6 +12,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::copy_bidirectional_with_sizes,
     net::{TcpListener, TcpStream},
+    sync::watch,
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -45,12 +46,12 @@ pub fn bind() -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Accepts until `stop` is cancelled; each connection runs on `tracker` and is aborted when
-/// `abort` is cancelled.
+/// Accepts until `stop` is cancelled, routing by the latest `routes`; each connection runs on
+/// `tracker` and is aborted when `abort` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     mut orig_dst: OrigDstTable,
-    routes: Arc<Routes>,
+    routes: watch::Receiver<Arc<Routes>>,
     tracker: TaskTracker,
     stop: CancellationToken,
     abort: CancellationToken,
@@ -73,7 +74,7 @@ pub async fn serve(
             warn!(%peer, "closing a connection that was not captured (no original destination)");
             continue;
         };
-        let route = match routes.route(dst) {
+        let route = match routes.borrow().route(dst) {
             Ok(route) => route,
             Err(e) => {
                 warn!(%peer, %dst, "closing a captured connection: {e}");

@@ -105,6 +105,11 @@ impl Lab {
                 &ns,
                 &["-6", "route", "add", "default", "via", &gw6.to_string()],
             )?;
+            // Service addresses exist only as capture targets: a connect the mesh does not
+            // capture fails at once rather than waiting for a SYN that no one answers.
+            for range in [topology::SERVICE_CIDR_V4, topology::SERVICE_CIDR_V6] {
+                ip_in(&ns, &["route", "add", "unreachable", range])?;
+            }
             std::fs::create_dir_all(self.pod_cgroup(&pod.name)?)?;
         }
         Ok(())
@@ -164,6 +169,16 @@ impl Lab {
 
     /// The agent configuration of `node`.
     pub fn agent_config(&self, node: &str) -> Result<String> {
+        self.agent_config_for(&self.spec, node)
+    }
+
+    /// The agent configuration of `node` if the lab were `spec`: the same nodes and pods
+    /// (so the same addresses), with other services or other pods enrolled.
+    pub fn agent_config_for(&self, spec: &LabSpec, node: &str) -> Result<String> {
+        let pod_addrs = |pod: &str| {
+            spec.pod_addrs(pod)
+                .with_context(|| format!("no pod {pod} in the lab"))
+        };
         let k = self.node_index(node)?;
         let (v4, v6) = topology::node_addrs(k);
         let mut y = String::new();
@@ -172,20 +187,15 @@ impl Lab {
             "node:\n  name: {}\n  addresses: [{v4}, \"{v6}\"]",
             self.agent_node_name(node)
         )?;
-        let cidrs: Vec<String> = (1..=self.spec.nodes.len())
+        let cidrs: Vec<String> = (1..=spec.nodes.len())
             .filter_map(|k| u8::try_from(k).ok())
             .flat_map(topology::pod_cidrs)
             .map(|c| format!("\"{c}\""))
             .collect();
         writeln!(y, "pod_cidrs: [{}]", cidrs.join(", "))?;
         writeln!(y, "workloads:")?;
-        for pod in self
-            .spec
-            .pods
-            .iter()
-            .filter(|p| p.node == node && p.enrolled)
-        {
-            let (a4, a6) = self.pod_addrs(&pod.name)?;
+        for pod in spec.pods.iter().filter(|p| p.node == node && p.enrolled) {
+            let (a4, a6) = pod_addrs(&pod.name)?;
             writeln!(
                 y,
                 "  - {{ name: {}, namespace: lab, service_account: {}, addresses: [{a4}, \"{a6}\"], cgroup: {} }}",
@@ -195,7 +205,7 @@ impl Lab {
             )?;
         }
         writeln!(y, "services:")?;
-        for s in &self.spec.services {
+        for s in &spec.services {
             let addrs: Vec<String> = s.addresses.iter().map(|a| format!("\"{a}\"")).collect();
             let v6_only = s.addresses.iter().all(IpAddr::is_ipv6);
             writeln!(
@@ -207,27 +217,32 @@ impl Lab {
                 s.target_port
             )?;
             for e in &s.endpoints {
-                let (a4, a6) = self.pod_addrs(e)?;
+                let (a4, a6) = pod_addrs(e)?;
                 let addr = if v6_only {
                     a6.to_string()
                 } else {
                     a4.to_string()
                 };
-                let spec = self.spec.pod_spec(e).context("endpoint pod")?;
+                let pod = spec.pod_spec(e).context("endpoint pod")?;
                 writeln!(
                     y,
                     "      - {{ address: \"{addr}\", node: {} }}",
-                    self.agent_node_name(&spec.node)
+                    self.agent_node_name(&pod.node)
                 )?;
             }
         }
         Ok(y)
     }
 
+    /// The file the agent of `node` runs with; rewriting it makes a running agent reload.
+    pub fn agent_config_path(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("{node}.yaml"))
+    }
+
     /// Starts the agent of `node` with its configuration and `extra` arguments of `run`, and
     /// waits until it is ready.
     pub fn start_agent(&self, node: &str, extra: &[&str]) -> Result<Agent> {
-        let config = self.dir.join(format!("{node}.yaml"));
+        let config = self.agent_config_path(node);
         std::fs::write(&config, self.agent_config(node)?)?;
         let log = self.dir.join(format!("agent-{node}.log"));
         let mut cmd = Command::new(agent_binary()?);
@@ -462,8 +477,13 @@ impl Agent {
 
     /// Waits until the agent's log contains `text`; fails if the agent exits first.
     pub fn wait_for_log(&self, text: &str) -> Result<()> {
+        self.wait_for_log_times(text, 1)
+    }
+
+    /// Waits until the agent's log contains `text` `times` times.
+    pub fn wait_for_log_times(&self, text: &str, times: usize) -> Result<()> {
         let started = Instant::now();
-        while !self.log().contains(text) {
+        while self.log().matches(text).count() < times {
             if !alive(self.pid()) {
                 bail!("the agent exited before logging {text:?}:\n{}", self.log());
             }

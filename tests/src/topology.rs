@@ -6,6 +6,10 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// Where service addresses come from.
+pub const SERVICE_CIDR_V4: &str = "198.19.0.0/16";
+pub const SERVICE_CIDR_V6: &str = "2001:2:ff::/64";
+
 /// The parts of a lab.
 #[derive(Debug, Clone, Default)]
 pub struct LabSpec {

@@ -1,0 +1,81 @@
+//! Follows the configuration file: every valid change is applied to the eBPF maps and the
+//! routes without a restart; an invalid one is logged and the running configuration stays.
+
+use std::{
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{config::Config, datapath::StateMaps, routing::Routes};
+
+/// How often the file is looked at. Polling (rather than inotify) also follows a Kubernetes
+/// ConfigMap, whose files are swapped through symlinks.
+const POLL: Duration = Duration::from_millis(500);
+
+/// What the agent runs with and keeps in step with its configuration file.
+pub struct Running {
+    pub file: PathBuf,
+    pub config: Config,
+    pub state: StateMaps,
+    /// Where the workloads' cgroup paths start.
+    pub cgroup_mount: PathBuf,
+    pub routes: watch::Sender<Arc<Routes>>,
+}
+
+impl Running {
+    /// Applies every change of the file until the task is dropped.
+    pub async fn follow(mut self) {
+        let mut seen = stamp(&self.file);
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tick.tick().await;
+            let now = stamp(&self.file);
+            if now != seen {
+                seen = now;
+                self.reload();
+            }
+        }
+    }
+
+    fn reload(&mut self) {
+        let new = match Config::load(&self.file) {
+            Ok(new) => new,
+            Err(e) => {
+                warn!("config change rejected, the running config stays: {e}");
+                return;
+            }
+        };
+        if new == self.config {
+            return;
+        }
+        if new.node.name != self.config.node.name {
+            warn!(
+                running = %self.config.node.name,
+                "config change rejected, the running config stays: the node name cannot change \
+                 while the agent runs (its pins are named after it); restart the agent"
+            );
+            return;
+        }
+        if let Err(e) = self.state.sync(&new, &self.cgroup_mount) {
+            warn!("config change only partly applied to the eBPF maps: {e:#}");
+        }
+        self.routes.send_replace(Arc::new(Routes::new(&new)));
+        info!(
+            workloads = new.workloads.len(),
+            services = new.services.len(),
+            "config reloaded"
+        );
+        self.config = new;
+    }
+}
+
+/// What changes when the file does: modification time, size, inode.
+fn stamp(file: &PathBuf) -> Option<(SystemTime, u64, u64)> {
+    let meta = std::fs::metadata(file).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}

@@ -1,0 +1,72 @@
+//! End-to-end: the agent follows its configuration file — new services and workloads are
+//! meshed, removed workloads are not any more, and an invalid change changes nothing.
+
+use mesh_tests::{Lab, LabSpec, ServiceSpec};
+
+const ECHO: &str = "198.19.0.10:80";
+const MORE: &str = "198.19.0.20:80";
+
+/// `client` is enrolled from the start; `late` is a pod the agent does not know yet.
+fn initial() -> LabSpec {
+    LabSpec::default()
+        .node("n1")
+        .pod("n1", "client", true)
+        .pod("n1", "backend", false)
+        .pod("n1", "late", false)
+        .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
+}
+
+/// `late` enrolled, and a second service.
+fn grown() -> LabSpec {
+    let mut spec = initial().service(ServiceSpec::echo("more", &["198.19.0.20"], &["backend"]));
+    for pod in &mut spec.pods {
+        pod.enrolled |= pod.name == "late";
+    }
+    spec
+}
+
+/// Whether an echo through `target` from `pod` works (the service addresses exist only as
+/// capture targets: a connect the mesh does not capture goes nowhere).
+fn meshed(lab: &Lab, pod: &str, target: &str) -> bool {
+    lab.run(pod, &["echo", "--connect", target, "--bytes", "1000"])
+        .is_ok()
+}
+
+#[test]
+fn reload_adds_and_removes_and_an_invalid_change_changes_nothing() {
+    let lab = Lab::new(initial()).unwrap();
+    let agent = lab.start_agent("n1", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let file = lab.agent_config_path("n1");
+    assert!(meshed(&lab, "client", ECHO));
+    assert!(!meshed(&lab, "client", MORE), "no such service yet");
+    assert!(!meshed(&lab, "late", ECHO), "not enrolled yet");
+
+    std::fs::write(&file, lab.agent_config_for(&grown(), "n1").unwrap()).unwrap();
+    agent.wait_for_log_times("config reloaded", 1).unwrap();
+    assert!(meshed(&lab, "client", MORE), "the new service is meshed");
+    assert!(meshed(&lab, "late", ECHO), "the new workload is enrolled");
+
+    let invalid = lab
+        .agent_config("n1")
+        .unwrap()
+        .replace("port: 80,", "port: 80000,");
+    std::fs::write(&file, invalid).unwrap();
+    agent
+        .wait_for_log_times("config change rejected", 1)
+        .unwrap();
+    assert!(
+        agent.log().contains("services[0].ports[0].port"),
+        "the rejection says where"
+    );
+    assert!(meshed(&lab, "client", MORE), "the running config stays");
+    assert!(meshed(&lab, "late", ECHO), "the running config stays");
+
+    std::fs::write(&file, lab.agent_config("n1").unwrap()).unwrap();
+    agent.wait_for_log_times("config reloaded", 2).unwrap();
+    assert!(!meshed(&lab, "late", ECHO), "un-enrolled again");
+    assert!(!meshed(&lab, "client", MORE), "the service is gone");
+    assert!(meshed(&lab, "client", ECHO));
+}

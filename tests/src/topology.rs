@@ -56,6 +56,16 @@ impl ServiceSpec {
 }
 
 impl LabSpec {
+    /// The lab most tests start from: node `n1`, an enrolled pod `client`, and a pod
+    /// `backend` behind the `echo` service at 198.19.0.10:80 (to 8080).
+    pub fn client_and_echo() -> Self {
+        Self::default()
+            .node("n1")
+            .pod("n1", "client", true)
+            .pod("n1", "backend", false)
+            .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
+    }
+
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.into());
         self

@@ -6,18 +6,15 @@ use mesh_agent::datapath::Counters;
 use mesh_common::Counter;
 use mesh_tests::{Lab, LabSpec, ServiceSpec};
 
+/// The `echo` service of [`LabSpec::client_and_echo`].
 const VIP4: &str = "198.19.0.10";
 const VIP6: &str = "2001:2:ff::10";
 
-/// One node; `client` is enrolled, `backend` serves the `echo` service (IPv4 and IPv6
-/// addresses, port 80 to 8080), `outsider` is not enrolled.
+/// [`LabSpec::client_and_echo`], with the service on IPv6 too (`echo6`) and a pod
+/// `outsider` that is not enrolled.
 fn one_node() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .pod("n1", "client", true)
-        .pod("n1", "backend", false)
+    LabSpec::client_and_echo()
         .pod("n1", "outsider", false)
-        .service(ServiceSpec::echo("echo", &[VIP4], &["backend"]))
         .service(ServiceSpec::echo("echo6", &[VIP6], &["backend"]))
 }
 

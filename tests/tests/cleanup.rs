@@ -3,19 +3,11 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use mesh_tests::{Footprint, Lab, LabSpec, ServiceSpec, alive};
-
-fn spec() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .pod("n1", "client", true)
-        .pod("n1", "backend", false)
-        .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
-}
+use mesh_tests::{Footprint, Lab, LabSpec, alive};
 
 /// Builds a lab with a running agent, a server and traffic, then hands it to `end`.
 fn busy_lab(end: impl FnOnce(Lab, &[u32])) -> (Footprint, Vec<u32>) {
-    let lab = Lab::new(spec()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
     // --keep-pins: the pins must go even when the agent would leave them.
     let agent = lab.start_agent("n1", &["--keep-pins"]).unwrap();
     let backend = lab

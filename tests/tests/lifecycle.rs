@@ -7,17 +7,9 @@ use std::{
 
 use mesh_agent::datapath::{Counters, pin_dir};
 use mesh_common::Counter;
-use mesh_tests::{Lab, LabSpec, Running, ServiceSpec};
+use mesh_tests::{Lab, LabSpec, Running};
 
 const VIP: &str = "198.19.0.10:80";
-
-fn one_node() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .pod("n1", "client", true)
-        .pod("n1", "backend", false)
-        .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
-}
 
 fn captured(node_name: &str) -> u64 {
     Counters::open_pinned(node_name)
@@ -49,7 +41,7 @@ fn paused_client(lab: &Lab, bytes: u64) -> (Running, PathBuf) {
 
 #[test]
 fn restarted_agent_reuses_pins_and_connects_fail_closed_meanwhile() {
-    let lab = Lab::new(one_node()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
@@ -110,7 +102,7 @@ fn restarted_agent_reuses_pins_and_connects_fail_closed_meanwhile() {
 
 #[test]
 fn sigterm_stops_accepting_and_lets_open_connections_finish() {
-    let lab = Lab::new(one_node()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
@@ -139,7 +131,7 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
 
 #[test]
 fn connections_still_open_after_the_grace_period_are_closed() {
-    let lab = Lab::new(one_node()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
@@ -157,7 +149,7 @@ fn connections_still_open_after_the_grace_period_are_closed() {
 
 #[test]
 fn load_and_unload_attach_and_detach() {
-    let lab = Lab::new(one_node()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
     let node_name = lab.agent_node_name("n1");
     let cgroup = format!(
         "/{}",

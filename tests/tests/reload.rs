@@ -8,12 +8,7 @@ const MORE: &str = "198.19.0.20:80";
 
 /// `client` is enrolled from the start; `late` is a pod the agent does not know yet.
 fn initial() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .pod("n1", "client", true)
-        .pod("n1", "backend", false)
-        .pod("n1", "late", false)
-        .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
+    LabSpec::client_and_echo().pod("n1", "late", false)
 }
 
 /// `late` enrolled, and a second service.

@@ -3,7 +3,7 @@
 
 use std::{
     os::unix::fs::MetadataExt,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -75,7 +75,7 @@ impl Running {
 }
 
 /// What changes when the file does: modification time, size, inode.
-fn stamp(file: &PathBuf) -> Option<(SystemTime, u64, u64)> {
+fn stamp(file: &Path) -> Option<(SystemTime, u64, u64)> {
     let meta = std::fs::metadata(file).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
 }

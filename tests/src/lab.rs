@@ -1,7 +1,6 @@
 //! A lab: nodes and pods in network namespaces and cgroups, agents and helper processes.
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     io::{BufRead, BufReader, Read},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -568,14 +567,6 @@ impl Output {
             .split_whitespace()
             .find_map(|w| w.strip_prefix(prefix.as_str()))
             .unwrap_or_else(|| panic!("no {key}= in output: {}", self.stdout))
-    }
-
-    /// All `key=value` words, by key.
-    pub fn fields(&self) -> HashMap<&str, &str> {
-        self.stdout
-            .split_whitespace()
-            .filter_map(|w| w.split_once('='))
-            .collect()
     }
 }
 

@@ -34,6 +34,14 @@ pub fn ebpf(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `cargo` for the host crates, run in `dir`, pointed at the eBPF object the agent embeds.
+pub fn host_cargo(root: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(dir)
+        .env("MESH_EBPF_OBJECT", ebpf_object(root));
+    cmd
+}
+
 /// Builds the eBPF object, then the agent (which embeds it).
 pub fn agent(root: &Path, release: bool) -> Result<()> {
     ebpf(root)?;
@@ -41,10 +49,8 @@ pub fn agent(root: &Path, release: bool) -> Result<()> {
         "build: mesh-agent ({})",
         if release { "release" } else { "debug" }
     ));
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .env("MESH_EBPF_OBJECT", ebpf_object(root))
-        .args(["build", "--package", "mesh-agent"]);
+    let mut cmd = host_cargo(root, root);
+    cmd.args(["build", "--package", "mesh-agent"]);
     if release {
         cmd.arg("--release");
     }
@@ -60,16 +66,11 @@ pub fn agent_binary(root: &Path, release: bool) -> PathBuf {
         .join("mesh-agent")
 }
 
-/// Builds the agent and the lab programs (`mesh-lab`, `mesh-testpod`) in `target/debug/`.
-pub fn lab(root: &Path) -> Result<()> {
+/// Builds the agent and the lab programs (`mesh-lab`, `mesh-testpod`); returns `mesh-lab`.
+pub fn lab(root: &Path) -> Result<PathBuf> {
     agent(root, false)?;
     let step = Step::start("build: the lab (mesh-lab, mesh-testpod)");
-    shell::run(
-        Command::new("cargo")
-            .current_dir(root)
-            .env("MESH_EBPF_OBJECT", ebpf_object(root))
-            .args(["build", "--package", "mesh-tests", "--bins"]),
-    )?;
+    shell::run(host_cargo(root, root).args(["build", "--package", "mesh-tests", "--bins"]))?;
     step.done();
-    Ok(())
+    Ok(root.join("target/debug/mesh-lab"))
 }

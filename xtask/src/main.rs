@@ -84,18 +84,11 @@ fn main() -> Result<()> {
         Task::Unload { node } => agent(&root, ["unload", "--node", &node].map(String::from)),
         Task::Run { args } => agent(&root, std::iter::once("run".into()).chain(args)),
         Task::Lab => {
-            if !shell::is_root() {
-                anyhow::bail!(
-                    "the lab makes network namespaces and loads eBPF programs: \
-                     run as root (sudo -E cargo xtask lab)"
-                );
-            }
+            shell::require_root("lab")?;
             setup::run()?;
-            compile::lab(&root)?;
+            let lab = compile::lab(&root)?;
             // Become the lab, so that Ctrl-C reaches it (it cleans up) and not us.
-            Err(Command::new(root.join("target/debug/mesh-lab"))
-                .exec()
-                .into())
+            Err(Command::new(lab).exec().into())
         }
         Task::Test { args } => test::run(&root, &args),
     }

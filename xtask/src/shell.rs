@@ -65,12 +65,25 @@ pub fn output(cmd: &mut Command) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn describe(cmd: &Command) -> String {
+/// A command as a shell line.
+pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|s| s.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Fails unless this process runs as root: `cargo xtask <task>` makes network namespaces
+/// and loads eBPF programs.
+pub fn require_root(task: &str) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask {task}` makes network namespaces and loads eBPF programs: \
+             run it as root (sudo -E cargo xtask {task})"
+        );
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root.

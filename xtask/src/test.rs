@@ -14,21 +14,14 @@ use crate::{
 };
 
 pub fn run(root: &Path, extra: &[String]) -> Result<()> {
-    if !shell::is_root() {
-        bail!(
-            "the end-to-end tests load eBPF programs and make network namespaces: \
-             run as root (sudo -E cargo xtask test)"
-        );
-    }
+    shell::require_root("test")?;
     setup::run()?;
     compile::agent(root, false)?;
     lint(root)?;
 
     let step = Step::start("test: unit and end-to-end tests");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root)
-        .env("MESH_EBPF_OBJECT", compile::ebpf_object(root))
-        .env("MESH_AGENT_BIN", compile::agent_binary(root, false))
+    let mut cmd = compile::host_cargo(root, root);
+    cmd.env("MESH_AGENT_BIN", compile::agent_binary(root, false))
         .args(["test", "--workspace", "--all-targets", "--"])
         .args(extra);
     let totals = run_counting(&mut cmd)?;
@@ -53,7 +46,7 @@ struct Totals {
 
 /// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
 fn run_counting(cmd: &mut Command) -> Result<Totals> {
-    eprintln!("    $ cargo test --workspace --all-targets");
+    eprintln!("    $ {}", shell::describe(cmd));
     let mut child = cmd.stdout(Stdio::piped()).spawn()?;
     let stdout = child.stdout.take().context("no stdout from cargo test")?;
     let mut totals = Totals::default();
@@ -84,10 +77,8 @@ fn lint(root: &Path) -> Result<()> {
     let step = Step::start("lint: rustfmt and clippy");
     let ebpf = root.join("mesh-ebpf");
     let cargo = |dir: &Path, args: &[&str]| {
-        let mut cmd = Command::new("cargo");
-        cmd.current_dir(dir)
-            .env("MESH_EBPF_OBJECT", compile::ebpf_object(root))
-            .args(args);
+        let mut cmd = compile::host_cargo(root, dir);
+        cmd.args(args);
         cmd
     };
     shell::run(&mut cargo(root, &["fmt", "--all", "--check"]))?;

@@ -1,6 +1,10 @@
 //! `mesh-agent run`: the agent's life from start to a clean exit.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use aya_log::EbpfLogger;
@@ -13,11 +17,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    balance::EndpointStates,
+    certificates::Certificates,
     config::Config,
-    datapath::{Datapath, Loaded},
-    outbound, reload,
-    routing::Routes,
+    datapath::{Datapath, Loaded, OUTBOUND_PORT},
+    identity::FileCa,
+    inbound::Inbound,
+    outbound::Outbound,
+    reload,
+    routing::{Routes, TUNNEL_PORT},
     system,
+    tunnel::Tunnels,
 };
 
 /// What `mesh-agent run` was told.
@@ -43,7 +53,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_bpffs()?;
     let cgroup_mount = system::cgroup2_mount()?;
     let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
-    let listener = outbound::bind()?;
+    let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
+    let inbound_listener = system::listen(TUNNEL_PORT, "inbound tunnel")?;
+    let certificates = Arc::new(Certificates::new(
+        Arc::new(load_ca(&config, &opts.config)?),
+        config.trust_domain.as_str(),
+        config.identity.certificate_ttl.0,
+    ));
+    let server_tls = certificates.server_config()?;
+    let states = Arc::new(EndpointStates::default());
+    let routes = Routes::new(&config, &states);
+    certificates.hold(&routes.identities())?;
 
     let node = config.node.name.as_str();
     let Loaded {
@@ -56,7 +76,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
     let served = async {
         state.sync(&config, &cgroup_mount)?;
-        let (routes, routes_rx) = watch::channel(Arc::new(Routes::new(&config)));
+        let (routes, routes_rx) = watch::channel(Arc::new(routes));
         let following = tokio::spawn(
             reload::Running {
                 file: opts.config.clone(),
@@ -64,26 +84,39 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 state,
                 cgroup_mount,
                 routes,
+                states,
+                certificates: certificates.clone(),
             }
             .follow(),
         );
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
-        let accepting = tokio::spawn(outbound::serve(
-            listener,
-            orig_dst,
-            routes_rx,
-            tracker.clone(),
-            stop.clone(),
-            abort.clone(),
-        ));
+        let outbound = Outbound {
+            routes: routes_rx.clone(),
+            tunnels: Arc::new(Tunnels::new(certificates)),
+            tracker: tracker.clone(),
+            stop: stop.clone(),
+            abort: abort.clone(),
+        };
+        let inbound = Inbound {
+            tls: server_tls,
+            routes: routes_rx,
+            tracker: tracker.clone(),
+            stop: stop.clone(),
+            abort: abort.clone(),
+        };
+        let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
+        let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
         info!(node, config = %opts.config.display(), "mesh agent ready");
 
         signals.wait().await;
         following.abort();
         stop.cancel();
         accepting.await.context("the outbound listener failed")?;
+        accepting_tunnels
+            .await
+            .context("the inbound tunnel listener failed")?;
         tracker.close();
         if !tracker.is_empty() {
             info!(
@@ -113,6 +146,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         datapath.unpin()?;
     }
     served
+}
+
+/// The file-based CA named by `config`; relative paths start at the config file's directory.
+fn load_ca(config: &Config, config_file: &Path) -> Result<FileCa> {
+    let base = config_file.parent().unwrap_or(Path::new("."));
+    let identity = &config.identity;
+    FileCa::load(
+        &base.join(&identity.ca_cert),
+        &base.join(&identity.ca_key),
+        identity.trust_bundle.as_ref().map(|b| base.join(b)).as_deref(),
+    )
+    .context("cannot load the CA named under identity in the config")
 }
 
 /// SIGTERM and SIGINT, caught.

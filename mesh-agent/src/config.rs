@@ -11,6 +11,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use ipnet::IpNet;
@@ -19,6 +20,8 @@ use serde::{
     Deserialize, Deserializer, Serialize,
     de::{self, Visitor},
 };
+
+use crate::balance::Strategy;
 
 /// A configuration that could not be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +45,12 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub node: Node,
+    /// The other nodes of the mesh: where their agents listen and which pods they run.
+    #[serde(default)]
+    pub peers: Vec<Node>,
     #[serde(default = "default_trust_domain")]
     pub trust_domain: Name,
-    /// Address ranges the mesh owns at every port (pod CIDRs of all nodes).
-    #[serde(default)]
-    pub pod_cidrs: Vec<IpNet>,
+    pub identity: Identity,
     /// Meshed workloads (pods) running on this node.
     #[serde(default)]
     pub workloads: Vec<Workload>,
@@ -67,6 +71,20 @@ impl Config {
             source,
         })?;
         Self::parse(file, &text)
+    }
+
+    /// Every pod CIDR of the mesh: this node's and its peers'.
+    pub fn pod_cidrs(&self) -> impl Iterator<Item = &IpNet> {
+        std::iter::once(&self.node)
+            .chain(&self.peers)
+            .flat_map(|n| &n.pod_cidrs)
+    }
+
+    /// The node called `name`: this one or a peer.
+    pub fn node_named(&self, name: &Name) -> Option<&Node> {
+        std::iter::once(&self.node)
+            .chain(&self.peers)
+            .find(|n| n.name == *name)
     }
 
     /// Validates `text`, naming `file` in errors.
@@ -97,32 +115,43 @@ impl Config {
     /// The checks that span fields or items; each failure names the path of the culprit.
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
         use Seg::{Index as I, Key as K};
-        let node = &self.node;
-        if node.addresses.is_empty() {
+        let nodes = std::iter::once((K("node"), None, &self.node))
+            .chain(self.peers.iter().enumerate().map(|(i, p)| (K("peers"), Some(I(i)), p)));
+        let mut names = HashSet::new();
+        for (key, index, node) in nodes {
+            let at = |rest: &[Seg]| [&[key][..], index.as_slice(), rest].concat();
+            if !names.insert(&node.name) {
+                return Err((at(&[K("name")]), format!("node {} is listed twice", node.name)));
+            }
+            if node.addresses.is_empty() {
+                return Err((at(&[K("addresses")]), "a node needs an address".into()));
+            }
+            for (i, a) in node.addresses.iter().enumerate() {
+                if a.is_unspecified() || a.is_multicast() {
+                    return Err((at(&[K("addresses"), I(i)]), format!("{a} cannot be a node address")));
+                }
+                if node.addresses[..i].iter().any(|b| b.is_ipv4() == a.is_ipv4()) {
+                    return Err((at(&[K("addresses"), I(i)]), "at most one IPv4 and one IPv6 address".into()));
+                }
+            }
+            for (i, cidr) in node.pod_cidrs.iter().enumerate() {
+                let node_addr = std::iter::once(&self.node)
+                    .chain(&self.peers)
+                    .flat_map(|n| &n.addresses)
+                    .find(|a| cidr.contains(*a));
+                if let Some(a) = node_addr {
+                    return Err((
+                        at(&[K("pod_cidrs"), I(i)]),
+                        format!("{cidr} contains the node address {a}, which must never be captured"),
+                    ));
+                }
+            }
+        }
+        if self.identity.certificate_ttl.0 < MIN_CERTIFICATE_TTL {
             return Err((
-                vec![K("node"), K("addresses")],
-                "the node needs an address".into(),
+                vec![K("identity"), K("certificate_ttl")],
+                format!("certificates must live at least {MIN_CERTIFICATE_TTL:?}"),
             ));
-        }
-        for (i, a) in node.addresses.iter().enumerate() {
-            let here = || vec![K("node"), K("addresses"), I(i)];
-            if a.is_unspecified() || a.is_multicast() {
-                return Err((here(), format!("{a} cannot be a node address")));
-            }
-            if node.addresses[..i]
-                .iter()
-                .any(|b| b.is_ipv4() == a.is_ipv4())
-            {
-                return Err((here(), "at most one IPv4 and one IPv6 address".into()));
-            }
-        }
-        for (i, cidr) in self.pod_cidrs.iter().enumerate() {
-            if let Some(a) = node.addresses.iter().find(|a| cidr.contains(*a)) {
-                return Err((
-                    vec![K("pod_cidrs"), I(i)],
-                    format!("{cidr} contains the node address {a}, which must never be captured"),
-                ));
-            }
         }
 
         let mut workloads = HashSet::new();
@@ -166,6 +195,14 @@ impl Config {
                     return Err((
                         at(&[K("ports"), I(j)]),
                         format!("port {} is listed twice", p.port),
+                    ));
+                }
+            }
+            for (k, e) in s.endpoints.iter().enumerate() {
+                if self.node_named(&e.node).is_none() {
+                    return Err((
+                        at(&[K("endpoints"), I(k), K("node")]),
+                        format!("node {} is neither this node nor one of its peers", e.node),
                     ));
                 }
             }
@@ -280,13 +317,17 @@ fn skip(events: &mut Events<'_>, first: &Event<'_>) -> Option<()> {
     Some(())
 }
 
-/// This node.
+/// A node of the mesh: this one or a peer.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     pub name: Name,
-    /// The node's addresses, at most one per family: where captured connects are sent.
+    /// The node's addresses, at most one per family: where captured connects are sent on this
+    /// node, where tunnels go on a peer (the first address).
     pub addresses: Vec<IpAddr>,
+    /// Addresses of the node's pods; the mesh owns them at every port.
+    #[serde(default)]
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl Node {
@@ -302,6 +343,69 @@ impl Node {
             IpAddr::V6(v6) => Some(*v6),
             IpAddr::V4(_) => None,
         })
+    }
+}
+
+/// Where this node's certificates come from.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    /// The CA certificate and key (PEM); a relative path starts at the config file's directory.
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// The CA certificates peers may chain to (PEM); the CA certificate if not given.
+    #[serde(default)]
+    pub trust_bundle: Option<PathBuf>,
+    /// How long a workload certificate lives, like `24h`, `30m` or `90s`; renewed at half-life.
+    #[serde(default = "default_certificate_ttl")]
+    pub certificate_ttl: Lifetime,
+}
+
+/// The shortest certificate lifetime accepted: renewal must not turn into a busy loop.
+const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(2);
+
+fn default_certificate_ttl() -> Lifetime {
+    Lifetime(Duration::from_secs(24 * 3600))
+}
+
+/// A length of time written as a number and a unit: `90s`, `30m`, `24h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime(pub Duration);
+
+impl FromStr for Lifetime {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let seconds = s.char_indices().last().and_then(|(i, unit)| {
+            let unit = match unit {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                _ => return None,
+            };
+            s[..i].parse::<u64>().ok()?.checked_mul(unit)
+        });
+        seconds
+            .map(|n| Lifetime(Duration::from_secs(n)))
+            .ok_or_else(|| format!("{s:?} is not a duration like 90s, 30m or 24h"))
+    }
+}
+
+impl fmt::Display for Lifetime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}s", self.0.as_secs())
+    }
+}
+
+impl Serialize for Lifetime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lifetime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParsedStr(PhantomData))
     }
 }
 
@@ -340,6 +444,8 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
     #[serde(default)]
     pub protocol: Protocol,
+    #[serde(default)]
+    pub load_balancing: Strategy,
 }
 
 impl ServicePort {
@@ -473,7 +579,9 @@ mod tests {
 node:
   name: node-1
   addresses: [198.18.0.1, \"2001:2::1\"]
-pod_cidrs: [198.18.1.0/24, \"2001:2:0:1::/64\"]
+  pod_cidrs: [198.18.1.0/24, \"2001:2:0:1::/64\"]
+peers: [{ name: node-2, addresses: [198.18.0.2], pod_cidrs: [198.18.2.0/24] }]
+identity: { ca_cert: ca.crt, ca_key: ca.key, certificate_ttl: 1h }
 workloads:
   - name: cart-0
     namespace: shop
@@ -499,11 +607,13 @@ services:
         assert_eq!(c.trust_domain.as_str(), "cluster.local");
         assert_eq!(c.node.ipv4(), Some("198.18.0.1".parse().unwrap()));
         assert_eq!(c.node.ipv6(), Some("2001:2::1".parse().unwrap()));
-        assert_eq!(c.pod_cidrs.len(), 2);
+        assert_eq!(c.pod_cidrs().count(), 3);
+        assert_eq!(c.identity.certificate_ttl, Lifetime(Duration::from_secs(3600)));
         assert_eq!(c.workloads[0].cgroup.to_string(), "/mesh-lab/node-1/cart-0");
         let port = c.services[0].ports[0];
         assert_eq!((port.port, port.target_port()), (80, 8080));
         assert_eq!(port.protocol, Protocol::Tcp);
+        assert_eq!(port.load_balancing, Strategy::LeastOutstanding);
         assert_eq!(c.services[0].endpoints[0].labels["version"], "v1");
     }
 
@@ -511,12 +621,12 @@ services:
     fn errors_name_file_line_and_field() {
         let bad_port = VALID.replace("port: 80,", "port: 80000,");
         let e = parse(&bad_port).unwrap_err();
-        assert!(e.starts_with("node.yaml:15:"), "{e}");
+        assert!(e.starts_with("node.yaml:17:"), "{e}");
         assert!(e.contains("services[0].ports[0].port"), "{e}");
 
         let unknown = VALID.replace("service_account: cart", "service_acount: cart");
         let e = parse(&unknown).unwrap_err();
-        assert!(e.starts_with("node.yaml:8:"), "{e}");
+        assert!(e.starts_with("node.yaml:10:"), "{e}");
         assert!(e.contains("unknown field `service_acount`"), "{e}");
 
         let bad_name = VALID.replace(
@@ -525,7 +635,7 @@ services:
         );
         let e = parse(&bad_name).unwrap_err();
         assert!(
-            e.starts_with("node.yaml:7:16: workloads[0].namespace: "),
+            e.starts_with("node.yaml:9:16: workloads[0].namespace: "),
             "{e}"
         );
         assert!(e.contains("\"Shop\" is not a valid name"), "{e}");
@@ -538,7 +648,7 @@ services:
         );
         assert_eq!(
             parse(&service_twice).unwrap_err(),
-            "node.yaml:19:17: services[1].addresses[0]: 198.19.0.10:80 belongs to another service too"
+            "node.yaml:21:17: services[1].addresses[0]: 198.19.0.10:80 belongs to another service too"
         );
 
         let cgroup_twice = VALID.replace(
@@ -547,7 +657,7 @@ services:
         );
         let e = parse(&cgroup_twice).unwrap_err();
         assert!(
-            e.starts_with("node.yaml:14:5: workloads[1].cgroup: "),
+            e.starts_with("node.yaml:16:5: workloads[1].cgroup: "),
             "{e}"
         );
     }
@@ -557,27 +667,47 @@ services:
         let cases = [
             (
                 VALID.replace("[198.18.1.0/24,", "[198.18.0.0/16,"),
-                "node.yaml:4:13: pod_cidrs[0]: 198.18.0.0/16 contains the node address",
+                "node.yaml:4:15: node.pod_cidrs[0]: 198.18.0.0/16 contains the node address",
             ),
             (
                 VALID.replace("ports: [{ port: 80, target_port: 8080 }]", "ports: []"),
-                "node.yaml:15:5: services[0].ports: a service needs a port",
+                "node.yaml:17:5: services[0].ports: a service needs a port",
             ),
             (
                 VALID.replace("port: 80,", "port: 0,"),
-                "node.yaml:15:13: services[0].ports[0]: port 0 is not a port",
+                "node.yaml:17:13: services[0].ports[0]: port 0 is not a port",
             ),
             (
                 VALID.replace("cgroup: /mesh-lab", "cgroup: mesh-lab"),
-                "node.yaml:10:13: workloads[0].cgroup: cgroup \"mesh-lab/node-1/cart-0\" must be",
+                "node.yaml:12:13: workloads[0].cgroup: cgroup \"mesh-lab/node-1/cart-0\" must be",
             ),
             (
                 VALID.replace("\"2001:2::1\"]", "198.18.0.2]"),
                 "node.yaml:3:27: node.addresses[1]: at most one IPv4",
             ),
             (
+                VALID.replace("node: node-1, labels", "node: node-3, labels"),
+                "node.yaml:18:40: services[0].endpoints[0].node: node node-3 is neither this node nor one of its peers",
+            ),
+            (
+                VALID.replace("name: node-2", "name: node-1"),
+                "node.yaml:5:11: peers[0].name: node node-1 is listed twice",
+            ),
+            (
+                VALID.replace("pod_cidrs: [198.18.2.0/24]", "pod_cidrs: [198.18.0.0/24]"),
+                "node.yaml:5:62: peers[0].pod_cidrs[0]: 198.18.0.0/24 contains the node address 198.18.0.1",
+            ),
+            (
+                VALID.replace("certificate_ttl: 1h", "certificate_ttl: 1s"),
+                "node.yaml:6:46: identity.certificate_ttl: certificates must live at least 2s",
+            ),
+            (
+                VALID.replace("certificate_ttl: 1h", "certificate_ttl: 1d"),
+                "node.yaml:6:63: identity.certificate_ttl: \"1d\" is not a duration like 90s, 30m or 24h",
+            ),
+            (
                 VALID.replace("[198.19.0.10]", "[198.19.0.300]"),
-                "node.yaml:14:17: services[0].addresses[0]: invalid IP address syntax",
+                "node.yaml:16:17: services[0].addresses[0]: invalid IP address syntax",
             ),
         ];
         for (text, expected) in cases {

@@ -250,8 +250,7 @@ impl StateMaps {
         sync_set(&mut self.owned_services, &services, "OWNED_SERVICES")?;
 
         let cidrs: HashSet<(u32, Addr)> = config
-            .pod_cidrs
-            .iter()
+            .pod_cidrs()
             .map(|net| match net {
                 ipnet::IpNet::V4(n) => (
                     96 + u32::from(n.prefix_len()),

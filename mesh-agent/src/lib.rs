@@ -2,9 +2,15 @@
 //! captured connections and forwards them.
 
 pub mod agent;
+pub mod balance;
+pub mod certificates;
 pub mod config;
 pub mod datapath;
+pub mod identity;
+pub mod inbound;
 pub mod outbound;
 pub mod reload;
 pub mod routing;
 pub mod system;
+pub mod tls;
+pub mod tunnel;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent::{self, RunOptions},
     datapath::{self, Datapath},
+    identity::FileCa,
     system,
 };
 use tracing::level_filters::LevelFilter;
@@ -52,6 +53,13 @@ enum Command {
         #[arg(long)]
         node: String,
     },
+    /// Make a new CA for the file-based identity source: DIR/ca.crt and DIR/ca.key.
+    CreateCa {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +105,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Unload { node } => {
             system::require_root()?;
             datapath::unpin(&datapath::pin_dir(&node))
+        }
+        Command::CreateCa { dir, trust_domain } => {
+            let files = FileCa::create(&dir, &trust_domain)?;
+            println!("{}\n{}", files.cert.display(), files.key.display());
+            Ok(())
         }
     }
 }

@@ -11,7 +11,10 @@ use std::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{config::Config, datapath::StateMaps, routing::Routes};
+use crate::{
+    balance::EndpointStates, certificates::Certificates, config::Config, datapath::StateMaps,
+    routing::Routes,
+};
 
 /// How often the file is looked at. Polling (rather than inotify) also follows a Kubernetes
 /// ConfigMap, whose files are swapped through symlinks.
@@ -25,6 +28,9 @@ pub struct Running {
     /// Where the workloads' cgroup paths start.
     pub cgroup_mount: PathBuf,
     pub routes: watch::Sender<Arc<Routes>>,
+    /// Endpoint load and health, kept across reloads.
+    pub states: Arc<EndpointStates>,
+    pub certificates: Arc<Certificates>,
 }
 
 impl Running {
@@ -53,18 +59,27 @@ impl Running {
         if new == self.config {
             return;
         }
-        if new.node.name != self.config.node.name {
+        let fixed = [
+            (new.node.name != self.config.node.name, "node.name (the pins are named after it)"),
+            (new.trust_domain != self.config.trust_domain, "trust_domain"),
+            (new.identity != self.config.identity, "identity"),
+        ];
+        if let Some((_, what)) = fixed.iter().find(|(changed, _)| *changed) {
             warn!(
-                running = %self.config.node.name,
-                "config change rejected, the running config stays: the node name cannot change \
-                 while the agent runs (its pins are named after it); restart the agent"
+                "config change rejected, the running config stays: {what} cannot change while \
+                 the agent runs; restart the agent"
             );
+            return;
+        }
+        let routes = Routes::new(&new, &self.states);
+        if let Err(e) = self.certificates.hold(&routes.identities()) {
+            warn!("config change rejected, the running config stays: {e:#}");
             return;
         }
         if let Err(e) = self.state.sync(&new, &self.cgroup_mount) {
             warn!("config change only partly applied to the eBPF maps: {e:#}");
         }
-        self.routes.send_replace(Arc::new(Routes::new(&new)));
+        self.routes.send_replace(Arc::new(routes));
         info!(
             workloads = new.workloads.len(),
             services = new.services.len(),

@@ -1,35 +1,73 @@
 //! Where a captured connection goes: a service address to one of its endpoints, a pod
-//! address as it is.
+//! address as it is; and whether the hop there is local or through a peer node's agent.
 
 use std::{
-    collections::HashMap,
-    net::SocketAddr,
-    sync::atomic::{AtomicUsize, Ordering},
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use ipnet::IpNet;
 
-use crate::config::Config;
+use crate::{
+    balance::{Balancer, EndpointStates, Lease},
+    config::{Config, Node},
+    identity::SpiffeId,
+};
+
+/// The port peer agents accept tunnels on.
+pub const TUNNEL_PORT: u16 = 15008;
 
 /// The routing table built from a [`Config`].
 pub struct Routes {
-    services: HashMap<SocketAddr, ServicePort>,
-    pod_cidrs: Vec<IpNet>,
+    services: HashMap<SocketAddr, Arc<ServicePort>>,
+    local_pods: Vec<IpNet>,
+    peer_pods: Vec<(IpNet, Hop)>,
+    /// Local workloads' identities by address: who is calling.
+    identities: HashMap<IpAddr, SpiffeId>,
 }
 
-/// One port of one service and the endpoints behind it.
-struct ServicePort {
-    service: String,
-    endpoints: Vec<SocketAddr>,
-    next: AtomicUsize,
-}
-
-/// Where to dial for one captured connection.
+/// How to reach a destination from this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// `namespace/name` of the service, or `None` for a connection straight to a pod.
-    pub service: Option<String>,
-    pub target: SocketAddr,
+pub enum Hop {
+    /// Dial it directly: it runs on this node.
+    Local,
+    /// Through the agent of the node it runs on, at this tunnel address.
+    Tunnel { node: String, agent: SocketAddr },
+}
+
+/// One port of one service: its endpoints and how to reach each.
+pub struct ServicePort {
+    pub service: String,
+    balancer: Balancer,
+    hops: HashMap<SocketAddr, Hop>,
+    /// The endpoints' port.
+    target_port: u16,
+}
+
+impl ServicePort {
+    /// An endpoint not in `tried` and the hop to it.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Option<(Lease, Hop)> {
+        let lease = self.balancer.pick(tried)?;
+        let hop = self.hops.get(&lease.endpoint().addr)?.clone();
+        Some((lease, hop))
+    }
+
+    pub fn endpoints(&self) -> usize {
+        self.balancer.len()
+    }
+
+    pub fn target_port(&self) -> u16 {
+        self.target_port
+    }
+}
+
+/// Where a captured connection may go.
+pub enum Route {
+    /// To one of a service port's endpoints.
+    Service(Arc<ServicePort>),
+    /// Straight to a pod, as dialled.
+    Pod { target: SocketAddr, hop: Hop },
 }
 
 /// Why a captured connection has nowhere to go.
@@ -42,53 +80,101 @@ pub enum NoRoute {
 }
 
 impl Routes {
-    pub fn new(config: &Config) -> Self {
+    /// The table of `config`; endpoints keep their load and health from `states`.
+    pub fn new(config: &Config, states: &EndpointStates) -> Self {
+        let hop_to = |node: &Node| {
+            if node.name == config.node.name {
+                Hop::Local
+            } else {
+                Hop::Tunnel {
+                    node: node.name.to_string(),
+                    agent: SocketAddr::new(node.addresses[0], TUNNEL_PORT),
+                }
+            }
+        };
         let mut services = HashMap::new();
         for s in &config.services {
             for port in &s.ports {
-                let endpoints: Vec<SocketAddr> = s
-                    .endpoints
-                    .iter()
-                    .map(|e| SocketAddr::new(e.address, port.target_port()))
-                    .collect();
+                let mut hops = HashMap::new();
+                let mut endpoints = Vec::new();
+                for e in &s.endpoints {
+                    let addr = SocketAddr::new(e.address, port.target_port());
+                    if let Some(node) = config.node_named(&e.node) {
+                        hops.insert(addr, hop_to(node));
+                        endpoints.push(states.get(addr));
+                    }
+                }
+                let service_port = Arc::new(ServicePort {
+                    service: format!("{}/{}", s.namespace, s.name),
+                    balancer: Balancer::new(port.load_balancing, endpoints),
+                    hops,
+                    target_port: port.target_port(),
+                });
                 for addr in &s.addresses {
-                    services.insert(
-                        SocketAddr::new(*addr, port.port),
-                        ServicePort {
-                            service: format!("{}/{}", s.namespace, s.name),
-                            endpoints: endpoints.clone(),
-                            next: AtomicUsize::new(0),
-                        },
-                    );
+                    services.insert(SocketAddr::new(*addr, port.port), service_port.clone());
                 }
             }
         }
+        let identities = config
+            .workloads
+            .iter()
+            .flat_map(|w| {
+                let id = SpiffeId::workload(
+                    config.trust_domain.as_str(),
+                    w.namespace.as_str(),
+                    w.service_account.as_str(),
+                );
+                w.addresses.iter().map(move |a| (*a, id.clone()))
+            })
+            .collect();
         Self {
             services,
-            pod_cidrs: config.pod_cidrs.clone(),
+            local_pods: config.node.pod_cidrs.clone(),
+            peer_pods: config
+                .peers
+                .iter()
+                .flat_map(|p| p.pod_cidrs.iter().map(move |c| (*c, hop_to(p))))
+                .collect(),
+            identities,
         }
     }
 
-    /// The target for a connection whose original destination was `dst`. Endpoints of a
-    /// service take turns.
+    /// Where a connection whose original destination was `dst` may go.
     pub fn route(&self, dst: SocketAddr) -> Result<Route, NoRoute> {
         if let Some(port) = self.services.get(&dst) {
-            if port.endpoints.is_empty() {
+            if port.endpoints() == 0 {
                 return Err(NoRoute::NoEndpoints(port.service.clone()));
             }
-            let turn = port.next.fetch_add(1, Ordering::Relaxed) % port.endpoints.len();
-            return Ok(Route {
-                service: Some(port.service.clone()),
-                target: port.endpoints[turn],
-            });
+            return Ok(Route::Service(port.clone()));
         }
-        if self.pod_cidrs.iter().any(|net| net.contains(&dst.ip())) {
-            return Ok(Route {
-                service: None,
+        if self.is_local_pod(dst.ip()) {
+            return Ok(Route::Pod {
                 target: dst,
+                hop: Hop::Local,
             });
         }
-        Err(NoRoute::NotOwned(dst))
+        match self.peer_pods.iter().find(|(net, _)| net.contains(&dst.ip())) {
+            Some((_, hop)) => Ok(Route::Pod {
+                target: dst,
+                hop: hop.clone(),
+            }),
+            None => Err(NoRoute::NotOwned(dst)),
+        }
+    }
+
+    /// Whether `addr` is a pod of this node (the only addresses inbound tunnels may reach).
+    pub fn is_local_pod(&self, addr: IpAddr) -> bool {
+        self.local_pods.iter().any(|net| net.contains(&addr))
+    }
+
+    /// The identity of the local workload at `addr`.
+    pub fn identity_of(&self, addr: IpAddr) -> Option<&SpiffeId> {
+        self.identities.get(&addr)
+    }
+
+    /// Every local workload identity.
+    pub fn identities(&self) -> BTreeSet<SpiffeId> {
+        self.identities.values().cloned().collect()
     }
 }
 
@@ -102,14 +188,17 @@ mod tests {
         let config = Config::parse(
             Path::new("t.yaml"),
             "\
-node: { name: n1, addresses: [198.18.0.1] }
-pod_cidrs: [198.18.1.0/24]
+node: { name: n1, addresses: [198.18.0.1], pod_cidrs: [198.18.1.0/24] }
+peers: [{ name: n2, addresses: [198.18.0.2], pod_cidrs: [198.18.2.0/24] }]
+identity: { ca_cert: ca.crt, ca_key: ca.key }
+workloads:
+  - { name: web-0, namespace: shop, service_account: web, addresses: [198.18.1.9], cgroup: /w }
 services:
   - name: cart
     namespace: shop
     addresses: [198.19.0.10, \"2001:2:ff::10\"]
-    ports: [{ port: 80, target_port: 8080 }, { port: 81 }]
-    endpoints: [{ address: 198.18.1.2, node: n1 }, { address: 198.18.1.3, node: n1 }]
+    ports: [{ port: 80, target_port: 8080, load_balancing: round_robin }, { port: 81 }]
+    endpoints: [{ address: 198.18.1.2, node: n1 }, { address: 198.18.2.3, node: n2 }]
   - name: empty
     namespace: shop
     addresses: [198.19.0.11]
@@ -117,43 +206,70 @@ services:
 ",
         )
         .unwrap();
-        Routes::new(&config)
+        Routes::new(&config, &EndpointStates::default())
+    }
+
+    fn service(r: &Routes, dst: &str) -> Arc<ServicePort> {
+        match r.route(dst.parse().unwrap()) {
+            Ok(Route::Service(port)) => port,
+            _ => panic!("{dst} is not a service"),
+        }
     }
 
     #[test]
-    fn service_ports_map_to_target_ports_in_turn() {
+    fn service_ports_reach_local_and_remote_endpoints() {
         let r = routes();
-        let vip: SocketAddr = "198.19.0.10:80".parse().unwrap();
-        let targets: Vec<_> = (0..4).map(|_| r.route(vip).unwrap().target).collect();
-        let a: SocketAddr = "198.18.1.2:8080".parse().unwrap();
-        let b: SocketAddr = "198.18.1.3:8080".parse().unwrap();
-        assert_eq!(targets, vec![a, b, a, b]);
-        let v6 = r.route("[2001:2:ff::10]:81".parse().unwrap()).unwrap();
-        assert_eq!(v6.service.as_deref(), Some("shop/cart"));
-        assert_eq!(v6.target.port(), 81);
+        let port = service(&r, "198.19.0.10:80");
+        assert_eq!(port.service, "shop/cart");
+        let picks: Vec<(SocketAddr, Hop)> = (0..2)
+            .map(|_| {
+                let (lease, hop) = port.pick(&[]).unwrap();
+                (lease.endpoint().addr, hop)
+            })
+            .collect();
+        let tunnel = Hop::Tunnel {
+            node: "n2".into(),
+            agent: "198.18.0.2:15008".parse().unwrap(),
+        };
+        assert_eq!(
+            picks,
+            vec![
+                ("198.18.1.2:8080".parse().unwrap(), Hop::Local),
+                ("198.18.2.3:8080".parse().unwrap(), tunnel)
+            ]
+        );
+        assert_eq!(service(&r, "[2001:2:ff::10]:81").target_port(), 81);
     }
 
     #[test]
     fn pod_addresses_route_as_they_are() {
-        let dst: SocketAddr = "198.18.1.7:9000".parse().unwrap();
-        let route = routes().route(dst).unwrap();
-        assert_eq!(
-            route,
-            Route {
-                service: None,
-                target: dst
-            }
-        );
+        let r = routes();
+        let Ok(Route::Pod { target, hop }) = r.route("198.18.2.7:9000".parse().unwrap()) else {
+            panic!("not a pod route");
+        };
+        assert_eq!(target, "198.18.2.7:9000".parse().unwrap());
+        assert!(matches!(hop, Hop::Tunnel { node, .. } if node == "n2"));
+        assert!(r.is_local_pod("198.18.1.7".parse().unwrap()));
+        assert!(!r.is_local_pod("198.18.2.7".parse().unwrap()));
+    }
+
+    #[test]
+    fn callers_are_known_by_address() {
+        let r = routes();
+        let web = SpiffeId::workload("cluster.local", "shop", "web");
+        assert_eq!(r.identity_of("198.18.1.9".parse().unwrap()), Some(&web));
+        assert_eq!(r.identity_of("198.18.1.2".parse().unwrap()), None);
+        assert_eq!(r.identities().into_iter().collect::<Vec<_>>(), vec![web]);
     }
 
     #[test]
     fn unroutable_destinations_say_why() {
         let r = routes();
         assert_eq!(
-            r.route("198.19.0.11:80".parse().unwrap()),
-            Err(NoRoute::NoEndpoints("shop/empty".into()))
+            r.route("198.19.0.11:80".parse().unwrap()).err(),
+            Some(NoRoute::NoEndpoints("shop/empty".into()))
         );
         let stray: SocketAddr = "198.19.0.10:8080".parse().unwrap();
-        assert_eq!(r.route(stray), Err(NoRoute::NotOwned(stray)));
+        assert_eq!(r.route(stray).err(), Some(NoRoute::NotOwned(stray)));
     }
 }

@@ -1,11 +1,33 @@
 //! What the agent needs from the host, checked up front with errors that say what to do.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io,
+    net::{Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
 
 /// Where bpffs is expected; the agent pins under `BPFFS/mesh/<node>`.
 pub const BPFFS: &str = "/sys/fs/bpf";
+
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Listens on `port` on every address of both families; `what` names the port in errors.
+pub fn listen(port: u16, what: &str) -> io::Result<TcpListener> {
+    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_only_v6(false)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot listen on the {what} port {port}: {e}"))
+    })?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
 
 /// Fails unless the agent runs as root (it loads eBPF programs and attaches them to cgroups).
 pub fn require_root() -> Result<()> {

@@ -1,0 +1,143 @@
+//! The certificates this agent holds: one per local workload identity plus its own, each
+//! renewed at half its lifetime (with jitter, so a node's renewals do not bunch up) and
+//! swapped in without touching established connections.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, PoisonError, Weak},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, Result};
+use rustls::{ClientConfig, ServerConfig};
+use tracing::{info, warn};
+
+use crate::{
+    identity::{CertificateAuthority, SpiffeId},
+    tls::{self, CertSlot},
+};
+
+/// Renewal happens at half the lifetime, give or take this share of it.
+const JITTER: f64 = 0.1;
+/// The longest wait before another try when the CA fails.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Issues, renews and hands out the certificates of this node's identities.
+pub struct Certificates {
+    ca: Arc<dyn CertificateAuthority>,
+    trust_domain: String,
+    ttl: Duration,
+    /// Tunnel client configurations by identity; each keeps its certificate slot alive
+    /// (renewal holds only a weak reference).
+    held: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+}
+
+impl Certificates {
+    pub fn new(ca: Arc<dyn CertificateAuthority>, trust_domain: &str, ttl: Duration) -> Self {
+        Self {
+            ca,
+            trust_domain: trust_domain.to_owned(),
+            ttl,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The inbound tunnel's server configuration, presenting the agent identity (issued now
+    /// and renewed from here on).
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
+        let id = SpiffeId::agent(&self.trust_domain);
+        let slot = Arc::new(self.issue_slot(&id)?);
+        tokio::spawn(renew(
+            self.ca.clone(),
+            id,
+            Arc::downgrade(&slot),
+            self.ttl,
+        ));
+        tls::server_config(self.ca.trust_bundle(), &self.trust_domain, slot)
+    }
+
+    /// Holds certificates for exactly `ids`: new ones are issued now, ones no longer wanted are
+    /// dropped (their renewal stops). If an issue fails, nothing changes.
+    pub fn hold(&self, ids: &BTreeSet<SpiffeId>) -> Result<()> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut issued = Vec::new();
+        for id in ids.iter().filter(|id| !held.contains_key(*id)) {
+            let slot = Arc::new(self.issue_slot(id)?);
+            let client =
+                tls::client_config(self.ca.trust_bundle(), &self.trust_domain, slot.clone())?;
+            issued.push((id.clone(), client, slot));
+        }
+        held.retain(|id, _| ids.contains(id));
+        for (id, client, slot) in issued {
+            tokio::spawn(renew(
+                self.ca.clone(),
+                id.clone(),
+                Arc::downgrade(&slot),
+                self.ttl,
+            ));
+            held.insert(id, client);
+        }
+        Ok(())
+    }
+
+    /// The tunnel client configuration presenting `id`'s certificate, if it is held.
+    pub fn client_config(&self, id: &SpiffeId) -> Option<Arc<ClientConfig>> {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.get(id).cloned()
+    }
+
+    fn issue_slot(&self, id: &SpiffeId) -> Result<CertSlot> {
+        let issued = self
+            .ca
+            .issue(id, self.ttl)
+            .with_context(|| format!("cannot get a certificate for {id}"))?;
+        info!(%id, valid_for = ?self.ttl, "certificate issued");
+        CertSlot::new(issued)
+    }
+}
+
+/// Renews `slot`'s certificate at half-life until the slot is dropped.
+async fn renew(ca: Arc<dyn CertificateAuthority>, id: SpiffeId, slot: Weak<CertSlot>, ttl: Duration) {
+    let mut wait = half_life_with_jitter(ttl);
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(slot) = slot.upgrade() else { return };
+        let renewed = ca.issue(&id, ttl).and_then(|issued| {
+            let not_after = issued.not_after;
+            slot.replace(issued).map(|()| not_after)
+        });
+        wait = match renewed {
+            Ok(not_after) => {
+                let left = not_after
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                info!(%id, valid_for = ?left, "certificate renewed");
+                half_life_with_jitter(ttl)
+            }
+            Err(e) => {
+                let retry = (ttl / 20).min(MAX_RETRY);
+                warn!(%id, ?retry, "certificate renewal failed, the current one stays: {e:#}");
+                retry
+            }
+        };
+    }
+}
+
+fn half_life_with_jitter(ttl: Duration) -> Duration {
+    let spread = 1.0 + JITTER * (2.0 * fastrand::f64() - 1.0);
+    (ttl / 2).mul_f64(spread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_near_half_life() {
+        let ttl = Duration::from_secs(100);
+        for _ in 0..1000 {
+            let wait = half_life_with_jitter(ttl);
+            assert!((45.0..=55.0).contains(&wait.as_secs_f64()), "{wait:?}");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The inbound tunnel on port 15008: peer agents connect with mutual TLS 1.3 and open one
+//! HTTP/2 CONNECT stream per proxied connection to a pod of this node.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::{body::Incoming, server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use tokio::{
+    io::copy_bidirectional_with_sizes,
+    net::{TcpListener, TcpStream},
+    sync::watch,
+    time::timeout,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{
+    identity::SpiffeId,
+    outbound::{CONNECT_TIMEOUT, COPY_BUFFER},
+    routing::Routes,
+    tls, tunnel,
+};
+
+/// How long a peer may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every inbound connection needs.
+#[derive(Clone)]
+pub struct Inbound {
+    pub tls: Arc<ServerConfig>,
+    pub routes: watch::Receiver<Arc<Routes>>,
+    pub tracker: TaskTracker,
+    /// Cancelled to stop accepting: open tunnels are told to finish (HTTP/2 GOAWAY).
+    pub stop: CancellationToken,
+    /// Cancelled to close everything at once.
+    pub abort: CancellationToken,
+}
+
+impl Inbound {
+    /// Accepts peer agents until `stop` is cancelled.
+    pub async fn serve(self, listener: TcpListener) {
+        let acceptor = TlsAcceptor::from(self.tls.clone());
+        loop {
+            let accepted = tokio::select! {
+                () = self.stop.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!("inbound accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let span = info_span!("tunnel", %peer);
+            self.tracker.spawn(
+                self.clone()
+                    .serve_peer(acceptor.clone(), tcp)
+                    .instrument(span),
+            );
+        }
+    }
+
+    async fn serve_peer(self, acceptor: TlsAcceptor, tcp: TcpStream) {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!("cannot set TCP_NODELAY: {e}");
+        }
+        let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                warn!("tunnel peer refused: {e}");
+                return;
+            }
+            Err(_) => {
+                warn!("tunnel peer refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        // The verifier accepted only certificates with a SPIFFE ID.
+        let Some(caller) = tls::peer_id(tls.get_ref().1.peer_certificates()) else {
+            warn!("tunnel peer refused: no SPIFFE ID after the handshake");
+            return;
+        };
+        debug!(%caller, "tunnel peer accepted");
+        let service = {
+            let this = self.clone();
+            service_fn(move |request| this.clone().connect(request, caller.clone()))
+        };
+        let connection = http2::Builder::new(TokioExecutor::new())
+            .max_concurrent_streams(tunnel::MAX_STREAMS_PER_CONNECTION)
+            .initial_stream_window_size(tunnel::STREAM_WINDOW)
+            .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+            .max_frame_size(tunnel::MAX_FRAME)
+            .max_send_buf_size(tunnel::SEND_BUFFER)
+            .serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            () = self.stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                tokio::select! {
+                    served = connection.as_mut() => served,
+                    () = self.abort.cancelled() => return,
+                }
+            }
+        };
+        if let Err(e) = served {
+            debug!("tunnel connection ended: {e}");
+        }
+    }
+
+    /// One CONNECT stream: dial the pod named by the authority, then copy both ways.
+    async fn connect(
+        self,
+        request: Request<Incoming>,
+        caller: SpiffeId,
+    ) -> Result<Response<Empty<Bytes>>, Infallible> {
+        let status = |code| {
+            let mut response = Response::new(Empty::new());
+            *response.status_mut() = code;
+            Ok(response)
+        };
+        if request.method() != Method::CONNECT {
+            return status(StatusCode::METHOD_NOT_ALLOWED);
+        }
+        let Some(target) = request
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
+        else {
+            warn!(%caller, uri = %request.uri(), "tunnel stream refused: the authority is not ip:port");
+            return status(StatusCode::BAD_REQUEST);
+        };
+        if !self.routes.borrow().is_local_pod(target.ip()) {
+            warn!(%caller, %target, "tunnel stream refused: not a pod of this node");
+            return status(StatusCode::FORBIDDEN);
+        }
+        let mut pod = match timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+            Ok(Ok(pod)) => pod,
+            Ok(Err(e)) => {
+                debug!(%caller, %target, "cannot reach the pod: {e}");
+                return status(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            Err(_) => {
+                debug!(%caller, %target, "cannot reach the pod: no answer within {CONNECT_TIMEOUT:?}");
+                return status(StatusCode::GATEWAY_TIMEOUT);
+            }
+        };
+        if let Err(e) = pod.set_nodelay(true) {
+            debug!("cannot set TCP_NODELAY: {e}");
+        }
+        let abort = self.abort.clone();
+        let span = info_span!("inbound", %caller, %target);
+        self.tracker.spawn(
+            async move {
+                let mut tunnel = match hyper::upgrade::on(request).await {
+                    Ok(upgraded) => TokioIo::new(upgraded),
+                    Err(e) => {
+                        debug!("the tunnel stream went away before it was used: {e}");
+                        return;
+                    }
+                };
+                let copied = tokio::select! {
+                    copied = copy_bidirectional_with_sizes(&mut tunnel, &mut pod, COPY_BUFFER, COPY_BUFFER) => copied,
+                    () = abort.cancelled() => return,
+                };
+                match copied {
+                    Ok((received, sent)) => debug!(received, sent, "tunnel stream finished"),
+                    Err(e) => debug!("tunnel stream ended with an error: {e}"),
+                }
+            }
+            .instrument(span),
+        );
+        status(StatusCode::OK)
+    }
+}

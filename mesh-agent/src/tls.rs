@@ -1,0 +1,271 @@
+//! TLS 1.3 between agents: rustls configurations whose certificates can be swapped while
+//! running, and verifiers that check the chain against the trust bundle and the peer's SPIFFE
+//! ID instead of a host name.
+
+use std::sync::{Arc, PoisonError, RwLock};
+
+use anyhow::{Context, Result};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error,
+    RootCertStore, ServerConfig, SignatureScheme,
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms, verify_tls13_signature},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+
+use crate::identity::{Issued, SpiffeId};
+
+/// The one application protocol spoken on the tunnel.
+const ALPN_H2: &[u8] = b"h2";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The current certificate and key of one identity; renewal swaps them and the next
+/// handshake uses the new ones, while established connections go on untouched.
+#[derive(Debug)]
+pub struct CertSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertSlot {
+    pub fn new(issued: Issued) -> Result<Self> {
+        Ok(Self {
+            current: RwLock::new(certified_key(issued)?),
+        })
+    }
+
+    /// Puts a newly issued certificate in place.
+    pub fn replace(&self, issued: Issued) -> Result<()> {
+        let key = certified_key(issued)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
+        Ok(())
+    }
+
+    fn get(&self) -> Arc<CertifiedKey> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+fn certified_key(issued: Issued) -> Result<Arc<CertifiedKey>> {
+    let key = provider()
+        .key_provider
+        .load_private_key(issued.key)
+        .context("the issued private key is unusable")?;
+    Ok(Arc::new(CertifiedKey::new(issued.chain, key)))
+}
+
+impl ResolvesClientCert for CertSlot {
+    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}
+
+fn roots(bundle: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>> {
+    let mut roots = RootCertStore::empty();
+    for cert in bundle {
+        roots
+            .add(cert.clone())
+            .context("a trust bundle certificate is not a usable trust anchor")?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// The client side of a tunnel: presents `slot`'s certificate (the source workload's) and
+/// accepts only a peer agent of `trust_domain` whose chain leads to `bundle`.
+pub fn client_config(
+    bundle: &[CertificateDer<'static>],
+    trust_domain: &str,
+    slot: Arc<CertSlot>,
+) -> Result<Arc<ClientConfig>> {
+    let provider = provider();
+    let verifier = Arc::new(PeerAgentVerifier {
+        roots: roots(bundle)?,
+        expected: SpiffeId::agent(trust_domain),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(slot);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The server side of a tunnel: presents the agent's certificate and requires a client
+/// certificate with a SPIFFE ID of `trust_domain` whose chain leads to `bundle`.
+pub fn server_config(
+    bundle: &[CertificateDer<'static>],
+    trust_domain: &str,
+    slot: Arc<CertSlot>,
+) -> Result<Arc<ServerConfig>> {
+    let provider = provider();
+    let webpki = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider.clone())
+        .build()
+        .context("cannot build the client certificate verifier")?;
+    let verifier = Arc::new(WorkloadVerifier {
+        webpki,
+        trust_domain: trust_domain.to_owned(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(slot);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The SPIFFE ID of a verified peer's certificate.
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    SpiffeId::from_certificate(certs?.first()?).ok()
+}
+
+fn identity_error(reason: impl Into<String>) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        IdentityRejected(reason.into()),
+    ))))
+}
+
+/// A certificate that chains correctly but names the wrong identity.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct IdentityRejected(String);
+
+/// Accepts a server whose chain leads to the trust bundle and whose SPIFFE ID is `expected`
+/// (the node agents' identity); the server name is not used.
+#[derive(Debug)]
+struct PeerAgentVerifier {
+    roots: Arc<RootCertStore>,
+    expected: SpiffeId,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for PeerAgentVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
+        let id = SpiffeId::from_certificate(end_entity).map_err(identity_error)?;
+        if id != self.expected {
+            return Err(identity_error(format!(
+                "the peer is {id}, not a node agent ({})",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// webpki's client verification (chain, validity, client-auth usage), then a SPIFFE ID of
+/// the trust domain.
+#[derive(Debug)]
+struct WorkloadVerifier {
+    webpki: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for WorkloadVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.webpki.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.webpki
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = SpiffeId::from_certificate(end_entity).map_err(identity_error)?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(identity_error(format!(
+                "{id} is not of the trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}

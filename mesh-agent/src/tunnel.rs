@@ -1,0 +1,230 @@
+//! The client side of the tunnel to peer agents: TLS 1.3 with the source workload's
+//! certificate, HTTP/2, one CONNECT stream per proxied connection. TLS connections are pooled
+//! per (source identity, peer agent); another is opened when all of them carry their fill of
+//! streams.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::{client::conn::http2, upgrade::Upgraded};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::TlsConnector;
+use tracing::debug;
+
+use crate::{certificates::Certificates, identity::SpiffeId};
+
+/// Streams one TLS connection carries at most; the inbound side advertises the same limit.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// HTTP/2 flow-control windows: large enough that a bulk transfer over a fast link is not
+/// stalled waiting for window updates, small enough that a stalled reader holds little memory.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+/// The largest HTTP/2 frame accepted: fewer frames for bulk data.
+pub const MAX_FRAME: u32 = 256 << 10;
+/// Data an HTTP/2 stream buffers for sending before its writer waits.
+pub const SEND_BUFFER: usize = 1 << 20;
+
+/// Why a tunnel stream could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("no certificate is held for {0}")]
+    NoCertificate(SpiffeId),
+    #[error("cannot reach the peer agent at {agent}: {source}")]
+    Connect { agent: SocketAddr, source: io::Error },
+    #[error("TLS with the peer agent at {agent} failed: {source}")]
+    Tls { agent: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with the peer agent at {agent} failed: {source}")]
+    Http {
+        agent: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("the peer agent at {agent} answered {status} for {target}")]
+    Refused {
+        agent: SocketAddr,
+        target: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+type Sender = http2::SendRequest<Empty<Bytes>>;
+
+/// One pooled TLS connection and the streams it carries now.
+struct Pooled {
+    sender: Sender,
+    streams: Arc<AtomicUsize>,
+}
+
+type Pool = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
+
+/// Pooled tunnel connections to peer agents.
+pub struct Tunnels {
+    certificates: Arc<Certificates>,
+    pools: Mutex<HashMap<(SpiffeId, SocketAddr), Pool>>,
+}
+
+impl Tunnels {
+    pub fn new(certificates: Arc<Certificates>) -> Self {
+        Self {
+            certificates,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A byte stream to `target` through the agent at `agent`, authenticated as `source`.
+    pub async fn open(
+        &self,
+        source: &SpiffeId,
+        agent: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<TunnelStream, TunnelError> {
+        let (mut sender, stream) = self.stream_slot(source, agent).await?;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::new())
+            .map_err(|e| TunnelError::Connect {
+                agent,
+                source: io::Error::other(e),
+            })?;
+        let http = |source| TunnelError::Http { agent, source };
+        let response = sender.send_request(request).await.map_err(http)?;
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Refused {
+                agent,
+                target,
+                status: response.status(),
+            });
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(http)?;
+        Ok(TunnelStream {
+            io: TokioIo::new(upgraded),
+            _stream: stream,
+        })
+    }
+
+    /// A connection of the pool with room for one more stream, and that stream's place.
+    async fn stream_slot(
+        &self,
+        source: &SpiffeId,
+        agent: SocketAddr,
+    ) -> Result<(Sender, StreamGuard), TunnelError> {
+        let pool = self
+            .pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry((source.clone(), agent))
+            .or_default()
+            .clone();
+        let mut conns = pool.lock().await;
+        conns.retain(|c| !c.sender.is_closed());
+        let limit = MAX_STREAMS_PER_CONNECTION as usize;
+        let free = conns
+            .iter()
+            .find(|c| c.streams.load(Ordering::Relaxed) < limit);
+        let conn = match free {
+            Some(conn) => conn,
+            None => {
+                let config = self
+                    .certificates
+                    .client_config(source)
+                    .ok_or_else(|| TunnelError::NoCertificate(source.clone()))?;
+                let sender = dial(config, agent).await?;
+                debug!(%source, %agent, pooled = conns.len() + 1, "tunnel connection opened");
+                conns.push(Pooled {
+                    sender,
+                    streams: Arc::new(AtomicUsize::new(0)),
+                });
+                &conns[conns.len() - 1]
+            }
+        };
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        Ok((conn.sender.clone(), StreamGuard(conn.streams.clone())))
+    }
+}
+
+async fn dial(config: Arc<rustls::ClientConfig>, agent: SocketAddr) -> Result<Sender, TunnelError> {
+    let tcp = TcpStream::connect(agent)
+        .await
+        .map_err(|source| TunnelError::Connect { agent, source })?;
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!("cannot set TCP_NODELAY: {e}");
+    }
+    let tls = TlsConnector::from(config)
+        .connect(ServerName::IpAddress(agent.ip().into()), tcp)
+        .await
+        .map_err(|source| TunnelError::Tls { agent, source })?;
+    let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buf_size(SEND_BUFFER)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|source| TunnelError::Http { agent, source })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(%agent, "tunnel connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// Holds a stream's place in its connection until dropped.
+struct StreamGuard(Arc<AtomicUsize>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One proxied connection's stream through a peer agent.
+pub struct TunnelStream {
+    io: TokioIo<Upgraded>,
+    _stream: StreamGuard,
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

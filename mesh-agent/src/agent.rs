@@ -155,7 +155,11 @@ fn load_ca(config: &Config, config_file: &Path) -> Result<FileCa> {
     FileCa::load(
         &base.join(&identity.ca_cert),
         &base.join(&identity.ca_key),
-        identity.trust_bundle.as_ref().map(|b| base.join(b)).as_deref(),
+        identity
+            .trust_bundle
+            .as_ref()
+            .map(|b| base.join(b))
+            .as_deref(),
     )
     .context("cannot load the CA named under identity in the config")
 }

@@ -161,8 +161,11 @@ impl Balancer {
             .iter()
             .filter(|e| !tried.contains(&e.addr))
             .collect();
-        let healthy: Vec<&Arc<EndpointState>> =
-            untried.iter().copied().filter(|e| !e.ejected(now)).collect();
+        let healthy: Vec<&Arc<EndpointState>> = untried
+            .iter()
+            .copied()
+            .filter(|e| !e.ejected(now))
+            .collect();
         let candidates = if healthy.is_empty() { untried } else { healthy };
         let chosen = match (self.strategy, candidates.len()) {
             (_, 0) => return None,
@@ -172,7 +175,11 @@ impl Balancer {
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
                 let (a, b) = (candidates[a], candidates[b]);
-                if b.outstanding() < a.outstanding() { b } else { a }
+                if b.outstanding() < a.outstanding() {
+                    b
+                } else {
+                    a
+                }
             }
         };
         chosen.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +202,9 @@ mod tests {
     #[test]
     fn round_robin_takes_turns() {
         let (_states, b) = balancer(Strategy::RoundRobin, 3);
-        let ports: Vec<u16> = (0..6).map(|_| b.pick(&[]).unwrap().endpoint().addr.port()).collect();
+        let ports: Vec<u16> = (0..6)
+            .map(|_| b.pick(&[]).unwrap().endpoint().addr.port())
+            .collect();
         assert_eq!(ports, [1, 2, 3, 1, 2, 3]);
     }
 
@@ -206,7 +215,10 @@ mod tests {
         let leases: Vec<Lease> = (0..400).map(|_| b.pick(&[]).unwrap()).collect();
         let counts: Vec<usize> = b.endpoints.iter().map(|e| e.outstanding()).collect();
         assert_eq!(counts.iter().sum::<usize>(), 400);
-        assert!(counts.iter().all(|&c| (95..=105).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (95..=105).contains(&c)),
+            "{counts:?}"
+        );
         drop(leases);
         assert!(b.endpoints.iter().all(|e| e.outstanding() == 0));
     }
@@ -240,7 +252,10 @@ mod tests {
             bad.failed();
         }
         let second_until = bad.health().ejected_until.unwrap();
-        assert!(second_until - first_until >= BASE_EJECTION, "the second ejection is longer");
+        assert!(
+            second_until - first_until >= BASE_EJECTION,
+            "the second ejection is longer"
+        );
 
         bad.succeeded();
         assert!(!bad.ejected(Instant::now()));
@@ -255,6 +270,10 @@ mod tests {
         a.failed();
         assert!(Arc::ptr_eq(&a, &states.get(addr)));
         drop(a);
-        assert_eq!(states.get(addr).health().failures, 0, "forgotten once unused");
+        assert_eq!(
+            states.get(addr).health().failures,
+            0,
+            "forgotten once unused"
+        );
     }
 }

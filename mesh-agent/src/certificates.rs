@@ -47,12 +47,7 @@ impl Certificates {
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
         let id = SpiffeId::agent(&self.trust_domain);
         let slot = Arc::new(self.issue_slot(&id)?);
-        tokio::spawn(renew(
-            self.ca.clone(),
-            id,
-            Arc::downgrade(&slot),
-            self.ttl,
-        ));
+        tokio::spawn(renew(self.ca.clone(), id, Arc::downgrade(&slot), self.ttl));
         tls::server_config(self.ca.trust_bundle(), &self.trust_domain, slot)
     }
 
@@ -97,7 +92,12 @@ impl Certificates {
 }
 
 /// Renews `slot`'s certificate at half-life until the slot is dropped.
-async fn renew(ca: Arc<dyn CertificateAuthority>, id: SpiffeId, slot: Weak<CertSlot>, ttl: Duration) {
+async fn renew(
+    ca: Arc<dyn CertificateAuthority>,
+    id: SpiffeId,
+    slot: Weak<CertSlot>,
+    ttl: Duration,
+) {
     let mut wait = half_life_with_jitter(ttl);
     loop {
         tokio::time::sleep(wait).await;

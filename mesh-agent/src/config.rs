@@ -115,23 +115,39 @@ impl Config {
     /// The checks that span fields or items; each failure names the path of the culprit.
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
         use Seg::{Index as I, Key as K};
-        let nodes = std::iter::once((K("node"), None, &self.node))
-            .chain(self.peers.iter().enumerate().map(|(i, p)| (K("peers"), Some(I(i)), p)));
+        let nodes = std::iter::once((K("node"), None, &self.node)).chain(
+            self.peers
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (K("peers"), Some(I(i)), p)),
+        );
         let mut names = HashSet::new();
         for (key, index, node) in nodes {
             let at = |rest: &[Seg]| [&[key][..], index.as_slice(), rest].concat();
             if !names.insert(&node.name) {
-                return Err((at(&[K("name")]), format!("node {} is listed twice", node.name)));
+                return Err((
+                    at(&[K("name")]),
+                    format!("node {} is listed twice", node.name),
+                ));
             }
             if node.addresses.is_empty() {
                 return Err((at(&[K("addresses")]), "a node needs an address".into()));
             }
             for (i, a) in node.addresses.iter().enumerate() {
                 if a.is_unspecified() || a.is_multicast() {
-                    return Err((at(&[K("addresses"), I(i)]), format!("{a} cannot be a node address")));
+                    return Err((
+                        at(&[K("addresses"), I(i)]),
+                        format!("{a} cannot be a node address"),
+                    ));
                 }
-                if node.addresses[..i].iter().any(|b| b.is_ipv4() == a.is_ipv4()) {
-                    return Err((at(&[K("addresses"), I(i)]), "at most one IPv4 and one IPv6 address".into()));
+                if node.addresses[..i]
+                    .iter()
+                    .any(|b| b.is_ipv4() == a.is_ipv4())
+                {
+                    return Err((
+                        at(&[K("addresses"), I(i)]),
+                        "at most one IPv4 and one IPv6 address".into(),
+                    ));
                 }
             }
             for (i, cidr) in node.pod_cidrs.iter().enumerate() {
@@ -142,7 +158,9 @@ impl Config {
                 if let Some(a) = node_addr {
                     return Err((
                         at(&[K("pod_cidrs"), I(i)]),
-                        format!("{cidr} contains the node address {a}, which must never be captured"),
+                        format!(
+                            "{cidr} contains the node address {a}, which must never be captured"
+                        ),
                     ));
                 }
             }
@@ -608,7 +626,10 @@ services:
         assert_eq!(c.node.ipv4(), Some("198.18.0.1".parse().unwrap()));
         assert_eq!(c.node.ipv6(), Some("2001:2::1".parse().unwrap()));
         assert_eq!(c.pod_cidrs().count(), 3);
-        assert_eq!(c.identity.certificate_ttl, Lifetime(Duration::from_secs(3600)));
+        assert_eq!(
+            c.identity.certificate_ttl,
+            Lifetime(Duration::from_secs(3600))
+        );
         assert_eq!(c.workloads[0].cgroup.to_string(), "/mesh-lab/node-1/cart-0");
         let port = c.services[0].ports[0];
         assert_eq!((port.port, port.target_port()), (80, 8080));

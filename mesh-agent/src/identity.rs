@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 
@@ -124,8 +124,7 @@ impl FileCa {
     /// certificates) or else the CA certificate alone.
     pub fn load(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Self> {
         let read = |path: &Path| {
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read {}", path.display()))
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
         };
         let cert_pem = read(cert)?;
         let key_pair = KeyPair::from_pem(&read(key)?)
@@ -137,7 +136,10 @@ impl FileCa {
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("{}: unreadable PEM", bundle_file.display()))?;
         if bundle.is_empty() {
-            bail!("{}: no certificate in the trust bundle", bundle_file.display());
+            bail!(
+                "{}: no certificate in the trust bundle",
+                bundle_file.display()
+            );
         }
         Ok(Self { issuer, bundle })
     }
@@ -158,8 +160,7 @@ impl FileCa {
         params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
         let cert = params.self_signed(&key)?;
 
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let files = CaFiles {
             cert: dir.join("ca.crt"),
             key: dir.join("ca.key"),
@@ -248,7 +249,10 @@ mod tests {
         assert_eq!(leaf.issuer(), root.subject());
         leaf.verify_signature(Some(root.public_key())).unwrap();
         let key_mode = std::fs::metadata(&files.key).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
+            0o600
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -79,7 +79,7 @@ impl Outbound {
             };
             let span = info_span!("conn", %peer, %dst);
             let caller = Caller {
-                addr: peer.ip(),
+                addr: peer.ip().to_canonical(),
                 id: source,
             };
             self.tracker
@@ -149,7 +149,12 @@ impl Outbound {
         None
     }
 
-    async fn dial(&self, target: SocketAddr, hop: &Hop, caller: &Caller) -> Result<Upstream, DialError> {
+    async fn dial(
+        &self,
+        target: SocketAddr,
+        hop: &Hop,
+        caller: &Caller,
+    ) -> Result<Upstream, DialError> {
         match hop {
             Hop::Local => {
                 let pod = timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
@@ -160,7 +165,10 @@ impl Outbound {
                 Ok(Upstream::Direct(pod))
             }
             Hop::Tunnel { node, agent } => {
-                let source = caller.id.as_ref().ok_or(DialError::NoIdentity(caller.addr))?;
+                let source = caller
+                    .id
+                    .as_ref()
+                    .ok_or(DialError::NoIdentity(caller.addr))?;
                 let tunnel = timeout(CONNECT_TIMEOUT, self.tunnels.open(source, *agent, target))
                     .await
                     .map_err(|_| DialError::Timeout)?

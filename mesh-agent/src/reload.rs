@@ -60,7 +60,10 @@ impl Running {
             return;
         }
         let fixed = [
-            (new.node.name != self.config.node.name, "node.name (the pins are named after it)"),
+            (
+                new.node.name != self.config.node.name,
+                "node.name (the pins are named after it)",
+            ),
             (new.trust_domain != self.config.trust_domain, "trust_domain"),
             (new.identity != self.config.identity, "identity"),
         ];

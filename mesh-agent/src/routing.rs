@@ -153,7 +153,11 @@ impl Routes {
                 hop: Hop::Local,
             });
         }
-        match self.peer_pods.iter().find(|(net, _)| net.contains(&dst.ip())) {
+        match self
+            .peer_pods
+            .iter()
+            .find(|(net, _)| net.contains(&dst.ip()))
+        {
             Some((_, hop)) => Ok(Route::Pod {
                 target: dst,
                 hop: hop.clone(),
@@ -167,9 +171,9 @@ impl Routes {
         self.local_pods.iter().any(|net| net.contains(&addr))
     }
 
-    /// The identity of the local workload at `addr`.
+    /// The identity of the local workload at `addr` (IPv4-mapped or not).
     pub fn identity_of(&self, addr: IpAddr) -> Option<&SpiffeId> {
-        self.identities.get(&addr)
+        self.identities.get(&addr.to_canonical())
     }
 
     /// Every local workload identity.
@@ -258,6 +262,10 @@ services:
         let r = routes();
         let web = SpiffeId::workload("cluster.local", "shop", "web");
         assert_eq!(r.identity_of("198.18.1.9".parse().unwrap()), Some(&web));
+        assert_eq!(
+            r.identity_of("::ffff:198.18.1.9".parse().unwrap()),
+            Some(&web)
+        );
         assert_eq!(r.identity_of("198.18.1.2".parse().unwrap()), None);
         assert_eq!(r.identities().into_iter().collect::<Vec<_>>(), vec![web]);
     }

@@ -23,7 +23,10 @@ pub fn listen(port: u16, what: &str) -> io::Result<TcpListener> {
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into()).map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot listen on the {what} port {port}: {e}"))
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on the {what} port {port}: {e}"),
+        )
     })?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())

@@ -47,9 +47,15 @@ pub enum TunnelError {
     #[error("no certificate is held for {0}")]
     NoCertificate(SpiffeId),
     #[error("cannot reach the peer agent at {agent}: {source}")]
-    Connect { agent: SocketAddr, source: io::Error },
+    Connect {
+        agent: SocketAddr,
+        source: io::Error,
+    },
     #[error("TLS with the peer agent at {agent} failed: {source}")]
-    Tls { agent: SocketAddr, source: io::Error },
+    Tls {
+        agent: SocketAddr,
+        source: io::Error,
+    },
     #[error("HTTP/2 with the peer agent at {agent} failed: {source}")]
     Http {
         agent: SocketAddr,

@@ -19,6 +19,8 @@ use crate::{
 
 /// What every name a lab makes starts with; the rest is `<pid>-<n>-...`.
 const PREFIX: &str = "mesh-lab-";
+/// The trust domain of every lab's identities.
+pub const TRUST_DOMAIN: &str = "lab.mesh";
 /// How long a process may take to say it is ready before the test gives up on it.
 const READY_WATCHDOG: Duration = Duration::from_secs(60);
 
@@ -63,6 +65,7 @@ impl Lab {
 
     fn build(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
+        mesh_agent::identity::FileCa::create(&self.ca_dir(), TRUST_DOMAIN)?;
         std::fs::create_dir_all(self.cgroup_root())?;
         let switch = self.netns_name("switch");
         self.add_netns(&switch)?;
@@ -166,6 +169,11 @@ impl Lab {
         format!("/{}", rel.display())
     }
 
+    /// Where the lab's CA keeps `ca.crt` and `ca.key`.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+
     /// The agent configuration of `node`.
     pub fn agent_config(&self, node: &str) -> Result<String> {
         self.agent_config_for(&self.spec, node)
@@ -178,20 +186,29 @@ impl Lab {
             spec.pod_addrs(pod)
                 .with_context(|| format!("no pod {pod} in the lab"))
         };
-        let k = self.node_index(node)?;
-        let (v4, v6) = topology::node_addrs(k);
+        let describe = |node: &str| -> Result<String> {
+            let k = self.node_index(node)?;
+            let (v4, v6) = topology::node_addrs(k);
+            let [c4, c6] = topology::pod_cidrs(k);
+            Ok(format!(
+                "{{ name: {}, addresses: [{v4}, \"{v6}\"], pod_cidrs: [{c4}, \"{c6}\"] }}",
+                self.agent_node_name(node)
+            ))
+        };
         let mut y = String::new();
+        writeln!(y, "node: {}", describe(node)?)?;
+        writeln!(y, "peers:")?;
+        for peer in spec.nodes.iter().filter(|n| *n != node) {
+            writeln!(y, "  - {}", describe(peer)?)?;
+        }
+        let ca = self.ca_dir();
         writeln!(
             y,
-            "node:\n  name: {}\n  addresses: [{v4}, \"{v6}\"]",
-            self.agent_node_name(node)
+            "trust_domain: {TRUST_DOMAIN}\nidentity:\n  ca_cert: {}\n  ca_key: {}\n  certificate_ttl: {}",
+            ca.join("ca.crt").display(),
+            ca.join("ca.key").display(),
+            spec.certificate_ttl.as_deref().unwrap_or("1h"),
         )?;
-        let cidrs: Vec<String> = (1..=spec.nodes.len())
-            .filter_map(|k| u8::try_from(k).ok())
-            .flat_map(topology::pod_cidrs)
-            .map(|c| format!("\"{c}\""))
-            .collect();
-        writeln!(y, "pod_cidrs: [{}]", cidrs.join(", "))?;
         writeln!(y, "workloads:")?;
         for pod in spec.pods.iter().filter(|p| p.node == node && p.enrolled) {
             let (a4, a6) = pod_addrs(&pod.name)?;
@@ -346,6 +363,11 @@ impl Lab {
     /// cgroup of the node's attached subtree that is not enrolled).
     pub fn spawn_on_node(&self, node: &str, args: &[&str]) -> Result<Running> {
         spawn_ready(testpod(args), self.placement(node, "host")?)
+    }
+
+    /// Runs `mesh-testpod args` on `node` itself to completion; fails if it fails.
+    pub fn run_on_node(&self, node: &str, args: &[&str]) -> Result<Output> {
+        run_placed(self.placement(node, "host")?, node, args)
     }
 
     /// Runs `mesh-testpod args` in `pod` to completion; fails if it fails.

@@ -4,9 +4,13 @@
 //! A [`Lab`] removes everything it made when dropped, also when a test panics; a lab left
 //! behind by a test process that was killed is removed by the next lab that starts.
 
+mod certs;
 mod lab;
 mod netns;
 mod topology;
+mod wire;
 
+pub use certs::{CertFiles, ProbeCert};
 pub use lab::{Agent, Footprint, Lab, Output, Running, alive};
 pub use topology::{LabSpec, PodSpec, ServiceSpec};
+pub use wire::{Capture, frames};

@@ -17,6 +17,8 @@ pub struct LabSpec {
     pub nodes: Vec<String>,
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
+    /// How long workload certificates live (`90s`, `1h`); an hour if not given.
+    pub certificate_ttl: Option<String>,
 }
 
 /// A pod: its own network namespace and cgroup, on one node.
@@ -77,6 +79,11 @@ impl LabSpec {
             node: node.into(),
             enrolled,
         });
+        self
+    }
+
+    pub fn certificate_ttl(mut self, ttl: &str) -> Self {
+        self.certificate_ttl = Some(ttl.into());
         self
     }
 

@@ -59,15 +59,11 @@ fn without_mount(cmd: &mut Command, dir: &Path) {
 fn invalid_config_names_file_line_and_reason() {
     let lab = lab();
     let text = lab.agent_config("n1").unwrap();
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("pod_cidrs"))
-        .unwrap()
-        + 1;
+    let line = text.lines().position(|l| l.starts_with("node:")).unwrap() + 1;
     let bad = lab
         .write_file(
             "bad.yaml",
-            &text.replace("pod_cidrs: [", "pod_cidrs: [\"198.18.1.0/33\", "),
+            &text.replacen("pod_cidrs: [", "pod_cidrs: [\"198.18.1.0/33\", ", 1),
         )
         .unwrap();
     let out = run_agent(&lab, &["run", "--config", bad.to_str().unwrap()], |_| {});

@@ -8,8 +8,14 @@ use crate::shell::{self, Step, human};
 
 /// Debian packages: Debian's rustc with its source (builds the eBPF crate with
 /// `-Z build-std=core`), LLVM 22 (bpf-linker links against it), iproute2 (the tests' and the
-/// lab's network namespaces).
-const APT_PACKAGES: &[&str] = &["rustc-web", "rust-web-src", "llvm-22-dev", "iproute2"];
+/// lab's network namespaces), tshark (the tests' wire captures between nodes).
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "iproute2",
+    "tshark",
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

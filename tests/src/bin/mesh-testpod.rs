@@ -49,6 +49,9 @@ enum Cmd {
         /// appear before sending the rest.
         #[arg(long)]
         pause_until: Option<PathBuf>,
+        /// Echo over this many connections at once (all connected before any sends).
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
     },
     /// Connects to `ip` at every port of `ports` at once; each connection must reach the
     /// server listening on its own port, and echo its own bytes.
@@ -58,6 +61,19 @@ enum Cmd {
         /// `FIRST-LAST`.
         #[arg(long)]
         ports: String,
+    },
+    /// Opens a tunnel to an agent's inbound port as a peer agent would: TLS 1.3 with the given
+    /// client certificate (DER; none if not given), HTTP/2, one CONNECT to `authority`. Prints
+    /// `probe=status status=<code>` if the agent answered, `probe=refused error=...` if not.
+    Probe {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        authority: String,
     },
     /// Tries one connect and prints `connect=ok` or `connect=<error kind>`.
     Connect {
@@ -105,8 +121,25 @@ async fn run(cmd: Cmd) -> Result<()> {
             connect,
             bytes,
             pause_until,
-        } => echo(connect, bytes, pause_until).await,
+            connections,
+        } => echo_all(connect, bytes, pause_until, connections).await,
         Cmd::Fanout { ip, ports } => fanout(ip, parse_range(&ports)?).await,
+        Cmd::Probe {
+            connect,
+            cert,
+            key,
+            authority,
+        } => {
+            let client_cert = match (cert, key) {
+                (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
+                _ => None,
+            };
+            match probe(connect, client_cert, &authority).await {
+                Ok(status) => println!("probe=status status={}", status.as_u16()),
+                Err(e) => println!("probe=refused error={:?}", format!("{e:#}")),
+            }
+            Ok(())
+        }
         Cmd::Connect { addr } => {
             match TcpStream::connect(addr).await {
                 Ok(_) => println!("connect=ok"),
@@ -174,7 +207,61 @@ async fn echo_back(mut stream: TcpStream, peer: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-async fn echo(addr: SocketAddr, bytes: u64, pause_until: Option<PathBuf>) -> Result<()> {
+/// Runs `connections` echoes at once; prints the first one's banner, the bytes each echoed
+/// and every server address (`banner_locals`) and agent (`banner_peers`) seen.
+async fn echo_all(
+    addr: SocketAddr,
+    bytes: u64,
+    pause_until: Option<PathBuf>,
+    connections: usize,
+) -> Result<()> {
+    let barrier = Arc::new(Barrier::new(connections));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        tasks.spawn(echo(addr, bytes, pause_until.clone(), barrier.clone()));
+    }
+    let mut banners = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done? {
+            Ok(banner) => banners.push(banner),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{} of {connections} connections failed; the first: {}",
+        failures.len(),
+        failures[0]
+    );
+    let field = |i: usize| -> std::collections::BTreeSet<&str> {
+        banners
+            .iter()
+            .filter_map(|b| b.split_whitespace().nth(i)?.split_once('=').map(|(_, v)| v))
+            .collect()
+    };
+    let list =
+        |set: std::collections::BTreeSet<&str>| set.into_iter().collect::<Vec<_>>().join(",");
+    let first = &banners[0];
+    let mut words = first.split_whitespace();
+    let local = words.next().unwrap_or_default();
+    let peer = words.next().unwrap_or_default();
+    println!(
+        "banner_{local} banner_{peer} banner_bytes={} echoed={bytes} connections={connections} banner_locals={} banner_peers={}",
+        first.len(),
+        list(field(0)),
+        list(field(1)),
+    );
+    Ok(())
+}
+
+/// One echo of `bytes` bytes; every byte must come back as sent. Returns the server's banner.
+async fn echo(
+    addr: SocketAddr,
+    bytes: u64,
+    pause_until: Option<PathBuf>,
+    barrier: Arc<Barrier>,
+) -> Result<String> {
     let stream = TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
@@ -184,7 +271,7 @@ async fn echo(addr: SocketAddr, bytes: u64, pause_until: Option<PathBuf>) -> Res
     let mut banner = String::new();
     rd.read_line(&mut banner).await?;
     ensure!(banner.ends_with('\n'), "no banner from the server");
-    let banner_len = banner.len();
+    barrier.wait().await;
     if pause_until.is_some() {
         println!("ready");
     }
@@ -239,11 +326,7 @@ async fn echo(addr: SocketAddr, bytes: u64, pause_until: Option<PathBuf>) -> Res
         bail!("{received} of {bytes} bytes came back before the connection closed");
     }
     writer.await??;
-    let mut words = banner.split_whitespace();
-    let local = words.next().unwrap_or_default();
-    let peer = words.next().unwrap_or_default();
-    println!("banner_{local} banner_{peer} banner_bytes={banner_len} echoed={received}");
-    Ok(())
+    Ok(banner)
 }
 
 async fn fanout(ip: IpAddr, (first, last): (u16, u16)) -> Result<()> {
@@ -328,4 +411,93 @@ fn parse_range(s: &str) -> Result<(u16, u16)> {
     let (a, b): (u16, u16) = (a.parse()?, b.parse()?);
     ensure!(a <= b, "{s:?}: empty range");
     Ok((a, b))
+}
+
+/// One CONNECT through an agent's inbound tunnel port; the agent's own certificate is not
+/// checked (the probe tests the agent's checks of its clients).
+async fn probe(
+    agent: SocketAddr,
+    client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    authority: &str,
+) -> Result<http::StatusCode> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match client_cert {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            vec![CertificateDer::from(cert)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(agent).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(agent.ip().into()), tcp)
+        .await?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await?;
+    let driver = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let status = sender.send_request(request).await?.status();
+    driver.abort();
+    Ok(status)
+}
+
+/// Accepts whatever certificate the server shows, checking only its signatures.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

@@ -1,0 +1,82 @@
+//! Client certificates for probing the inbound tunnel: good ones and every kind of bad one.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+};
+
+use crate::{Lab, lab::TRUST_DOMAIN};
+
+/// What a probe's client certificate is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeCert {
+    /// From the lab's CA, for a workload of the lab's trust domain.
+    Valid,
+    /// A well-formed workload certificate from a CA the mesh does not trust.
+    OtherCa,
+    /// From the lab's CA, but its validity ended an hour ago.
+    Expired,
+    /// From the lab's CA, for a workload of another trust domain.
+    OtherTrustDomain,
+    /// From the lab's CA, with a DNS name and no SPIFFE ID.
+    NoSpiffeId,
+}
+
+/// DER files of a client certificate and its PKCS#8 key.
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Lab {
+    /// Writes a client certificate of `kind` to the lab's scratch directory.
+    pub fn probe_cert(&self, kind: ProbeCert) -> Result<CertFiles> {
+        let ca_dir = if kind == ProbeCert::OtherCa {
+            let dir = self.scratch_path("other-ca");
+            mesh_agent::identity::FileCa::create(&dir, "elsewhere.example")?;
+            dir
+        } else {
+            self.ca_dir()
+        };
+        let read = |name: &str| {
+            std::fs::read_to_string(ca_dir.join(name))
+                .with_context(|| format!("cannot read {name} of {}", ca_dir.display()))
+        };
+        let issuer =
+            Issuer::from_ca_cert_pem(&read("ca.crt")?, KeyPair::from_pem(&read("ca.key")?)?)?;
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(60);
+        params.not_after = now + Duration::from_secs(3600);
+        let domain = match kind {
+            ProbeCert::OtherTrustDomain => "elsewhere.example",
+            _ => TRUST_DOMAIN,
+        };
+        let uri = format!("spiffe://{domain}/ns/lab/sa/probe");
+        params.subject_alt_names = match kind {
+            ProbeCert::NoSpiffeId => vec![SanType::DnsName("probe.lab.mesh".try_into()?)],
+            _ => vec![SanType::URI(uri.as_str().try_into()?)],
+        };
+        if kind == ProbeCert::Expired {
+            params.not_before = now - Duration::from_secs(7200);
+            params.not_after = now - Duration::from_secs(3600);
+        }
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &issuer)?;
+
+        let files = CertFiles {
+            cert: self.scratch_path(&format!("probe-{kind:?}.crt.der")),
+            key: self.scratch_path(&format!("probe-{kind:?}.key.der")),
+        };
+        std::fs::write(&files.cert, cert.der())?;
+        std::fs::write(&files.key, key.serialize_der())?;
+        Ok(files)
+    }
+}

@@ -184,3 +184,158 @@ fn bad_peers_are_refused_at_the_inbound_port() {
         refusals.len()
     );
 }
+
+/// Runs `mesh-testpod echo` from `client` to the service with `bytes` over `connections`.
+fn echo(lab: &Lab, bytes: u64, connections: usize) -> mesh_tests::Output {
+    lab.run(
+        "client",
+        &[
+            "echo",
+            "--connect",
+            &format!("{VIP}:80"),
+            "--bytes",
+            &bytes.to_string(),
+            "--connections",
+            &connections.to_string(),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn certificate_renewal_under_traffic_loses_nothing() {
+    let lab = Lab::new(two_nodes().certificate_ttl("4s")).unwrap();
+    let a1 = lab.start_agent("n1", &[]).unwrap();
+    let a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+
+    // One connection stays open, half sent, across every renewal.
+    let go = lab.scratch_path("go");
+    let bytes = (8u64 << 20).to_string();
+    let target = format!("{VIP}:80");
+    let held = lab
+        .spawn(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                &target,
+                "--bytes",
+                &bytes,
+                "--pause-until",
+                go.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    // Traffic goes on until the client's certificate was renewed three times: its first
+    // certificate has expired by then.
+    let renewals = || {
+        a1.log()
+            .matches("certificate renewed id=spiffe://lab.mesh/ns/lab/sa/client")
+            .count()
+    };
+    let mut echoes = 0;
+    while renewals() < 3 {
+        assert_eq!(
+            echo(&lab, 256 << 10, 4).field("echoed"),
+            (256 << 10).to_string()
+        );
+        echoes += 1;
+    }
+    assert!(
+        echoes > 3,
+        "the traffic was not continuous: {echoes} rounds"
+    );
+    // More streams than one TLS connection carries: a new handshake, which can only succeed
+    // with the renewed certificates on both sides.
+    let many = echo(&lab, 64 << 10, 150);
+    assert_eq!(many.field("connections"), "150");
+    assert!(
+        a1.log().matches("tunnel connection opened").count() >= 2,
+        "{}",
+        a1.log()
+    );
+    assert!(
+        a2.log()
+            .contains("certificate renewed id=spiffe://lab.mesh/ns/mesh-system/sa/mesh-agent")
+    );
+
+    std::fs::write(&go, "").unwrap();
+    let out = held.wait_output().unwrap();
+    assert!(out.status.success(), "{}", out.stdout);
+    assert_eq!(out.field("echoed"), bytes);
+}
+
+#[test]
+fn a_dying_endpoint_is_ejected_and_comes_back() {
+    let spec = LabSpec::default()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "client", true)
+        .pod("n1", "near", false)
+        .pod("n2", "far-a", false)
+        .pod("n2", "far-b", false)
+        .service(ServiceSpec::echo(
+            "echo",
+            &[VIP],
+            &["far-a", "far-b", "near"],
+        ));
+    let lab = Lab::new(spec).unwrap();
+    let a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let serve = |pod: &str| lab.spawn(pod, &["serve", "--listen", "[::]:8080"]).unwrap();
+    let _near = serve("near");
+    let _far_b = serve("far-b");
+    let far_a = serve("far-a");
+    let dying = lab.pod_addrs("far-a").unwrap().0.to_string();
+
+    drop(far_a);
+    // Every connection still gets through (a refused connect is retried on another
+    // endpoint) until the dead one has failed often enough to be ejected.
+    let mut rounds = 0;
+    while !a1.log().contains("endpoint ejected") {
+        let out = echo(&lab, 1000, 1);
+        assert!(!out.field("server_ips").contains(&dying));
+        rounds += 1;
+        assert!(rounds < 200, "never ejected:\n{}", a1.log());
+    }
+    assert!(a1.log().contains(&format!("endpoint={dying}:8080")));
+    // Ejected: no connect goes there any more, so nothing fails.
+    let failed = || a1.log().matches("connect failed").count();
+    let before = failed();
+    let out = echo(&lab, 1000, 20);
+    assert!(!out.field("server_ips").contains(&dying), "{}", out.stdout);
+    assert_eq!(failed(), before, "{}", a1.log());
+
+    // Back up: after its ejection ends, the endpoint is tried again and returns.
+    let _far_a = serve("far-a");
+    let mut rounds = 0;
+    while !a1.log().contains("endpoint back after ejection") {
+        echo(&lab, 1000, 3);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        rounds += 1;
+        assert!(rounds < 300, "never back:\n{}", a1.log());
+    }
+    let out = echo(&lab, 1000, 30);
+    assert!(out.field("server_ips").contains(&dying), "{}", out.stdout);
+}
+
+#[test]
+fn five_hundred_concurrent_cross_node_connections_are_byte_exact() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let out = echo(&lab, 1 << 20, 500);
+    assert_eq!(out.field("connections"), "500");
+    assert_eq!(out.field("echoed"), (1u64 << 20).to_string());
+    // All delivered by n2's agent.
+    assert_eq!(out.field("agent_ips"), "198.18.2.1");
+    // 500 streams need several pooled TLS connections (100 streams each at most).
+    let opened = a1.log().matches("tunnel connection opened").count();
+    assert!((5..=10).contains(&opened), "{opened} tunnel connections");
+}

@@ -208,7 +208,7 @@ async fn echo_back(mut stream: TcpStream, peer: SocketAddr) -> Result<()> {
 }
 
 /// Runs `connections` echoes at once; prints the first one's banner, the bytes each echoed
-/// and every server address (`banner_locals`) and agent (`banner_peers`) seen.
+/// and the addresses of every server (`server_ips`) and agent (`agent_ips`) seen.
 async fn echo_all(
     addr: SocketAddr,
     bytes: u64,
@@ -234,23 +234,33 @@ async fn echo_all(
         failures.len(),
         failures[0]
     );
-    let field = |i: usize| -> std::collections::BTreeSet<&str> {
-        banners
+    // The distinct addresses (without ports) of the servers reached and of the agents that
+    // connected to them.
+    let ips = |i: usize| -> String {
+        let set: std::collections::BTreeSet<String> = banners
             .iter()
-            .filter_map(|b| b.split_whitespace().nth(i)?.split_once('=').map(|(_, v)| v))
-            .collect()
+            .filter_map(|b| {
+                let (_, addr) = b.split_whitespace().nth(i)?.split_once('=')?;
+                Some(
+                    addr.parse::<SocketAddr>()
+                        .ok()?
+                        .ip()
+                        .to_canonical()
+                        .to_string(),
+                )
+            })
+            .collect();
+        set.into_iter().collect::<Vec<_>>().join(",")
     };
-    let list =
-        |set: std::collections::BTreeSet<&str>| set.into_iter().collect::<Vec<_>>().join(",");
     let first = &banners[0];
     let mut words = first.split_whitespace();
     let local = words.next().unwrap_or_default();
     let peer = words.next().unwrap_or_default();
     println!(
-        "banner_{local} banner_{peer} banner_bytes={} echoed={bytes} connections={connections} banner_locals={} banner_peers={}",
+        "banner_{local} banner_{peer} banner_bytes={} echoed={bytes} connections={connections} server_ips={} agent_ips={}",
         first.len(),
-        list(field(0)),
-        list(field(1)),
+        ips(0),
+        ips(1),
     );
     Ok(())
 }

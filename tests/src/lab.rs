@@ -19,6 +19,8 @@ use crate::{
 
 /// What every name a lab makes starts with; the rest is `<pid>-<n>-...`.
 const PREFIX: &str = "mesh-lab-";
+/// The id of the lab `cargo xtask lab up` keeps; never taken for the lab of a dead process.
+const KEPT_ID: &str = "up";
 /// The trust domain of every lab's identities.
 pub const TRUST_DOMAIN: &str = "lab.mesh";
 /// How long a process may take to say it is ready before the test gives up on it.
@@ -40,16 +42,44 @@ impl Lab {
     /// Builds the lab of `spec`: one namespace per node and pod, joined by veths and bridges,
     /// and a cgroup per node (the agent attaches there) with one per pod and one for the agent.
     pub fn new(spec: LabSpec) -> Result<Self> {
-        require_root()?;
-        ensure_bpffs()?;
-        let cgroup_mount = mesh_agent::system::cgroup2_mount()?;
-        remove_stale(&cgroup_mount);
-
         let id = format!(
             "{}-{}",
             std::process::id(),
             LABS.fetch_add(1, Ordering::Relaxed)
         );
+        Self::with_id(spec, id)
+    }
+
+    /// Builds a lab meant to outlive this process (see [`Lab::keep`]); there is at most one.
+    pub fn new_kept(spec: LabSpec) -> Result<Self> {
+        let cgroup_mount = mesh_agent::system::cgroup2_mount()?;
+        if cgroup_mount.join(format!("{PREFIX}{KEPT_ID}")).exists() {
+            bail!("a lab is up already; remove it first (cargo xtask lab down)");
+        }
+        Self::with_id(spec, KEPT_ID.into())
+    }
+
+    /// Leaves the lab and everything running in it in place when this process exits.
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+
+    /// Removes the kept lab, with everything running in it; says whether there was one.
+    pub fn remove_kept() -> Result<bool> {
+        require_root()?;
+        let kept = format!("{PREFIX}{KEPT_ID}");
+        let existed = netns::list().iter().any(|n| n.starts_with(&kept));
+        sweep(&mesh_agent::system::cgroup2_mount()?, |name| {
+            name == kept || name.starts_with(&format!("{kept}-"))
+        });
+        Ok(existed)
+    }
+
+    fn with_id(spec: LabSpec, id: String) -> Result<Self> {
+        require_root()?;
+        ensure_bpffs()?;
+        let cgroup_mount = mesh_agent::system::cgroup2_mount()?;
+        remove_stale(&cgroup_mount);
         let dir = std::env::temp_dir().join(format!("{PREFIX}{id}"));
         let mut lab = Lab {
             spec,
@@ -356,13 +386,21 @@ impl Lab {
 
     /// Starts `mesh-testpod args` in `pod` and waits until it prints `ready`.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<Running> {
-        spawn_ready(testpod(args), self.pod_placement(pod)?)
+        spawn_ready(
+            testpod(args),
+            self.pod_placement(pod)?,
+            &self.dir.join(format!("pod-{pod}.log")),
+        )
     }
 
     /// Starts `mesh-testpod args` on `node` itself (host network, outside any pod, in a
     /// cgroup of the node's attached subtree that is not enrolled).
     pub fn spawn_on_node(&self, node: &str, args: &[&str]) -> Result<Running> {
-        spawn_ready(testpod(args), self.placement(node, "host")?)
+        spawn_ready(
+            testpod(args),
+            self.placement(node, "host")?,
+            &self.dir.join(format!("node-{node}.log")),
+        )
     }
 
     /// Runs `mesh-testpod args` on `node` itself to completion; fails if it fails.
@@ -634,16 +672,26 @@ fn testpod_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("mesh-testpod"))
 }
 
-fn spawn_ready(mut cmd: Command, placement: Placement) -> Result<Running> {
+/// Starts `cmd` at `placement`, its error output appended to `log`, and waits for `ready`.
+fn spawn_ready(mut cmd: Command, placement: Placement, log: &Path) -> Result<Running> {
     placement.apply(&mut cmd)?;
-    cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+    let errors = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .stderr(errors);
     let mut child = cmd.spawn().context("cannot start mesh-testpod")?;
     let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
     let mut first = String::new();
     stdout.read_line(&mut first)?;
     let running = Running { child, stdout };
     if first.trim() != "ready" {
-        bail!("mesh-testpod did not get ready (said {first:?})");
+        bail!(
+            "mesh-testpod did not get ready (said {first:?}): {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
     }
     Ok(running)
 }
@@ -702,12 +750,17 @@ fn signal(pid: u32, sig: i32) -> Result<()> {
 
 /// Removes what labs of test processes that no longer run left behind.
 fn remove_stale(cgroup_mount: &Path) {
-    let dead = |name: &str| {
+    sweep(cgroup_mount, |name| {
         name.strip_prefix(PREFIX)
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
             .is_some_and(|pid| !alive(pid))
-    };
+    });
+}
+
+/// Removes every cgroup (and what runs in it), network namespace, pin directory and scratch
+/// directory whose name `doomed` picks.
+fn sweep(cgroup_mount: &Path, doomed: impl Fn(&str) -> bool) {
     let names_in = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir)
             .map(|d| {
@@ -717,19 +770,19 @@ fn remove_stale(cgroup_mount: &Path) {
             })
             .unwrap_or_default()
     };
-    for name in names_in(cgroup_mount).into_iter().filter(|n| dead(n)) {
+    for name in names_in(cgroup_mount).into_iter().filter(|n| doomed(n)) {
         let _ = netns::remove_cgroup_tree(&cgroup_mount.join(name));
     }
-    for name in netns::list().into_iter().filter(|n| dead(n)) {
+    for name in netns::list().into_iter().filter(|n| doomed(n)) {
         let _ = ip(&["netns", "del", &name]);
     }
     let pins = Path::new(mesh_agent::system::BPFFS).join("mesh");
-    for name in names_in(&pins).into_iter().filter(|n| dead(n)) {
+    for name in names_in(&pins).into_iter().filter(|n| doomed(n)) {
         let _ = std::fs::remove_dir_all(pins.join(name));
     }
     for name in names_in(&std::env::temp_dir())
         .into_iter()
-        .filter(|n| dead(n))
+        .filter(|n| doomed(n))
     {
         let _ = std::fs::remove_dir_all(std::env::temp_dir().join(name));
     }

@@ -54,15 +54,27 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// The demo: builds everything, starts a lab node with the agent and a few pods, sends
-    /// traffic through the mesh and prints what happened, then removes the lab.
-    Lab,
+    /// The demo: builds everything, starts a two-node lab with an agent per node and a small
+    /// shop of pods, sends traffic through the mesh (mTLS between the nodes) and prints what
+    /// happened, then removes the lab. `lab up` leaves it running; `lab down` removes it.
+    Lab {
+        #[arg(value_enum)]
+        action: Option<LabAction>,
+    },
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LabAction {
+    /// Start the lab and leave it running for exploration.
+    Up,
+    /// Remove the lab `up` left running.
+    Down,
 }
 
 fn main() -> Result<()> {
@@ -83,12 +95,17 @@ fn main() -> Result<()> {
         ),
         Task::Unload { node } => agent(&root, ["unload", "--node", &node].map(String::from)),
         Task::Run { args } => agent(&root, std::iter::once("run".into()).chain(args)),
-        Task::Lab => {
+        Task::Lab { action } => {
             shell::require_root("lab")?;
             setup::run()?;
             let lab = compile::lab(&root)?;
+            let args = match action {
+                None => None,
+                Some(LabAction::Up) => Some("up"),
+                Some(LabAction::Down) => Some("down"),
+            };
             // Become the lab, so that Ctrl-C reaches it (it cleans up) and not us.
-            Err(Command::new(lab).exec().into())
+            Err(Command::new(lab).args(args).exec().into())
         }
         Task::Test { args } => test::run(&root, &args),
     }

@@ -1,31 +1,63 @@
-//! `mesh-lab`, run by `cargo xtask lab`: the demo. A node and a small shop of pods in network
-//! namespaces, the real agent and eBPF programs, a burst of traffic, and what the mesh did.
+//! `mesh-lab`, run by `cargo xtask lab`: the demo. Two nodes and a small shop of pods in
+//! network namespaces, the real agents and eBPF programs, a burst of traffic, and what the
+//! mesh did with it. `up` leaves such a lab running for exploration; `down` removes it.
 
 use std::{
-    net::SocketAddr,
+    collections::BTreeMap,
+    net::IpAddr,
     process::ExitCode,
     sync::atomic::{AtomicBool, Ordering},
     time::Instant,
 };
 
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
 use mesh_agent::datapath::Counters;
 use mesh_common::Counter;
-use mesh_tests::{Lab, LabSpec, ServiceSpec};
+use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec};
 
-/// The shop's services, all behind one node: name, address and backend pod.
-const SERVICES: [(&str, &str); 3] = [
-    ("cart", "198.19.0.10"),
-    ("orders", "198.19.0.11"),
-    ("catalog", "198.19.0.12"),
+/// The shop: services, their addresses and the pods behind them. `web` on n1 calls them all.
+const SERVICES: [(&str, &str, &[&str]); 3] = [
+    ("cart", "198.19.0.10", &["cart-0", "cart-1"]),
+    ("orders", "198.19.0.11", &["orders-0"]),
+    ("catalog", "198.19.0.12", &["catalog-0"]),
 ];
+/// Where each backend pod runs.
+const PODS: [(&str, &str); 4] = [
+    ("cart-0", "n1"),
+    ("catalog-0", "n1"),
+    ("cart-1", "n2"),
+    ("orders-0", "n2"),
+];
+/// Where n1's agent dials n1's pods from; n2's agent comes from n2's bridge.
+const N1_POD_BRIDGE: &str = "198.18.1.1";
 const CONNECTIONS_PER_SERVICE: usize = 20;
 const BYTES_PER_CONNECTION: u64 = 256 * 1024;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// The mesh lab: two nodes of a small shop, with an agent each.
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the lab and leave it running, with commands to explore it.
+    Up,
+    /// Remove the lab `up` left running.
+    Down,
+}
+
 fn main() -> ExitCode {
-    match run() {
+    let result = match Cli::parse().command {
+        None => demo(),
+        Some(Cmd::Up) => up(),
+        Some(Cmd::Down) => down(),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -46,84 +78,132 @@ fn step<T>(name: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
     Ok(out)
 }
 
-fn run() -> Result<()> {
-    catch_interrupt();
-    let (lab, agent, servers) = step(
-        "lab: node n1 with pods web (meshed), cart, orders, catalog",
-        || {
-            let mut spec = LabSpec::default().node("n1").pod("n1", "web", true);
-            for (name, vip) in SERVICES {
-                spec =
-                    spec.pod("n1", name, false)
-                        .service(ServiceSpec::echo(name, &[vip], &[name]));
-            }
-            let lab = Lab::new(spec).context("cannot build the lab")?;
-            let agent = lab.start_agent("n1", &[])?;
-            eprintln!(
-                "    agent of n1 is up (pid {}), its programs attached to {}",
-                agent.pid(),
-                lab.cgroup_root().join("n1").display()
-            );
-            let servers = SERVICES
-                .iter()
-                .map(|(name, _)| lab.spawn(name, &["serve", "--listen", "[::]:8080"]))
-                .collect::<Result<Vec<_>>>()?;
-            Ok((lab, agent, servers))
-        },
-    )?;
+fn shop() -> LabSpec {
+    let mut spec = LabSpec::default()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "web", true);
+    for (pod, node) in PODS {
+        spec = spec.pod(node, pod, false);
+    }
+    for (name, vip, endpoints) in SERVICES {
+        spec = spec.service(ServiceSpec::echo(name, &[vip], endpoints));
+    }
+    spec
+}
 
-    let before = counters(&agent.node_name)?;
+/// A started shop: the agents of n1 and n2 and the backends' servers.
+struct Shop {
+    agents: [Agent; 2],
+    servers: Vec<Running>,
+}
+
+fn start(lab: &Lab) -> Result<Shop> {
+    let agents = [lab.start_agent("n1", &[])?, lab.start_agent("n2", &[])?];
+    for (agent, node) in agents.iter().zip(["n1", "n2"]) {
+        eprintln!(
+            "    agent of {node} is up (pid {}): outbound :15001, mTLS tunnel :15008",
+            agent.pid()
+        );
+    }
+    let servers = PODS
+        .iter()
+        .map(|(pod, _)| lab.spawn(pod, &["serve", "--listen", "[::]:8080"]))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Shop { agents, servers })
+}
+
+const LAB_TITLE: &str = "lab: nodes n1 and n2 with a CA; web (meshed), cart-0, catalog-0 on n1; \
+                         cart-1, orders-0 on n2";
+
+fn demo() -> Result<()> {
+    catch_interrupt();
+    let (lab, shop) = step(LAB_TITLE, || {
+        let lab = Lab::new(shop()).context("cannot build the lab")?;
+        let shop = start(&lab)?;
+        Ok((lab, shop))
+    })?;
+    let [n1, n2] = &shop.agents;
+
+    let before = counters(&n1.node_name)?;
     let title = format!(
         "traffic: web calls each service {CONNECTIONS_PER_SERVICE} times, {} KiB each way",
         BYTES_PER_CONNECTION / 1024
     );
-    let rows = step(&title, || {
-        let mut rows = Vec::new();
-        for (name, vip) in SERVICES {
+    let tallies = step(&title, || {
+        let mut tallies = Vec::new();
+        for (name, vip, _) in SERVICES {
             let target = format!("{vip}:80");
-            let mut route = String::new();
+            let mut hops: BTreeMap<(String, String), usize> = BTreeMap::new();
             for _ in 0..CONNECTIONS_PER_SERVICE {
                 let bytes = BYTES_PER_CONNECTION.to_string();
                 let out = lab.run("web", &["echo", "--connect", &target, "--bytes", &bytes]);
-                // Ctrl-C reaches the agent and the pods too: stop, whatever they answered.
+                // Ctrl-C reaches the agents and the pods too: stop, whatever they answered.
                 if INTERRUPTED.load(Ordering::Relaxed) {
                     bail!("interrupted; the lab is removed");
                 }
                 let out = out?;
-                let backend: SocketAddr = out.field("banner_local").parse()?;
-                let dialer: SocketAddr = out.field("banner_peer").parse()?;
-                route = format!(
-                    "{} (dialled by the agent from {})",
-                    backend.ip().to_canonical(),
-                    dialer.ip().to_canonical()
+                let key = (
+                    out.field("server_ips").to_owned(),
+                    out.field("agent_ips").to_owned(),
                 );
+                *hops.entry(key).or_default() += 1;
             }
-            rows.push((name, target, route));
+            tallies.push((name, target, hops));
         }
-        Ok(rows)
+        Ok(tallies)
     })?;
-    let after = counters(&agent.node_name)?;
+    let after = counters(&n1.node_name)?;
 
+    let web = "spiffe://lab.mesh/ns/lab/sa/web";
+    let mib = |connections: usize| {
+        (connections as u64 * BYTES_PER_CONNECTION * 2) as f64 / f64::from(1 << 20)
+    };
     println!();
-    println!(
-        "What went where (node n1; same-node hops are plain TCP, mTLS between nodes is next):"
-    );
-    let mib_per_service =
-        (CONNECTIONS_PER_SERVICE as u64 * BYTES_PER_CONNECTION * 2) as f64 / f64::from(1 << 20);
-    for (name, target, route) in &rows {
-        println!(
-            "  web -> {name:<8} {target:<16} -> {route}: {CONNECTIONS_PER_SERVICE} connections, \
-             {mib_per_service:.1} MiB, all byte-exact"
-        );
+    println!("What went where (web runs on n1 as {web}; every byte came back as sent):");
+    for (name, target, hops) in &tallies {
+        println!("  web -> {name} at {target}");
+        for ((server, agent), count) in hops {
+            let pod = pod_at(&lab, server);
+            let node = PODS.iter().find(|(p, _)| *p == pod).map_or("?", |(_, n)| n);
+            let how = if agent == N1_POD_BRIDGE {
+                "local hop: n1's agent dialled it directly".to_owned()
+            } else {
+                "mTLS: n1's agent -> HTTP/2 CONNECT -> n2's agent :15008 -> pod".to_owned()
+            };
+            println!(
+                "    {count:>3} x {pod:<10} {server:<12} on {node}  {how}  ({:.1} MiB)",
+                mib(*count)
+            );
+        }
     }
     println!();
-    println!("What the eBPF programs counted:");
+    let n1_log = n1.log();
+    let n2_log = n2.log();
+    let callers: Vec<&str> = n2_log
+        .lines()
+        .filter(|l| l.contains("tunnel peer accepted"))
+        .filter_map(|l| l.split("caller=").nth(1))
+        .collect();
+    println!("The tunnel:");
+    println!(
+        "  n1 opened {} TLS 1.3 connection(s) to n2, presenting web's certificate; streams: {}",
+        n1_log.matches("tunnel connection opened").count(),
+        n1_log.matches("connected over mTLS").count()
+    );
+    println!(
+        "  n2 verified the chain and accepted {}; refused peers: {}",
+        if callers.is_empty() {
+            "nobody".to_owned()
+        } else {
+            callers.join(", ")
+        },
+        n2_log.matches("tunnel peer refused").count()
+    );
+    println!();
+    println!("What the eBPF programs of n1 counted:");
     let delta = |c: Counter| after[c as usize] - before[c as usize];
     let redirected_mib = delta(Counter::BytesRedirected) as f64 / f64::from(1 << 20);
-    let redirected = format!(
-        "{redirected_mib:.1} MiB in {} messages",
-        delta(Counter::MsgRedirected)
-    );
     for (what, value) in [
         (
             "connects captured (cgroup/connect4)",
@@ -133,34 +213,96 @@ fn run() -> Result<()> {
             "original destinations handed to the agent",
             delta(Counter::OrigDstRecorded).to_string(),
         ),
-        ("moved socket to socket by sk_msg", redirected),
+        (
+            "moved socket to socket by sk_msg",
+            format!(
+                "{redirected_mib:.1} MiB in {} messages",
+                delta(Counter::MsgRedirected)
+            ),
+        ),
         (
             "sends that went through TCP/IP instead",
             delta(Counter::MsgPassed).to_string(),
-        ),
-        (
-            "connects left alone (the agent's own dials)",
-            delta(Counter::ConnectsPassed).to_string(),
         ),
     ] {
         println!("  {what:<44} {value}");
     }
     println!();
 
-    let status = step(
-        "lab: stopping the agent, removing namespaces, cgroups and pins",
+    step(
+        "lab: stopping the agents, removing namespaces, cgroups and pins",
         || {
+            let Shop { agents, servers } = shop;
             drop(servers);
-            agent.terminate()?;
-            let status = agent.wait()?;
+            for agent in agents {
+                agent.terminate()?;
+                let status = agent.wait()?;
+                if !status.success() {
+                    bail!("an agent exited with {status}");
+                }
+            }
             drop(lab);
-            Ok(status)
+            Ok(())
         },
-    )?;
-    if !status.success() {
-        bail!("the agent exited with {status}");
+    )
+}
+
+fn up() -> Result<()> {
+    // A session of its own: what the lab runs must not get the terminal's signals.
+    // SAFETY: setsid has no memory-safety preconditions.
+    if unsafe { libc::setsid() } < 0 {
+        bail!("setsid: {}", std::io::Error::last_os_error());
+    }
+    let lab = step(LAB_TITLE, || {
+        let lab = Lab::new_kept(shop())?;
+        let Shop { agents, servers } = start(&lab)?;
+        // They go on running after this process exits; `down` removes them.
+        std::mem::forget(agents);
+        std::mem::forget(servers);
+        Ok(lab)
+    })?;
+    let web_cgroup = lab.cgroup_root().join("n1").join("web");
+    let testpod = std::env::current_exe()?.with_file_name("mesh-testpod");
+    println!();
+    println!(
+        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80."
+    );
+    println!("Call one from web (its netns and cgroup, so the mesh captures it):");
+    println!(
+        "  sudo sh -c 'echo $$ > {}/cgroup.procs && exec ip netns exec {} {} echo --connect 198.19.0.10:80 --bytes 100000 --connections 10'",
+        web_cgroup.display(),
+        lab.netns_name("web"),
+        testpod.display()
+    );
+    println!("Watch the agents:");
+    for node in ["n1", "n2"] {
+        println!(
+            "  sudo tail -f {}",
+            lab.scratch_path(&format!("agent-{node}.log")).display()
+        );
+    }
+    println!("Remove it: sudo -E cargo xtask lab down");
+    lab.keep();
+    Ok(())
+}
+
+fn down() -> Result<()> {
+    if Lab::remove_kept()? {
+        eprintln!("==> the lab is removed");
+    } else {
+        eprintln!("==> no lab was up");
     }
     Ok(())
+}
+
+/// The name of the shop pod at `ip`.
+fn pod_at(lab: &Lab, ip: &str) -> String {
+    let ip: Option<IpAddr> = ip.parse().ok();
+    PODS.iter()
+        .map(|(pod, _)| *pod)
+        .find(|pod| lab.pod_addrs(pod).ok().map(|(v4, _)| IpAddr::V4(v4)) == ip)
+        .unwrap_or("?")
+        .to_owned()
 }
 
 fn counters(node_name: &str) -> Result<Vec<u64>> {

@@ -105,6 +105,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tracker: tracker.clone(),
             stop: stop.clone(),
             abort: abort.clone(),
+            refused: Arc::default(),
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));

@@ -144,12 +144,8 @@ impl Balancer {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub fn endpoint_count(&self) -> usize {
         self.endpoints.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
     }
 
     /// Picks an endpoint not in `tried`, preferring ones not ejected; if every candidate is

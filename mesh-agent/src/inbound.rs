@@ -1,7 +1,16 @@
 //! The inbound tunnel on port 15008: peer agents connect with mutual TLS 1.3 and open one
 //! HTTP/2 CONNECT stream per proxied connection to a pod of this node.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    fmt::Display,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -23,7 +32,7 @@ use crate::{
     identity::SpiffeId,
     outbound::{CONNECT_TIMEOUT, COPY_BUFFER},
     routing::Routes,
-    tls, tunnel,
+    system, tls, tunnel,
 };
 
 /// How long a peer may take to finish the TLS handshake.
@@ -39,25 +48,15 @@ pub struct Inbound {
     pub stop: CancellationToken,
     /// Cancelled to close everything at once.
     pub abort: CancellationToken,
+    /// Peers refused so far; each refusal's log line carries the total.
+    pub refused: Arc<AtomicU64>,
 }
 
 impl Inbound {
     /// Accepts peer agents until `stop` is cancelled.
     pub async fn serve(self, listener: TcpListener) {
         let acceptor = TlsAcceptor::from(self.tls.clone());
-        loop {
-            let accepted = tokio::select! {
-                () = self.stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!("inbound accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        while let Some((tcp, peer)) = system::accept(&listener, &self.stop).await {
             let span = info_span!("tunnel", %peer);
             self.tracker.spawn(
                 self.clone()
@@ -73,19 +72,14 @@ impl Inbound {
         }
         let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                warn!("tunnel peer refused: {e}");
-                return;
-            }
+            Ok(Err(e)) => return self.refuse(e),
             Err(_) => {
-                warn!("tunnel peer refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
-                return;
+                return self.refuse(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"));
             }
         };
         // The verifier accepted only certificates with a SPIFFE ID.
         let Some(caller) = tls::peer_id(tls.get_ref().1.peer_certificates()) else {
-            warn!("tunnel peer refused: no SPIFFE ID after the handshake");
-            return;
+            return self.refuse("no SPIFFE ID after the handshake");
         };
         debug!(%caller, "tunnel peer accepted");
         let service = {
@@ -113,6 +107,11 @@ impl Inbound {
         if let Err(e) = served {
             debug!("tunnel connection ended: {e}");
         }
+    }
+
+    fn refuse(&self, reason: impl Display) {
+        let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        warn!(refused_total = total, "tunnel peer refused: {reason}");
     }
 
     /// One CONNECT stream: dial the pod named by the authority, then copy both ways.

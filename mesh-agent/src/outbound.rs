@@ -22,6 +22,7 @@ use crate::{
     datapath::OrigDstTable,
     identity::SpiffeId,
     routing::{Hop, Route, Routes},
+    system,
     tunnel::{TunnelStream, Tunnels},
 };
 
@@ -48,20 +49,7 @@ pub struct Outbound {
 impl Outbound {
     /// Accepts captured connections until `stop` is cancelled.
     pub async fn serve(self, listener: TcpListener, mut orig_dst: OrigDstTable) {
-        loop {
-            let accepted = tokio::select! {
-                () = self.stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (client, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors or memory: back off rather than spin.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        while let Some((client, peer)) = system::accept(&listener, &self.stop).await {
             let Some(dst) = orig_dst.take(peer) else {
                 warn!(%peer, "closing a connection that was not captured (no original destination)");
                 continue;

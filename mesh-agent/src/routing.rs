@@ -53,8 +53,8 @@ impl ServicePort {
         Some((lease, hop))
     }
 
-    pub fn endpoints(&self) -> usize {
-        self.balancer.len()
+    pub fn endpoint_count(&self) -> usize {
+        self.balancer.endpoint_count()
     }
 
     pub fn target_port(&self) -> u16 {
@@ -142,7 +142,7 @@ impl Routes {
     /// Where a connection whose original destination was `dst` may go.
     pub fn route(&self, dst: SocketAddr) -> Result<Route, NoRoute> {
         if let Some(port) = self.services.get(&dst) {
-            if port.endpoints() == 0 {
+            if port.endpoint_count() == 0 {
                 return Err(NoRoute::NoEndpoints(port.service.clone()));
             }
             return Ok(Route::Service(port.clone()));

@@ -8,7 +8,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 /// Where bpffs is expected; the agent pins under `BPFFS/mesh/<node>`.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -30,6 +32,27 @@ pub fn listen(port: u16, what: &str) -> io::Result<TcpListener> {
     })?;
     socket.listen(LISTEN_BACKLOG)?;
     TcpListener::from_std(socket.into())
+}
+
+/// The next connection on `listener`, or `None` once `stop` is cancelled. A failed accept
+/// (out of file descriptors or memory) is logged and waited out rather than spun on.
+pub async fn accept(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                warn!("accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Fails unless the agent runs as root (it loads eBPF programs and attaches them to cgroups).

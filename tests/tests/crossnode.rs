@@ -179,10 +179,10 @@ fn bad_peers_are_refused_at_the_inbound_port() {
             .unwrap();
         assert!(line.contains(reason), "{cert:?}: {line}");
     }
-    assert_eq!(
-        a2.log().matches("tunnel peer refused").count(),
-        refusals.len()
-    );
+    // Counted, too.
+    let log = a2.log();
+    assert_eq!(log.matches("tunnel peer refused").count(), refusals.len());
+    assert!(log.contains(&format!("refused_total={}", refusals.len())));
 }
 
 /// Runs `mesh-testpod echo` from `client` to the service with `bytes` over `connections`.
@@ -338,4 +338,50 @@ fn five_hundred_concurrent_cross_node_connections_are_byte_exact() {
     // 500 streams need several pooled TLS connections (100 streams each at most).
     let opened = a1.log().matches("tunnel connection opened").count();
     assert!((5..=10).contains(&opened), "{opened} tunnel connections");
+}
+
+#[test]
+fn reload_adds_a_workload_that_calls_across_nodes_with_its_own_identity() {
+    let initial = two_nodes().pod("n1", "late", false);
+    let mut grown =
+        initial
+            .clone()
+            .service(ServiceSpec::echo("more", &["198.19.0.20"], &["backend"]));
+    for pod in &mut grown.pods {
+        pod.enrolled |= pod.name == "late";
+    }
+    let lab = Lab::new(initial).unwrap();
+    let a1 = lab.start_agent("n1", &[]).unwrap();
+    let a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let call = |pod: &str| {
+        lab.run(
+            pod,
+            &["echo", "--connect", "198.19.0.20:80", "--bytes", "1000"],
+        )
+    };
+    assert!(call("late").is_err(), "neither enrolled nor a service yet");
+
+    std::fs::write(
+        lab.agent_config_path("n1"),
+        lab.agent_config_for(&grown, "n1").unwrap(),
+    )
+    .unwrap();
+    a1.wait_for_log("config reloaded").unwrap();
+    assert!(
+        a1.log()
+            .contains("certificate issued id=spiffe://lab.mesh/ns/lab/sa/late")
+    );
+    let out = call("late").unwrap();
+    assert_eq!(out.field("agent_ips"), "198.18.2.1", "through n2's agent");
+    a2.wait_for_log("caller=spiffe://lab.mesh/ns/lab/sa/late")
+        .unwrap();
+
+    // An invalid change: rejected, and both still work.
+    std::fs::write(lab.agent_config_path("n1"), "node: [").unwrap();
+    a1.wait_for_log("config change rejected").unwrap();
+    call("late").unwrap();
+    echo(&lab, 1000, 1);
 }

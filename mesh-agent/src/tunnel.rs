@@ -61,6 +61,11 @@ pub enum TunnelError {
         agent: SocketAddr,
         source: hyper::Error,
     },
+    #[error("cannot ask for {target}: {source}")]
+    Request {
+        target: SocketAddr,
+        source: http::Error,
+    },
     #[error("the peer agent at {agent} answered {status} for {target}")]
     Refused {
         agent: SocketAddr,
@@ -105,10 +110,7 @@ impl Tunnels {
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::new())
-            .map_err(|e| TunnelError::Connect {
-                agent,
-                source: io::Error::other(e),
-            })?;
+            .map_err(|source| TunnelError::Request { target, source })?;
         let http = |source| TunnelError::Http { agent, source };
         let response = sender.send_request(request).await.map_err(http)?;
         if response.status() != StatusCode::OK {

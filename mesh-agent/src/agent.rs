@@ -2,7 +2,10 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -17,12 +20,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    admin::{ADMIN_PORT, Admin, LogFilter},
     balance::EndpointStates,
     certificates::Certificates,
     config::Config,
-    datapath::{Datapath, Loaded, OUTBOUND_PORT},
+    datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT},
     identity::FileCa,
     inbound::Inbound,
+    metrics,
     outbound::Outbound,
     reload,
     routing::{Routes, TUNNEL_PORT},
@@ -41,6 +46,8 @@ pub struct RunOptions {
     pub grace_period: Duration,
     /// Most verbose level of the eBPF programs' own log.
     pub ebpf_log_level: aya_log::Level,
+    /// Changes the log filter (the admin API's `/logging`).
+    pub log_filter: LogFilter,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -55,6 +62,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
     let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
     let inbound_listener = system::listen(TUNNEL_PORT, "inbound tunnel")?;
+    let admin_listener = system::listen(ADMIN_PORT, "admin")?;
     let certificates = Arc::new(Certificates::new(
         Arc::new(load_ca(&config, &opts.config)?),
         config.trust_domain.as_str(),
@@ -73,6 +81,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         orig_dst,
     } = Datapath::load(node, &cgroup, opts.ebpf_log_level)?;
     tokio::spawn(drain_ebpf_log(logger));
+    let registry = Arc::new(metrics::registry(Counters::open_pinned(node)?));
+    let ready = Arc::new(AtomicBool::new(false));
 
     let served = async {
         state.sync(&config, &cgroup_mount)?;
@@ -84,10 +94,22 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 state,
                 cgroup_mount,
                 routes,
-                states,
+                states: states.clone(),
                 certificates: certificates.clone(),
             }
             .follow(),
+        );
+        let admin_stop = CancellationToken::new();
+        let admin = tokio::spawn(
+            Admin {
+                registry,
+                ready: ready.clone(),
+                routes: routes_rx.clone(),
+                states,
+                certificates: certificates.clone(),
+                log_filter: opts.log_filter.clone(),
+            }
+            .serve(admin_listener, admin_stop.clone()),
         );
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -109,9 +131,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
+        ready.store(true, Ordering::Relaxed);
         info!(node, config = %opts.config.display(), "mesh agent ready");
 
         signals.wait().await;
+        ready.store(false, Ordering::Relaxed);
         following.abort();
         stop.cancel();
         accepting.await.context("the outbound listener failed")?;
@@ -137,6 +161,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             abort.cancel();
             tracker.wait().await;
         }
+        admin_stop.cancel();
+        admin.await.context("the admin listener failed")?;
         anyhow::Ok(())
     }
     .await;

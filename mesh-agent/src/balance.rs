@@ -73,8 +73,8 @@ impl EndpointState {
         *h = Health::default();
     }
 
-    /// A connect to the endpoint failed; enough in a row eject it.
-    pub fn failed(&self) {
+    /// A connect to the endpoint failed; enough in a row eject it (then `true`).
+    pub fn failed(&self) -> bool {
         let mut h = self.health();
         h.failures += 1;
         if h.failures >= EJECT_AFTER {
@@ -85,12 +85,25 @@ impl EndpointState {
             h.failures = 0;
             h.ejected_until = Some(Instant::now() + length);
             warn!(endpoint = %self.addr, ejection = ?length, "endpoint ejected after {EJECT_AFTER} failed connects");
+            return true;
         }
+        false
     }
 
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
+}
+
+/// An endpoint's load and health, as the admin API shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct EndpointHealth {
+    pub address: SocketAddr,
+    pub outstanding: usize,
+    pub consecutive_failures: u32,
+    pub ejections_in_a_row: u32,
+    /// How much longer it stays ejected, if it is.
+    pub ejected_for_ms: Option<u64>,
 }
 
 /// An open connection to an endpoint; counts as outstanding until dropped.
@@ -114,6 +127,33 @@ impl Drop for Lease {
 pub struct EndpointStates(Mutex<HashMap<SocketAddr, Weak<EndpointState>>>);
 
 impl EndpointStates {
+    /// Every endpoint the routing tables hold, by address.
+    pub fn snapshot(&self) -> Vec<EndpointHealth> {
+        let now = Instant::now();
+        let states: Vec<Arc<EndpointState>> = {
+            let states = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            states.values().filter_map(Weak::upgrade).collect()
+        };
+        let mut health: Vec<EndpointHealth> = states
+            .iter()
+            .map(|s| {
+                let h = s.health();
+                EndpointHealth {
+                    address: s.addr,
+                    outstanding: s.outstanding(),
+                    consecutive_failures: h.failures,
+                    ejections_in_a_row: h.ejections,
+                    ejected_for_ms: h
+                        .ejected_until
+                        .filter(|t| *t > now)
+                        .map(|t| (t - now).as_millis() as u64),
+                }
+            })
+            .collect();
+        health.sort_by_key(|h| h.address);
+        health
+    }
+
     /// The state of `addr`, made if no routing table holds it any more.
     pub fn get(&self, addr: SocketAddr) -> Arc<EndpointState> {
         let mut states = self.0.lock().unwrap_or_else(PoisonError::into_inner);

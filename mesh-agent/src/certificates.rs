@@ -3,7 +3,7 @@
 //! swapped in without touching established connections.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, PoisonError, Weak},
     time::{Duration, SystemTime},
 };
@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     identity::{CertificateAuthority, SpiffeId},
+    metrics::{IdentityLabels, metrics},
     tls::{self, CertSlot},
 };
 
@@ -30,7 +31,11 @@ pub struct Certificates {
     /// Tunnel client configurations by identity; each keeps its certificate slot alive
     /// (renewal holds only a weak reference).
     held: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
+    expiries: Expiries,
 }
+
+/// When each held certificate expires, kept up to date by issuing and renewal.
+type Expiries = Arc<Mutex<BTreeMap<SpiffeId, SystemTime>>>;
 
 impl Certificates {
     pub fn new(ca: Arc<dyn CertificateAuthority>, trust_domain: &str, ttl: Duration) -> Self {
@@ -39,6 +44,7 @@ impl Certificates {
             trust_domain: trust_domain.to_owned(),
             ttl,
             held: Mutex::new(HashMap::new()),
+            expiries: Expiries::default(),
         }
     }
 
@@ -47,7 +53,13 @@ impl Certificates {
     pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
         let id = SpiffeId::agent(&self.trust_domain);
         let slot = Arc::new(self.issue_slot(&id)?);
-        tokio::spawn(renew(self.ca.clone(), id, Arc::downgrade(&slot), self.ttl));
+        tokio::spawn(renew(
+            self.ca.clone(),
+            id,
+            Arc::downgrade(&slot),
+            self.ttl,
+            self.expiries.clone(),
+        ));
         tls::server_config(self.ca.trust_bundle(), &self.trust_domain, slot)
     }
 
@@ -62,17 +74,32 @@ impl Certificates {
                 tls::client_config(self.ca.trust_bundle(), &self.trust_domain, slot.clone())?;
             issued.push((id.clone(), client, slot));
         }
-        held.retain(|id, _| ids.contains(id));
+        held.retain(|id, _| {
+            let keep = ids.contains(id);
+            if !keep {
+                forget_expiry(&self.expiries, id);
+            }
+            keep
+        });
         for (id, client, slot) in issued {
             tokio::spawn(renew(
                 self.ca.clone(),
                 id.clone(),
                 Arc::downgrade(&slot),
                 self.ttl,
+                self.expiries.clone(),
             ));
             held.insert(id, client);
         }
         Ok(())
+    }
+
+    /// Every held identity (the agent's too) and when its certificate expires.
+    pub fn expiries(&self) -> BTreeMap<SpiffeId, SystemTime> {
+        self.expiries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The tunnel client configuration presenting `id`'s certificate, if it is held.
@@ -87,6 +114,7 @@ impl Certificates {
             .issue(id, self.ttl)
             .with_context(|| format!("cannot get a certificate for {id}"))?;
         info!(%id, valid_for = ?self.ttl, "certificate issued");
+        record_expiry(&self.expiries, id, issued.not_after);
         CertSlot::new(issued)
     }
 }
@@ -97,6 +125,7 @@ async fn renew(
     id: SpiffeId,
     slot: Weak<CertSlot>,
     ttl: Duration,
+    expiries: Expiries,
 ) {
     let mut wait = half_life_with_jitter(ttl);
     loop {
@@ -104,7 +133,10 @@ async fn renew(
         let Some(slot) = slot.upgrade() else { return };
         let renewed = ca.issue(&id, ttl).and_then(|issued| {
             let not_after = issued.not_after;
-            slot.replace(issued).map(|()| not_after)
+            slot.replace(issued).map(|()| {
+                record_expiry(&expiries, &id, not_after);
+                not_after
+            })
         });
         wait = match renewed {
             Ok(not_after) => {
@@ -121,6 +153,38 @@ async fn renew(
             }
         };
     }
+}
+
+fn expiry_labels(id: &SpiffeId) -> IdentityLabels {
+    IdentityLabels {
+        identity: id.to_string(),
+    }
+}
+
+/// Notes when `id`'s certificate expires, and sets its gauge.
+fn record_expiry(expiries: &Expiries, id: &SpiffeId, not_after: SystemTime) {
+    expiries
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id.clone(), not_after);
+    metrics()
+        .certificate_expiry
+        .get_or_create(&expiry_labels(id))
+        .set(unix_seconds(not_after));
+}
+
+fn forget_expiry(expiries: &Expiries, id: &SpiffeId) {
+    expiries
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(id);
+    metrics().certificate_expiry.remove(&expiry_labels(id));
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 fn half_life_with_jitter(ttl: Duration) -> Duration {

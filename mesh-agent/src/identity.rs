@@ -74,8 +74,17 @@ impl SpiffeId {
     }
 
     pub fn trust_domain(&self) -> &str {
+        self.part(0)
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.part(2)
+    }
+
+    /// The `i`th `/`-separated part after `spiffe://` (parse made sure there are five).
+    fn part(&self, i: usize) -> &str {
         let rest = &self.0["spiffe://".len()..];
-        rest.split('/').next().unwrap_or_default()
+        rest.split('/').nth(i).unwrap_or_default()
     }
 
     pub fn as_str(&self) -> &str {
@@ -223,6 +232,7 @@ mod tests {
     fn spiffe_ids_parse_only_the_workload_form() {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/cart").unwrap();
         assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.namespace(), "shop");
         assert_eq!(id, SpiffeId::workload("cluster.local", "shop", "cart"));
         for bad in [
             "https://cluster.local/ns/shop/sa/cart",

@@ -29,7 +29,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
+    access::{Connection, Metered},
     identity::SpiffeId,
+    metrics::{ConnectionLabels, HandshakeLabels, ReasonLabels, metrics},
     outbound::{CONNECT_TIMEOUT, COPY_BUFFER},
     routing::Routes,
     system, tls, tunnel,
@@ -60,31 +62,32 @@ impl Inbound {
             let span = info_span!("tunnel", %peer);
             self.tracker.spawn(
                 self.clone()
-                    .serve_peer(acceptor.clone(), tcp)
+                    .serve_peer(acceptor.clone(), tcp, peer)
                     .instrument(span),
             );
         }
     }
 
-    async fn serve_peer(self, acceptor: TlsAcceptor, tcp: TcpStream) {
+    async fn serve_peer(self, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
         if let Err(e) = tcp.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
         }
         let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return self.refuse(e),
+            Ok(Err(e)) => return self.refuse(tls::failure_reason(&e), e),
             Err(_) => {
-                return self.refuse(format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}"));
+                let reason = format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                return self.refuse("timeout", reason);
             }
         };
         // The verifier accepted only certificates with a SPIFFE ID.
         let Some(caller) = tls::peer_id(tls.get_ref().1.peer_certificates()) else {
-            return self.refuse("no SPIFFE ID after the handshake");
+            return self.refuse("identity", "no SPIFFE ID after the handshake");
         };
         debug!(%caller, "tunnel peer accepted");
         let service = {
             let this = self.clone();
-            service_fn(move |request| this.clone().connect(request, caller.clone()))
+            service_fn(move |request| this.clone().connect(request, caller.clone(), peer))
         };
         let connection = http2::Builder::new(TokioExecutor::new())
             .max_concurrent_streams(tunnel::MAX_STREAMS_PER_CONNECTION)
@@ -109,7 +112,15 @@ impl Inbound {
         }
     }
 
-    fn refuse(&self, reason: impl Display) {
+    /// Counts and logs a peer whose handshake failed; `kind` is the metric's reason label.
+    fn refuse(&self, kind: &'static str, reason: impl Display) {
+        metrics()
+            .tls_handshake_failures
+            .get_or_create(&HandshakeLabels {
+                side: "inbound",
+                reason: kind,
+            })
+            .inc();
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         warn!(refused_total = total, "tunnel peer refused: {reason}");
     }
@@ -119,13 +130,21 @@ impl Inbound {
         self,
         request: Request<Incoming>,
         caller: SpiffeId,
+        peer: SocketAddr,
     ) -> Result<Response<Empty<Bytes>>, Infallible> {
         let status = |code| {
             let mut response = Response::new(Empty::new());
             *response.status_mut() = code;
             Ok(response)
         };
+        let refuse = |reason| {
+            metrics()
+                .refusals
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        };
         if request.method() != Method::CONNECT {
+            refuse("not_connect");
             return status(StatusCode::METHOD_NOT_ALLOWED);
         }
         let Some(target) = request
@@ -133,13 +152,19 @@ impl Inbound {
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
+            refuse("bad_authority");
             warn!(%caller, uri = %request.uri(), "tunnel stream refused: the authority is not ip:port");
             return status(StatusCode::BAD_REQUEST);
         };
-        if !self.routes.borrow().is_local_pod(target.ip()) {
-            warn!(%caller, %target, "tunnel stream refused: not a pod of this node");
-            return status(StatusCode::FORBIDDEN);
-        }
+        let destination = {
+            let routes = self.routes.borrow();
+            if !routes.is_local_pod(target.ip()) {
+                refuse("not_local_pod");
+                warn!(%caller, %target, "tunnel stream refused: not a pod of this node");
+                return status(StatusCode::FORBIDDEN);
+            }
+            routes.workload_at(target.ip()).cloned()
+        };
         let mut pod = match timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(pod)) => pod,
             Ok(Err(e)) => {
@@ -154,25 +179,41 @@ impl Inbound {
         if let Err(e) = pod.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
         }
+        let labels = ConnectionLabels {
+            direction: "inbound",
+            source_namespace: caller.namespace().to_owned(),
+            source_workload: String::new(),
+            source_identity: caller.to_string(),
+            destination_service: String::new(),
+            destination_namespace: destination
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .unwrap_or_default(),
+            destination_workload: destination.map(|w| w.name.clone()).unwrap_or_default(),
+            hop: "tunnel",
+        };
         let abort = self.abort.clone();
         let span = info_span!("inbound", %caller, %target);
         self.tracker.spawn(
             async move {
                 let mut tunnel = match hyper::upgrade::on(request).await {
-                    Ok(upgraded) => TokioIo::new(upgraded),
+                    Ok(upgraded) => Metered::new(TokioIo::new(upgraded)),
                     Err(e) => {
                         debug!("the tunnel stream went away before it was used: {e}");
                         return;
                     }
                 };
+                let record = Connection::open(labels, peer, target);
                 let copied = tokio::select! {
-                    copied = copy_bidirectional_with_sizes(&mut tunnel, &mut pod, COPY_BUFFER, COPY_BUFFER) => copied,
-                    () = abort.cancelled() => return,
+                    copied = copy_bidirectional_with_sizes(&mut tunnel, &mut pod, COPY_BUFFER, COPY_BUFFER) => Some(copied),
+                    () = abort.cancelled() => None,
                 };
-                match copied {
-                    Ok((received, sent)) => debug!(received, sent, "tunnel stream finished"),
-                    Err(e) => debug!("tunnel stream ended with an error: {e}"),
-                }
+                let outcome = match copied {
+                    Some(Ok(_)) => "ok".to_owned(),
+                    Some(Err(e)) => format!("ended with an error: {e}"),
+                    None => "closed by the agent's shutdown".to_owned(),
+                };
+                record.close(&tunnel, &outcome);
             }
             .instrument(span),
         );

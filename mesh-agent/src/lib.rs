@@ -1,6 +1,8 @@
 //! The mesh's per-node agent: loads the eBPF programs, recovers the original destinations of
 //! captured connections and forwards them.
 
+pub mod access;
+pub mod admin;
 pub mod agent;
 pub mod balance;
 pub mod certificates;
@@ -8,6 +10,7 @@ pub mod config;
 pub mod datapath;
 pub mod identity;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod reload;
 pub mod routing;

@@ -9,7 +9,7 @@ use mesh_agent::{
     system,
 };
 use tracing::level_filters::LevelFilter;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
 
 /// Node agent of the eBPF-accelerated service mesh.
 #[derive(Parser)]
@@ -19,8 +19,17 @@ struct Cli {
     /// `info,mesh_agent::outbound=debug`. The eBPF programs log at the most verbose level named.
     #[arg(long, global = true, default_value = "info")]
     log_level: String,
+    /// `text` (readable) or `json` (one object per line), for the log and the access log.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -76,11 +85,15 @@ fn run(cli: Cli) -> Result<()> {
     let filter = EnvFilter::try_new(&cli.log_level)
         .map_err(|e| anyhow::anyhow!("--log-level {:?}: {e}", cli.log_level))?;
     let ebpf_log_level = ebpf_level(filter.max_level_hint());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let (filter, log_filter) = reload::Layer::new(filter);
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::registry().with(filter);
+    match cli.log_format {
+        LogFormat::Text => subscriber
+            .with(lines.with_ansi(std::io::stderr().is_terminal()))
+            .init(),
+        LogFormat::Json => subscriber.with(lines.json()).init(),
+    }
 
     match cli.command {
         Command::Run {
@@ -94,6 +107,7 @@ fn run(cli: Cli) -> Result<()> {
             keep_pins,
             grace_period: Duration::from_secs(grace_period),
             ebpf_log_level,
+            log_filter,
         })),
         Command::Load { node, cgroup } => {
             system::require_root()?;

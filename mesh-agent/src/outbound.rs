@@ -18,10 +18,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
+    access::{Connection, Metered},
     balance::Lease,
     datapath::OrigDstTable,
-    identity::SpiffeId,
-    routing::{Hop, Route, Routes},
+    metrics::{ConnectionLabels, EndpointLabels, ReasonLabels, metrics},
+    routing::{Hop, LocalWorkload, Route, Routes},
     system,
     tunnel::{TunnelStream, Tunnels},
 };
@@ -51,38 +52,68 @@ impl Outbound {
     pub async fn serve(self, listener: TcpListener, mut orig_dst: OrigDstTable) {
         while let Some((client, peer)) = system::accept(&listener, &self.stop).await {
             let Some(dst) = orig_dst.take(peer) else {
+                refuse("not_captured");
                 warn!(%peer, "closing a connection that was not captured (no original destination)");
                 continue;
             };
             let (route, source) = {
                 let routes = self.routes.borrow();
-                (routes.route(dst), routes.identity_of(peer.ip()).cloned())
+                (routes.route(dst), routes.workload_at(peer.ip()).cloned())
             };
             let route = match route {
                 Ok(route) => route,
                 Err(e) => {
+                    refuse("no_route");
                     warn!(%peer, %dst, "closing a captured connection: {e}");
                     continue;
                 }
             };
             let span = info_span!("conn", %peer, %dst);
             let caller = Caller {
-                addr: peer.ip().to_canonical(),
-                id: source,
+                addr: peer,
+                workload: source,
             };
             self.tracker
                 .spawn(self.clone().forward(client, route, caller).instrument(span));
         }
     }
 
-    async fn forward(self, mut client: TcpStream, route: Route, caller: Caller) {
-        let Some((upstream, _lease)) = self.connect(&route, &caller).await else {
+    async fn forward(self, client: TcpStream, route: Route, caller: Caller) {
+        let Some(connected) = self.connect(&route, &caller).await else {
             return;
         };
         if let Err(e) = client.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
         }
-        let copied = match upstream {
+        let (hop, destination_workload) = match &connected.upstream {
+            Upstream::Direct(_) => {
+                let routes = self.routes.borrow();
+                ("local", routes.workload_at(connected.target.ip()).cloned())
+            }
+            Upstream::Tunnel(_) => ("tunnel", None),
+        };
+        let source = caller.workload.as_deref();
+        let labels = ConnectionLabels {
+            direction: "outbound",
+            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
+            source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
+            destination_service: match &route {
+                Route::Service(port) => port.service.clone(),
+                Route::Pod { .. } => String::new(),
+            },
+            destination_namespace: destination_workload
+                .as_ref()
+                .map(|w| w.namespace.clone())
+                .unwrap_or_default(),
+            destination_workload: destination_workload
+                .map(|w| w.name.clone())
+                .unwrap_or_default(),
+            hop,
+        };
+        let record = Connection::open(labels, caller.addr, connected.target);
+        let mut client = Metered::new(client);
+        let copied = match connected.upstream {
             Upstream::Direct(mut pod) => {
                 if let Err(e) = pod.set_nodelay(true) {
                     debug!("cannot set TCP_NODELAY: {e}");
@@ -91,21 +122,33 @@ impl Outbound {
             }
             Upstream::Tunnel(mut tunnel) => copy(&mut client, &mut tunnel, &self.abort).await,
         };
-        match copied {
-            Some(Ok((sent, received))) => debug!(sent, received, "connection finished"),
-            Some(Err(e)) => debug!("connection ended with an error: {e}"),
-            None => debug!("closed by shutdown"),
-        }
+        let outcome = match copied {
+            Some(Ok(_)) => "ok".to_owned(),
+            Some(Err(e)) => format!("ended with an error: {e}"),
+            None => "closed by the agent's shutdown".to_owned(),
+        };
+        record.close(&client, &outcome);
     }
 
     /// Connects to the route's destination; for a service, tries up to [`MAX_ATTEMPTS`]
     /// endpoints. The lease keeps the endpoint's connection counted while it is open.
-    async fn connect(&self, route: &Route, caller: &Caller) -> Option<(Upstream, Option<Lease>)> {
+    async fn connect(&self, route: &Route, caller: &Caller) -> Option<Connected> {
         let port = match route {
             Route::Pod { target, hop } => {
                 return match self.dial(*target, hop, caller).await {
-                    Ok(upstream) => Some((upstream, None)),
+                    Ok(upstream) => Some(Connected {
+                        upstream,
+                        target: *target,
+                        _lease: None,
+                    }),
                     Err(e) => {
+                        metrics()
+                            .connect_failures
+                            .get_or_create(&EndpointLabels {
+                                service: String::new(),
+                                endpoint: target.to_string(),
+                            })
+                            .inc();
                         warn!(%target, "cannot reach the destination: {e}");
                         None
                     }
@@ -120,14 +163,26 @@ impl Outbound {
             match self.dial(target, &hop, caller).await {
                 Ok(upstream) => {
                     lease.endpoint().succeeded();
-                    return Some((upstream, Some(lease)));
+                    return Some(Connected {
+                        upstream,
+                        target,
+                        _lease: Some(lease),
+                    });
                 }
                 Err(DialError::NoIdentity(addr)) => {
+                    refuse("no_identity");
                     warn!(service = %port.service, "cannot leave the node: {}", DialError::NoIdentity(addr));
                     return None;
                 }
                 Err(e) => {
-                    lease.endpoint().failed();
+                    let labels = EndpointLabels {
+                        service: port.service.clone(),
+                        endpoint: target.to_string(),
+                    };
+                    metrics().connect_failures.get_or_create(&labels).inc();
+                    if lease.endpoint().failed() {
+                        metrics().endpoint_ejections.get_or_create(&labels).inc();
+                    }
                     warn!(service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
                     tried.push(target);
                 }
@@ -153,14 +208,18 @@ impl Outbound {
                 Ok(Upstream::Direct(pod))
             }
             Hop::Tunnel { node, agent } => {
-                let source = caller
-                    .id
+                let source = &caller
+                    .workload
                     .as_ref()
-                    .ok_or(DialError::NoIdentity(caller.addr))?;
-                let tunnel = timeout(CONNECT_TIMEOUT, self.tunnels.open(source, *agent, target))
-                    .await
-                    .map_err(|_| DialError::Timeout)?
-                    .map_err(|e| DialError::Failed(e.to_string()))?;
+                    .ok_or(DialError::NoIdentity(caller.addr.ip().to_canonical()))?
+                    .id;
+                let tunnel = timeout(
+                    CONNECT_TIMEOUT,
+                    self.tunnels.open(source, node, *agent, target),
+                )
+                .await
+                .map_err(|_| DialError::Timeout)?
+                .map_err(|e| DialError::Failed(e.to_string()))?;
                 debug!(%target, %node, %source, "connected over mTLS through the peer agent");
                 Ok(Upstream::Tunnel(tunnel))
             }
@@ -170,9 +229,25 @@ impl Outbound {
 
 /// The local workload behind a captured connection.
 struct Caller {
-    addr: IpAddr,
-    /// Its identity, if a workload of this node has the address.
-    id: Option<SpiffeId>,
+    addr: SocketAddr,
+    /// The workload of this node with the address, if any.
+    workload: Option<Arc<LocalWorkload>>,
+}
+
+/// A connection made: to what, and how.
+struct Connected {
+    upstream: Upstream,
+    target: SocketAddr,
+    /// Keeps the endpoint's connection counted as outstanding while it is open.
+    _lease: Option<Lease>,
+}
+
+/// Counts a captured connection the agent would not forward.
+fn refuse(reason: &'static str) {
+    metrics()
+        .refusals
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
 }
 
 enum Upstream {
@@ -192,7 +267,7 @@ enum DialError {
 
 /// Copies both ways until both sides are done, or `abort` (then `None`).
 async fn copy<U: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut TcpStream,
+    client: &mut Metered<TcpStream>,
     upstream: &mut U,
     abort: &CancellationToken,
 ) -> Option<std::io::Result<(u64, u64)>> {

@@ -12,7 +12,11 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    balance::EndpointStates, certificates::Certificates, config::Config, datapath::StateMaps,
+    balance::EndpointStates,
+    certificates::Certificates,
+    config::Config,
+    datapath::StateMaps,
+    metrics::{ResultLabels, metrics},
     routing::Routes,
 };
 
@@ -52,6 +56,7 @@ impl Running {
         let new = match Config::load(&self.file) {
             Ok(new) => new,
             Err(e) => {
+                counted("rejected");
                 warn!("config change rejected, the running config stays: {e}");
                 return;
             }
@@ -68,6 +73,7 @@ impl Running {
             (new.identity != self.config.identity, "identity"),
         ];
         if let Some((_, what)) = fixed.iter().find(|(changed, _)| *changed) {
+            counted("rejected");
             warn!(
                 "config change rejected, the running config stays: {what} cannot change while \
                  the agent runs; restart the agent"
@@ -76,6 +82,7 @@ impl Running {
         }
         let routes = Routes::new(&new, &self.states);
         if let Err(e) = self.certificates.hold(&routes.identities()) {
+            counted("rejected");
             warn!("config change rejected, the running config stays: {e:#}");
             return;
         }
@@ -83,6 +90,7 @@ impl Running {
             warn!("config change only partly applied to the eBPF maps: {e:#}");
         }
         self.routes.send_replace(Arc::new(routes));
+        counted("applied");
         info!(
             workloads = new.workloads.len(),
             services = new.services.len(),
@@ -90,6 +98,13 @@ impl Running {
         );
         self.config = new;
     }
+}
+
+fn counted(result: &'static str) {
+    metrics()
+        .config_reloads
+        .get_or_create(&ResultLabels { result })
+        .inc();
 }
 
 /// What changes when the file does: modification time, size, inode.

@@ -23,8 +23,18 @@ pub struct Routes {
     services: HashMap<SocketAddr, Arc<ServicePort>>,
     local_pods: Vec<IpNet>,
     peer_pods: Vec<(IpNet, Hop)>,
-    /// Local workloads' identities by address: who is calling.
-    identities: HashMap<IpAddr, SpiffeId>,
+    /// Local workloads by address: who is calling, or being called.
+    workloads: HashMap<IpAddr, Arc<LocalWorkload>>,
+    /// What the table was built from.
+    config: Config,
+}
+
+/// A meshed workload of this node.
+#[derive(Debug)]
+pub struct LocalWorkload {
+    pub name: String,
+    pub namespace: String,
+    pub id: SpiffeId,
 }
 
 /// How to reach a destination from this node.
@@ -115,16 +125,20 @@ impl Routes {
                 }
             }
         }
-        let identities = config
+        let workloads = config
             .workloads
             .iter()
             .flat_map(|w| {
-                let id = SpiffeId::workload(
-                    config.trust_domain.as_str(),
-                    w.namespace.as_str(),
-                    w.service_account.as_str(),
-                );
-                w.addresses.iter().map(move |a| (*a, id.clone()))
+                let workload = Arc::new(LocalWorkload {
+                    name: w.name.to_string(),
+                    namespace: w.namespace.to_string(),
+                    id: SpiffeId::workload(
+                        config.trust_domain.as_str(),
+                        w.namespace.as_str(),
+                        w.service_account.as_str(),
+                    ),
+                });
+                w.addresses.iter().map(move |a| (*a, workload.clone()))
             })
             .collect();
         Self {
@@ -135,8 +149,14 @@ impl Routes {
                 .iter()
                 .flat_map(|p| p.pod_cidrs.iter().map(move |c| (*c, hop_to(p))))
                 .collect(),
-            identities,
+            workloads,
+            config: config.clone(),
         }
+    }
+
+    /// The configuration the table was built from.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Where a connection whose original destination was `dst` may go.
@@ -171,14 +191,14 @@ impl Routes {
         self.local_pods.iter().any(|net| net.contains(&addr))
     }
 
-    /// The identity of the local workload at `addr` (IPv4-mapped or not).
-    pub fn identity_of(&self, addr: IpAddr) -> Option<&SpiffeId> {
-        self.identities.get(&addr.to_canonical())
+    /// The local workload at `addr` (IPv4-mapped or not).
+    pub fn workload_at(&self, addr: IpAddr) -> Option<&Arc<LocalWorkload>> {
+        self.workloads.get(&addr.to_canonical())
     }
 
     /// Every local workload identity.
     pub fn identities(&self) -> BTreeSet<SpiffeId> {
-        self.identities.values().cloned().collect()
+        self.workloads.values().map(|w| w.id.clone()).collect()
     }
 }
 
@@ -261,12 +281,14 @@ services:
     fn callers_are_known_by_address() {
         let r = routes();
         let web = SpiffeId::workload("cluster.local", "shop", "web");
-        assert_eq!(r.identity_of("198.18.1.9".parse().unwrap()), Some(&web));
+        let at = |a: &str| r.workload_at(a.parse().unwrap()).map(|w| w.id.clone());
+        assert_eq!(at("198.18.1.9"), Some(web.clone()));
+        assert_eq!(at("::ffff:198.18.1.9"), Some(web.clone()));
         assert_eq!(
-            r.identity_of("::ffff:198.18.1.9".parse().unwrap()),
-            Some(&web)
+            r.workload_at("198.18.1.9".parse().unwrap()).unwrap().name,
+            "web-0"
         );
-        assert_eq!(r.identity_of("198.18.1.2".parse().unwrap()), None);
+        assert_eq!(at("198.18.1.2"), None);
         assert_eq!(r.identities().into_iter().collect::<Vec<_>>(), vec![web]);
     }
 

@@ -144,6 +144,32 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     SpiffeId::from_certificate(certs?.first()?).ok()
 }
 
+/// Why a handshake failed, as a metric label: a few fixed words.
+pub fn failure_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return "connection";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "untrusted",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::Other(other)
+                if other.0.downcast_ref::<IdentityRejected>().is_some() =>
+            {
+                "identity"
+            }
+            _ => "invalid_certificate",
+        },
+        Error::AlertReceived(_) => "alert_received",
+        Error::PeerIncompatible(_) | Error::NoApplicationProtocol => "incompatible",
+        _ => "protocol",
+    }
+}
+
 fn identity_error(reason: impl Into<String>) -> Error {
     Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
         IdentityRejected(reason.into()),

@@ -28,7 +28,14 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use crate::{certificates::Certificates, identity::SpiffeId};
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::{
+    certificates::Certificates,
+    identity::SpiffeId,
+    metrics::{HandshakeLabels, PeerLabels, metrics},
+    tls,
+};
 
 /// Streams one TLS connection carries at most; the inbound side advertises the same limit.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
@@ -98,14 +105,19 @@ impl Tunnels {
         }
     }
 
-    /// A byte stream to `target` through the agent at `agent`, authenticated as `source`.
+    /// A byte stream to `target` through the agent of `node` at `agent`, authenticated as
+    /// `source`.
     pub async fn open(
         &self,
         source: &SpiffeId,
+        node: &str,
         agent: SocketAddr,
         target: SocketAddr,
     ) -> Result<TunnelStream, TunnelError> {
-        let (mut sender, stream) = self.stream_slot(source, agent).await?;
+        let peer = PeerLabels {
+            peer_node: node.to_owned(),
+        };
+        let (mut sender, stream) = self.stream_slot(source, agent, &peer).await?;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -132,6 +144,7 @@ impl Tunnels {
         &self,
         source: &SpiffeId,
         agent: SocketAddr,
+        peer: &PeerLabels,
     ) -> Result<(Sender, StreamGuard), TunnelError> {
         let pool = self
             .pools
@@ -153,7 +166,7 @@ impl Tunnels {
                     .certificates
                     .client_config(source)
                     .ok_or_else(|| TunnelError::NoCertificate(source.clone()))?;
-                let sender = dial(config, agent).await?;
+                let sender = dial(config, agent, peer).await?;
                 debug!(%source, %agent, pooled = conns.len() + 1, "tunnel connection opened");
                 conns.push(Pooled {
                     sender,
@@ -163,11 +176,23 @@ impl Tunnels {
             }
         };
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        Ok((conn.sender.clone(), StreamGuard(conn.streams.clone())))
+        let gauge = metrics().tunnel_streams.get_or_create_owned(peer);
+        gauge.inc();
+        Ok((
+            conn.sender.clone(),
+            StreamGuard {
+                streams: conn.streams.clone(),
+                gauge,
+            },
+        ))
     }
 }
 
-async fn dial(config: Arc<rustls::ClientConfig>, agent: SocketAddr) -> Result<Sender, TunnelError> {
+async fn dial(
+    config: Arc<rustls::ClientConfig>,
+    agent: SocketAddr,
+    peer: &PeerLabels,
+) -> Result<Sender, TunnelError> {
     let tcp = TcpStream::connect(agent)
         .await
         .map_err(|source| TunnelError::Connect { agent, source })?;
@@ -177,7 +202,17 @@ async fn dial(config: Arc<rustls::ClientConfig>, agent: SocketAddr) -> Result<Se
     let tls = TlsConnector::from(config)
         .connect(ServerName::IpAddress(agent.ip().into()), tcp)
         .await
-        .map_err(|source| TunnelError::Tls { agent, source })?;
+        .map_err(|source| {
+            let labels = HandshakeLabels {
+                side: "outbound",
+                reason: tls::failure_reason(&source),
+            };
+            metrics()
+                .tls_handshake_failures
+                .get_or_create(&labels)
+                .inc();
+            TunnelError::Tls { agent, source }
+        })?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -186,20 +221,27 @@ async fn dial(config: Arc<rustls::ClientConfig>, agent: SocketAddr) -> Result<Se
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|source| TunnelError::Http { agent, source })?;
+    let pooled = metrics().tunnel_connections.get_or_create_owned(peer);
+    pooled.inc();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!(%agent, "tunnel connection ended: {e}");
         }
+        pooled.dec();
     });
     Ok(sender)
 }
 
-/// Holds a stream's place in its connection until dropped.
-struct StreamGuard(Arc<AtomicUsize>);
+/// Holds a stream's place in its connection, and in the open streams gauge, until dropped.
+struct StreamGuard {
+    streams: Arc<AtomicUsize>,
+    gauge: Gauge,
+}
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
     }
 }
 

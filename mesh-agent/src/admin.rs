@@ -1,0 +1,183 @@
+//! The admin API on port 15020: `/metrics` (OpenMetrics), `/healthz`, `/ready`, `/config`
+//! (the effective config and state as JSON) and `/logging` (the log filter, changeable at run
+//! time from the node itself).
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use tracing_subscriber::{EnvFilter, reload};
+
+use crate::{
+    balance::EndpointStates,
+    certificates::{Certificates, unix_seconds},
+    routing::Routes,
+    system,
+};
+
+/// The admin port.
+pub const ADMIN_PORT: u16 = 15020;
+
+/// Changes the agent's log filter while it runs.
+pub type LogFilter = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// What the admin API reads.
+#[derive(Clone)]
+pub struct Admin {
+    pub registry: Arc<Registry>,
+    /// Set once the agent serves (programs attached, certificates issued, config applied);
+    /// cleared when it starts shutting down.
+    pub ready: Arc<AtomicBool>,
+    pub routes: watch::Receiver<Arc<Routes>>,
+    pub states: Arc<EndpointStates>,
+    pub certificates: Arc<Certificates>,
+    pub log_filter: LogFilter,
+}
+
+impl Admin {
+    /// Serves until `stop` is cancelled.
+    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        while let Some((tcp, peer)) = system::accept(&listener, &stop).await {
+            let this = self.clone();
+            let service = service_fn(move |request| {
+                let this = this.clone();
+                async move { Ok::<_, Infallible>(this.answer(request, peer)) }
+            });
+            tokio::spawn(async move {
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await
+                {
+                    debug!(%peer, "admin connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    fn answer(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/metrics") => self.metrics(),
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "alive\n"),
+            (&Method::GET, "/ready") => {
+                if self.ready.load(Ordering::Relaxed) {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }
+            (&Method::GET, "/config") => self.config(),
+            (&Method::GET, "/logging") => self.log_filter(),
+            (&Method::PUT | &Method::POST, "/logging") => {
+                let level = request.uri().query().and_then(|q| {
+                    form_urlencoded::parse(q.as_bytes())
+                        .find(|(k, _)| k == "level")
+                        .map(|(_, v)| v.into_owned())
+                });
+                self.set_log_filter(level, peer)
+            }
+            (_, "/metrics" | "/healthz" | "/ready" | "/config" | "/logging") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /metrics, /healthz, /ready, /config or /logging\n",
+            ),
+        }
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut body = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+            warn!("cannot encode the metrics: {e}");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n",
+            );
+        }
+        response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body,
+        )
+    }
+
+    fn config(&self) -> Response<Full<Bytes>> {
+        let routes = self.routes.borrow().clone();
+        let certificates: Vec<_> = self
+            .certificates
+            .expiries()
+            .into_iter()
+            .map(|(id, not_after)| json!({ "identity": id.as_str(), "expires_unix": unix_seconds(not_after) }))
+            .collect();
+        let state = json!({
+            "config": routes.config(),
+            "endpoints": self.states.snapshot(),
+            "certificates": certificates,
+            "ready": self.ready.load(Ordering::Relaxed),
+        });
+        match serde_json::to_string_pretty(&state) {
+            Ok(body) => response(StatusCode::OK, "application/json", body + "\n"),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        }
+    }
+
+    fn log_filter(&self) -> Response<Full<Bytes>> {
+        let current = self
+            .log_filter
+            .with_current(|f| f.to_string())
+            .unwrap_or_default();
+        text(StatusCode::OK, &format!("{current}\n"))
+    }
+
+    /// Sets the log filter to `level` (tracing directives); only from this node.
+    fn set_log_filter(&self, level: Option<String>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        if !peer.ip().to_canonical().is_loopback() {
+            return text(
+                StatusCode::FORBIDDEN,
+                "the log level can only be changed from the node itself (127.0.0.1 or ::1)\n",
+            );
+        }
+        let Some(level) = level else {
+            return text(StatusCode::BAD_REQUEST, "give the filter as ?level=...\n");
+        };
+        let filter = match EnvFilter::try_new(&level) {
+            Ok(filter) => filter,
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{level:?}: {e}\n")),
+        };
+        match self.log_filter.reload(filter) {
+            Ok(()) => {
+                info!(filter = level, "log filter changed");
+                text(StatusCode::OK, &format!("{level}\n"))
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    response(status, "text/plain; charset=utf-8", body.to_owned())
+}
+
+fn response(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    response
+}

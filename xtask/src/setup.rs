@@ -8,13 +8,15 @@ use crate::shell::{self, Step, human};
 
 /// Debian packages: Debian's rustc with its source (builds the eBPF crate with
 /// `-Z build-std=core`), LLVM 22 (bpf-linker links against it), iproute2 (the tests' and the
-/// lab's network namespaces), tshark (the tests' wire captures between nodes).
+/// lab's network namespaces), tshark (the tests' wire captures between nodes), prometheus
+/// (the tests run their own, inside a lab namespace).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
     "llvm-22-dev",
     "iproute2",
     "tshark",
+    "prometheus",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -45,7 +47,7 @@ pub fn run() -> Result<()> {
         shell::run(
             Command::new("apt-get")
                 .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-q"])
+                .args(["install", "-y", "-q", "--no-install-recommends"])
                 .args(&missing),
         )?;
         eprintln!(

@@ -201,6 +201,31 @@ fn demo() -> Result<()> {
         n2_log.matches("tunnel peer refused").count()
     );
     println!();
+    println!("From the agents' metrics (GET http://198.18.0.<k>:15020/metrics on node <k>):");
+    println!(
+        "  {:<6} {:<9} {:<16} {:<7} {:>11} {:>9} {:>9}",
+        "agent", "direction", "service", "hop", "connections", "sent", "received"
+    );
+    for (k, node) in [(1, "n1"), (2, "n2")] {
+        let url = format!("http://198.18.0.{k}:15020/metrics");
+        let text = lab.run_on_node(node, &["get", "--url", &url])?.stdout;
+        for row in service_table(&text) {
+            println!(
+                "  {node:<6} {:<9} {:<16} {:<7} {:>11} {:>5.1} MiB {:>5.1} MiB",
+                row.direction,
+                if row.service.is_empty() {
+                    "-"
+                } else {
+                    &row.service
+                },
+                row.hop,
+                row.connections,
+                row.sent / f64::from(1 << 20),
+                row.received / f64::from(1 << 20),
+            );
+        }
+    }
+    println!();
     println!("What the eBPF programs of n1 counted:");
     let delta = |c: Counter| after[c as usize] - before[c as usize];
     let redirected_mib = delta(Counter::BytesRedirected) as f64 / f64::from(1 << 20);
@@ -274,6 +299,15 @@ fn up() -> Result<()> {
         lab.netns_name("web"),
         testpod.display()
     );
+    println!("What each agent measured and knows (on node <k>):");
+    println!(
+        "  sudo ip netns exec {} curl -s 198.18.0.1:15020/metrics",
+        lab.netns_name("n1")
+    );
+    println!(
+        "  sudo ip netns exec {} curl -s 198.18.0.2:15020/config",
+        lab.netns_name("n2")
+    );
     println!("Watch the agents:");
     for node in ["n1", "n2"] {
         println!(
@@ -293,6 +327,59 @@ fn down() -> Result<()> {
         eprintln!("==> no lab was up");
     }
     Ok(())
+}
+
+/// One row of the per-service table: connections and bytes by direction, service and hop.
+#[derive(Default)]
+struct ServiceRow {
+    direction: String,
+    service: String,
+    hop: String,
+    connections: u64,
+    sent: f64,
+    received: f64,
+}
+
+/// Sums an agent's connection metrics (OpenMetrics text) by direction, service and hop.
+fn service_table(metrics: &str) -> Vec<ServiceRow> {
+    let mut rows: BTreeMap<(String, String, String), ServiceRow> = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels
+                .split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let key = (
+            label("direction"),
+            label("destination_service"),
+            label("hop"),
+        );
+        let row = rows.entry(key.clone()).or_insert_with(|| ServiceRow {
+            direction: key.0,
+            service: key.1,
+            hop: key.2,
+            ..ServiceRow::default()
+        });
+        match name {
+            "mesh_connections_opened_total" => row.connections += value as u64,
+            "mesh_bytes_sent_total" => row.sent += value,
+            "mesh_bytes_received_total" => row.received += value,
+            _ => {}
+        }
+    }
+    rows.into_values().filter(|r| r.connections > 0).collect()
 }
 
 /// The name of the shop pod at `ip`.

@@ -75,6 +75,14 @@ enum Cmd {
         #[arg(long)]
         authority: String,
     },
+    /// An HTTP/1.1 request (GET unless told) of `url` (`http://ip:port/path?query`): prints
+    /// `status=<code> content_type=<type>` on the first line, then the body.
+    Get {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value = "GET")]
+        method: String,
+    },
     /// Tries one connect and prints `connect=ok` or `connect=<error kind>`.
     Connect {
         #[arg(long)]
@@ -140,6 +148,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Get { url, method } => get(&url, &method).await,
         Cmd::Connect { addr } => {
             match TcpStream::connect(addr).await {
                 Ok(_) => println!("connect=ok"),
@@ -510,4 +519,35 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+async fn get(url: &str, method: &str) -> Result<()> {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = url.parse()?;
+    let authority = uri
+        .authority()
+        .context("the URL has no host:port")?
+        .as_str();
+    let tcp = TcpStream::connect(authority).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    let driver = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(uri.clone())
+        .header(http::header::HOST, authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .replace(' ', "");
+    let body = response.into_body().collect().await?.to_bytes();
+    driver.abort();
+    println!("status={status} content_type={content_type}");
+    print!("{}", String::from_utf8_lossy(&body));
+    Ok(())
 }

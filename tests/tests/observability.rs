@@ -1,0 +1,246 @@
+//! End-to-end: a real Prometheus scrapes the agents of a two-node lab; what it stored must
+//! agree exactly with the traffic the test sent. The admin API answers for each node.
+
+use mesh_tests::{Lab, LabSpec, ProbeCert, ServiceSpec};
+
+const VIP: &str = "198.19.0.10";
+const CONNECTIONS: u64 = 7;
+const BYTES: u64 = 300_000;
+const CLIENT: &str = "spiffe://lab.mesh/ns/lab/sa/client";
+
+fn two_nodes() -> LabSpec {
+    LabSpec::default()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "client", true)
+        .pod("n2", "backend", false)
+        .service(ServiceSpec::echo("echo", &[VIP], &["backend"]))
+}
+
+/// A GET of the admin API of node `k` from node `from`: (status line fields, body).
+fn admin(lab: &Lab, from: &str, k: u8, path: &str) -> (mesh_tests::Output, String) {
+    let out = lab
+        .run_on_node(
+            from,
+            &["get", "--url", &format!("http://198.18.0.{k}:15020{path}")],
+        )
+        .unwrap();
+    let body = out.stdout.split_once('\n').unwrap().1.to_owned();
+    (out, body)
+}
+
+#[test]
+fn prometheus_sees_exactly_the_traffic_sent() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let prometheus = lab.start_prometheus("n1").unwrap();
+
+    let out = lab
+        .run(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                &format!("{VIP}:80"),
+                "--bytes",
+                &BYTES.to_string(),
+                "--connections",
+                &CONNECTIONS.to_string(),
+            ],
+        )
+        .unwrap();
+    let banner: u64 = out.field("banner_bytes").parse().unwrap();
+    // Refused peers at n2's tunnel port: one from another CA, one without a certificate; a
+    // good one asking for a pod of another node.
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    let probe = |cert: Option<ProbeCert>, authority: &str| {
+        let mut args = vec![
+            "probe".to_owned(),
+            "--connect".into(),
+            "198.18.0.2:15008".into(),
+            "--authority".into(),
+            authority.into(),
+        ];
+        if let Some(kind) = cert {
+            let files = lab.probe_cert(kind).unwrap();
+            args.extend([
+                "--cert".into(),
+                files.cert.display().to_string(),
+                "--key".into(),
+                files.key.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.run_on_node("n1", &args).unwrap()
+    };
+    probe(Some(ProbeCert::OtherCa), &format!("{backend}:8080"));
+    probe(None, &format!("{backend}:8080"));
+    probe(Some(ProbeCert::Valid), "198.18.1.2:8080");
+
+    // What n1's agent proxied out, and n2's agent delivered: the same bytes, exactly.
+    let conn = |direction: &str| {
+        format!("{{direction=\"{direction}\",source_identity=\"{CLIENT}\",hop=\"tunnel\"}}")
+    };
+    let sent = (CONNECTIONS * BYTES) as f64;
+    let received = (CONNECTIONS * (BYTES + banner)) as f64;
+    for direction in ["outbound", "inbound"] {
+        let labels = conn(direction);
+        for (metric, expected) in [
+            ("mesh_connections_opened_total", CONNECTIONS as f64),
+            ("mesh_connections_closed_total", CONNECTIONS as f64),
+            ("mesh_bytes_sent_total", sent),
+            ("mesh_bytes_received_total", received),
+            ("mesh_connection_duration_seconds_count", CONNECTIONS as f64),
+        ] {
+            prometheus
+                .wait_for_value(&format!("sum({metric}{labels})"), expected)
+                .unwrap();
+        }
+    }
+    let outbound = prometheus
+        .query(&format!(
+            "mesh_connections_opened_total{}",
+            conn("outbound")
+        ))
+        .unwrap();
+    assert_eq!(outbound.len(), 1);
+    let l = &outbound[0].labels;
+    assert_eq!(l["destination_service"], "lab/echo");
+    assert_eq!(l["source_workload"], "client");
+    assert_eq!(l["source_namespace"], "lab");
+    assert_eq!(l["instance"], "198.18.0.1:15020");
+
+    // Refusals, by reason, on n2.
+    let n2 = "instance=\"198.18.0.2:15020\"";
+    for (query, expected) in [
+        (
+            format!(
+                "mesh_tls_handshake_failures_total{{{n2},side=\"inbound\",reason=\"untrusted\"}}"
+            ),
+            1.0,
+        ),
+        (
+            format!(
+                "mesh_tls_handshake_failures_total{{{n2},side=\"inbound\",reason=\"no_certificate\"}}"
+            ),
+            1.0,
+        ),
+        (
+            format!("mesh_refusals_total{{{n2},reason=\"not_local_pod\"}}"),
+            1.0,
+        ),
+        // The eBPF programs of n1 captured every client connect.
+        (
+            "mesh_ebpf_connects_captured_total{instance=\"198.18.0.1:15020\"}".to_owned(),
+            CONNECTIONS as f64,
+        ),
+        (
+            "mesh_tunnel_connections{instance=\"198.18.0.1:15020\"}".to_owned(),
+            1.0,
+        ),
+        (
+            "mesh_tunnel_streams{instance=\"198.18.0.1:15020\"}".to_owned(),
+            0.0,
+        ),
+    ] {
+        prometheus.wait_for_value(&query, expected).unwrap();
+    }
+    // Each agent's and the client's certificate expires in the future, within the TTL.
+    let expiries = prometheus
+        .query("mesh_certificate_expiry_timestamp_seconds - time()")
+        .unwrap();
+    assert_eq!(expiries.len(), 3, "{expiries:?}");
+    assert!(
+        expiries.iter().all(|s| s.value > 0.0 && s.value <= 3600.0),
+        "{expiries:?}"
+    );
+
+    // Prometheus parsed both agents' OpenMetrics text without a complaint.
+    for (instance, health, error) in prometheus.targets().unwrap() {
+        assert_eq!((health.as_str(), error.as_str()), ("up", ""), "{instance}");
+    }
+}
+
+#[test]
+fn the_admin_api_answers_on_every_node() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    lab.run(
+        "client",
+        &["echo", "--connect", &format!("{VIP}:80"), "--bytes", "1000"],
+    )
+    .unwrap();
+
+    for k in [1, 2] {
+        let (out, body) = admin(&lab, "n1", k, "/healthz");
+        assert_eq!(out.field("status"), "200", "{body}");
+        let (out, _) = admin(&lab, "n1", k, "/ready");
+        assert_eq!(out.field("status"), "200");
+        let (out, _) = admin(&lab, "n1", k, "/metrics");
+        assert!(
+            out.field("content_type")
+                .starts_with("application/openmetrics-text")
+        );
+        assert!(
+            out.stdout.trim_end().ends_with("# EOF"),
+            "OpenMetrics text ends with # EOF"
+        );
+    }
+
+    let (_, body) = admin(&lab, "n1", 1, "/config");
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["ready"], true);
+    assert_eq!(config["config"]["workloads"][0]["name"], "client");
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    let endpoint = &config["endpoints"][0];
+    assert_eq!(endpoint["address"], format!("{backend}:8080"));
+    assert_eq!(endpoint["consecutive_failures"], 0);
+    let ids: Vec<&str> = config["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["identity"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [CLIENT, "spiffe://lab.mesh/ns/mesh-system/sa/mesh-agent"]
+    );
+
+    // The log level changes at run time, from the node itself only.
+    let logging = |host: &str, method: &str| {
+        let url = format!("http://{host}:15020/logging?level=warn,mesh_agent::access=info");
+        lab.run_on_node("n1", &["get", "--method", method, "--url", &url])
+            .unwrap()
+    };
+    assert_eq!(logging("198.18.0.1", "PUT").field("status"), "403");
+    assert_eq!(logging("127.0.0.1", "PUT").field("status"), "200");
+    let now = logging("127.0.0.1", "GET");
+    assert!(
+        now.stdout.contains("mesh_agent::access=info") && now.stdout.contains("warn"),
+        "{}",
+        now.stdout
+    );
+    let count = |text: &str| a1.log().matches(text).count();
+    assert_eq!(
+        count("mesh_agent::access"),
+        1,
+        "one access line per connection"
+    );
+    assert_eq!(count("connected over mTLS"), 1);
+    // From now on: access lines, but no debug lines.
+    lab.run(
+        "client",
+        &["echo", "--connect", &format!("{VIP}:80"), "--bytes", "1000"],
+    )
+    .unwrap();
+    a1.wait_for_log_times("mesh_agent::access", 2).unwrap();
+    assert_eq!(count("connected over mTLS"), 1, "{}", a1.log());
+}

@@ -119,6 +119,13 @@ pub fn metrics() -> &'static Metrics {
 /// A registry with every metric, and the eBPF programs' counters read from `counters` at each
 /// scrape.
 pub fn registry(counters: Counters) -> Registry {
+    let mut r = agent_registry();
+    r.register_collector(Box::new(EbpfCounters(counters)));
+    r
+}
+
+/// The agent's own metrics, without the eBPF counters.
+fn agent_registry() -> Registry {
     let m = metrics();
     let mut r = Registry::with_prefix("mesh");
     r.register(
@@ -188,7 +195,6 @@ pub fn registry(counters: Counters) -> Registry {
         "Config changes applied or rejected",
         m.config_reloads.clone(),
     );
-    r.register_collector(Box::new(EbpfCounters(counters)));
     r
 }
 
@@ -219,5 +225,110 @@ impl Collector for EbpfCounters {
             )?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gives every family one series, so that the encoding shows them all.
+    fn touch_all() {
+        let m = metrics();
+        let conn = ConnectionLabels {
+            direction: "outbound",
+            source_namespace: "shop".into(),
+            source_workload: "web-0".into(),
+            source_identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            destination_service: "shop/cart".into(),
+            destination_namespace: String::new(),
+            destination_workload: String::new(),
+            hop: "tunnel",
+        };
+        m.connections_opened.get_or_create(&conn).inc();
+        m.connections_closed.get_or_create(&conn).inc();
+        m.bytes_sent.get_or_create(&conn).inc_by(10);
+        m.bytes_received.get_or_create(&conn).inc_by(20);
+        m.connection_duration.get_or_create(&conn).observe(0.5);
+        let handshake = HandshakeLabels {
+            side: "inbound",
+            reason: "untrusted",
+        };
+        m.tls_handshake_failures.get_or_create(&handshake).inc();
+        m.refusals
+            .get_or_create(&ReasonLabels {
+                reason: "not_local_pod",
+            })
+            .inc();
+        let endpoint = EndpointLabels {
+            service: "shop/cart".into(),
+            endpoint: "198.18.2.2:8080".into(),
+        };
+        m.connect_failures.get_or_create(&endpoint).inc();
+        m.endpoint_ejections.get_or_create(&endpoint).inc();
+        let peer = PeerLabels {
+            peer_node: "node-2".into(),
+        };
+        m.tunnel_connections.get_or_create(&peer).set(1);
+        m.tunnel_streams.get_or_create(&peer).set(3);
+        m.certificate_expiry
+            .get_or_create(&IdentityLabels {
+                identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            })
+            .set(1_800_000_000);
+        m.config_reloads
+            .get_or_create(&ResultLabels { result: "applied" })
+            .inc();
+    }
+
+    fn encoded() -> String {
+        touch_all();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &agent_registry()).unwrap();
+        text
+    }
+
+    #[test]
+    fn metrics_are_openmetrics_with_the_mesh_prefix() {
+        let text = encoded();
+        assert!(text.ends_with("# EOF\n"));
+        assert!(text.contains("# TYPE mesh_connections_opened counter\n"));
+        assert!(text.contains("# TYPE mesh_connection_duration_seconds histogram\n"));
+        assert!(text.contains("# UNIT mesh_connection_duration_seconds seconds\n"));
+        assert!(text.contains("mesh_bytes_sent_total{direction=\"outbound\""));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("mesh_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn the_dashboard_draws_only_exported_metrics() {
+        let text = encoded();
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../deploy/grafana/mesh-agents.json")).unwrap();
+        let exprs = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["targets"].as_array().unwrap())
+            .map(|t| t["expr"].as_str().unwrap());
+        for expr in exprs {
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("mesh_"))
+            {
+                let family = ["_total", "_bucket"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .unwrap_or(name);
+                let ebpf = EbpfCounter::ALL
+                    .iter()
+                    .any(|c| family == format!("mesh_ebpf_{}", c.name()));
+                assert!(
+                    ebpf || text.contains(&format!("# TYPE {family} ")),
+                    "the dashboard draws {name}, which the agent does not export"
+                );
+            }
+        }
     }
 }

@@ -147,6 +147,21 @@ impl Prometheus<'_> {
         }
     }
 
+    /// The result of `promql` once it has any series (a rate needs two scrapes).
+    pub fn wait_for_data(&self, promql: &str) -> Result<Vec<Sample>> {
+        let started = Instant::now();
+        loop {
+            let samples = self.query(promql)?;
+            if !samples.is_empty() {
+                return Ok(samples);
+            }
+            if started.elapsed() > WATCHDOG {
+                bail!("{promql} has no data");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Prometheus' view of its scrape targets: (address, health, last error).
     pub fn targets(&self) -> Result<Vec<(String, String, String)>> {
         let body: Value = serde_json::from_str(&self.get("/api/v1/targets")?)?;

@@ -17,6 +17,19 @@ fn two_nodes() -> LabSpec {
         .service(ServiceSpec::echo("echo", &[VIP], &["backend"]))
 }
 
+/// Every query of the Grafana dashboard in `deploy/`.
+fn dashboard_queries() -> Vec<String> {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../deploy/grafana/mesh-agents.json")).unwrap();
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 /// A GET of the admin API of node `k` from node `from`: (status line fields, body).
 fn admin(lab: &Lab, from: &str, k: u8, path: &str) -> (mesh_tests::Output, String) {
     let out = lab
@@ -159,6 +172,18 @@ fn prometheus_sees_exactly_the_traffic_sent() {
         "{expiries:?}"
     );
 
+    // Every dashboard query is valid PromQL over series the agents export; the main panels
+    // show this traffic.
+    for expr in dashboard_queries() {
+        let expr = expr.replace("$__rate_interval", "1m");
+        let main_panel = expr.contains("mesh_bytes_sent_total")
+            || expr.contains("mesh_ebpf_connects_captured_total");
+        if main_panel {
+            prometheus.wait_for_data(&expr).unwrap();
+        } else {
+            prometheus.query(&expr).unwrap();
+        }
+    }
     // Prometheus parsed both agents' OpenMetrics text without a complaint.
     for (instance, health, error) in prometheus.targets().unwrap() {
         assert_eq!((health.as_str(), error.as_str()), ("up", ""), "{instance}");

@@ -269,3 +269,43 @@ fn the_admin_api_answers_on_every_node() {
     a1.wait_for_log_times("mesh_agent::access", 2).unwrap();
     assert_eq!(count("connected over mTLS"), 1, "{}", a1.log());
 }
+
+#[test]
+fn access_log_lines_are_json_when_asked() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let a1 = lab.start_agent("n1", &["--log-format", "json"]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let out = lab
+        .run(
+            "client",
+            &["echo", "--connect", &format!("{VIP}:80"), "--bytes", "4321"],
+        )
+        .unwrap();
+    let banner: u64 = out.field("banner_bytes").parse().unwrap();
+    a1.wait_for_log("mesh_agent::access").unwrap();
+    let log = a1.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mesh_agent::access"))
+        .unwrap();
+    let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+    let fields = &entry["fields"];
+    assert_eq!(fields["message"], "connection closed");
+    assert_eq!(fields["direction"], "outbound");
+    assert_eq!(fields["source_identity"], CLIENT);
+    assert_eq!(fields["source_workload"], "lab/client");
+    assert_eq!(fields["destination_service"], "lab/echo");
+    assert_eq!(fields["hop"], "tunnel");
+    assert_eq!(fields["sent"], 4321);
+    assert_eq!(fields["received"], 4321 + banner);
+    assert_eq!(fields["outcome"], "ok");
+    // Every line is JSON, and the connection's span names where it came from.
+    assert!(
+        log.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok())
+    );
+    assert_eq!(entry["span"]["name"], "conn");
+}

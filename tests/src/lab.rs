@@ -124,6 +124,25 @@ impl Lab {
             }
         }
 
+        // The nodes route between their pod networks, as a cluster network does: traffic the
+        // mesh leaves alone (and the benchmark's baseline) goes pod to pod directly.
+        for node in self.spec.nodes.clone() {
+            let ns = self.netns_name(&node);
+            for key in ["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"] {
+                netns::sysctl_in(&ns, key, "1")?;
+            }
+            for other in self.spec.nodes.iter().filter(|n| **n != node) {
+                let m = self.node_index(other)?;
+                let (via4, via6) = topology::node_addrs(m);
+                let [net4, net6] = topology::pod_cidrs(m);
+                ip_in(&ns, &["route", "add", &net4, "via", &via4.to_string()])?;
+                ip_in(
+                    &ns,
+                    &["-6", "route", "add", &net6, "via", &via6.to_string()],
+                )?;
+            }
+        }
+
         for pod in self.spec.pods.clone() {
             let ns = self.netns_name(&pod.name);
             self.add_netns(&ns)?;

@@ -33,6 +33,23 @@ pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
     ip(&all)
 }
 
+/// Sets the sysctl at `key` (a path under /proc/sys, like `net/ipv4/ip_forward`) to `value`
+/// inside `netns`.
+pub fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
+    let script = format!("echo {value} > /proc/sys/{key}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns, "sh", "-c", &script])
+        .output()
+        .context("cannot run a shell in a network namespace")?;
+    if !out.status.success() {
+        bail!(
+            "{key}={value} in {netns} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The named network namespaces that exist.
 pub fn list() -> Vec<String> {
     std::fs::read_dir("/run/netns")

@@ -66,11 +66,20 @@ pub fn agent_binary(root: &Path, release: bool) -> PathBuf {
         .join("mesh-agent")
 }
 
-/// Builds the agent and the lab programs (`mesh-lab`, `mesh-testpod`); returns `mesh-lab`.
-pub fn lab(root: &Path) -> Result<PathBuf> {
-    agent(root, false)?;
-    let step = Step::start("build: the lab (mesh-lab, mesh-testpod)");
-    shell::run(host_cargo(root, root).args(["build", "--package", "mesh-tests", "--bins"]))?;
+/// Builds the agent and the lab programs (`mesh-lab`, `mesh-bench`, `mesh-testpod`); returns
+/// the directory they are in.
+pub fn lab(root: &Path, release: bool) -> Result<PathBuf> {
+    agent(root, release)?;
+    let profile = if release { "release" } else { "debug" };
+    let step = Step::start(format!(
+        "build: the lab (mesh-lab, mesh-bench, mesh-testpod; {profile})"
+    ));
+    let mut cmd = host_cargo(root, root);
+    cmd.args(["build", "--package", "mesh-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    shell::run(&mut cmd)?;
     step.done();
-    Ok(root.join("target/debug/mesh-lab"))
+    Ok(root.join("target").join(profile))
 }

@@ -61,6 +61,13 @@ enum Task {
         #[arg(value_enum)]
         action: Option<LabAction>,
     },
+    /// The benchmark: each scenario through each path (direct TCP, the mesh on one node and
+    /// across nodes) in one run, as ratios to the direct path; writes target/bench/report.json.
+    Bench {
+        /// A small, fast run (debug builds) that proves the benchmark works; CI runs it.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
@@ -98,7 +105,7 @@ fn main() -> Result<()> {
         Task::Lab { action } => {
             shell::require_root("lab")?;
             setup::run()?;
-            let lab = compile::lab(&root)?;
+            let lab = compile::lab(&root, false)?.join("mesh-lab");
             let args = match action {
                 None => None,
                 Some(LabAction::Up) => Some("up"),
@@ -106,6 +113,22 @@ fn main() -> Result<()> {
             };
             // Become the lab, so that Ctrl-C reaches it (it cleans up) and not us.
             Err(Command::new(lab).args(args).exec().into())
+        }
+        Task::Bench { quick } => {
+            shell::require_root("bench")?;
+            setup::run()?;
+            let dir = compile::lab(&root, !quick)?;
+            let report = root.join("target/bench/report.json");
+            let mut bench = Command::new(dir.join("mesh-bench"));
+            bench
+                .env("MESH_AGENT_BIN", dir.join("mesh-agent"))
+                .arg("--report")
+                .arg(&report);
+            if quick {
+                bench.arg("--quick");
+            }
+            // Become the benchmark, so that Ctrl-C reaches it (it cleans up) and not us.
+            Err(bench.exec().into())
         }
         Task::Test { args } => test::run(&root, &args),
     }

@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+mod bench;
+
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use tokio::{
@@ -38,6 +40,10 @@ enum Cmd {
         /// `IP:PORT` or `IP:FIRST-LAST` (IPv6 in brackets); may be repeated.
         #[arg(long, required = true)]
         listen: Vec<String>,
+        /// Also a sink on these: read and drop everything; at the end of the input, answer
+        /// `received=<bytes>` and close.
+        #[arg(long)]
+        sink: Vec<String>,
     },
     /// Sends `bytes` bytes of a pattern through an echo server and checks that they come back.
     Echo {
@@ -83,6 +89,9 @@ enum Cmd {
         #[arg(long, default_value = "GET")]
         method: String,
     },
+    /// Load for the benchmark: request/response latency, bulk throughput or new connections
+    /// per second against a `serve` server.
+    Bench(bench::Bench),
     /// Tries one connect and prints `connect=ok` or `connect=<error kind>`.
     Connect {
         #[arg(long)]
@@ -104,9 +113,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        if let Cmd::Serve { listen } = &cli.command {
+        if let Cmd::Serve { listen, sink } = &cli.command {
             // Servers run until the test stops them.
-            return serve(listen).await;
+            return serve(listen, sink).await;
         }
         match tokio::time::timeout(WATCHDOG, run(cli.command)).await {
             Ok(result) => result,
@@ -124,7 +133,8 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { listen } => serve(&listen).await,
+        Cmd::Serve { listen, sink } => serve(&listen, &sink).await,
+        Cmd::Bench(bench) => bench.run().await,
         Cmd::Echo {
             connect,
             bytes,
@@ -165,9 +175,13 @@ fn pattern(offset: u64) -> u8 {
     ((offset % 251) as u8) ^ ((offset / 251) as u8)
 }
 
-async fn serve(listen: &[String]) -> Result<()> {
+async fn serve(listen: &[String], sink: &[String]) -> Result<()> {
     let mut listeners = Vec::new();
-    for spec in listen {
+    let specs = listen
+        .iter()
+        .map(|s| (s, false))
+        .chain(sink.iter().map(|s| (s, true)));
+    for (spec, is_sink) in specs {
         let (ip, ports) = parse_listen(spec)?;
         for port in ports.0..=ports.1 {
             let addr = SocketAddr::new(ip, port);
@@ -180,13 +194,13 @@ async fn serve(listen: &[String]) -> Result<()> {
             socket
                 .bind(addr)
                 .with_context(|| format!("cannot bind {addr}"))?;
-            listeners.push(socket.listen(1024)?);
+            listeners.push((socket.listen(1024)?, is_sink));
         }
     }
     println!("ready");
     let mut tasks = tokio::task::JoinSet::new();
-    for listener in listeners {
-        tasks.spawn(accept_loop(listener));
+    for (listener, is_sink) in listeners {
+        tasks.spawn(accept_loop(listener, is_sink));
     }
     while let Some(done) = tasks.join_next().await {
         done??;
@@ -194,15 +208,38 @@ async fn serve(listen: &[String]) -> Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener) -> Result<()> {
+async fn accept_loop(listener: TcpListener, is_sink: bool) -> Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
         tokio::spawn(async move {
-            if let Err(e) = echo_back(stream, peer).await {
+            let served = if is_sink {
+                sink_back(stream).await
+            } else {
+                echo_back(stream, peer).await
+            };
+            if let Err(e) = served {
                 eprintln!("mesh-testpod serve: {peer}: {e:#}");
             }
         });
     }
+}
+
+/// Reads and drops everything, then says how much it was.
+async fn sink_back(mut stream: TcpStream) -> Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+    }
+    stream
+        .write_all(format!("received={received}\n").as_bytes())
+        .await?;
+    stream.shutdown().await?;
+    Ok(())
 }
 
 async fn echo_back(mut stream: TcpStream, peer: SocketAddr) -> Result<()> {
@@ -210,8 +247,9 @@ async fn echo_back(mut stream: TcpStream, peer: SocketAddr) -> Result<()> {
     stream
         .write_all(format!("local={local} peer={peer}\n").as_bytes())
         .await?;
-    let (mut rd, mut wr) = stream.split();
-    tokio::io::copy(&mut rd, &mut wr).await?;
+    let (rd, mut wr) = stream.split();
+    let mut rd = BufReader::with_capacity(CHUNK, rd);
+    tokio::io::copy_buf(&mut rd, &mut wr).await?;
     wr.shutdown().await?;
     Ok(())
 }

@@ -1,0 +1,363 @@
+//! `mesh-bench`, run by `cargo xtask bench [--quick]`: the same scenarios through each path in
+//! one run — pod to pod directly (the floor), and through the mesh on one node (sk_msg) and
+//! across nodes (mTLS tunnel) — reported as ratios to the direct path on the same node or
+//! across nodes, with the agents' CPU time and memory. Writes a JSON report.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use mesh_tests::{Agent, Lab, LabSpec, Output, ServiceSpec};
+use serde_json::json;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Parser)]
+struct Cli {
+    /// Small counts: proves the benchmark works, measures little.
+    #[arg(long)]
+    quick: bool,
+    /// Where the JSON report goes.
+    #[arg(long)]
+    report: PathBuf,
+}
+
+/// A way from a client pod to a server pod.
+struct Path {
+    name: &'static str,
+    /// The direct path this one is compared with (itself for a direct path).
+    baseline: &'static str,
+    client: &'static str,
+    /// The echo server, and the sink, as the client dials them.
+    echo: String,
+    sink: String,
+}
+
+/// One kind of load, as `mesh-testpod bench` arguments.
+struct Scenario {
+    name: &'static str,
+    args: Vec<String>,
+    /// The figures it yields, and whether more is better.
+    figures: &'static [(&'static str, bool)],
+    /// Whether the agents' CPU time per GiB is worth reporting (bulk transfers).
+    bulk: bool,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spec() -> LabSpec {
+    let service = |name: &str, addr: &str, port: u16, pod: &str| ServiceSpec {
+        name: name.into(),
+        addresses: vec![addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"))],
+        port: 80,
+        target_port: port,
+        endpoints: vec![pod.into()],
+    };
+    LabSpec::default()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "meshed", true)
+        .pod("n1", "plain", false)
+        .pod("n1", "server-1", false)
+        .pod("n2", "server-2", false)
+        .service(service("same", "198.19.0.1", 8080, "server-1"))
+        .service(service("same-sink", "198.19.0.2", 9090, "server-1"))
+        .service(service("cross", "198.19.0.3", 8080, "server-2"))
+        .service(service("cross-sink", "198.19.0.4", 9090, "server-2"))
+}
+
+fn scenarios(quick: bool) -> Vec<Scenario> {
+    let (requests, bulk) = if quick {
+        (200, 16u64 << 20)
+    } else {
+        (20_000, 1u64 << 30)
+    };
+    let latency: &[(&str, bool)] = &[("p50_us", false), ("p99_us", false), ("p999_us", false)];
+    let rr = |name, size: usize, connections: usize, requests: usize| Scenario {
+        name,
+        args: [
+            "--mode".into(),
+            "rr".into(),
+            "--size".into(),
+            size.to_string(),
+            "--connections".into(),
+            connections.to_string(),
+            "--requests".into(),
+            requests.to_string(),
+        ]
+        .to_vec(),
+        figures: latency,
+        bulk: false,
+    };
+    vec![
+        rr("rr 64 B, 1 connection", 64, 1, requests),
+        rr("rr 1 KiB, 1 connection", 1024, 1, requests),
+        rr("rr 64 B, 64 connections", 64, 64, requests / 64 * 4),
+        Scenario {
+            name: "new connection per request, 4 workers",
+            args: ["--mode", "connect", "--connections", "4", "--requests"]
+                .map(String::from)
+                .into_iter()
+                .chain([(requests / 20).to_string()])
+                .collect(),
+            figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
+            bulk: false,
+        },
+        Scenario {
+            name: "bulk one way",
+            args: ["--mode", "bulk-one", "--bytes"]
+                .map(String::from)
+                .into_iter()
+                .chain([bulk.to_string()])
+                .collect(),
+            figures: &[("mib_per_second", true)],
+            bulk: true,
+        },
+        Scenario {
+            name: "bulk both ways",
+            args: ["--mode", "bulk-both", "--bytes"]
+                .map(String::from)
+                .into_iter()
+                .chain([bulk.to_string()])
+                .collect(),
+            figures: &[("mib_per_second", true)],
+            bulk: true,
+        },
+    ]
+}
+
+fn run(cli: Cli) -> Result<()> {
+    catch_interrupt();
+    let started = Instant::now();
+    eprintln!("==> bench: lab with nodes n1, n2 and an agent each");
+    let lab = Lab::new(spec()).context("cannot build the lab")?;
+    let agents = [lab.start_agent("n1", &[])?, lab.start_agent("n2", &[])?];
+    let _servers = [
+        lab.spawn(
+            "server-1",
+            &["serve", "--listen", "[::]:8080", "--sink", "[::]:9090"],
+        )?,
+        lab.spawn(
+            "server-2",
+            &["serve", "--listen", "[::]:8080", "--sink", "[::]:9090"],
+        )?,
+    ];
+    let pod = |name: &str| lab.pod_addrs(name).map(|(v4, _)| v4);
+    let (s1, s2) = (pod("server-1")?, pod("server-2")?);
+    let paths = [
+        Path {
+            name: "direct, same node",
+            baseline: "direct, same node",
+            client: "plain",
+            echo: format!("{s1}:8080"),
+            sink: format!("{s1}:9090"),
+        },
+        Path {
+            name: "mesh, same node",
+            baseline: "direct, same node",
+            client: "meshed",
+            echo: "198.19.0.1:80".into(),
+            sink: "198.19.0.2:80".into(),
+        },
+        Path {
+            name: "direct, across nodes",
+            baseline: "direct, across nodes",
+            client: "plain",
+            echo: format!("{s2}:8080"),
+            sink: format!("{s2}:9090"),
+        },
+        Path {
+            name: "mesh, across nodes (mTLS)",
+            baseline: "direct, across nodes",
+            client: "meshed",
+            echo: "198.19.0.3:80".into(),
+            sink: "198.19.0.4:80".into(),
+        },
+    ];
+
+    let mut results = Vec::new();
+    for scenario in scenarios(cli.quick) {
+        for path in &paths {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                bail!("interrupted; the lab is removed");
+            }
+            let target = if scenario.name == "bulk one way" {
+                &path.sink
+            } else {
+                &path.echo
+            };
+            eprintln!("==> {} through {}", scenario.name, path.name);
+            let cpu_before = agent_cpu(&agents)?;
+            let mut args = vec!["bench", "--connect", target.as_str()];
+            args.extend(scenario.args.iter().map(String::as_str));
+            let out = lab.run(path.client, &args)?;
+            let cpu = agent_cpu(&agents)? - cpu_before;
+            let mut figures: Vec<(String, f64, bool)> = scenario
+                .figures
+                .iter()
+                .map(|(key, more_is_better)| {
+                    Ok(((*key).to_owned(), field(&out, key)?, *more_is_better))
+                })
+                .collect::<Result<_>>()?;
+            if scenario.bulk && path.name.starts_with("mesh") {
+                let gib = field(&out, "bytes")? / f64::from(1 << 30);
+                figures.push(("agent_cpu_s_per_gib".into(), cpu / gib, false));
+            }
+            results.push((scenario.name, path, figures));
+        }
+    }
+    let rss: Vec<(String, f64)> = agents
+        .iter()
+        .map(|a| Ok((a.node_name.clone(), rss_mib(a)?)))
+        .collect::<Result<_>>()?;
+
+    print_table(&results, &rss);
+    write_report(&cli, &results, &rss)?;
+    eprintln!(
+        "==> bench: done in {:.1} s; report: {}",
+        started.elapsed().as_secs_f64(),
+        cli.report.display()
+    );
+    Ok(())
+}
+
+type Results<'a> = [(&'static str, &'a Path, Vec<(String, f64, bool)>)];
+
+/// The value of `key` for the same scenario through `path`'s baseline.
+fn baseline(results: &Results<'_>, scenario: &str, path: &Path, key: &str) -> Option<f64> {
+    results
+        .iter()
+        .find(|(s, p, _)| *s == scenario && p.name == path.baseline)
+        .and_then(|(_, _, figures)| figures.iter().find(|(k, _, _)| k == key))
+        .map(|(_, v, _)| *v)
+}
+
+fn print_table(results: &Results<'_>, rss: &[(String, f64)]) {
+    println!();
+    println!(
+        "{:<40} {:<28} {:<20} {:>12} {:>10}",
+        "scenario", "path", "figure", "value", "vs direct"
+    );
+    for (scenario, path, figures) in results {
+        for (key, value, _) in figures {
+            let ratio = baseline(results, scenario, path, key)
+                .filter(|_| path.baseline != path.name)
+                .map_or(String::new(), |b| format!("{:.2}x", value / b));
+            println!(
+                "{scenario:<40} {:<28} {key:<20} {value:>12.1} {ratio:>10}",
+                path.name
+            );
+        }
+    }
+    for (node, mib) in rss {
+        println!("agent {node}: {mib:.1} MiB resident");
+    }
+    println!();
+}
+
+fn write_report(cli: &Cli, results: &Results<'_>, rss: &[(String, f64)]) -> Result<()> {
+    let rows: Vec<_> = results
+        .iter()
+        .flat_map(|(scenario, path, figures)| {
+            figures.iter().map(move |(key, value, more_is_better)| {
+                json!({
+                    "scenario": scenario,
+                    "path": path.name,
+                    "figure": key,
+                    "value": value,
+                    "more_is_better": more_is_better,
+                    "baseline": path.baseline,
+                    "ratio_to_baseline": baseline(results, scenario, path, key).map(|b| value / b),
+                })
+            })
+        })
+        .collect();
+    let report = json!({
+        "quick": cli.quick,
+        "machine": machine(),
+        "results": rows,
+        "agent_resident_mib": rss.iter().map(|(n, m)| json!({"agent": n, "mib": m})).collect::<Vec<_>>(),
+    });
+    if let Some(dir) = cli.report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&cli.report, serde_json::to_string_pretty(&report)? + "\n")?;
+    Ok(())
+}
+
+/// The CPU model, core count and kernel, for the report.
+fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    json!({ "cpu": model, "cores": cores, "kernel": kernel.trim() })
+}
+
+fn field(out: &Output, key: &str) -> Result<f64> {
+    out.field(key)
+        .parse()
+        .with_context(|| format!("{key} in {}", out.stdout))
+}
+
+/// CPU seconds (user + system) the agents have used so far.
+fn agent_cpu(agents: &[Agent]) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let mut total = 0.0;
+    for a in agents {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", a.pid()))?;
+        // Fields after the command name (which is in parentheses): utime is the 12th, stime
+        // the 13th of what follows.
+        let rest = stat.rsplit_once(") ").context("unreadable stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (utime, stime): (f64, f64) = (fields[11].parse()?, fields[12].parse()?);
+        total += (utime + stime) / ticks;
+    }
+    Ok(total)
+}
+
+fn rss_mib(agent: &Agent) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// Ctrl-C ends the run early; the lab is still removed on the way out.
+fn catch_interrupt() {
+    extern "C" fn on_interrupt(_: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::Relaxed);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+    }
+}

@@ -1,0 +1,195 @@
+//! `mesh-testpod bench`: load against a `serve` server, measured from the client. Prints
+//! `key=value` words: latencies in microseconds, rates per second, throughput in MiB/s.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+};
+
+const CHUNK: usize = 64 * 1024;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Mode {
+    /// Request/response on long-lived connections: `size` bytes out, the same back.
+    Rr,
+    /// One connection per request: connect, `size` bytes out and back, close.
+    Connect,
+    /// `bytes` bytes to an echo server and back at once.
+    BulkBoth,
+    /// `bytes` bytes one way, to a sink.
+    BulkOne,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Bench {
+    #[arg(long)]
+    connect: SocketAddr,
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Message size for `rr` and `connect`.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Connections (or, for `connect`, workers) at once.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Requests per connection (`rr`) or per worker (`connect`).
+    #[arg(long, default_value_t = 1000)]
+    requests: usize,
+    /// Bytes for the bulk modes.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+}
+
+impl Bench {
+    pub async fn run(self) -> Result<()> {
+        match self.mode {
+            Mode::Rr | Mode::Connect => self.requests().await,
+            Mode::BulkBoth | Mode::BulkOne => self.bulk().await,
+        }
+    }
+
+    async fn requests(&self) -> Result<()> {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..self.connections {
+            let (addr, size, requests, mode) = (self.connect, self.size, self.requests, self.mode);
+            tasks.spawn(async move {
+                match mode {
+                    Mode::Rr => rr(addr, size, requests).await,
+                    _ => connects(addr, size, requests).await,
+                }
+            });
+        }
+        let mut latencies = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            latencies.extend(done??);
+        }
+        let wall = started.elapsed();
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            let i = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
+            latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        println!(
+            "requests={} p50_us={:.1} p99_us={:.1} p999_us={:.1} per_second={:.0}",
+            latencies.len(),
+            at(0.5),
+            at(0.99),
+            at(0.999),
+            latencies.len() as f64 / wall.as_secs_f64()
+        );
+        Ok(())
+    }
+
+    async fn bulk(&self) -> Result<()> {
+        let (mut rd, mut wr, _) = open(self.connect).await?;
+        let bytes = self.bytes;
+        let started = Instant::now();
+        let writer = tokio::spawn(async move {
+            let buf = vec![0x5au8; CHUNK];
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(CHUNK as u64) as usize;
+                wr.write_all(&buf[..n]).await?;
+                sent += n as u64;
+            }
+            wr.shutdown().await?;
+            anyhow::Ok(())
+        });
+        let mut buf = vec![0u8; CHUNK];
+        let mut received = 0u64;
+        // A sink answers only once, at the end: what it says is kept.
+        let mut reply = Vec::new();
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+            if matches!(self.mode, Mode::BulkOne) {
+                reply.extend_from_slice(&buf[..n]);
+            }
+        }
+        writer.await??;
+        let wall = started.elapsed();
+        match self.mode {
+            Mode::BulkOne => {
+                let reply = String::from_utf8_lossy(&reply);
+                ensure!(
+                    reply.trim_end() == format!("received={bytes}"),
+                    "the sink says {reply:?}"
+                );
+            }
+            _ => ensure!(received == bytes, "{received} of {bytes} bytes came back"),
+        }
+        let mib = bytes as f64 / f64::from(1 << 20);
+        println!(
+            "bytes={bytes} seconds={:.3} mib_per_second={:.1}",
+            wall.as_secs_f64(),
+            mib / wall.as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+type Reader = BufReader<tokio::net::tcp::OwnedReadHalf>;
+type Writer = tokio::net::tcp::OwnedWriteHalf;
+
+/// Connects and reads the server's banner line (an echo server's; a sink sends none).
+async fn open(addr: SocketAddr) -> Result<(Reader, Writer, bool)> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (rd, wr) = stream.into_split();
+    let mut rd = BufReader::with_capacity(CHUNK, rd);
+    // The echo server speaks first; a sink never does. Wait briefly for a banner.
+    let mut banner = String::new();
+    let spoke = tokio::time::timeout(Duration::from_millis(200), rd.read_line(&mut banner))
+        .await
+        .is_ok();
+    Ok((rd, wr, spoke))
+}
+
+/// `requests` request/response rounds on one connection; the latency of each.
+async fn rr(addr: SocketAddr, size: usize, requests: usize) -> Result<Vec<Duration>> {
+    let (mut rd, mut wr, _) = open(addr).await?;
+    let out = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut latencies = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let t = Instant::now();
+        wr.write_all(&out).await?;
+        rd.read_exact(&mut back).await?;
+        latencies.push(t.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// `requests` connections one after another, each one round; the latency of each from the
+/// connect to the answer.
+async fn connects(addr: SocketAddr, size: usize, requests: usize) -> Result<Vec<Duration>> {
+    let out = vec![0x5au8; size];
+    let mut back = vec![0u8; size];
+    let mut latencies = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let t = Instant::now();
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        let mut banner = String::new();
+        rd.read_line(&mut banner).await?;
+        wr.write_all(&out).await?;
+        rd.read_exact(&mut back).await?;
+        latencies.push(t.elapsed());
+    }
+    Ok(latencies)
+}

@@ -26,6 +26,9 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
         .args(extra);
     let totals = run_counting(&mut cmd)?;
     step.done();
+    if extra.is_empty() && totals.failed == 0 {
+        quick_bench(root)?;
+    }
     // One closing line for the whole run, in the form CI reads.
     println!(
         "tests: {} passed, {} failed, {} skipped",
@@ -34,6 +37,22 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     if totals.failed > 0 {
         bail!("{} tests failed", totals.failed);
     }
+    Ok(())
+}
+
+/// `cargo xtask bench --quick` with the debug builds the tests used: the benchmark still
+/// runs end to end (it asserts nothing about speed).
+fn quick_bench(root: &Path) -> Result<()> {
+    let step = Step::start("bench --quick: the benchmark runs");
+    let dir = root.join("target/debug");
+    shell::run(
+        Command::new(dir.join("mesh-bench"))
+            .env("MESH_AGENT_BIN", compile::agent_binary(root, false))
+            .arg("--quick")
+            .arg("--report")
+            .arg(root.join("target/bench/quick.json")),
+    )?;
+    step.done();
     Ok(())
 }
 

@@ -80,3 +80,32 @@ impl Lab {
         Ok(files)
     }
 }
+
+impl Lab {
+    /// Writes a certificate from the lab's CA for a TLS peer that is not an agent (the
+    /// benchmark's HAProxy pair): certificate then key, PEM, in one file; good for both ends.
+    pub fn peer_pem(&self, name: &str) -> Result<PathBuf> {
+        let ca_dir = self.ca_dir();
+        let read = |file: &str| {
+            std::fs::read_to_string(ca_dir.join(file))
+                .with_context(|| format!("cannot read {file} of {}", ca_dir.display()))
+        };
+        let issuer =
+            Issuer::from_ca_cert_pem(&read("ca.crt")?, KeyPair::from_pem(&read("ca.key")?)?)?;
+        let mut params = CertificateParams::new(vec![format!("{name}.lab.mesh")])?;
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - Duration::from_secs(60);
+        params.not_after = now + Duration::from_secs(24 * 3600);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &issuer)?;
+        let path = self.scratch_path(&format!("{name}.pem"));
+        std::fs::write(&path, cert.pem() + &key.serialize_pem())?;
+        Ok(path)
+    }
+}

@@ -422,6 +422,29 @@ impl Lab {
         )
     }
 
+    /// Starts `program args` on `node` itself (its network namespace, the node's host
+    /// cgroup), its output going to `<name>.log` in the scratch directory; stopped when the
+    /// returned process is dropped.
+    pub fn start_on_node(
+        &self,
+        node: &str,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<Daemon> {
+        let log = std::fs::File::create(self.scratch_path(&format!("{name}.log")))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.placement(node, "host")?.apply(&mut cmd)?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {program} (cargo xtask setup installs it)"))?;
+        Ok(Daemon { child })
+    }
+
     /// Runs `mesh-testpod args` on `node` itself to completion; fails if it fails.
     pub fn run_on_node(&self, node: &str, args: &[&str]) -> Result<Output> {
         run_placed(self.placement(node, "host")?, node, args)
@@ -597,6 +620,24 @@ impl Drop for Agent {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// A program other than the mesh's own, running on a node until dropped.
+pub struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -12,7 +12,7 @@ mod topology;
 mod wire;
 
 pub use certs::{CertFiles, ProbeCert};
-pub use lab::{Agent, Footprint, Lab, Output, Running, alive};
+pub use lab::{Agent, Daemon, Footprint, Lab, Output, Running, alive};
 pub use prometheus::{Prometheus, Sample};
 pub use topology::{LabSpec, PodSpec, ServiceSpec};
 pub use wire::{Capture, frames};

@@ -9,7 +9,7 @@ use crate::shell::{self, Step, human};
 /// Debian packages: Debian's rustc with its source (builds the eBPF crate with
 /// `-Z build-std=core`), LLVM 22 (bpf-linker links against it), iproute2 (the tests' and the
 /// lab's network namespaces), tshark (the tests' wire captures between nodes), prometheus
-/// (the tests run their own, inside a lab namespace).
+/// (the tests run their own, inside a lab namespace), haproxy (the benchmark's peer).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -17,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "tshark",
     "prometheus",
+    "haproxy",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,7 +1,8 @@
 //! `mesh-bench`, run by `cargo xtask bench [--quick]`: the same scenarios through each path in
-//! one run — pod to pod directly (the floor), and through the mesh on one node (sk_msg) and
-//! across nodes (mTLS tunnel) — reported as ratios to the direct path on the same node or
-//! across nodes, with the agents' CPU time and memory. Writes a JSON report.
+//! one run — pod to pod directly (the floor), through the mesh on one node (sk_msg) and across
+//! nodes (mTLS tunnel), and across nodes through a pair of HAProxy (TLS 1.3 with client
+//! certificates, Debian's package), the well-known peer — reported as ratios to the direct
+//! path, with the proxies' CPU time per GiB and the agents' memory. Writes a JSON report.
 
 use std::{
     path::PathBuf,
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use mesh_tests::{Agent, Lab, LabSpec, Output, ServiceSpec};
+use mesh_tests::{Agent, Daemon, Lab, LabSpec, Output, ServiceSpec};
 use serde_json::json;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -36,6 +37,8 @@ struct Path {
     /// The echo server, and the sink, as the client dials them.
     echo: String,
     sink: String,
+    /// The proxies on the way, whose CPU time counts.
+    proxies: Vec<u32>,
 }
 
 /// One kind of load, as `mesh-testpod bench` arguments.
@@ -157,6 +160,9 @@ fn run(cli: Cli) -> Result<()> {
     ];
     let pod = |name: &str| lab.pod_addrs(name).map(|(v4, _)| v4);
     let (s1, s2) = (pod("server-1")?, pod("server-2")?);
+    eprintln!("==> bench: HAProxy pair n1 -> n2 (TLS 1.3, client certificates)");
+    let haproxies = start_haproxies(&lab, &s2.to_string())?;
+    let agent_pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
     let paths = [
         Path {
             name: "direct, same node",
@@ -164,6 +170,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "plain",
             echo: format!("{s1}:8080"),
             sink: format!("{s1}:9090"),
+            proxies: Vec::new(),
         },
         Path {
             name: "mesh, same node",
@@ -171,6 +178,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "meshed",
             echo: "198.19.0.1:80".into(),
             sink: "198.19.0.2:80".into(),
+            proxies: agent_pids.clone(),
         },
         Path {
             name: "direct, across nodes",
@@ -178,6 +186,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "plain",
             echo: format!("{s2}:8080"),
             sink: format!("{s2}:9090"),
+            proxies: Vec::new(),
         },
         Path {
             name: "mesh, across nodes (mTLS)",
@@ -185,6 +194,15 @@ fn run(cli: Cli) -> Result<()> {
             client: "meshed",
             echo: "198.19.0.3:80".into(),
             sink: "198.19.0.4:80".into(),
+            proxies: agent_pids.clone(),
+        },
+        Path {
+            name: "haproxy pair, across nodes",
+            baseline: "direct, across nodes",
+            client: "plain",
+            echo: format!("198.18.0.1:{HAPROXY_ECHO}"),
+            sink: format!("198.18.0.1:{HAPROXY_SINK}"),
+            proxies: haproxies.iter().map(Daemon::pid).collect(),
         },
     ];
 
@@ -200,11 +218,11 @@ fn run(cli: Cli) -> Result<()> {
                 &path.echo
             };
             eprintln!("==> {} through {}", scenario.name, path.name);
-            let cpu_before = agent_cpu(&agents)?;
+            let cpu_before = cpu_seconds(&path.proxies)?;
             let mut args = vec!["bench", "--connect", target.as_str()];
             args.extend(scenario.args.iter().map(String::as_str));
             let out = lab.run(path.client, &args)?;
-            let cpu = agent_cpu(&agents)? - cpu_before;
+            let cpu = cpu_seconds(&path.proxies)? - cpu_before;
             let mut figures: Vec<(String, f64, bool)> = scenario
                 .figures
                 .iter()
@@ -212,9 +230,9 @@ fn run(cli: Cli) -> Result<()> {
                     Ok(((*key).to_owned(), field(&out, key)?, *more_is_better))
                 })
                 .collect::<Result<_>>()?;
-            if scenario.bulk && path.name.starts_with("mesh") {
+            if scenario.bulk && !path.proxies.is_empty() {
                 let gib = field(&out, "bytes")? / f64::from(1 << 30);
-                figures.push(("agent_cpu_s_per_gib".into(), cpu / gib, false));
+                figures.push(("proxy_cpu_s_per_gib".into(), cpu / gib, false));
             }
             results.push((scenario.name, path, figures));
         }
@@ -320,13 +338,77 @@ fn field(out: &Output, key: &str) -> Result<f64> {
         .with_context(|| format!("{key} in {}", out.stdout))
 }
 
-/// CPU seconds (user + system) the agents have used so far.
-fn agent_cpu(agents: &[Agent]) -> Result<f64> {
+/// Where the HAProxy on n1 takes the clients' connections, for the echo and the sink.
+const HAPROXY_ECHO: u16 = 16001;
+const HAPROXY_SINK: u16 = 16011;
+
+/// HAProxy on n1 (plain TCP in, TLS 1.3 with a client certificate out) and on n2 (TLS in,
+/// client certificate verified, plain TCP to the server pod at `server`).
+fn start_haproxies(lab: &Lab, server: &str) -> Result<[Daemon; 2]> {
+    let ca = lab.ca_dir().join("ca.crt");
+    let ca = ca.display();
+    let (n1_pem, n2_pem) = (lab.peer_pem("haproxy-n1")?, lab.peer_pem("haproxy-n2")?);
+    let common = "global\n  maxconn 9000\n  ssl-default-bind-options ssl-min-ver TLSv1.3\n                    ssl-default-server-options ssl-min-ver TLSv1.3\n\
+                  defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n";
+    let mut n1 = common.to_owned();
+    let mut n2 = common.to_owned();
+    for (name, front, port) in [("echo", HAPROXY_ECHO, 8080), ("sink", HAPROXY_SINK, 9090)] {
+        let tunnel = front + 1;
+        n1 += &format!(
+            "listen {name}\n  bind 198.18.0.1:{front}\n  server n2 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n",
+            n1_pem.display()
+        );
+        n2 += &format!(
+            "listen {name}\n  bind 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n  server pod {server}:{port}\n",
+            n2_pem.display()
+        );
+    }
+    let start = |node: &str, text: &str| -> Result<Daemon> {
+        let file = lab.write_file(&format!("haproxy-{node}.cfg"), text)?;
+        let file = file.display().to_string();
+        lab.start_on_node(
+            node,
+            &format!("haproxy-{node}"),
+            "haproxy",
+            &["-db", "-f", &file],
+        )
+    };
+    let daemons = [start("n1", &n1)?, start("n2", &n2)?];
+    // Ready once a connection gets through both to the server (its banner comes back).
+    let target = format!("198.18.0.1:{HAPROXY_ECHO}");
+    for _ in 0..100 {
+        if lab
+            .run(
+                "plain",
+                &[
+                    "bench",
+                    "--connect",
+                    &target,
+                    "--mode",
+                    "rr",
+                    "--requests",
+                    "1",
+                ],
+            )
+            .is_ok()
+        {
+            return Ok(daemons);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!(
+        "the HAProxy pair does not pass connections: {}",
+        std::fs::read_to_string(lab.scratch_path("haproxy-n1.log"))?
+    )
+}
+
+/// CPU seconds (user + system) the processes `pids` have used so far.
+fn cpu_seconds(pids: &[u32]) -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let mut total = 0.0;
-    for a in agents {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", a.pid()))?;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // Fields after the command name (which is in parentheses): utime is the 12th, stime
         // the 13th of what follows.
         let rest = stat.rsplit_once(") ").context("unreadable stat")?.1;

@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub grace_period: Duration,
     /// Most verbose level of the eBPF programs' own log.
     pub ebpf_log_level: aya_log::Level,
+    /// Attach the sk_msg shortcut (off only to measure what it saves).
+    pub sk_msg: bool,
     /// Changes the log filter (the admin API's `/logging`).
     pub log_filter: LogFilter,
 }
@@ -79,7 +81,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         logger,
         mut state,
         orig_dst,
-    } = Datapath::load(node, &cgroup, opts.ebpf_log_level)?;
+    } = Datapath::load(node, &cgroup, opts.ebpf_log_level, opts.sk_msg)?;
     tokio::spawn(drain_ebpf_log(logger));
     let registry = Arc::new(metrics::registry(Counters::open_pinned(node)?));
     let ready = Arc::new(AtomicBool::new(false));

@@ -61,12 +61,19 @@ impl Datapath {
     ///
     /// If it fails on a node that had no pins, it removes what it pinned; an earlier agent's
     /// pins stay (in use: what was replaced was replaced by working programs).
-    pub fn load(node: &str, cgroup: &Path, log_level: aya_log::Level) -> Result<Loaded> {
+    /// Without `shortcut`, the sk_msg program is not attached: same-node traffic between
+    /// pods and the agent goes through TCP/IP (to measure what the shortcut saves).
+    pub fn load(
+        node: &str,
+        cgroup: &Path,
+        log_level: aya_log::Level,
+        shortcut: bool,
+    ) -> Result<Loaded> {
         let pin_dir = pin_dir(node);
         let fresh = !pin_dir.exists();
         std::fs::create_dir_all(&pin_dir)
             .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
-        let loaded = load_and_attach(&pin_dir, cgroup, log_level);
+        let loaded = load_and_attach(&pin_dir, cgroup, log_level, shortcut);
         if loaded.is_err()
             && fresh
             && let Err(e) = std::fs::remove_dir_all(&pin_dir)
@@ -88,7 +95,18 @@ impl Datapath {
     }
 }
 
-fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: aya_log::Level) -> Result<Loaded> {
+fn load_and_attach(
+    pin_dir: &Path,
+    cgroup: &Path,
+    log_level: aya_log::Level,
+    shortcut: bool,
+) -> Result<Loaded> {
+    if !shortcut && pin_dir.join("prog_mesh_redirect").exists() {
+        bail!(
+            "an earlier agent left the sk_msg shortcut attached on this node; unload it first \
+             (mesh-agent unload --node ...) to run without it"
+        );
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .override_global(aya_log::LEVEL, &(log_level as u8), true)
@@ -103,7 +121,11 @@ fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: aya_log::Level) -> 
         attach_to_cgroup(&mut ebpf, name, &cgroup_fd, pin_dir)
             .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
     }
-    attach_sk_msg(&mut ebpf, pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
+    if shortcut {
+        attach_sk_msg(&mut ebpf, pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
+    } else {
+        warn!("the sk_msg shortcut is off: same-node traffic goes through TCP/IP");
+    }
     info!(
         cgroup = %cgroup.display(),
         pins = %pin_dir.display(),

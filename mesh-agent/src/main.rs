@@ -48,6 +48,10 @@ enum Command {
         /// Seconds open connections may go on after SIGTERM before they are closed.
         #[arg(long, default_value_t = 10)]
         grace_period: u64,
+        /// Leave the sk_msg shortcut off: same-node traffic goes through TCP/IP (to measure
+        /// what the shortcut saves).
+        #[arg(long)]
+        no_sk_msg: bool,
     },
     /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
     Load {
@@ -101,19 +105,21 @@ fn run(cli: Cli) -> Result<()> {
             cgroup,
             keep_pins,
             grace_period,
+            no_sk_msg,
         } => tokio::runtime::Runtime::new()?.block_on(agent::run(RunOptions {
             config,
             cgroup,
             keep_pins,
             grace_period: Duration::from_secs(grace_period),
             ebpf_log_level,
+            sk_msg: !no_sk_msg,
             log_filter,
         })),
         Command::Load { node, cgroup } => {
             system::require_root()?;
             system::require_bpffs()?;
             let dir = system::cgroup_dir(&system::cgroup2_mount()?, &cgroup)?;
-            Datapath::load(&node, &dir, ebpf_log_level)?;
+            Datapath::load(&node, &dir, ebpf_log_level, true)?;
             Ok(())
         }
         Command::Unload { node } => {

@@ -206,41 +206,40 @@ fn run(cli: Cli) -> Result<()> {
         },
     ];
 
+    let scenarios = scenarios(cli.quick);
     let mut results = Vec::new();
-    for scenario in scenarios(cli.quick) {
+    for scenario in &scenarios {
         for path in &paths {
-            if INTERRUPTED.load(Ordering::Relaxed) {
-                bail!("interrupted; the lab is removed");
-            }
-            let target = if scenario.name == "bulk one way" {
-                &path.sink
-            } else {
-                &path.echo
-            };
-            eprintln!("==> {} through {}", scenario.name, path.name);
-            let cpu_before = cpu_seconds(&path.proxies)?;
-            let mut args = vec!["bench", "--connect", target.as_str()];
-            args.extend(scenario.args.iter().map(String::as_str));
-            let out = lab.run(path.client, &args)?;
-            let cpu = cpu_seconds(&path.proxies)? - cpu_before;
-            let mut figures: Vec<(String, f64, bool)> = scenario
-                .figures
-                .iter()
-                .map(|(key, more_is_better)| {
-                    Ok(((*key).to_owned(), field(&out, key)?, *more_is_better))
-                })
-                .collect::<Result<_>>()?;
-            if scenario.bulk && !path.proxies.is_empty() {
-                let gib = field(&out, "bytes")? / f64::from(1 << 30);
-                figures.push(("proxy_cpu_s_per_gib".into(), cpu / gib, false));
-            }
-            results.push((scenario.name, path, figures));
+            results.push((scenario.name, path, measure(&lab, scenario, path)?));
         }
     }
     let rss: Vec<(String, f64)> = agents
         .iter()
         .map(|a| Ok((a.node_name.clone(), rss_mib(a)?)))
         .collect::<Result<_>>()?;
+
+    // The same node once more, with n1's agent restarted without the sk_msg shortcut.
+    let [n1, _n2] = agents;
+    n1.terminate()?;
+    n1.wait()?;
+    let n1 = lab.start_agent("n1", &["--no-sk-msg"])?;
+    let unshortcut = Path {
+        name: "mesh, same node, no sk_msg",
+        baseline: "direct, same node",
+        client: "meshed",
+        echo: "198.19.0.1:80".into(),
+        sink: "198.19.0.2:80".into(),
+        proxies: vec![n1.pid()],
+    };
+    for scenario in &scenarios {
+        let figures = measure(&lab, scenario, &unshortcut)?;
+        // Shown after the same node's mesh row.
+        let at = results
+            .iter()
+            .position(|(s, p, _)| *s == scenario.name && p.name == "mesh, same node")
+            .map_or(results.len(), |i| i + 1);
+        results.insert(at, (scenario.name, &unshortcut, figures));
+    }
 
     print_table(&results, &rss);
     write_report(&cli, &results, &rss)?;
@@ -250,6 +249,35 @@ fn run(cli: Cli) -> Result<()> {
         cli.report.display()
     );
     Ok(())
+}
+
+/// Runs `scenario` through `path`: the client's figures, and the proxies' CPU per GiB for bulk
+/// transfers.
+fn measure(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(String, f64, bool)>> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted; the lab is removed");
+    }
+    let target = if scenario.name == "bulk one way" {
+        &path.sink
+    } else {
+        &path.echo
+    };
+    eprintln!("==> {} through {}", scenario.name, path.name);
+    let cpu_before = cpu_seconds(&path.proxies)?;
+    let mut args = vec!["bench", "--connect", target.as_str()];
+    args.extend(scenario.args.iter().map(String::as_str));
+    let out = lab.run(path.client, &args)?;
+    let cpu = cpu_seconds(&path.proxies)? - cpu_before;
+    let mut figures: Vec<(String, f64, bool)> = scenario
+        .figures
+        .iter()
+        .map(|(key, more_is_better)| Ok(((*key).to_owned(), field(&out, key)?, *more_is_better)))
+        .collect::<Result<_>>()?;
+    if scenario.bulk && !path.proxies.is_empty() {
+        let gib = field(&out, "bytes")? / f64::from(1 << 30);
+        figures.push(("proxy_cpu_s_per_gib".into(), cpu / gib, false));
+    }
+    Ok(figures)
 }
 
 type Results<'a> = [(&'static str, &'a Path, Vec<(String, f64, bool)>)];

@@ -53,6 +53,7 @@ impl Running {
     }
 
     fn reload(&mut self) {
+        let started = std::time::Instant::now();
         let new = match Config::load(&self.file) {
             Ok(new) => new,
             Err(e) => {
@@ -94,6 +95,12 @@ impl Running {
         info!(
             workloads = new.workloads.len(),
             services = new.services.len(),
+            endpoints = new
+                .services
+                .iter()
+                .map(|s| s.endpoints.len())
+                .sum::<usize>(),
+            applied_in_ms = started.elapsed().as_millis() as u64,
             "config reloaded"
         );
         self.config = new;

@@ -307,8 +307,13 @@ impl Lab {
     /// Starts the agent of `node` with its configuration and `extra` arguments of `run`, and
     /// waits until it is ready.
     pub fn start_agent(&self, node: &str, extra: &[&str]) -> Result<Agent> {
+        self.start_agent_with_config(node, &self.agent_config(node)?, extra)
+    }
+
+    /// Like [`Lab::start_agent`], with the configuration `text`.
+    pub fn start_agent_with_config(&self, node: &str, text: &str, extra: &[&str]) -> Result<Agent> {
         let config = self.agent_config_path(node);
-        std::fs::write(&config, self.agent_config(node)?)?;
+        std::fs::write(&config, text)?;
         let log = self.dir.join(format!("agent-{node}.log"));
         let mut cmd = Command::new(agent_binary()?);
         cmd.args([

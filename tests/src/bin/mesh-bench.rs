@@ -240,15 +240,131 @@ fn run(cli: Cli) -> Result<()> {
             .map_or(results.len(), |i| i + 1);
         results.insert(at, (scenario.name, &unshortcut, figures));
     }
+    n1.terminate()?;
+    n1.wait()?;
 
-    print_table(&results, &rss);
-    write_report(&cli, &results, &rss)?;
+    let scale = scale(&lab, cli.quick)?;
+
+    print_table(&results, &rss, &scale);
+    write_report(&cli, &results, &rss, &scale)?;
     eprintln!(
         "==> bench: done in {:.1} s; report: {}",
         started.elapsed().as_secs_f64(),
         cli.report.display()
     );
     Ok(())
+}
+
+/// Memory and config-apply time with many services and endpoints, and memory per idle
+/// proxied connection; n1's agent is restarted for each (n2's stays). Returns (figure, value).
+fn scale(lab: &Lab, quick: bool) -> Result<Vec<(String, f64)>> {
+    let sizes: &[(usize, usize)] = if quick {
+        &[(100, 1_000)]
+    } else {
+        &[(1_000, 10_000), (10_000, 100_000)]
+    };
+    let mut figures = Vec::new();
+    for &(services, endpoints) in sizes {
+        eprintln!("==> scale: {services} services, {endpoints} endpoints");
+        let big = big_config(lab, services, endpoints)?;
+        // Applying it to a running agent: parse, build the state, sync the eBPF maps.
+        let agent = lab.start_agent("n1", &[])?;
+        std::fs::write(lab.agent_config_path("n1"), &big)?;
+        agent.wait_for_log("config reloaded")?;
+        let log = agent.log();
+        let applied = log
+            .lines()
+            .find(|l| l.contains("config reloaded"))
+            .and_then(|l| l.split("applied_in_ms=").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .context("no applied_in_ms in the reload line")?
+            .parse::<f64>()?;
+        figures.push((
+            format!("config apply, {services} services / {endpoints} endpoints (ms)"),
+            applied,
+        ));
+        agent.terminate()?;
+        agent.wait()?;
+        // A fresh agent started with it, idle.
+        let agent = lab.start_agent_with_config("n1", &big, &[])?;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        figures.push((
+            format!("agent resident idle, {services} services / {endpoints} endpoints (MiB)"),
+            rss_mib(&agent)?,
+        ));
+        agent.terminate()?;
+        agent.wait()?;
+    }
+
+    let connections = if quick { 500 } else { 10_000 };
+    let agent = lab.start_agent("n1", &[])?;
+    for (what, target) in [
+        ("same node", "198.19.0.1:80"),
+        ("across nodes", "198.19.0.3:80"),
+    ] {
+        eprintln!("==> scale: {connections} idle connections, {what}");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let before = rss_mib(&agent)?;
+        let go = lab.scratch_path(&format!("idle-{}", what.replace(' ', "-")));
+        let conns = connections.to_string();
+        let go_arg = go.display().to_string();
+        let idle = lab.spawn(
+            "meshed",
+            &[
+                "echo",
+                "--connect",
+                target,
+                "--bytes",
+                "2",
+                "--connections",
+                &conns,
+                "--pause-until",
+                &go_arg,
+            ],
+        )?;
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let held = rss_mib(&agent)?;
+        figures.push((
+            format!("n1 agent memory per idle connection, {what} (KiB)"),
+            (held - before) * 1024.0 / connections as f64,
+        ));
+        std::fs::write(&go, "")?;
+        let out = idle.wait_output()?;
+        if !out.status.success() {
+            bail!("the idle connections failed: {}", out.stdout);
+        }
+    }
+    Ok(figures)
+}
+
+/// n1's configuration with `services` more services, one port each, and `endpoints` more
+/// endpoints spread over them, all on n2 (IPv6 addresses of n2's pod network).
+fn big_config(lab: &Lab, services: usize, endpoints: usize) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut text = lab.agent_config("n1")?;
+    let n2 = lab.agent_node_name("n2");
+    let per_service = endpoints / services;
+    for i in 0..services {
+        let vip = 10 * 256 + i;
+        write!(
+            text,
+            "  - {{ name: s{i}, namespace: scale, addresses: [198.19.{}.{}], ports: [{{ port: 80, target_port: 8080 }}], endpoints: [",
+            vip / 256,
+            vip % 256
+        )?;
+        for j in 0..per_service {
+            let e = i * per_service + j + 16;
+            write!(
+                text,
+                "{}{{ address: \"2001:2:0:2::{:x}:{:x}\", node: {n2} }}",
+                if j > 0 { ", " } else { "" },
+                e >> 16,
+                e & 0xffff
+            )?;
+        }
+        text.push_str("] }\n");
+    }
+    Ok(text)
 }
 
 /// Runs `scenario` through `path`: the client's figures, and the proxies' CPU per GiB for bulk
@@ -291,7 +407,7 @@ fn baseline(results: &Results<'_>, scenario: &str, path: &Path, key: &str) -> Op
         .map(|(_, v, _)| *v)
 }
 
-fn print_table(results: &Results<'_>, rss: &[(String, f64)]) {
+fn print_table(results: &Results<'_>, rss: &[(String, f64)], scale: &[(String, f64)]) {
     println!();
     println!(
         "{:<40} {:<28} {:<20} {:>12} {:>10}",
@@ -309,12 +425,20 @@ fn print_table(results: &Results<'_>, rss: &[(String, f64)]) {
         }
     }
     for (node, mib) in rss {
-        println!("agent {node}: {mib:.1} MiB resident");
+        println!("agent {node}: {mib:.1} MiB resident after the run");
+    }
+    for (what, value) in scale {
+        println!("{what:<68} {value:>10.1}");
     }
     println!();
 }
 
-fn write_report(cli: &Cli, results: &Results<'_>, rss: &[(String, f64)]) -> Result<()> {
+fn write_report(
+    cli: &Cli,
+    results: &Results<'_>,
+    rss: &[(String, f64)],
+    scale: &[(String, f64)],
+) -> Result<()> {
     let rows: Vec<_> = results
         .iter()
         .flat_map(|(scenario, path, figures)| {
@@ -336,6 +460,7 @@ fn write_report(cli: &Cli, results: &Results<'_>, rss: &[(String, f64)]) -> Resu
         "machine": machine(),
         "results": rows,
         "agent_resident_mib": rss.iter().map(|(n, m)| json!({"agent": n, "mib": m})).collect::<Vec<_>>(),
+        "scale": scale.iter().map(|(what, v)| json!({"figure": what, "value": v})).collect::<Vec<_>>(),
     });
     if let Some(dir) = cli.report.parent() {
         std::fs::create_dir_all(dir)?;

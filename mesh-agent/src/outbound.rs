@@ -169,6 +169,11 @@ impl Outbound {
                         _lease: Some(lease),
                     });
                 }
+                Err(DialError::OutOfResources(e)) => {
+                    // This node's fault, not the endpoint's: no ejection, no other endpoint.
+                    warn!(service = %port.service, "cannot connect: {e}");
+                    return None;
+                }
                 Err(DialError::NoIdentity(addr)) => {
                     refuse("no_identity");
                     warn!(service = %port.service, "cannot leave the node: {}", DialError::NoIdentity(addr));
@@ -203,7 +208,7 @@ impl Outbound {
                 let pod = timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
                     .await
                     .map_err(|_| DialError::Timeout)?
-                    .map_err(|e| DialError::Failed(e.to_string()))?;
+                    .map_err(DialError::from_io)?;
                 debug!(%target, "connected on this node");
                 Ok(Upstream::Direct(pod))
             }
@@ -261,8 +266,23 @@ enum DialError {
     NoIdentity(IpAddr),
     #[error("no answer within {CONNECT_TIMEOUT:?}")]
     Timeout,
+    #[error("the agent is out of file descriptors or memory: {0}")]
+    OutOfResources(std::io::Error),
     #[error("{0}")]
     Failed(String),
+}
+
+impl DialError {
+    /// A failed connect: this node's shortage (out of descriptors or memory), or the
+    /// endpoint's failure.
+    fn from_io(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                Self::OutOfResources(e)
+            }
+            _ => Self::Failed(e.to_string()),
+        }
+    }
 }
 
 /// Copies both ways until both sides are done, or `abort` (then `None`).

@@ -67,17 +67,32 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
-/// Raises the soft limit on open files to the hard limit: a proxy holds two descriptors per
-/// connection, and the usual soft limit of 1024 is soon reached.
+/// Raises the limit on open files as far as allowed (as root, to the kernel's ceiling): a proxy
+/// holds two descriptors per connection, and the usual soft limit of 1024 is soon reached.
 pub fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    // Root may raise the hard limit too, up to the kernel's per-process ceiling.
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok());
     // SAFETY: plain system calls on a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if let Some(ceiling) = ceiling.filter(|c| *c > limit.rlim_max) {
+            let raised = libc::rlimit {
+                rlim_cur: ceiling,
+                rlim_max: ceiling,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return;
+            }
+        }
+        if limit.rlim_cur < limit.rlim_max {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }

@@ -319,16 +319,22 @@ async fn echo(
     pause_until: Option<PathBuf>,
     barrier: Arc<Barrier>,
 ) -> Result<String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    stream.set_nodelay(true)?;
-    let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(CHUNK, rd);
-    let mut banner = String::new();
-    rd.read_line(&mut banner).await?;
-    ensure!(banner.ends_with('\n'), "no banner from the server");
+    let opened = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(CHUNK, rd);
+        let mut banner = String::new();
+        rd.read_line(&mut banner).await?;
+        ensure!(banner.ends_with('\n'), "no banner from the server");
+        anyhow::Ok((rd, wr, banner))
+    }
+    .await;
+    // A connection that failed still counts at the barrier, so the others do not wait for it.
     barrier.wait().await;
+    let (mut rd, mut wr, banner) = opened?;
     if pause_until.is_some() {
         println!("ready");
     }

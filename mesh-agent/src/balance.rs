@@ -127,6 +127,13 @@ impl Drop for Lease {
 pub struct EndpointStates(Mutex<HashMap<SocketAddr, Weak<EndpointState>>>);
 
 impl EndpointStates {
+    /// Forgets the endpoints no routing table holds any more (once per table built, not per
+    /// endpoint: that would be quadratic).
+    pub fn prune(&self) {
+        let mut states = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        states.retain(|_, s| s.strong_count() > 0);
+    }
+
     /// Every endpoint the routing tables hold, by address.
     pub fn snapshot(&self) -> Vec<EndpointHealth> {
         let now = Instant::now();
@@ -160,7 +167,6 @@ impl EndpointStates {
         if let Some(state) = states.get(&addr).and_then(Weak::upgrade) {
             return state;
         }
-        states.retain(|_, s| s.strong_count() > 0);
         let state = Arc::new(EndpointState::new(addr));
         states.insert(addr, Arc::downgrade(&state));
         state
@@ -306,10 +312,8 @@ mod tests {
         a.failed();
         assert!(Arc::ptr_eq(&a, &states.get(addr)));
         drop(a);
-        assert_eq!(
-            states.get(addr).health().failures,
-            0,
-            "forgotten once unused"
-        );
+        states.prune();
+        assert!(states.snapshot().is_empty(), "forgotten once unused");
+        assert_eq!(states.get(addr).health().failures, 0);
     }
 }

@@ -125,6 +125,7 @@ impl Routes {
                 }
             }
         }
+        states.prune();
         let workloads = config
             .workloads
             .iter()

@@ -207,10 +207,12 @@ fn run(cli: Cli) -> Result<()> {
     ];
 
     let scenarios = scenarios(cli.quick);
+    // Each figure is the median of three runs (one in the quick mode).
+    let repeats = if cli.quick { 1 } else { 3 };
     let mut results = Vec::new();
     for scenario in &scenarios {
         for path in &paths {
-            results.push((scenario.name, path, measure(&lab, scenario, path)?));
+            results.push((scenario.name, path, measure(&lab, scenario, path, repeats)?));
         }
     }
     let rss: Vec<(String, f64)> = agents
@@ -232,7 +234,7 @@ fn run(cli: Cli) -> Result<()> {
         proxies: vec![n1.pid()],
     };
     for scenario in &scenarios {
-        let figures = measure(&lab, scenario, &unshortcut)?;
+        let figures = measure(&lab, scenario, &unshortcut, repeats)?;
         // Shown after the same node's mesh row.
         let at = results
             .iter()
@@ -247,10 +249,13 @@ fn run(cli: Cli) -> Result<()> {
 
     print_table(&results, &rss, &scale);
     write_report(&cli, &results, &rss, &scale)?;
+    let plot = cli.report.with_extension("svg");
+    std::fs::write(&plot, plot_svg(&results))?;
     eprintln!(
-        "==> bench: done in {:.1} s; report: {}",
+        "==> bench: done in {:.1} s; report: {}, plot: {}",
         started.elapsed().as_secs_f64(),
-        cli.report.display()
+        cli.report.display(),
+        plot.display()
     );
     Ok(())
 }
@@ -369,9 +374,32 @@ fn big_config(lab: &Lab, services: usize, endpoints: usize) -> Result<String> {
     Ok(text)
 }
 
-/// Runs `scenario` through `path`: the client's figures, and the proxies' CPU per GiB for bulk
-/// transfers.
-fn measure(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(String, f64, bool)>> {
+/// Runs `scenario` through `path` `repeats` times: the median of each figure.
+fn measure(
+    lab: &Lab,
+    scenario: &Scenario,
+    path: &Path,
+    repeats: usize,
+) -> Result<Vec<(String, f64, bool)>> {
+    eprintln!("==> {} through {} ({repeats}x)", scenario.name, path.name);
+    let runs = (0..repeats)
+        .map(|_| measure_once(lab, scenario, path))
+        .collect::<Result<Vec<_>>>()?;
+    let first = runs.first().context("no run")?;
+    Ok(first
+        .iter()
+        .enumerate()
+        .map(|(i, (key, _, more_is_better))| {
+            let mut values: Vec<f64> = runs.iter().map(|r| r[i].1).collect();
+            values.sort_by(f64::total_cmp);
+            (key.clone(), values[values.len() / 2], *more_is_better)
+        })
+        .collect())
+}
+
+/// One run of `scenario` through `path`: the client's figures, and the proxies' CPU per GiB
+/// for bulk transfers.
+fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(String, f64, bool)>> {
     if INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted; the lab is removed");
     }
@@ -380,7 +408,6 @@ fn measure(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(String, f
     } else {
         &path.echo
     };
-    eprintln!("==> {} through {}", scenario.name, path.name);
     let cpu_before = cpu_seconds(&path.proxies)?;
     let mut args = vec!["bench", "--connect", target.as_str()];
     args.extend(scenario.args.iter().map(String::as_str));
@@ -469,6 +496,78 @@ fn write_report(
     }
     std::fs::write(&cli.report, serde_json::to_string_pretty(&report)? + "\n")?;
     Ok(())
+}
+
+/// A bar chart (SVG) of each scenario's main figure through each path, as a ratio to the
+/// direct path: latency (less is better) or rate (more is better).
+fn plot_svg(results: &Results<'_>) -> String {
+    const WIDTH: f64 = 960.0;
+    const LABEL: f64 = 250.0;
+    const ROW: f64 = 18.0;
+    const COLORS: [&str; 4] = ["#4e79a7", "#59a14f", "#f28e2b", "#e15759"];
+    let mut rows = Vec::new();
+    for (scenario, path, figures) in results {
+        let Some((key, value, more_is_better)) = figures.first() else {
+            continue;
+        };
+        if path.baseline == path.name {
+            continue;
+        }
+        if let Some(base) = baseline(results, scenario, path, key) {
+            rows.push((
+                *scenario,
+                path.name,
+                key.as_str(),
+                value / base,
+                *more_is_better,
+            ));
+        }
+    }
+    let max = rows.iter().map(|r| r.3).fold(1.0_f64, f64::max).min(8.0);
+    let scale = (WIDTH - LABEL - 80.0) / max;
+    let mut y = 40.0;
+    let mut body = String::new();
+    let mut last = "";
+    let mut paths: Vec<&str> = Vec::new();
+    for (scenario, path, key, ratio, more_is_better) in &rows {
+        if scenario != &last {
+            let better = if *more_is_better {
+                "more is better"
+            } else {
+                "less is better"
+            };
+            y += 10.0;
+            body += &format!(
+                "<text x=\"10\" y=\"{y}\" font-weight=\"bold\">{scenario}: {key} ({better})</text>\n"
+            );
+            y += 6.0;
+            last = scenario;
+        }
+        if !paths.contains(path) {
+            paths.push(path);
+        }
+        let color = COLORS[paths.iter().position(|p| p == path).unwrap_or(0) % COLORS.len()];
+        let w = ratio.min(max) * scale;
+        body += &format!(
+            "<text x=\"20\" y=\"{}\">{path}</text><rect x=\"{LABEL}\" y=\"{}\" width=\"{w:.1}\" height=\"{}\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{}\">{ratio:.2}x</text>\n",
+            y + 13.0,
+            y + 2.0,
+            ROW - 4.0,
+            LABEL + w + 6.0,
+            y + 13.0
+        );
+        y += ROW;
+    }
+    let one = LABEL + scale;
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"15\">mesh benchmark: each path as a ratio to direct TCP on the same node or across nodes</text>\n\
+         {body}<line x1=\"{one}\" y1=\"30\" x2=\"{one}\" y2=\"{y}\" stroke=\"black\" stroke-dasharray=\"4\"/>\n\
+         <text x=\"{one}\" y=\"{}\" text-anchor=\"middle\">1x = direct</text>\n</svg>\n",
+        y + 30.0,
+        y + 16.0
+    )
 }
 
 /// The CPU model, core count and kernel, for the report.

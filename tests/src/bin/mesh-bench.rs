@@ -338,7 +338,10 @@ fn scale(lab: &Lab, quick: bool) -> Result<Vec<(String, f64)>> {
         std::fs::write(&go, "")?;
         let out = idle.wait_output()?;
         if !out.status.success() {
-            bail!("the idle connections failed: {}", out.stdout);
+            bail!(
+                "the idle connections {what} failed: {}",
+                std::fs::read_to_string(lab.scratch_path("pod-meshed.log"))?
+            );
         }
     }
     Ok(figures)

@@ -169,7 +169,11 @@ impl Lab {
     fn add_netns(&mut self, name: &str) -> Result<()> {
         ip(&["netns", "add", name])?;
         self.netns.push(name.to_owned());
-        ip_in(name, &["link", "set", "lo", "up"])
+        ip_in(name, &["link", "set", "lo", "up"])?;
+        // Many short connections (the benchmark opens tens of thousands within a minute) must
+        // not run out of ports to TIME_WAIT: all the ephemeral range, and reuse as clients do.
+        netns::sysctl_in(name, "net/ipv4/ip_local_port_range", "1024 65535")?;
+        netns::sysctl_in(name, "net/ipv4/tcp_tw_reuse", "1")
     }
 
     fn node_index(&self, node: &str) -> Result<u8> {

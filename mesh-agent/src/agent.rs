@@ -92,7 +92,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let following = tokio::spawn(
             reload::Running {
                 file: opts.config.clone(),
-                config: config.clone(),
                 state,
                 cgroup_mount,
                 routes,

@@ -31,7 +31,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::{
     access::{Connection, Metered},
     identity::SpiffeId,
-    metrics::{ConnectionLabels, HandshakeLabels, ReasonLabels, metrics},
+    metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
     outbound::{CONNECT_TIMEOUT, COPY_BUFFER},
     routing::Routes,
     system, tls, tunnel,
@@ -137,14 +137,8 @@ impl Inbound {
             *response.status_mut() = code;
             Ok(response)
         };
-        let refuse = |reason| {
-            metrics()
-                .refusals
-                .get_or_create(&ReasonLabels { reason })
-                .inc();
-        };
         if request.method() != Method::CONNECT {
-            refuse("not_connect");
+            count_refusal("not_connect");
             return status(StatusCode::METHOD_NOT_ALLOWED);
         }
         let Some(target) = request
@@ -152,14 +146,14 @@ impl Inbound {
             .authority()
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
-            refuse("bad_authority");
+            count_refusal("bad_authority");
             warn!(%caller, uri = %request.uri(), "tunnel stream refused: the authority is not ip:port");
             return status(StatusCode::BAD_REQUEST);
         };
         let destination = {
             let routes = self.routes.borrow();
             if !routes.is_local_pod(target.ip()) {
-                refuse("not_local_pod");
+                count_refusal("not_local_pod");
                 warn!(%caller, %target, "tunnel stream refused: not a pod of this node");
                 return status(StatusCode::FORBIDDEN);
             }

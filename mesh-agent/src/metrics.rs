@@ -116,6 +116,14 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
+/// Counts a connection or tunnel stream refused for identity or policy.
+pub fn count_refusal(reason: &'static str) {
+    metrics()
+        .refusals
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+}
+
 /// A registry with every metric, and the eBPF programs' counters read from `counters` at each
 /// scrape.
 pub fn registry(counters: Counters) -> Registry {

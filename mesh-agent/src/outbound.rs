@@ -21,7 +21,7 @@ use crate::{
     access::{Connection, Metered},
     balance::Lease,
     datapath::OrigDstTable,
-    metrics::{ConnectionLabels, EndpointLabels, ReasonLabels, metrics},
+    metrics::{ConnectionLabels, EndpointLabels, count_refusal, metrics},
     routing::{Hop, LocalWorkload, Route, Routes},
     system,
     tunnel::{TunnelStream, Tunnels},
@@ -52,7 +52,7 @@ impl Outbound {
     pub async fn serve(self, listener: TcpListener, mut orig_dst: OrigDstTable) {
         while let Some((client, peer)) = system::accept(&listener, &self.stop).await {
             let Some(dst) = orig_dst.take(peer) else {
-                refuse("not_captured");
+                count_refusal("not_captured");
                 warn!(%peer, "closing a connection that was not captured (no original destination)");
                 continue;
             };
@@ -63,7 +63,7 @@ impl Outbound {
             let route = match route {
                 Ok(route) => route,
                 Err(e) => {
-                    refuse("no_route");
+                    count_refusal("no_route");
                     warn!(%peer, %dst, "closing a captured connection: {e}");
                     continue;
                 }
@@ -175,7 +175,7 @@ impl Outbound {
                     return None;
                 }
                 Err(DialError::NoIdentity(addr)) => {
-                    refuse("no_identity");
+                    count_refusal("no_identity");
                     warn!(service = %port.service, "cannot leave the node: {}", DialError::NoIdentity(addr));
                     return None;
                 }
@@ -245,14 +245,6 @@ struct Connected {
     target: SocketAddr,
     /// Keeps the endpoint's connection counted as outstanding while it is open.
     _lease: Option<Lease>,
-}
-
-/// Counts a captured connection the agent would not forward.
-fn refuse(reason: &'static str) {
-    metrics()
-        .refusals
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
 }
 
 enum Upstream {

@@ -27,10 +27,10 @@ const POLL: Duration = Duration::from_millis(500);
 /// What the agent runs with and keeps in step with its configuration file.
 pub struct Running {
     pub file: PathBuf,
-    pub config: Config,
     pub state: StateMaps,
     /// Where the workloads' cgroup paths start.
     pub cgroup_mount: PathBuf,
+    /// The routes, and the config they were built from (the running one).
     pub routes: watch::Sender<Arc<Routes>>,
     /// Endpoint load and health, kept across reloads.
     pub states: Arc<EndpointStates>,
@@ -62,16 +62,19 @@ impl Running {
                 return;
             }
         };
-        if new == self.config {
+        // The running config is the one the current routes were built from.
+        let routes = self.routes.borrow().clone();
+        let running = routes.config();
+        if new == *running {
             return;
         }
         let fixed = [
             (
-                new.node.name != self.config.node.name,
+                new.node.name != running.node.name,
                 "node.name (the pins are named after it)",
             ),
-            (new.trust_domain != self.config.trust_domain, "trust_domain"),
-            (new.identity != self.config.identity, "identity"),
+            (new.trust_domain != running.trust_domain, "trust_domain"),
+            (new.identity != running.identity, "identity"),
         ];
         if let Some((_, what)) = fixed.iter().find(|(changed, _)| *changed) {
             counted("rejected");
@@ -103,7 +106,6 @@ impl Running {
             applied_in_ms = started.elapsed().as_millis() as u64,
             "config reloaded"
         );
-        self.config = new;
     }
 }
 

@@ -1,6 +1,10 @@
-//! Client certificates for probing the inbound tunnel: good ones and every kind of bad one.
+//! Certificates from the lab's CA (or a foreign one): probes of the inbound tunnel with good and
+//! every kind of bad client certificate, and certificates for TLS peers that are not agents.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use rcgen::{
@@ -8,7 +12,9 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 
-use crate::{Lab, lab::TRUST_DOMAIN};
+use mesh_agent::routing::TUNNEL_PORT;
+
+use crate::{Lab, Output, lab::TRUST_DOMAIN, topology};
 
 /// What a probe's client certificate is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +29,18 @@ pub enum ProbeCert {
     OtherTrustDomain,
     /// From the lab's CA, with a DNS name and no SPIFFE ID.
     NoSpiffeId,
+}
+
+/// The CA whose `ca.crt` and `ca.key` are in `dir`, ready to sign.
+fn issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
+    let read = |file: &str| {
+        std::fs::read_to_string(dir.join(file))
+            .with_context(|| format!("cannot read {file} of {}", dir.display()))
+    };
+    Ok(Issuer::from_ca_cert_pem(
+        &read("ca.crt")?,
+        KeyPair::from_pem(&read("ca.key")?)?,
+    )?)
 }
 
 /// DER files of a client certificate and its PKCS#8 key.
@@ -41,12 +59,7 @@ impl Lab {
         } else {
             self.ca_dir()
         };
-        let read = |name: &str| {
-            std::fs::read_to_string(ca_dir.join(name))
-                .with_context(|| format!("cannot read {name} of {}", ca_dir.display()))
-        };
-        let issuer =
-            Issuer::from_ca_cert_pem(&read("ca.crt")?, KeyPair::from_pem(&read("ca.key")?)?)?;
+        let issuer = issuer(&ca_dir)?;
 
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -82,16 +95,34 @@ impl Lab {
 }
 
 impl Lab {
+    /// Opens a tunnel to the agent of node 2 from node 1 as a peer agent would, with a client
+    /// certificate of `cert` (none if `None`), and asks for `authority`: the output of
+    /// `mesh-testpod probe` (`probe=status status=<code>` or `probe=refused error=...`).
+    pub fn probe_node2(&self, cert: Option<ProbeCert>, authority: &str) -> Result<Output> {
+        let mut args = vec![
+            "probe".to_owned(),
+            "--connect".into(),
+            format!("{}:{TUNNEL_PORT}", topology::node_addrs(2).0),
+            "--authority".into(),
+            authority.into(),
+        ];
+        if let Some(kind) = cert {
+            let files = self.probe_cert(kind)?;
+            args.extend([
+                "--cert".into(),
+                files.cert.display().to_string(),
+                "--key".into(),
+                files.key.display().to_string(),
+            ]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run_on_node(&self.spec.nodes[0], &args)
+    }
+
     /// Writes a certificate from the lab's CA for a TLS peer that is not an agent (the
     /// benchmark's HAProxy pair): certificate then key, PEM, in one file; good for both ends.
     pub fn peer_pem(&self, name: &str) -> Result<PathBuf> {
-        let ca_dir = self.ca_dir();
-        let read = |file: &str| {
-            std::fs::read_to_string(ca_dir.join(file))
-                .with_context(|| format!("cannot read {file} of {}", ca_dir.display()))
-        };
-        let issuer =
-            Issuer::from_ca_cert_pem(&read("ca.crt")?, KeyPair::from_pem(&read("ca.key")?)?)?;
+        let issuer = issuer(&self.ca_dir())?;
         let mut params = CertificateParams::new(vec![format!("{name}.lab.mesh")])?;
         params.distinguished_name = DistinguishedName::new();
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -454,6 +454,21 @@ impl Lab {
         Ok(Daemon { child })
     }
 
+    /// An HTTP/1.1 request of `url` with `method`, from `node` itself (`mesh-testpod get`).
+    pub fn http(&self, node: &str, method: &str, url: &str) -> Result<HttpReply> {
+        let out = self.run_on_node(node, &["get", "--method", method, "--url", url])?;
+        let body = out
+            .stdout
+            .split_once('\n')
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default();
+        Ok(HttpReply {
+            status: out.field("status").parse()?,
+            content_type: out.field("content_type").to_owned(),
+            body,
+        })
+    }
+
     /// Runs `mesh-testpod args` on `node` itself to completion; fails if it fails.
     pub fn run_on_node(&self, node: &str, args: &[&str]) -> Result<Output> {
         run_placed(self.placement(node, "host")?, node, args)
@@ -630,6 +645,14 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
+}
+
+/// What an HTTP request of [`Lab::http`] got back.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
 }
 
 /// A program other than the mesh's own, running on a node until dropped.

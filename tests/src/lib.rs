@@ -5,6 +5,7 @@
 //! behind by a test process that was killed is removed by the next lab that starts.
 
 mod certs;
+mod interrupt;
 mod lab;
 mod netns;
 mod prometheus;
@@ -12,7 +13,8 @@ mod topology;
 mod wire;
 
 pub use certs::{CertFiles, ProbeCert};
-pub use lab::{Agent, Daemon, Footprint, Lab, Output, Running, alive};
+pub use interrupt::{catch_interrupt, interrupted};
+pub use lab::{Agent, Daemon, Footprint, HttpReply, Lab, Output, Running, alive};
 pub use prometheus::{Prometheus, Sample};
 pub use topology::{LabSpec, PodSpec, ServiceSpec};
 pub use wire::{Capture, frames};

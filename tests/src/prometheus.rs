@@ -90,18 +90,13 @@ impl Lab {
 impl Prometheus<'_> {
     /// The body of a GET of `path` on Prometheus' HTTP API.
     fn get(&self, path: &str) -> Result<String> {
-        let out = self.lab.run_on_node(
-            &self.node,
-            &["get", "--url", &format!("http://{LISTEN}{path}")],
-        )?;
-        if out.field("status") != "200" {
-            bail!("GET {path}: {}", out.stdout);
+        let reply = self
+            .lab
+            .http(&self.node, "GET", &format!("http://{LISTEN}{path}"))?;
+        if reply.status != 200 {
+            bail!("GET {path}: {} {}", reply.status, reply.body);
         }
-        Ok(out
-            .stdout
-            .split_once('\n')
-            .map(|(_, body)| body.to_owned())
-            .unwrap_or_default())
+        Ok(reply.body)
     }
 
     /// The result of an instant query.

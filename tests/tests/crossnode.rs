@@ -126,26 +126,8 @@ fn bad_peers_are_refused_at_the_inbound_port() {
         .unwrap();
     let (backend, _) = lab.pod_addrs("backend").unwrap();
     let pod = format!("{backend}:8080");
-    let probe = |cert: Option<ProbeCert>, authority: &str| {
-        let mut args = vec![
-            "probe".to_owned(),
-            "--connect".into(),
-            "198.18.0.2:15008".into(),
-            "--authority".into(),
-            authority.into(),
-        ];
-        if let Some(kind) = cert {
-            let files = lab.probe_cert(kind).unwrap();
-            args.extend([
-                "--cert".into(),
-                files.cert.display().to_string(),
-                "--key".into(),
-                files.key.display().to_string(),
-            ]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        lab.run_on_node("n1", &args).unwrap()
-    };
+    let probe =
+        |cert: Option<ProbeCert>, authority: &str| lab.probe_node2(cert, authority).unwrap();
 
     // A good certificate reaches the pod, but only a pod of that node.
     let ok = probe(Some(ProbeCert::Valid), &pod);

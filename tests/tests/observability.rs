@@ -1,7 +1,7 @@
 //! End-to-end: a real Prometheus scrapes the agents of a two-node lab; what it stored must
 //! agree exactly with the traffic the test sent. The admin API answers for each node.
 
-use mesh_tests::{Lab, LabSpec, ProbeCert, ServiceSpec};
+use mesh_tests::{HttpReply, Lab, LabSpec, ProbeCert, ServiceSpec};
 
 const VIP: &str = "198.19.0.10";
 const CONNECTIONS: u64 = 7;
@@ -30,16 +30,10 @@ fn dashboard_queries() -> Vec<String> {
         .collect()
 }
 
-/// A GET of the admin API of node `k` from node `from`: (status line fields, body).
-fn admin(lab: &Lab, from: &str, k: u8, path: &str) -> (mesh_tests::Output, String) {
-    let out = lab
-        .run_on_node(
-            from,
-            &["get", "--url", &format!("http://198.18.0.{k}:15020{path}")],
-        )
-        .unwrap();
-    let body = out.stdout.split_once('\n').unwrap().1.to_owned();
-    (out, body)
+/// A GET of the admin API of node `k` from node `from`.
+fn admin(lab: &Lab, from: &str, k: u8, path: &str) -> HttpReply {
+    lab.http(from, "GET", &format!("http://198.18.0.{k}:15020{path}"))
+        .unwrap()
 }
 
 #[test]
@@ -70,26 +64,8 @@ fn prometheus_sees_exactly_the_traffic_sent() {
     // Refused peers at n2's tunnel port: one from another CA, one without a certificate; a
     // good one asking for a pod of another node.
     let (backend, _) = lab.pod_addrs("backend").unwrap();
-    let probe = |cert: Option<ProbeCert>, authority: &str| {
-        let mut args = vec![
-            "probe".to_owned(),
-            "--connect".into(),
-            "198.18.0.2:15008".into(),
-            "--authority".into(),
-            authority.into(),
-        ];
-        if let Some(kind) = cert {
-            let files = lab.probe_cert(kind).unwrap();
-            args.extend([
-                "--cert".into(),
-                files.cert.display().to_string(),
-                "--key".into(),
-                files.key.display().to_string(),
-            ]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        lab.run_on_node("n1", &args).unwrap()
-    };
+    let probe =
+        |cert: Option<ProbeCert>, authority: &str| lab.probe_node2(cert, authority).unwrap();
     probe(Some(ProbeCert::OtherCa), &format!("{backend}:8080"));
     probe(None, &format!("{backend}:8080"));
     probe(Some(ProbeCert::Valid), "198.18.1.2:8080");
@@ -205,23 +181,23 @@ fn the_admin_api_answers_on_every_node() {
     .unwrap();
 
     for k in [1, 2] {
-        let (out, body) = admin(&lab, "n1", k, "/healthz");
-        assert_eq!(out.field("status"), "200", "{body}");
-        let (out, _) = admin(&lab, "n1", k, "/ready");
-        assert_eq!(out.field("status"), "200");
-        let (out, _) = admin(&lab, "n1", k, "/metrics");
+        let healthz = admin(&lab, "n1", k, "/healthz");
+        assert_eq!(healthz.status, 200, "{}", healthz.body);
+        assert_eq!(admin(&lab, "n1", k, "/ready").status, 200);
+        let metrics = admin(&lab, "n1", k, "/metrics");
         assert!(
-            out.field("content_type")
+            metrics
+                .content_type
                 .starts_with("application/openmetrics-text")
         );
         assert!(
-            out.stdout.trim_end().ends_with("# EOF"),
+            metrics.body.trim_end().ends_with("# EOF"),
             "OpenMetrics text ends with # EOF"
         );
     }
 
-    let (_, body) = admin(&lab, "n1", 1, "/config");
-    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&admin(&lab, "n1", 1, "/config").body).unwrap();
     assert_eq!(config["ready"], true);
     assert_eq!(config["config"]["workloads"][0]["name"], "client");
     let (backend, _) = lab.pod_addrs("backend").unwrap();
@@ -242,16 +218,15 @@ fn the_admin_api_answers_on_every_node() {
     // The log level changes at run time, from the node itself only.
     let logging = |host: &str, method: &str| {
         let url = format!("http://{host}:15020/logging?level=warn,mesh_agent::access=info");
-        lab.run_on_node("n1", &["get", "--method", method, "--url", &url])
-            .unwrap()
+        lab.http("n1", method, &url).unwrap()
     };
-    assert_eq!(logging("198.18.0.1", "PUT").field("status"), "403");
-    assert_eq!(logging("127.0.0.1", "PUT").field("status"), "200");
+    assert_eq!(logging("198.18.0.1", "PUT").status, 403);
+    assert_eq!(logging("127.0.0.1", "PUT").status, 200);
     let now = logging("127.0.0.1", "GET");
     assert!(
-        now.stdout.contains("mesh_agent::access=info") && now.stdout.contains("warn"),
+        now.body.contains("mesh_agent::access=info") && now.body.contains("warn"),
         "{}",
-        now.stdout
+        now.body
     );
     let count = |text: &str| a1.log().matches(text).count();
     assert_eq!(

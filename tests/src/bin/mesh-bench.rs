@@ -4,19 +4,12 @@
 //! certificates, Debian's package), the well-known peer — reported as ratios to the direct
 //! path, with the proxies' CPU time per GiB and the agents' memory. Writes a JSON report.
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
-};
+use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use mesh_tests::{Agent, Daemon, Lab, LabSpec, Output, ServiceSpec};
+use mesh_tests::{Agent, Daemon, Lab, LabSpec, Output, ServiceSpec, catch_interrupt, interrupted};
 use serde_json::json;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Parser)]
 struct Cli {
@@ -105,6 +98,17 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         figures: latency,
         bulk: false,
     };
+    let transfer = |name, mode: &str| Scenario {
+        name,
+        args: vec![
+            "--mode".into(),
+            mode.into(),
+            "--bytes".into(),
+            bulk.to_string(),
+        ],
+        figures: &[("mib_per_second", true)],
+        bulk: true,
+    };
     vec![
         rr("rr 64 B, 1 connection", 64, 1, requests),
         rr("rr 1 KiB, 1 connection", 1024, 1, requests),
@@ -119,26 +123,8 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
             bulk: false,
         },
-        Scenario {
-            name: "bulk one way",
-            args: ["--mode", "bulk-one", "--bytes"]
-                .map(String::from)
-                .into_iter()
-                .chain([bulk.to_string()])
-                .collect(),
-            figures: &[("mib_per_second", true)],
-            bulk: true,
-        },
-        Scenario {
-            name: "bulk both ways",
-            args: ["--mode", "bulk-both", "--bytes"]
-                .map(String::from)
-                .into_iter()
-                .chain([bulk.to_string()])
-                .collect(),
-            figures: &[("mib_per_second", true)],
-            bulk: true,
-        },
+        transfer("bulk one way", "bulk-one"),
+        transfer("bulk both ways", "bulk-both"),
     ]
 }
 
@@ -403,7 +389,7 @@ fn measure(
 /// One run of `scenario` through `path`: the client's figures, and the proxies' CPU per GiB
 /// for bulk transfers.
 fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(String, f64, bool)>> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
+    if interrupted() {
         bail!("interrupted; the lab is removed");
     }
     let target = if scenario.name == "bulk one way" {
@@ -685,18 +671,4 @@ fn rss_mib(agent: &Agent) -> Result<f64> {
         .context("no VmRSS")?
         .parse()?;
     Ok(kib / 1024.0)
-}
-
-/// Ctrl-C ends the run early; the lab is still removed on the way out.
-fn catch_interrupt() {
-    extern "C" fn on_interrupt(_: libc::c_int) {
-        INTERRUPTED.store(true, Ordering::Relaxed);
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-    }
 }

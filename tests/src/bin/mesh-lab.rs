@@ -2,19 +2,13 @@
 //! network namespaces, the real agents and eBPF programs, a burst of traffic, and what the
 //! mesh did with it. `up` leaves such a lab running for exploration; `down` removes it.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    process::ExitCode,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::IpAddr, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_agent::datapath::Counters;
 use mesh_common::Counter;
-use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec};
+use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted};
 
 /// The shop: services, their addresses and the pods behind them. `web` on n1 calls them all.
 const SERVICES: [(&str, &str, &[&str]); 3] = [
@@ -33,8 +27,6 @@ const PODS: [(&str, &str); 4] = [
 const N1_POD_BRIDGE: &str = "198.18.1.1";
 const CONNECTIONS_PER_SERVICE: usize = 20;
 const BYTES_PER_CONNECTION: u64 = 256 * 1024;
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 /// The mesh lab: two nodes of a small shop, with an agent each.
 #[derive(Parser)]
@@ -139,7 +131,7 @@ fn demo() -> Result<()> {
                 let bytes = BYTES_PER_CONNECTION.to_string();
                 let out = lab.run("web", &["echo", "--connect", &target, "--bytes", &bytes]);
                 // Ctrl-C reaches the agents and the pods too: stop, whatever they answered.
-                if INTERRUPTED.load(Ordering::Relaxed) {
+                if interrupted() {
                     bail!("interrupted; the lab is removed");
                 }
                 let out = out?;
@@ -208,8 +200,11 @@ fn demo() -> Result<()> {
     );
     for (k, node) in [(1, "n1"), (2, "n2")] {
         let url = format!("http://198.18.0.{k}:15020/metrics");
-        let text = lab.run_on_node(node, &["get", "--url", &url])?.stdout;
-        for row in service_table(&text) {
+        let metrics = lab.http(node, "GET", &url)?;
+        if metrics.status != 200 {
+            bail!("GET {url}: {} {}", metrics.status, metrics.body);
+        }
+        for row in service_table(&metrics.body) {
             println!(
                 "  {node:<6} {:<9} {:<16} {:<7} {:>11} {:>5.1} MiB {:>5.1} MiB",
                 row.direction,
@@ -395,18 +390,4 @@ fn pod_at(lab: &Lab, ip: &str) -> String {
 fn counters(node_name: &str) -> Result<Vec<u64>> {
     let counters = Counters::open_pinned(node_name)?;
     Counter::ALL.iter().map(|c| counters.get(*c)).collect()
-}
-
-/// Ctrl-C ends the traffic early; the lab is still removed on the way out.
-fn catch_interrupt() {
-    extern "C" fn on_interrupt(_: libc::c_int) {
-        INTERRUPTED.store(true, Ordering::Relaxed);
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-    }
 }

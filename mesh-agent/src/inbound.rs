@@ -19,7 +19,6 @@ use hyper::{body::Incoming, server::conn::http2, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
 use tokio::{
-    io::copy_bidirectional_with_sizes,
     net::{TcpListener, TcpStream},
     sync::watch,
     time::timeout,
@@ -30,9 +29,10 @@ use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
     access::{Connection, Metered},
+    copy,
     identity::SpiffeId,
     metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
-    outbound::{CONNECT_TIMEOUT, COPY_BUFFER},
+    outbound::CONNECT_TIMEOUT,
     routing::Routes,
     system, tls, tunnel,
 };
@@ -199,7 +199,7 @@ impl Inbound {
                 };
                 let record = Connection::open(labels, peer, target);
                 let copied = tokio::select! {
-                    copied = copy_bidirectional_with_sizes(&mut tunnel, &mut pod, COPY_BUFFER, COPY_BUFFER) => Some(copied),
+                    copied = copy::bidirectional(&mut tunnel, &mut pod) => Some(copied),
                     () = abort.cancelled() => None,
                 };
                 let outcome = match copied {

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod balance;
 pub mod certificates;
 pub mod config;
+pub mod copy;
 pub mod datapath;
 pub mod identity;
 pub mod inbound;

@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, copy_bidirectional_with_sizes},
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
     time::timeout,
@@ -20,6 +20,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::{
     access::{Connection, Metered},
     balance::Lease,
+    copy,
     datapath::OrigDstTable,
     metrics::{ConnectionLabels, EndpointLabels, count_refusal, metrics},
     routing::{Hop, LocalWorkload, Route, Routes},
@@ -30,8 +31,6 @@ use crate::{
 /// How long a connect may take, directly or through a tunnel, before the next endpoint is
 /// tried.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Copy buffer per direction; large enough that bulk transfers make few syscalls.
-pub const COPY_BUFFER: usize = 64 * 1024;
 /// Endpoints tried for one connection at most.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -284,7 +283,7 @@ async fn copy<U: AsyncRead + AsyncWrite + Unpin>(
     abort: &CancellationToken,
 ) -> Option<std::io::Result<(u64, u64)>> {
     tokio::select! {
-        copied = copy_bidirectional_with_sizes(client, upstream, COPY_BUFFER, COPY_BUFFER) => Some(copied),
+        copied = copy::bidirectional(client, upstream) => Some(copied),
         () = abort.cancelled() => None,
     }
 }

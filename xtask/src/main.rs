@@ -67,6 +67,9 @@ enum Task {
         /// A small, fast run (debug builds) that proves the benchmark works; CI runs it.
         #[arg(long)]
         quick: bool,
+        /// Only the scenarios whose name contains this (`scale` for memory and config apply).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
@@ -114,7 +117,7 @@ fn main() -> Result<()> {
             // Become the lab, so that Ctrl-C reaches it (it cleans up) and not us.
             Err(Command::new(lab).args(args).exec().into())
         }
-        Task::Bench { quick } => {
+        Task::Bench { quick, only } => {
             shell::require_root("bench")?;
             setup::run()?;
             let dir = compile::lab(&root, !quick)?;
@@ -126,6 +129,9 @@ fn main() -> Result<()> {
                 .arg(&report);
             if quick {
                 bench.arg("--quick");
+            }
+            if let Some(only) = only {
+                bench.arg("--only").arg(only);
             }
             // Become the benchmark, so that Ctrl-C reaches it (it cleans up) and not us.
             Err(bench.exec().into())

@@ -16,9 +16,18 @@ struct Cli {
     /// Small counts: proves the benchmark works, measures little.
     #[arg(long)]
     quick: bool,
+    /// Runs only the scenarios whose name contains this (`scale` for the scale section).
+    #[arg(long)]
+    only: Option<String>,
     /// Where the JSON report goes.
     #[arg(long)]
     report: PathBuf,
+}
+
+impl Cli {
+    fn selects(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| name.contains(only))
+    }
 }
 
 /// A way from a client pod to a server pod.
@@ -192,7 +201,10 @@ fn run(cli: Cli) -> Result<()> {
         },
     ];
 
-    let scenarios = scenarios(cli.quick);
+    let scenarios: Vec<Scenario> = scenarios(cli.quick)
+        .into_iter()
+        .filter(|s| cli.selects(s.name))
+        .collect();
     // Each figure is the median of three runs (one in the quick mode).
     let repeats = if cli.quick { 1 } else { 3 };
     let mut results = Vec::new();
@@ -231,7 +243,11 @@ fn run(cli: Cli) -> Result<()> {
     n1.terminate()?;
     n1.wait()?;
 
-    let scale = scale(&lab, cli.quick)?;
+    let scale = if cli.selects("scale") {
+        scale(&lab, cli.quick)?
+    } else {
+        Vec::new()
+    };
 
     print_table(&results, &rss, &scale);
     write_report(&cli, &results, &rss, &scale)?;

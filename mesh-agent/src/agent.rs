@@ -132,6 +132,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
+        system::release_freed_memory();
         ready.store(true, Ordering::Relaxed);
         info!(node, config = %opts.config.display(), "mesh agent ready");
 

@@ -18,6 +18,7 @@ use crate::{
     datapath::StateMaps,
     metrics::{ResultLabels, metrics},
     routing::Routes,
+    system,
 };
 
 /// How often the file is looked at. Polling (rather than inotify) also follows a Kubernetes
@@ -106,6 +107,8 @@ impl Running {
             applied_in_ms = started.elapsed().as_millis() as u64,
             "config reloaded"
         );
+        drop(new);
+        system::release_freed_memory();
     }
 }
 

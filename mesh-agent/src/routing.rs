@@ -43,7 +43,7 @@ pub enum Hop {
     /// Dial it directly: it runs on this node.
     Local,
     /// Through the agent of the node it runs on, at this tunnel address.
-    Tunnel { node: String, agent: SocketAddr },
+    Tunnel { node: Arc<str>, agent: SocketAddr },
 }
 
 /// One port of one service: its endpoints and how to reach each.
@@ -97,11 +97,16 @@ impl Routes {
                 Hop::Local
             } else {
                 Hop::Tunnel {
-                    node: node.name.to_string(),
+                    node: node.name.as_str().into(),
                     agent: SocketAddr::new(node.addresses[0], TUNNEL_PORT),
                 }
             }
         };
+        // One per node, shared by its endpoints.
+        let node_hops: HashMap<&str, Hop> = std::iter::once(&config.node)
+            .chain(&config.peers)
+            .map(|node| (node.name.as_str(), hop_to(node)))
+            .collect();
         let mut services = HashMap::new();
         for s in &config.services {
             for port in &s.ports {
@@ -109,8 +114,8 @@ impl Routes {
                 let mut endpoints = Vec::new();
                 for e in &s.endpoints {
                     let addr = SocketAddr::new(e.address, port.target_port());
-                    if let Some(node) = config.node_named(&e.node) {
-                        hops.insert(addr, hop_to(node));
+                    if let Some(hop) = node_hops.get(e.node.as_str()) {
+                        hops.insert(addr, hop.clone());
                         endpoints.push(states.get(addr));
                     }
                 }
@@ -273,7 +278,7 @@ services:
             panic!("not a pod route");
         };
         assert_eq!(target, "198.18.2.7:9000".parse().unwrap());
-        assert!(matches!(hop, Hop::Tunnel { node, .. } if node == "n2"));
+        assert!(matches!(hop, Hop::Tunnel { node, .. } if &*node == "n2"));
         assert!(r.is_local_pod("198.18.1.7".parse().unwrap()));
         assert!(!r.is_local_pod("198.18.2.7".parse().unwrap()));
     }

@@ -67,6 +67,17 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// Gives the heap's free pages back to the kernel. glibc keeps them after a burst of
+/// allocations — parsing a large config, or the kernel's BTF while loading the programs —
+/// which would otherwise stay in the agent's resident memory for good.
+pub fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Raises the limit on open files as far as allowed (as root, to the kernel's ceiling): a proxy
 /// holds two descriptors per connection, and the usual soft limit of 1024 is soon reached.
 pub fn raise_fd_limit() {

@@ -320,16 +320,16 @@ impl Lab {
         std::fs::write(&config, text)?;
         let log = self.dir.join(format!("agent-{node}.log"));
         let mut cmd = Command::new(agent_binary()?);
-        cmd.args([
-            "--log-level",
-            "info,mesh_agent=debug,mesh_ebpf=debug",
-            "run",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--cgroup")
-        .arg(self.cgroup_rel(&self.node_cgroup(node)))
-        .args(extra);
+        let log_level = self
+            .spec
+            .agent_log_level
+            .as_deref()
+            .unwrap_or("info,mesh_agent=debug,mesh_ebpf=debug");
+        cmd.args(["--log-level", log_level, "run", "--config"])
+            .arg(&config)
+            .arg("--cgroup")
+            .arg(self.cgroup_rel(&self.node_cgroup(node)))
+            .args(extra);
         let child = self.spawn_logged(cmd, node, "agent", &log)?;
         let agent = Agent {
             child,

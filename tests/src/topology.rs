@@ -19,6 +19,9 @@ pub struct LabSpec {
     pub services: Vec<ServiceSpec>,
     /// How long workload certificates live (`90s`, `1h`); an hour if not given.
     pub certificate_ttl: Option<String>,
+    /// The agents' `--log-level`; debug for the mesh's own targets if not given (the tests
+    /// read those lines).
+    pub agent_log_level: Option<String>,
 }
 
 /// A pod: its own network namespace and cgroup, on one node.
@@ -84,6 +87,11 @@ impl LabSpec {
 
     pub fn certificate_ttl(mut self, ttl: &str) -> Self {
         self.certificate_ttl = Some(ttl.into());
+        self
+    }
+
+    pub fn agent_log_level(mut self, level: &str) -> Self {
+        self.agent_log_level = Some(level.into());
         self
     }
 

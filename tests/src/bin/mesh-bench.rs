@@ -49,8 +49,19 @@ struct Scenario {
     args: Vec<String>,
     /// The figures it yields, and whether more is better.
     figures: &'static [(&'static str, bool)],
-    /// Whether the agents' CPU time per GiB is worth reporting (bulk transfers).
-    bulk: bool,
+    /// What the proxies' CPU time is reported per, if anything.
+    cpu_per: Option<CpuPer>,
+}
+
+/// The unit of work the proxies' CPU time is divided by.
+#[derive(Clone, Copy)]
+enum CpuPer {
+    /// GiB moved (bulk transfers): `proxy_cpu_s_per_gib`.
+    Gib,
+    /// Connection opened: `proxy_cpu_us_per_connection`; its inverse is the connections per
+    /// second one core of proxy can open, whatever the load generator sharing the machine
+    /// costs.
+    Connection,
 }
 
 fn main() -> ExitCode {
@@ -71,7 +82,9 @@ fn spec() -> LabSpec {
         target_port: port,
         endpoints: vec![pod.into()],
     };
+    // The agents log as deployed (info: an access log line per connection, no debug lines).
     LabSpec::default()
+        .agent_log_level("info")
         .node("n1")
         .node("n2")
         .pod("n1", "meshed", true)
@@ -105,7 +118,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         ]
         .to_vec(),
         figures: latency,
-        bulk: false,
+        cpu_per: None,
     };
     let transfer = |name, mode: &str| Scenario {
         name,
@@ -116,7 +129,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             bulk.to_string(),
         ],
         figures: &[("mib_per_second", true)],
-        bulk: true,
+        cpu_per: Some(CpuPer::Gib),
     };
     vec![
         rr("rr 64 B, 1 connection", 64, 1, requests),
@@ -130,7 +143,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                 .chain([(requests / 20).to_string()])
                 .collect(),
             figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
-            bulk: false,
+            cpu_per: Some(CpuPer::Connection),
         },
         transfer("bulk one way", "bulk-one"),
         transfer("bulk both ways", "bulk-both"),
@@ -402,8 +415,8 @@ fn measure(
         .collect())
 }
 
-/// One run of `scenario` through `path`: the client's figures, and the proxies' CPU per GiB
-/// for bulk transfers.
+/// One run of `scenario` through `path`: the client's figures, and the proxies' CPU per unit
+/// of work.
 fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(String, f64, bool)>> {
     if interrupted() {
         bail!("interrupted; the lab is removed");
@@ -423,9 +436,21 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
         .iter()
         .map(|(key, more_is_better)| Ok(((*key).to_owned(), field(&out, key)?, *more_is_better)))
         .collect::<Result<_>>()?;
-    if scenario.bulk && !path.proxies.is_empty() {
-        let gib = field(&out, "bytes")? / f64::from(1 << 30);
-        figures.push(("proxy_cpu_s_per_gib".into(), cpu / gib, false));
+    match scenario.cpu_per {
+        _ if path.proxies.is_empty() => {}
+        Some(CpuPer::Gib) => {
+            let gib = field(&out, "bytes")? / f64::from(1 << 30);
+            figures.push(("proxy_cpu_s_per_gib".into(), cpu / gib, false));
+        }
+        Some(CpuPer::Connection) => {
+            let connections = field(&out, "requests")?;
+            figures.push((
+                "proxy_cpu_us_per_connection".into(),
+                cpu * 1e6 / connections,
+                false,
+            ));
+        }
+        None => {}
     }
     Ok(figures)
 }

@@ -491,6 +491,20 @@ pub struct Endpoint {
     pub node: Name,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// This endpoint's own port for a service port, where it is not the port's `target_port`
+    /// (a Kubernetes named target port resolves per pod).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub target_ports: BTreeMap<u16, u16>,
+}
+
+impl Endpoint {
+    /// Where this endpoint listens for `port`.
+    pub fn target_port(&self, port: &ServicePort) -> u16 {
+        self.target_ports
+            .get(&port.port)
+            .copied()
+            .unwrap_or_else(|| port.target_port())
+    }
 }
 
 /// A lowercase DNS-1123 name: a node, namespace, workload, service account or trust domain.

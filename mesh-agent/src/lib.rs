@@ -11,6 +11,7 @@ pub mod copy;
 pub mod datapath;
 pub mod identity;
 pub mod inbound;
+pub mod kubernetes;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;

@@ -113,7 +113,7 @@ impl Routes {
                 let mut hops = HashMap::new();
                 let mut endpoints = Vec::new();
                 for e in &s.endpoints {
-                    let addr = SocketAddr::new(e.address, port.target_port());
+                    let addr = SocketAddr::new(e.address, e.target_port(port));
                     if let Some(hop) = node_hops.get(e.node.as_str()) {
                         hops.insert(addr, hop.clone());
                         endpoints.push(states.get(addr));

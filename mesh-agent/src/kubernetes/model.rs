@@ -1,0 +1,581 @@
+//! Kubernetes objects → the mesh's config: the same state the YAML file describes.
+//!
+//! - Nodes → this node and its peers (first InternalIP of each family, `spec.podCIDRs`).
+//! - Pods scheduled on this node, in namespaces labelled [`ENROLL_LABEL`]`=true`, not on the
+//!   host network, with an IP and a cgroup found → workloads (identity from the namespace
+//!   and service account).
+//! - Services with cluster IPs (not headless, not ExternalName) → services, TCP ports only;
+//!   their EndpointSlices (label `kubernetes.io/service-name`) → endpoints. Each service port
+//!   takes its endpoints' port from the slice port of the same name, so named target ports
+//!   resolve per pod. Ready endpoints are used; when a service has none, its serving
+//!   terminating ones are (as kube-proxy does). Headless services need nothing: their pods'
+//!   addresses are meshed through the pod CIDRs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node as KubeNode, Pod, Service as KubeService},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::config::{
+    CgroupPath, Config, Endpoint, Identity, Name, Node, Service, ServicePort, Workload,
+};
+
+/// The namespace label that enrolls a namespace's pods, with the value `true`.
+pub const ENROLL_LABEL: &str = "mesh.dev/enrolled";
+/// The EndpointSlice label naming its service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The endpoint label carrying its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+/// The objects the agent watches, as the API returns them.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    pub namespaces: Vec<Namespace>,
+    pub nodes: Vec<KubeNode>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<KubeService>,
+    pub endpoint_slices: Vec<EndpointSlice>,
+}
+
+/// What the cluster's objects make for one node: the config, and what was left out and why.
+#[derive(Debug)]
+pub struct Discovered {
+    pub config: Config,
+    pub skipped: Vec<String>,
+}
+
+/// What the config file gives that the cluster does not.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (from the downward API).
+    pub node: Name,
+    pub trust_domain: Name,
+    pub identity: Identity,
+}
+
+impl Cluster {
+    /// The config of `settings.node`'s agent; `cgroup_of` finds a pod's cgroup from its UID.
+    /// `None` while this node is not (yet) among the Node objects.
+    pub fn config(
+        &self,
+        settings: &Settings,
+        cgroup_of: impl Fn(&str) -> Option<CgroupPath>,
+    ) -> Option<Discovered> {
+        let mut skipped = Vec::new();
+        let mut nodes = Vec::new();
+        for n in &self.nodes {
+            match node(n) {
+                Ok(node) => nodes.push(node),
+                Err(why) => skipped.push(why),
+            }
+        }
+        let this = nodes.iter().position(|n| n.name == settings.node)?;
+        let this = nodes.swap_remove(this);
+        let known: HashSet<&Name> = nodes.iter().chain([&this]).map(|n| &n.name).collect();
+        let workloads = self.workloads(&this.name, &cgroup_of, &mut skipped);
+        let services = self
+            .services
+            .iter()
+            .filter_map(|s| self.service(s, &known, &mut skipped))
+            .collect();
+        Some(Discovered {
+            config: Config {
+                node: this,
+                peers: nodes,
+                trust_domain: settings.trust_domain.clone(),
+                identity: settings.identity.clone(),
+                workloads,
+                services,
+            },
+            skipped,
+        })
+    }
+
+    fn workloads(
+        &self,
+        node: &Name,
+        cgroup_of: &impl Fn(&str) -> Option<CgroupPath>,
+        skipped: &mut Vec<String>,
+    ) -> Vec<Workload> {
+        let enrolled: HashSet<&str> = self
+            .namespaces
+            .iter()
+            .filter(|ns| {
+                ns.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(ENROLL_LABEL))
+                    .is_some_and(|v| v == "true")
+            })
+            .filter_map(|ns| ns.metadata.name.as_deref())
+            .collect();
+        let mut workloads = Vec::new();
+        for pod in &self.pods {
+            let (Some(spec), Some(name), Some(namespace)) = (
+                pod.spec.as_ref(),
+                pod.metadata.name.as_deref(),
+                pod.metadata.namespace.as_deref(),
+            ) else {
+                continue;
+            };
+            if spec.node_name.as_deref() != Some(node.as_str())
+                || !enrolled.contains(namespace)
+                || spec.host_network == Some(true)
+            {
+                continue;
+            }
+            let status = pod.status.as_ref();
+            if matches!(
+                status.and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ) {
+                continue;
+            }
+            let addresses: Vec<IpAddr> = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|ips| ips.iter().filter_map(|ip| ip.ip.parse().ok()).collect())
+                .unwrap_or_default();
+            if addresses.is_empty() {
+                continue; // Not started yet: it shows up again with its IP.
+            }
+            let Some(cgroup) = pod.metadata.uid.as_deref().and_then(cgroup_of) else {
+                skipped.push(format!(
+                    "pod {namespace}/{name}: no cgroup found for its UID"
+                ));
+                continue;
+            };
+            let account = spec.service_account_name.as_deref().unwrap_or("default");
+            match (name.parse(), namespace.parse(), account.parse()) {
+                (Ok(name), Ok(namespace), Ok(service_account)) => workloads.push(Workload {
+                    name,
+                    namespace,
+                    service_account,
+                    addresses,
+                    cgroup,
+                }),
+                _ => skipped.push(format!("pod {namespace}/{name}: not a valid name")),
+            }
+        }
+        workloads
+    }
+
+    fn service(
+        &self,
+        service: &KubeService,
+        nodes: &HashSet<&Name>,
+        skipped: &mut Vec<String>,
+    ) -> Option<Service> {
+        let spec = service.spec.as_ref()?;
+        let (name, namespace) = (
+            service.metadata.name.as_deref()?,
+            service.metadata.namespace.as_deref()?,
+        );
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let addresses: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(&spec.cluster_ip)
+            .filter_map(|ip| ip.parse().ok())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if addresses.is_empty() {
+            return None; // Headless: meshed through the pod CIDRs.
+        }
+        let slices: Vec<&EndpointSlice> = self
+            .endpoint_slices
+            .iter()
+            .filter(|s| {
+                s.metadata.namespace.as_deref() == Some(namespace)
+                    && s.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                        .is_some_and(|n| n == name)
+                    && s.address_type != "FQDN"
+            })
+            .collect();
+
+        let mut ports = Vec::new();
+        // Per endpoint address: its port for each service port.
+        let mut endpoint_ports: BTreeMap<IpAddr, (Endpoint, BTreeMap<u16, u16>)> = BTreeMap::new();
+        for port in spec.ports.iter().flatten() {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let Ok(service_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let mut target_port = None;
+            for slice in &slices {
+                let Some(slice_port) = slice
+                    .ports
+                    .iter()
+                    .flatten()
+                    // An unnamed service port is the slice's port named "".
+                    .find(|p| p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or(""))
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok())
+                else {
+                    continue;
+                };
+                target_port.get_or_insert(slice_port);
+                for (address, endpoint) in usable_endpoints(&slices, slice, nodes, skipped) {
+                    endpoint_ports
+                        .entry(address)
+                        .or_insert_with(|| (endpoint, BTreeMap::new()))
+                        .1
+                        .insert(service_port, slice_port);
+                }
+            }
+            ports.push(ServicePort {
+                port: service_port,
+                target_port: Some(target_port.unwrap_or(service_port)),
+                protocol: Default::default(),
+                load_balancing: Default::default(),
+            });
+        }
+        if ports.is_empty() {
+            return None;
+        }
+        let endpoints = endpoint_ports
+            .into_values()
+            .map(|(mut endpoint, by_port)| {
+                // Only where the endpoint's port differs from its service port's target.
+                endpoint.target_ports = by_port
+                    .into_iter()
+                    .filter(|(service_port, target)| {
+                        ports
+                            .iter()
+                            .find(|p| p.port == *service_port)
+                            .is_some_and(|p| p.target_port() != *target)
+                    })
+                    .collect();
+                endpoint
+            })
+            .collect();
+        match (name.parse(), namespace.parse()) {
+            (Ok(name), Ok(namespace)) => Some(Service {
+                name,
+                namespace,
+                addresses,
+                ports,
+                endpoints,
+            }),
+            _ => {
+                skipped.push(format!("service {namespace}/{name}: not a valid name"));
+                None
+            }
+        }
+    }
+}
+
+/// The endpoints of `slice` traffic may go to: ready ones, or while the service has no
+/// ready endpoint in any slice, serving terminating ones. Endpoints on nodes the mesh does
+/// not know are skipped.
+fn usable_endpoints(
+    slices: &[&EndpointSlice],
+    slice: &EndpointSlice,
+    nodes: &HashSet<&Name>,
+    skipped: &mut Vec<String>,
+) -> Vec<(IpAddr, Endpoint)> {
+    let condition = |e: &k8s_openapi::api::discovery::v1::Endpoint| {
+        let c = e.conditions.as_ref();
+        // The API: nil ready means ready; nil serving means as ready; nil terminating: no.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        (ready, serving && terminating)
+    };
+    let any_ready = slices
+        .iter()
+        .any(|s| s.endpoints.iter().any(|e| condition(e).0));
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| {
+            let (ready, serving_terminating) = condition(e);
+            if any_ready {
+                ready
+            } else {
+                serving_terminating
+            }
+        })
+        .filter_map(|e| {
+            // The API: consumers use the first address.
+            let address: IpAddr = e.addresses.first()?.parse().ok()?;
+            let node = e.node_name.as_deref().and_then(|n| n.parse::<Name>().ok());
+            let Some(node) = node.filter(|n| nodes.contains(n)) else {
+                skipped.push(format!(
+                    "endpoint {address}: on node {:?}, which is not a known node",
+                    e.node_name
+                ));
+                return None;
+            };
+            let labels = e
+                .zone
+                .iter()
+                .map(|zone| (ZONE_LABEL.to_owned(), zone.clone()))
+                .collect();
+            Some((
+                address,
+                Endpoint {
+                    address,
+                    node,
+                    labels,
+                    target_ports: BTreeMap::new(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// A Node object as a mesh node: its first InternalIP of each family, its pod CIDRs.
+fn node(node: &KubeNode) -> Result<Node, String> {
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    let invalid = |why: &str| format!("node {name}: {why}");
+    let internal: Vec<IpAddr> = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for family_v4 in [true, false] {
+        if let Some(a) = internal.iter().find(|a| a.is_ipv4() == family_v4) {
+            addresses.push(*a);
+        }
+    }
+    if addresses.is_empty() {
+        return Err(invalid("no InternalIP address"));
+    }
+    let spec = node.spec.as_ref();
+    let pod_cidrs: Vec<IpNet> = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.clone()).map(|c| vec![c]))
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    Ok(Node {
+        name: name.parse().map_err(|e: String| invalid(&e))?,
+        addresses,
+        pod_cidrs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, path::PathBuf};
+
+    use serde::de::DeserializeOwned;
+
+    use super::*;
+    use crate::config::Lifetime;
+
+    fn fixture<T: DeserializeOwned>(name: &str) -> Vec<T> {
+        #[derive(serde::Deserialize)]
+        struct List<T> {
+            items: Vec<T>,
+        }
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/kubernetes")
+            .join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        serde_yaml::from_str::<List<T>>(&text)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .items
+    }
+
+    fn cluster() -> Cluster {
+        Cluster {
+            namespaces: fixture("namespaces.yaml"),
+            nodes: fixture("nodes.yaml"),
+            pods: fixture("pods.yaml"),
+            services: fixture("services.yaml"),
+            endpoint_slices: fixture("endpointslices.yaml"),
+        }
+    }
+
+    fn settings(node: &str) -> Settings {
+        Settings {
+            node: node.parse().unwrap(),
+            trust_domain: "cluster.local".parse().unwrap(),
+            identity: Identity {
+                ca_cert: "ca.pem".into(),
+                ca_key: "ca-key.pem".into(),
+                trust_bundle: None,
+                certificate_ttl: Lifetime(std::time::Duration::from_secs(3600)),
+            },
+        }
+    }
+
+    /// Every pod has a cgroup, named after its UID.
+    fn cgroup(uid: &str) -> Option<CgroupPath> {
+        format!("/kubepods/pod{uid}").parse().ok()
+    }
+
+    fn discovered(node: &str) -> Discovered {
+        cluster().config(&settings(node), cgroup).unwrap()
+    }
+
+    fn service<'a>(config: &'a Config, name: &str) -> Option<&'a Service> {
+        config.services.iter().find(|s| s.name.as_str() == name)
+    }
+
+    #[test]
+    fn nodes_become_this_node_and_its_peers() {
+        let d = discovered("worker-1");
+        assert_eq!(d.config.node.name.as_str(), "worker-1");
+        assert_eq!(
+            d.config.node.addresses,
+            [
+                "10.0.0.11".parse::<IpAddr>().unwrap(),
+                "fd00::11".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            d.config.node.pod_cidrs,
+            [
+                "10.244.1.0/24".parse::<IpNet>().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap()
+            ]
+        );
+        let peers: Vec<&str> = d.config.peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(peers, ["worker-2"]);
+        assert!(
+            d.skipped.iter().any(|s| s.contains("no-address")),
+            "{:?}",
+            d.skipped
+        );
+        assert!(cluster().config(&settings("elsewhere"), cgroup).is_none());
+    }
+
+    #[test]
+    fn only_this_nodes_running_pods_of_enrolled_namespaces_are_workloads() {
+        let d = discovered("worker-1");
+        let names: Vec<&str> = d.config.workloads.iter().map(|w| w.name.as_str()).collect();
+        // cart-1 runs on worker-2, legacy-0 is in a namespace not enrolled, host-agent is on
+        // the host network, done-0 has succeeded, pending-0 has no IP yet.
+        assert_eq!(names, ["cart-0", "orders-0"]);
+        let cart = &d.config.workloads[0];
+        assert_eq!(cart.namespace.as_str(), "shop");
+        assert_eq!(cart.service_account.as_str(), "cart");
+        assert_eq!(
+            cart.addresses,
+            [
+                "10.244.1.5".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:1::5".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            cart.cgroup.to_string(),
+            "/kubepods/pod1f3a5c2e-7b4d-4e8f-9a01-2b3c4d5e6f70"
+        );
+        assert_eq!(d.config.workloads[1].service_account.as_str(), "default");
+    }
+
+    #[test]
+    fn a_pod_without_a_cgroup_is_skipped_and_said() {
+        let d = cluster().config(&settings("worker-1"), |_| None).unwrap();
+        assert!(d.config.workloads.is_empty());
+        assert!(
+            d.skipped.iter().any(|s| s.contains("shop/cart-0")),
+            "{:?}",
+            d.skipped
+        );
+    }
+
+    #[test]
+    fn services_take_cluster_ips_tcp_ports_and_ready_endpoints() {
+        let d = discovered("worker-1");
+        let cart = service(&d.config, "cart").unwrap();
+        // Dual stack: both cluster IPs; endpoints from the IPv4 and the IPv6 slice.
+        assert_eq!(
+            cart.addresses,
+            [
+                "10.96.0.10".parse::<IpAddr>().unwrap(),
+                "fd00:96::10".parse().unwrap()
+            ]
+        );
+        // Two TCP ports; the UDP one is left out.
+        let ports: Vec<(u16, u16)> = cart
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port()))
+            .collect();
+        assert_eq!(ports, [(80, 8080), (9090, 9090)]);
+        let endpoints: Vec<(String, &str)> = cart
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.node.as_str()))
+            .collect();
+        // 10.244.1.9 is not ready (and not terminating): left out while others are ready.
+        assert_eq!(
+            endpoints,
+            [
+                ("10.244.1.5".to_owned(), "worker-1"),
+                ("10.244.2.7".to_owned(), "worker-2"),
+                ("fd00:10:244:1::5".to_owned(), "worker-1"),
+            ]
+        );
+        assert_eq!(
+            cart.endpoints[1].labels.get(ZONE_LABEL).map(String::as_str),
+            Some("eu-west-1b")
+        );
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_pod() {
+        let d = discovered("worker-1");
+        let orders = service(&d.config, "orders").unwrap();
+        assert_eq!(orders.ports[0].target_port(), 8080);
+        let by_address: HashMap<String, &BTreeMap<u16, u16>> = orders
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), &e.target_ports))
+            .collect();
+        // orders-0 serves "http" on 8080 (the port's target), orders-1 on 8081.
+        assert!(by_address["10.244.1.6"].is_empty());
+        assert_eq!(by_address["10.244.2.8"].get(&80), Some(&8081));
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let d = discovered("worker-1");
+        let payments = service(&d.config, "payments").unwrap();
+        let endpoints: Vec<String> = payments
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        // Nothing ready: the serving terminating endpoint, not the non-serving one.
+        assert_eq!(endpoints, ["10.244.2.20"]);
+    }
+
+    #[test]
+    fn headless_external_name_and_unknown_node_endpoints_are_left_out() {
+        let d = discovered("worker-1");
+        assert!(service(&d.config, "catalog-headless").is_none());
+        assert!(service(&d.config, "stripe").is_none());
+        let catalog = service(&d.config, "catalog").unwrap();
+        assert!(catalog.endpoints.is_empty());
+        assert!(
+            d.skipped.iter().any(|s| s.contains("gone-node")),
+            "{:?}",
+            d.skipped
+        );
+    }
+}

@@ -12,6 +12,7 @@ use std::{
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 /// Bytes read at most per read; large enough that bulk transfers make few syscalls.
 pub const BUFFER_SIZE: usize = 64 * 1024;
@@ -148,6 +149,22 @@ where
         }
     })
     .await
+}
+
+/// Copies both ways like [`bidirectional`] until both sides are done or `abort` is
+/// cancelled; says how it ended, for the access log.
+pub async fn until_done<A, B>(a: &mut A, b: &mut B, abort: &CancellationToken) -> String
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        copied = bidirectional(a, b) => match copied {
+            Ok(_) => "ok".to_owned(),
+            Err(e) => format!("ended with an error: {e}"),
+        },
+        () = abort.cancelled() => "closed by the agent's shutdown".to_owned(),
+    }
 }
 
 #[cfg(test)]

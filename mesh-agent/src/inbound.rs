@@ -198,15 +198,7 @@ impl Inbound {
                     }
                 };
                 let record = Connection::open(labels, peer, target);
-                let copied = tokio::select! {
-                    copied = copy::bidirectional(&mut tunnel, &mut pod) => Some(copied),
-                    () = abort.cancelled() => None,
-                };
-                let outcome = match copied {
-                    Some(Ok(_)) => "ok".to_owned(),
-                    Some(Err(e)) => format!("ended with an error: {e}"),
-                    None => "closed by the agent's shutdown".to_owned(),
-                };
+                let outcome = copy::until_done(&mut tunnel, &mut pod, &abort).await;
                 record.close(&tunnel, &outcome);
             }
             .instrument(span),

@@ -9,7 +9,6 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
     time::timeout,
@@ -112,19 +111,16 @@ impl Outbound {
         };
         let record = Connection::open(labels, caller.addr, connected.target);
         let mut client = Metered::new(client);
-        let copied = match connected.upstream {
+        let outcome = match connected.upstream {
             Upstream::Direct(mut pod) => {
                 if let Err(e) = pod.set_nodelay(true) {
                     debug!("cannot set TCP_NODELAY: {e}");
                 }
-                copy(&mut client, &mut pod, &self.abort).await
+                copy::until_done(&mut client, &mut pod, &self.abort).await
             }
-            Upstream::Tunnel(mut tunnel) => copy(&mut client, &mut tunnel, &self.abort).await,
-        };
-        let outcome = match copied {
-            Some(Ok(_)) => "ok".to_owned(),
-            Some(Err(e)) => format!("ended with an error: {e}"),
-            None => "closed by the agent's shutdown".to_owned(),
+            Upstream::Tunnel(mut tunnel) => {
+                copy::until_done(&mut client, &mut tunnel, &self.abort).await
+            }
         };
         record.close(&client, &outcome);
     }
@@ -273,17 +269,5 @@ impl DialError {
             }
             _ => Self::Failed(e.to_string()),
         }
-    }
-}
-
-/// Copies both ways until both sides are done, or `abort` (then `None`).
-async fn copy<U: AsyncRead + AsyncWrite + Unpin>(
-    client: &mut Metered<TcpStream>,
-    upstream: &mut U,
-    abort: &CancellationToken,
-) -> Option<std::io::Result<(u64, u64)>> {
-    tokio::select! {
-        copied = copy::bidirectional(client, upstream) => Some(copied),
-        () = abort.cancelled() => None,
     }
 }

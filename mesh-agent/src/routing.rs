@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use crate::{
     balance::{Balancer, EndpointStates, Lease},
-    config::{Config, Node},
+    config::Config,
     identity::SpiffeId,
 };
 
@@ -92,20 +92,20 @@ pub enum NoRoute {
 impl Routes {
     /// The table of `config`; endpoints keep their load and health from `states`.
     pub fn new(config: &Config, states: &EndpointStates) -> Self {
-        let hop_to = |node: &Node| {
-            if node.name == config.node.name {
-                Hop::Local
-            } else {
-                Hop::Tunnel {
-                    node: node.name.as_str().into(),
-                    agent: SocketAddr::new(node.addresses[0], TUNNEL_PORT),
-                }
-            }
-        };
-        // One per node, shared by its endpoints.
+        // One per node, shared by its endpoints and pod CIDRs.
         let node_hops: HashMap<&str, Hop> = std::iter::once(&config.node)
             .chain(&config.peers)
-            .map(|node| (node.name.as_str(), hop_to(node)))
+            .map(|node| {
+                let hop = if node.name == config.node.name {
+                    Hop::Local
+                } else {
+                    Hop::Tunnel {
+                        node: node.name.as_str().into(),
+                        agent: SocketAddr::new(node.addresses[0], TUNNEL_PORT),
+                    }
+                };
+                (node.name.as_str(), hop)
+            })
             .collect();
         let mut services = HashMap::new();
         for s in &config.services {
@@ -153,7 +153,8 @@ impl Routes {
             peer_pods: config
                 .peers
                 .iter()
-                .flat_map(|p| p.pod_cidrs.iter().map(move |c| (*c, hop_to(p))))
+                .filter_map(|p| Some((p, node_hops.get(p.name.as_str())?)))
+                .flat_map(|(p, hop)| p.pod_cidrs.iter().map(move |c| (*c, hop.clone())))
                 .collect(),
             workloads,
             config: config.clone(),

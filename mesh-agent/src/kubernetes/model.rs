@@ -205,6 +205,15 @@ impl Cluster {
             })
             .collect();
 
+        // Once per slice, whatever the ports: its endpoints traffic may go to.
+        let any_ready = slices
+            .iter()
+            .any(|s| s.endpoints.iter().any(|e| conditions(e).0));
+        let usable: Vec<(&EndpointSlice, Vec<(IpAddr, Endpoint)>)> = slices
+            .iter()
+            .map(|slice| (*slice, usable_endpoints(slice, any_ready, nodes, skipped)))
+            .collect();
+
         let mut ports = Vec::new();
         // Per endpoint address: its port for each service port.
         let mut endpoint_ports: BTreeMap<IpAddr, (Endpoint, BTreeMap<u16, u16>)> = BTreeMap::new();
@@ -216,7 +225,7 @@ impl Cluster {
                 continue;
             };
             let mut target_port = None;
-            for slice in &slices {
+            for (slice, endpoints) in &usable {
                 let Some(slice_port) = slice
                     .ports
                     .iter()
@@ -229,10 +238,10 @@ impl Cluster {
                     continue;
                 };
                 target_port.get_or_insert(slice_port);
-                for (address, endpoint) in usable_endpoints(&slices, slice, nodes, skipped) {
+                for (address, endpoint) in endpoints {
                     endpoint_ports
-                        .entry(address)
-                        .or_insert_with(|| (endpoint, BTreeMap::new()))
+                        .entry(*address)
+                        .or_insert_with(|| (endpoint.clone(), BTreeMap::new()))
                         .1
                         .insert(service_port, slice_port);
                 }
@@ -279,31 +288,30 @@ impl Cluster {
     }
 }
 
+/// Whether an endpoint is ready, and whether it is serving while terminating. The API: nil
+/// ready means ready; nil serving means as ready; nil terminating means not terminating.
+fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool) {
+    let c = e.conditions.as_ref();
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    (ready, serving && terminating)
+}
+
 /// The endpoints of `slice` traffic may go to: ready ones, or while the service has no
-/// ready endpoint in any slice, serving terminating ones. Endpoints on nodes the mesh does
-/// not know are skipped.
+/// ready endpoint in any slice (`any_ready`), serving terminating ones. Endpoints on nodes
+/// the mesh does not know are skipped.
 fn usable_endpoints(
-    slices: &[&EndpointSlice],
     slice: &EndpointSlice,
+    any_ready: bool,
     nodes: &HashSet<&Name>,
     skipped: &mut Vec<String>,
 ) -> Vec<(IpAddr, Endpoint)> {
-    let condition = |e: &k8s_openapi::api::discovery::v1::Endpoint| {
-        let c = e.conditions.as_ref();
-        // The API: nil ready means ready; nil serving means as ready; nil terminating: no.
-        let ready = c.and_then(|c| c.ready).unwrap_or(true);
-        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-        (ready, serving && terminating)
-    };
-    let any_ready = slices
-        .iter()
-        .any(|s| s.endpoints.iter().any(|e| condition(e).0));
     slice
         .endpoints
         .iter()
         .filter(|e| {
-            let (ready, serving_terminating) = condition(e);
+            let (ready, serving_terminating) = conditions(e);
             if any_ready {
                 ready
             } else {

@@ -15,6 +15,7 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{Signal, SignalKind, signal},
     sync::watch,
+    task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
@@ -23,10 +24,11 @@ use crate::{
     admin::{ADMIN_PORT, Admin, LogFilter},
     balance::EndpointStates,
     certificates::Certificates,
-    config::Config,
+    config::{ClusterSettings, Config, Name},
     datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT},
     identity::FileCa,
     inbound::Inbound,
+    kubernetes::watch::ClusterWatch,
     metrics,
     outbound::Outbound,
     reload,
@@ -37,7 +39,11 @@ use crate::{
 
 /// What `mesh-agent run` was told.
 pub struct RunOptions {
+    /// The config file, followed for changes; with `kubernetes`, only the settings the
+    /// cluster does not give (trust domain and identity).
     pub config: PathBuf,
+    /// Take the mesh's state from the Kubernetes API, as the node of this name.
+    pub kubernetes: Option<Name>,
     /// cgroup v2 subtree to attach to, relative to the cgroup v2 mount.
     pub cgroup: String,
     /// Leave programs attached and maps pinned on exit.
@@ -57,11 +63,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_root()?;
     system::raise_fd_limit();
     // Handled from here on: a SIGTERM during start-up still ends in a clean exit.
-    let signals = Signals::new()?;
-    let config = Config::load(&opts.config)?;
+    let mut signals = Signals::new()?;
     system::require_bpffs()?;
     let cgroup_mount = system::cgroup2_mount()?;
     let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
+    let (config, cluster) = match &opts.kubernetes {
+        None => (Config::load(&opts.config)?, None),
+        Some(node) => {
+            let cluster = watch_cluster(&opts.config, node, &cgroup_mount).await?;
+            let Some(config) = first_config(cluster.1.clone(), &mut signals).await else {
+                return Ok(());
+            };
+            (config, Some(cluster))
+        }
+    };
     let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
     let inbound_listener = system::listen(TUNNEL_PORT, "inbound tunnel")?;
     let admin_listener = system::listen(ADMIN_PORT, "admin")?;
@@ -89,17 +104,17 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let served = async {
         state.sync(&config, &cgroup_mount)?;
         let (routes, routes_rx) = watch::channel(Arc::new(routes));
-        let following = tokio::spawn(
-            reload::Running {
-                file: opts.config.clone(),
-                state,
-                cgroup_mount,
-                routes,
-                states: states.clone(),
-                certificates: certificates.clone(),
-            }
-            .follow(),
-        );
+        let running = reload::Running {
+            state,
+            cgroup_mount,
+            routes,
+            states: states.clone(),
+            certificates: certificates.clone(),
+        };
+        let following = match &cluster {
+            Some((_, updates)) => tokio::spawn(running.follow(updates.clone())),
+            None => tokio::spawn(running.follow_file(opts.config.clone())),
+        };
         let admin_stop = CancellationToken::new();
         let admin = tokio::spawn(
             Admin {
@@ -139,6 +154,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         signals.wait().await;
         ready.store(false, Ordering::Relaxed);
         following.abort();
+        if let Some((watching, _)) = &cluster {
+            watching.abort();
+        }
         stop.cancel();
         accepting.await.context("the outbound listener failed")?;
         accepting_tunnels
@@ -177,6 +195,43 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     served
 }
 
+/// Starts watching the cluster as `node`, with the settings in `file`: the watch task, and
+/// the configs it sends.
+async fn watch_cluster(
+    file: &Path,
+    node: &Name,
+    cgroup_root: &Path,
+) -> Result<(JoinHandle<()>, watch::Receiver<Option<Config>>)> {
+    let settings = ClusterSettings::load(file)?;
+    let client = kube::Client::try_default().await.context(
+        "cannot set up the Kubernetes API client: run in a pod with a service account, or \
+         point KUBECONFIG at a kubeconfig",
+    )?;
+    let (configs, updates) = watch::channel(None);
+    let watching = tokio::spawn(
+        ClusterWatch {
+            client,
+            node: node.clone(),
+            settings,
+            cgroup_root: cgroup_root.to_owned(),
+        }
+        .run(configs),
+    );
+    Ok((watching, updates))
+}
+
+/// The first config the cluster makes, or `None` if a signal comes first.
+async fn first_config(
+    mut updates: watch::Receiver<Option<Config>>,
+    signals: &mut Signals,
+) -> Option<Config> {
+    info!("waiting for the cluster's state");
+    tokio::select! {
+        first = updates.wait_for(Option::is_some) => first.ok().and_then(|c| c.clone()),
+        () = signals.wait() => None,
+    }
+}
+
 /// The file-based CA named by `config`; relative paths start at the config file's directory.
 fn load_ca(config: &Config, config_file: &Path) -> Result<FileCa> {
     let base = config_file.parent().unwrap_or(Path::new("."));
@@ -208,7 +263,7 @@ impl Signals {
     }
 
     /// Waits for either.
-    async fn wait(mut self) {
+    async fn wait(&mut self) {
         tokio::select! {
             _ = self.term.recv() => info!("SIGTERM: shutting down"),
             _ = self.int.recv() => info!("SIGINT: shutting down"),

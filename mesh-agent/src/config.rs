@@ -89,27 +89,18 @@ impl Config {
 
     /// Validates `text`, naming `file` in errors.
     pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
-        let invalid = |(line, column), reason| ConfigError::Invalid {
-            file: file.to_owned(),
-            line,
-            column,
-            reason,
-        };
-        let config: Config = serde_yaml::from_str(text).map_err(|e| {
-            let at = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            let message = e.to_string();
-            // serde_yaml appends " at line L column C"; the location leads our message instead.
-            let reason = match message.rsplit_once(" at line ") {
-                Some((reason, _)) => reason.to_owned(),
-                None => message,
-            };
-            invalid(at, reason)
-        })?;
-        config.validate().map_err(|(path, reason)| {
-            let at = locate(text, &path).unwrap_or((1, 1));
-            invalid(at, format!("{}: {reason}", display_path(&path)))
-        })?;
+        let config: Config = from_yaml(file, text)?;
+        config
+            .validate()
+            .map_err(|failure| located(file, text, failure))?;
         Ok(config)
+    }
+
+    /// The checks [`Config::parse`] makes beyond the shape, for a config built another way:
+    /// the first failure as `path: reason`.
+    pub fn check(&self) -> Result<(), String> {
+        self.validate()
+            .map_err(|(path, reason)| format!("{}: {reason}", display_path(&path)))
     }
 
     /// The checks that span fields or items; each failure names the path of the culprit.
@@ -165,12 +156,7 @@ impl Config {
                 }
             }
         }
-        if self.identity.certificate_ttl.0 < MIN_CERTIFICATE_TTL {
-            return Err((
-                vec![K("identity"), K("certificate_ttl")],
-                format!("certificates must live at least {MIN_CERTIFICATE_TTL:?}"),
-            ));
-        }
+        self.identity.validate()?;
 
         let mut workloads = HashSet::new();
         let mut cgroups = HashSet::new();
@@ -239,6 +225,61 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+/// What `run --kubernetes` takes from its file; the cluster gives the rest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: Name,
+    pub identity: Identity,
+}
+
+impl ClusterSettings {
+    /// Reads `file`.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_owned(),
+            source,
+        })?;
+        let settings: Self = from_yaml(file, &text)?;
+        settings
+            .identity
+            .validate()
+            .map_err(|failure| located(file, &text, failure))?;
+        Ok(settings)
+    }
+}
+
+/// `text` deserialized, or where and why not.
+fn from_yaml<T: de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    serde_yaml::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+        let message = e.to_string();
+        // serde_yaml appends " at line L column C"; the location leads our message instead.
+        let reason = match message.rsplit_once(" at line ") {
+            Some((reason, _)) => reason.to_owned(),
+            None => message,
+        };
+        ConfigError::Invalid {
+            file: file.to_owned(),
+            line,
+            column,
+            reason,
+        }
+    })
+}
+
+/// A failed check as an error at the culprit's line and column.
+fn located(file: &Path, text: &str, (path, reason): (Vec<Seg>, String)) -> ConfigError {
+    let (line, column) = locate(text, &path).unwrap_or((1, 1));
+    ConfigError::Invalid {
+        file: file.to_owned(),
+        line,
+        column,
+        reason: format!("{}: {reason}", display_path(&path)),
     }
 }
 
@@ -377,6 +418,18 @@ pub struct Identity {
     /// How long a workload certificate lives, like `24h`, `30m` or `90s`; renewed at half-life.
     #[serde(default = "default_certificate_ttl")]
     pub certificate_ttl: Lifetime,
+}
+
+impl Identity {
+    fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
+        if self.certificate_ttl.0 < MIN_CERTIFICATE_TTL {
+            return Err((
+                vec![Seg::Key("identity"), Seg::Key("certificate_ttl")],
+                format!("certificates must live at least {MIN_CERTIFICATE_TTL:?}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The shortest certificate lifetime accepted: renewal must not turn into a busy loop.

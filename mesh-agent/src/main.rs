@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use mesh_agent::{
     agent::{self, RunOptions},
+    config::Name,
     datapath::{self, Datapath},
     identity::FileCa,
     system,
@@ -36,9 +37,14 @@ enum LogFormat {
 enum Command {
     /// Load and attach the programs, fill the maps from the config and proxy captured traffic.
     Run {
-        /// The agent's YAML configuration.
+        /// The agent's YAML configuration; with --kubernetes-node, only `trust_domain` and
+        /// `identity` (the cluster gives the rest).
         #[arg(long)]
         config: PathBuf,
+        /// Take the mesh's state from the Kubernetes API as the node of this name (from the
+        /// downward API's spec.nodeName).
+        #[arg(long, value_name = "NODE")]
+        kubernetes_node: Option<Name>,
         /// cgroup v2 subtree whose connects are captured, relative to the cgroup v2 mount.
         #[arg(long, default_value = "/")]
         cgroup: String,
@@ -102,12 +108,14 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run {
             config,
+            kubernetes_node,
             cgroup,
             keep_pins,
             grace_period,
             no_sk_msg,
         } => tokio::runtime::Runtime::new()?.block_on(agent::run(RunOptions {
             config,
+            kubernetes: kubernetes_node,
             cgroup,
             keep_pins,
             grace_period: Duration::from_secs(grace_period),

@@ -1,5 +1,6 @@
-//! Follows the configuration file: every valid change is applied to the eBPF maps and the
-//! routes without a restart; an invalid one is logged and the running configuration stays.
+//! Keeps the running state in step with the config's source: every valid change is applied
+//! to the eBPF maps and the routes without a restart; an invalid one is logged and the
+//! running config stays.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -25,9 +26,8 @@ use crate::{
 /// ConfigMap, whose files are swapped through symlinks.
 const POLL: Duration = Duration::from_millis(500);
 
-/// What the agent runs with and keeps in step with its configuration file.
+/// What the agent runs with and keeps in step with its config.
 pub struct Running {
-    pub file: PathBuf,
     pub state: StateMaps,
     /// Where the workloads' cgroup paths start.
     pub cgroup_mount: PathBuf,
@@ -39,30 +39,37 @@ pub struct Running {
 }
 
 impl Running {
-    /// Applies every change of the file until the task is dropped.
-    pub async fn follow(mut self) {
-        let mut seen = stamp(&self.file);
+    /// Applies every change of `file` until the task is dropped.
+    pub async fn follow_file(mut self, file: PathBuf) {
+        let mut seen = stamp(&file);
         let mut tick = tokio::time::interval(POLL);
         loop {
             tick.tick().await;
-            let now = stamp(&self.file);
+            let now = stamp(&file);
             if now != seen {
                 seen = now;
-                self.reload();
+                match Config::load(&file) {
+                    Ok(new) => self.apply(new),
+                    Err(e) => rejected(&e),
+                }
             }
         }
     }
 
-    fn reload(&mut self) {
-        let started = std::time::Instant::now();
-        let new = match Config::load(&self.file) {
-            Ok(new) => new,
-            Err(e) => {
-                counted("rejected");
-                warn!("config change rejected, the running config stays: {e}");
-                return;
+    /// Applies every config `updates` brings until it closes or the task is dropped.
+    pub async fn follow(mut self, mut updates: watch::Receiver<Option<Config>>) {
+        while updates.changed().await.is_ok() {
+            let new = updates.borrow_and_update().clone();
+            if let Some(new) = new {
+                self.apply(new);
             }
-        };
+        }
+    }
+
+    /// Makes `new` the running config, unless it changes what cannot change while the agent
+    /// runs or its certificates cannot be issued.
+    fn apply(&mut self, new: Config) {
+        let started = std::time::Instant::now();
         // The running config is the one the current routes were built from.
         let routes = self.routes.borrow().clone();
         let running = routes.config();
@@ -78,17 +85,14 @@ impl Running {
             (new.identity != running.identity, "identity"),
         ];
         if let Some((_, what)) = fixed.iter().find(|(changed, _)| *changed) {
-            counted("rejected");
-            warn!(
-                "config change rejected, the running config stays: {what} cannot change while \
-                 the agent runs; restart the agent"
-            );
+            rejected(&format!(
+                "{what} cannot change while the agent runs; restart the agent"
+            ));
             return;
         }
         let routes = Routes::new(&new, &self.states);
         if let Err(e) = self.certificates.hold(&routes.identities()) {
-            counted("rejected");
-            warn!("config change rejected, the running config stays: {e:#}");
+            rejected(&format!("{e:#}"));
             return;
         }
         if let Err(e) = self.state.sync(&new, &self.cgroup_mount) {
@@ -110,6 +114,12 @@ impl Running {
         drop(new);
         system::release_freed_memory();
     }
+}
+
+/// Counts and logs a config change that is not applied.
+pub fn rejected(why: &dyn std::fmt::Display) {
+    counted("rejected");
+    warn!("config change rejected, the running config stays: {why}");
 }
 
 fn counted(result: &'static str) {

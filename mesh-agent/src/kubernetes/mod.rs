@@ -3,3 +3,4 @@
 
 pub mod cgroups;
 pub mod model;
+pub mod watch;

@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -23,7 +24,7 @@ use k8s_openapi::api::{
 };
 
 use crate::config::{
-    CgroupPath, Config, Endpoint, Identity, Name, Node, Service, ServicePort, Workload,
+    CgroupPath, ClusterSettings, Config, Endpoint, Name, Node, Service, ServicePort, Workload,
 };
 
 /// The namespace label that enrolls a namespace's pods, with the value `true`.
@@ -33,14 +34,14 @@ const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// The endpoint label carrying its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
-/// The objects the agent watches, as the API returns them.
+/// The objects the agent watches, as the API returns them (shared with the watchers' stores).
 #[derive(Debug, Clone, Default)]
 pub struct Cluster {
-    pub namespaces: Vec<Namespace>,
-    pub nodes: Vec<KubeNode>,
-    pub pods: Vec<Pod>,
-    pub services: Vec<KubeService>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub namespaces: Vec<Arc<Namespace>>,
+    pub nodes: Vec<Arc<KubeNode>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub services: Vec<Arc<KubeService>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
 }
 
 /// What the cluster's objects make for one node: the config, and what was left out and why.
@@ -48,23 +49,18 @@ pub struct Cluster {
 pub struct Discovered {
     pub config: Config,
     pub skipped: Vec<String>,
-}
-
-/// What the config file gives that the cluster does not.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// This node's name (from the downward API).
-    pub node: Name,
-    pub trust_domain: Name,
-    pub identity: Identity,
+    /// Pods whose cgroup is not there yet (the kubelet makes it as the pod starts): worth
+    /// building again shortly.
+    pub cgroups_pending: bool,
 }
 
 impl Cluster {
-    /// The config of `settings.node`'s agent; `cgroup_of` finds a pod's cgroup from its UID.
-    /// `None` while this node is not (yet) among the Node objects.
+    /// The config of `this_node`'s agent; `cgroup_of` finds a pod's cgroup from its UID. `None`
+    /// while this node is not (yet) among the Node objects.
     pub fn config(
         &self,
-        settings: &Settings,
+        this_node: &Name,
+        settings: &ClusterSettings,
         cgroup_of: impl Fn(&str) -> Option<CgroupPath>,
     ) -> Option<Discovered> {
         let mut skipped = Vec::new();
@@ -75,15 +71,22 @@ impl Cluster {
                 Err(why) => skipped.push(why),
             }
         }
-        let this = nodes.iter().position(|n| n.name == settings.node)?;
-        let this = nodes.swap_remove(this);
+        let this = nodes.iter().position(|n| n.name == *this_node)?;
+        let this = nodes.remove(this);
+        // The stores hold objects in no particular order; the config lists them in one, so
+        // that the same objects always make the same config.
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let known: HashSet<&Name> = nodes.iter().chain([&this]).map(|n| &n.name).collect();
-        let workloads = self.workloads(&this.name, &cgroup_of, &mut skipped);
-        let services = self
+        let mut cgroups_pending = false;
+        let mut workloads =
+            self.workloads(&this.name, &cgroup_of, &mut skipped, &mut cgroups_pending);
+        workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let mut services: Vec<Service> = self
             .services
             .iter()
             .filter_map(|s| self.service(s, &known, &mut skipped))
             .collect();
+        services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Some(Discovered {
             config: Config {
                 node: this,
@@ -94,6 +97,7 @@ impl Cluster {
                 services,
             },
             skipped,
+            cgroups_pending,
         })
     }
 
@@ -102,6 +106,7 @@ impl Cluster {
         node: &Name,
         cgroup_of: &impl Fn(&str) -> Option<CgroupPath>,
         skipped: &mut Vec<String>,
+        cgroups_pending: &mut bool,
     ) -> Vec<Workload> {
         let enrolled: HashSet<&str> = self
             .namespaces
@@ -148,6 +153,7 @@ impl Cluster {
                 skipped.push(format!(
                     "pod {namespace}/{name}: no cgroup found for its UID"
                 ));
+                *cgroups_pending = true;
                 continue;
             };
             let account = spec.service_account_name.as_deref().unwrap_or("default");
@@ -191,9 +197,10 @@ impl Cluster {
         if addresses.is_empty() {
             return None; // Headless: meshed through the pod CIDRs.
         }
-        let slices: Vec<&EndpointSlice> = self
+        let mut slices: Vec<&EndpointSlice> = self
             .endpoint_slices
             .iter()
+            .map(Arc::as_ref)
             .filter(|s| {
                 s.metadata.namespace.as_deref() == Some(namespace)
                     && s.metadata
@@ -204,6 +211,7 @@ impl Cluster {
                     && s.address_type != "FQDN"
             })
             .collect();
+        slices.sort_by_key(|s| s.metadata.name.as_deref());
 
         // Once per slice, whatever the ports: its endpoints traffic may go to.
         let any_ready = slices
@@ -391,9 +399,9 @@ mod tests {
     use serde::de::DeserializeOwned;
 
     use super::*;
-    use crate::config::Lifetime;
+    use crate::config::{Identity, Lifetime};
 
-    fn fixture<T: DeserializeOwned>(name: &str) -> Vec<T> {
+    fn fixture<T: DeserializeOwned>(name: &str) -> Vec<Arc<T>> {
         #[derive(serde::Deserialize)]
         struct List<T> {
             items: Vec<T>,
@@ -405,6 +413,9 @@ mod tests {
         serde_yaml::from_str::<List<T>>(&text)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
             .items
+            .into_iter()
+            .map(Arc::new)
+            .collect()
     }
 
     fn cluster() -> Cluster {
@@ -417,9 +428,8 @@ mod tests {
         }
     }
 
-    fn settings(node: &str) -> Settings {
-        Settings {
-            node: node.parse().unwrap(),
+    fn settings() -> ClusterSettings {
+        ClusterSettings {
             trust_domain: "cluster.local".parse().unwrap(),
             identity: Identity {
                 ca_cert: "ca.pem".into(),
@@ -436,7 +446,9 @@ mod tests {
     }
 
     fn discovered(node: &str) -> Discovered {
-        cluster().config(&settings(node), cgroup).unwrap()
+        cluster()
+            .config(&node.parse().unwrap(), &settings(), cgroup)
+            .unwrap()
     }
 
     fn service<'a>(config: &'a Config, name: &str) -> Option<&'a Service> {
@@ -468,7 +480,11 @@ mod tests {
             "{:?}",
             d.skipped
         );
-        assert!(cluster().config(&settings("elsewhere"), cgroup).is_none());
+        assert!(
+            cluster()
+                .config(&"elsewhere".parse().unwrap(), &settings(), cgroup)
+                .is_none()
+        );
     }
 
     #[test]
@@ -496,9 +512,25 @@ mod tests {
     }
 
     #[test]
+    fn the_same_objects_in_any_order_make_the_same_config() {
+        let mut reversed = cluster();
+        reversed.namespaces.reverse();
+        reversed.nodes.reverse();
+        reversed.pods.reverse();
+        reversed.services.reverse();
+        reversed.endpoint_slices.reverse();
+        let node = "worker-1".parse().unwrap();
+        let config = |c: &Cluster| c.config(&node, &settings(), cgroup).unwrap().config;
+        assert_eq!(config(&cluster()), config(&reversed));
+    }
+
+    #[test]
     fn a_pod_without_a_cgroup_is_skipped_and_said() {
-        let d = cluster().config(&settings("worker-1"), |_| None).unwrap();
+        let d = cluster()
+            .config(&"worker-1".parse().unwrap(), &settings(), |_| None)
+            .unwrap();
         assert!(d.config.workloads.is_empty());
+        assert!(d.cgroups_pending);
         assert!(
             d.skipped.iter().any(|s| s.contains("shop/cart-0")),
             "{:?}",

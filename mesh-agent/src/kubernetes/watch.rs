@@ -1,0 +1,189 @@
+//! Watches the cluster — enrolled Namespaces, Nodes, this node's Pods, Services and
+//! EndpointSlices — and sends the config they make whenever it changes.
+//!
+//! Each kind has a kube-rs watcher (with client-go's backoff) feeding a reflector store. A
+//! watch that fails (the API server unreachable, a dropped connection, a 410 Gone that calls
+//! for a relist) is logged and retried by the watcher; meanwhile the last config sent stays
+//! in force. Nothing is sent until every kind has been listed once.
+
+use std::{collections::HashSet, fmt::Debug, hash::Hash, path::PathBuf, time::Duration};
+
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher::{self, Event, watcher},
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::watch, time::Instant};
+use tracing::{debug, info, warn};
+
+use super::{
+    cgroups::pod_cgroup,
+    model::{Cluster, ENROLL_LABEL},
+};
+use crate::{
+    config::{ClusterSettings, Config, Name},
+    reload,
+};
+
+/// How long a change waits for more before the config is built again: a burst of events
+/// (an initial list, a rollout) makes one build.
+const SETTLE: Duration = Duration::from_millis(100);
+/// How soon the config is built again while a pod's cgroup is not there yet.
+const CGROUP_RETRY: Duration = Duration::from_secs(1);
+/// The kinds watched.
+const KINDS: usize = 5;
+
+/// What the agent watches the cluster for.
+pub struct ClusterWatch {
+    pub client: Client,
+    /// This node's name (from the downward API).
+    pub node: Name,
+    pub settings: ClusterSettings,
+    /// The cgroup v2 mount, under which the kubelet keeps the pods' cgroups.
+    pub cgroup_root: PathBuf,
+}
+
+/// One item of a kind's watch: listed in full (`true`) or changed, or how the watch failed.
+type Seen = Result<(&'static str, bool), (&'static str, watcher::Error)>;
+
+impl ClusterWatch {
+    /// Sends each new valid config until the task is dropped.
+    pub async fn run(self, configs: watch::Sender<Option<Config>>) {
+        let client = &self.client;
+        let (namespaces, namespace_events) = watched::<Namespace>(
+            "namespaces",
+            Api::all(client.clone()),
+            watcher::Config::default().labels(&format!("{ENROLL_LABEL}=true")),
+        );
+        let (nodes, node_events) =
+            watched::<Node>("nodes", Api::all(client.clone()), Default::default());
+        let (pods, pod_events) = watched::<Pod>(
+            "pods",
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", self.node)),
+        );
+        let (services, service_events) =
+            watched::<Service>("services", Api::all(client.clone()), Default::default());
+        let (endpoint_slices, slice_events) = watched::<EndpointSlice>(
+            "endpointslices",
+            Api::all(client.clone()),
+            Default::default(),
+        );
+        let mut events = futures::stream::select_all([
+            namespace_events,
+            node_events,
+            pod_events,
+            service_events,
+            slice_events,
+        ]);
+
+        let mut listed = HashSet::new();
+        let mut build_at: Option<Instant> = None;
+        loop {
+            let ready = listed.len() == KINDS;
+            tokio::select! {
+                seen = events.next() => match seen {
+                    Some(Ok((kind, complete))) => {
+                        if complete && listed.insert(kind) {
+                            debug!(kind, "listed");
+                        }
+                        build_at.get_or_insert_with(|| Instant::now() + SETTLE);
+                    }
+                    Some(Err((kind, e))) => warn!(
+                        kind,
+                        "watch failed, retrying with backoff (the running config stays): {e}"
+                    ),
+                    None => return,
+                },
+                () = tokio::time::sleep_until(build_at.unwrap_or_else(Instant::now)),
+                    if ready && build_at.is_some() =>
+                {
+                    let cluster = Cluster {
+                        namespaces: namespaces.state(),
+                        nodes: nodes.state(),
+                        pods: pods.state(),
+                        services: services.state(),
+                        endpoint_slices: endpoint_slices.state(),
+                    };
+                    build_at = self.build(&cluster, &configs);
+                }
+            }
+        }
+    }
+
+    /// Builds the config and sends it if valid and new; says when to build again regardless.
+    fn build(&self, cluster: &Cluster, configs: &watch::Sender<Option<Config>>) -> Option<Instant> {
+        let cgroup_of = |uid: &str| pod_cgroup(&self.cgroup_root, uid);
+        let Some(discovered) = cluster.config(&self.node, &self.settings, cgroup_of) else {
+            warn!(node = %self.node, "this node is not among the cluster's Nodes yet");
+            return None;
+        };
+        for why in &discovered.skipped {
+            debug!("left out: {why}");
+        }
+        let config = discovered.config;
+        match config.check() {
+            Ok(()) => {
+                let (workloads, services) = (config.workloads.len(), config.services.len());
+                let sent = configs.send_if_modified(|running| {
+                    let new = running.as_ref() != Some(&config);
+                    if new {
+                        *running = Some(config);
+                    }
+                    new
+                });
+                if sent {
+                    info!(
+                        workloads,
+                        services,
+                        left_out = discovered.skipped.len(),
+                        "cluster state changed"
+                    );
+                }
+            }
+            Err(e) => reload::rejected(&format_args!(
+                "the cluster's state makes an invalid config: {e}"
+            )),
+        }
+        discovered
+            .cgroups_pending
+            .then(|| Instant::now() + CGROUP_RETRY)
+    }
+}
+
+/// A reflector store of `K` (called `kind` in the log), and its watch's items. The stored objects lose their managed
+/// fields and annotations, which the agent never reads and which can be most of their size.
+fn watched<K>(
+    kind: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+) -> (Store<K>, BoxStream<'static, Seen>)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let items = watcher(api, config)
+        .default_backoff()
+        .modify(|object: &mut K| {
+            object.managed_fields_mut().clear();
+            object.annotations_mut().clear();
+        })
+        .reflect(writer)
+        .map(move |item| match item {
+            Ok(Event::InitDone) => Ok((kind, true)),
+            Ok(_) => Ok((kind, false)),
+            Err(e) => Err((kind, e)),
+        })
+        .boxed();
+    (store, items)
+}

@@ -148,10 +148,12 @@ fn load_and_attach(
     })
 }
 
-/// Removes a node's pin directory (see [`Datapath::unpin`]); fails if there is none.
+/// Removes a node's pin directory (see [`Datapath::unpin`]). Nothing pinned is not an
+/// error: unloading twice, or on a clean node, leaves it clean.
 pub fn unpin(pin_dir: &Path) -> Result<()> {
     if !pin_dir.exists() {
-        bail!("nothing is pinned at {}", pin_dir.display());
+        info!(pins = %pin_dir.display(), "nothing is pinned");
+        return Ok(());
     }
     std::fs::remove_dir_all(pin_dir)
         .with_context(|| format!("cannot remove the pins at {}", pin_dir.display()))?;

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod agent;
 pub mod balance;
 pub mod certificates;
+pub mod cli;
 pub mod config;
 pub mod copy;
 pub mod datapath;

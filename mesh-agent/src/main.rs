@@ -1,85 +1,16 @@
-use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use mesh_agent::{
     agent::{self, RunOptions},
-    config::Name,
+    cli::{Cli, Command, LogFormat},
     datapath::{self, Datapath},
     identity::FileCa,
     system,
 };
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
-
-/// Node agent of the eBPF-accelerated service mesh.
-#[derive(Parser)]
-#[command(version)]
-struct Cli {
-    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
-    /// `info,mesh_agent::outbound=debug`. The eBPF programs log at the most verbose level named.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
-    /// `text` (readable) or `json` (one object per line), for the log and the access log.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load and attach the programs, fill the maps from the config and proxy captured traffic.
-    Run {
-        /// The agent's YAML configuration; with --kubernetes-node, only `trust_domain` and
-        /// `identity` (the cluster gives the rest).
-        #[arg(long)]
-        config: PathBuf,
-        /// Take the mesh's state from the Kubernetes API as the node of this name (from the
-        /// downward API's spec.nodeName).
-        #[arg(long, value_name = "NODE")]
-        kubernetes_node: Option<Name>,
-        /// cgroup v2 subtree whose connects are captured, relative to the cgroup v2 mount.
-        #[arg(long, default_value = "/")]
-        cgroup: String,
-        /// Leave the programs attached and the maps pinned on exit (for a restart or upgrade).
-        #[arg(long)]
-        keep_pins: bool,
-        /// Seconds open connections may go on after SIGTERM before they are closed.
-        #[arg(long, default_value_t = 10)]
-        grace_period: u64,
-        /// Leave the sk_msg shortcut off: same-node traffic goes through TCP/IP (to measure
-        /// what the shortcut saves).
-        #[arg(long)]
-        no_sk_msg: bool,
-    },
-    /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
-    Load {
-        #[arg(long)]
-        node: String,
-        /// cgroup v2 subtree to attach to, relative to the cgroup v2 mount.
-        #[arg(long, default_value = "/")]
-        cgroup: String,
-    },
-    /// Detach and unpin everything pinned under /sys/fs/bpf/mesh/<node>.
-    Unload {
-        #[arg(long)]
-        node: String,
-    },
-    /// Make a new CA for the file-based identity source: DIR/ca.crt and DIR/ca.key.
-    CreateCa {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value = "cluster.local")]
-        trust_domain: String,
-    },
-}
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {

@@ -187,7 +187,8 @@ fn load_and_unload_attach_and_detach() {
     let out = lab
         .agent_command("n1", &["unload", "--node", &node_name], |_| {})
         .unwrap();
-    assert!(!out.status.success());
+    // Unloading a clean node leaves it clean (an uninstall may run on any node).
+    assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stderr.contains("nothing is pinned"), "{}", out.stderr);
     assert!(Path::new(&lab.cgroup_root()).exists());
 }

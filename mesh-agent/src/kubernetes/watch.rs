@@ -6,7 +6,7 @@
 //! for a relist) is logged and retried by the watcher; meanwhile the last config sent stays
 //! in force. Nothing is sent until every kind has been listed once.
 
-use std::{collections::HashSet, fmt::Debug, hash::Hash, path::PathBuf, time::Duration};
+use std::{collections::HashSet, fmt::Debug, path::PathBuf, time::Duration};
 
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
@@ -39,8 +39,21 @@ use crate::{
 const SETTLE: Duration = Duration::from_millis(100);
 /// How soon the config is built again while a pod's cgroup is not there yet.
 const CGROUP_RETRY: Duration = Duration::from_secs(1);
-/// The kinds watched.
-const KINDS: usize = 5;
+/// What the agent reads from the API, as RBAC names it: (API group, resource). It does
+/// [`VERBS`] on each and nothing else (`deploy/rbac.yaml` grants exactly that).
+pub const RESOURCES: [(&str, &str); 5] = [
+    resource::<Namespace>(),
+    resource::<Node>(),
+    resource::<Pod>(),
+    resource::<Service>(),
+    resource::<EndpointSlice>(),
+];
+/// The API verbs of a watch.
+pub const VERBS: [&str; 2] = ["list", "watch"];
+
+const fn resource<K: k8s_openapi::Resource>() -> (&'static str, &'static str) {
+    (K::GROUP, K::URL_PATH_SEGMENT)
+}
 
 /// What the agent watches the cluster for.
 pub struct ClusterWatch {
@@ -60,24 +73,18 @@ impl ClusterWatch {
     pub async fn run(self, configs: watch::Sender<Option<Config>>) {
         let client = &self.client;
         let (namespaces, namespace_events) = watched::<Namespace>(
-            "namespaces",
             Api::all(client.clone()),
             watcher::Config::default().labels(&format!("{ENROLL_LABEL}=true")),
         );
-        let (nodes, node_events) =
-            watched::<Node>("nodes", Api::all(client.clone()), Default::default());
+        let (nodes, node_events) = watched::<Node>(Api::all(client.clone()), Default::default());
         let (pods, pod_events) = watched::<Pod>(
-            "pods",
             Api::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={}", self.node)),
         );
         let (services, service_events) =
-            watched::<Service>("services", Api::all(client.clone()), Default::default());
-        let (endpoint_slices, slice_events) = watched::<EndpointSlice>(
-            "endpointslices",
-            Api::all(client.clone()),
-            Default::default(),
-        );
+            watched::<Service>(Api::all(client.clone()), Default::default());
+        let (endpoint_slices, slice_events) =
+            watched::<EndpointSlice>(Api::all(client.clone()), Default::default());
         let mut events = futures::stream::select_all([
             namespace_events,
             node_events,
@@ -89,7 +96,7 @@ impl ClusterWatch {
         let mut listed = HashSet::new();
         let mut build_at: Option<Instant> = None;
         loop {
-            let ready = listed.len() == KINDS;
+            let ready = listed.len() == RESOURCES.len();
             tokio::select! {
                 seen = events.next() => match seen {
                     Some(Ok((kind, complete))) => {
@@ -160,17 +167,14 @@ impl ClusterWatch {
     }
 }
 
-/// A reflector store of `K` (called `kind` in the log), and its watch's items. The stored objects lose their managed
+/// A reflector store of `K`, and its watch's items. The stored objects lose their managed
 /// fields and annotations, which the agent never reads and which can be most of their size.
-fn watched<K>(
-    kind: &'static str,
-    api: Api<K>,
-    config: watcher::Config,
-) -> (Store<K>, BoxStream<'static, Seen>)
+fn watched<K>(api: Api<K>, config: watcher::Config) -> (Store<K>, BoxStream<'static, Seen>)
 where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone,
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource,
+    K: Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    let kind = K::URL_PATH_SEGMENT;
     let (store, writer) = reflector::store();
     let items = watcher(api, config)
         .default_backoff()

@@ -1,0 +1,78 @@
+//! The agent's command line (also read by the tests that check the DaemonSet's arguments).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Name;
+
+/// Node agent of the eBPF-accelerated service mesh.
+#[derive(Parser)]
+#[command(version)]
+pub struct Cli {
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives such as
+    /// `info,mesh_agent::outbound=debug`. The eBPF programs log at the most verbose level named.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// `text` (readable) or `json` (one object per line), for the log and the access log.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What the agent is to do.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load and attach the programs, fill the maps from the config and proxy captured traffic.
+    Run {
+        /// The agent's YAML configuration; with --kubernetes-node, only `trust_domain` and
+        /// `identity` (the cluster gives the rest).
+        #[arg(long)]
+        config: PathBuf,
+        /// Take the mesh's state from the Kubernetes API as the node of this name (from the
+        /// downward API's spec.nodeName).
+        #[arg(long, value_name = "NODE")]
+        kubernetes_node: Option<Name>,
+        /// cgroup v2 subtree whose connects are captured, relative to the cgroup v2 mount.
+        #[arg(long, default_value = "/")]
+        cgroup: String,
+        /// Leave the programs attached and the maps pinned on exit (for a restart or upgrade).
+        #[arg(long)]
+        keep_pins: bool,
+        /// Seconds open connections may go on after SIGTERM before they are closed.
+        #[arg(long, default_value_t = 10)]
+        grace_period: u64,
+        /// Leave the sk_msg shortcut off: same-node traffic goes through TCP/IP (to measure
+        /// what the shortcut saves).
+        #[arg(long)]
+        no_sk_msg: bool,
+    },
+    /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
+    Load {
+        #[arg(long)]
+        node: String,
+        /// cgroup v2 subtree to attach to, relative to the cgroup v2 mount.
+        #[arg(long, default_value = "/")]
+        cgroup: String,
+    },
+    /// Detach and unpin everything pinned under /sys/fs/bpf/mesh/<node>.
+    Unload {
+        #[arg(long)]
+        node: String,
+    },
+    /// Make a new CA for the file-based identity source: DIR/ca.crt and DIR/ca.key.
+    CreateCa {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}

@@ -1,0 +1,458 @@
+//! Every manifest in `deploy/` parsed into its Kubernetes type and checked against the rest
+//! and against the agent: names referenced across them exist, RBAC grants exactly what the
+//! agent calls, and the DaemonSet's arguments, ports, probes and mounts are the agent's.
+
+// Test code may unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use clap::Parser;
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use mesh_agent::{
+    admin::ADMIN_PORT,
+    cli::{Cli, Command},
+    config::{ClusterSettings, Config},
+    datapath::OUTBOUND_PORT,
+    kubernetes::watch::{RESOURCES, VERBS},
+    routing::TUNNEL_PORT,
+    system::BPFFS,
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_yaml::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every object in deploy/, by kind, with the file it came from.
+#[derive(Default)]
+struct Manifests {
+    by_kind: BTreeMap<String, Vec<(PathBuf, Value)>>,
+}
+
+impl Manifests {
+    fn load() -> Self {
+        let mut manifests = Self::default();
+        let mut files = Vec::new();
+        yaml_files(&deploy(), &mut files);
+        for file in files {
+            // The agent's own config reference, not a Kubernetes object.
+            if file.ends_with("agent.example.yaml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            for document in serde_yaml::Deserializer::from_str(&text) {
+                let value = Value::deserialize(document)
+                    .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+                let kind = value["kind"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{}: an object without a kind", file.display()))
+                    .to_owned();
+                manifests
+                    .by_kind
+                    .entry(kind)
+                    .or_default()
+                    .push((file.clone(), value));
+            }
+        }
+        manifests
+    }
+
+    /// Every object of `kind`, parsed into `T`.
+    fn all<T: DeserializeOwned>(&self, kind: &str) -> Vec<T> {
+        self.by_kind
+            .get(kind)
+            .into_iter()
+            .flatten()
+            .map(|(file, value)| {
+                serde_yaml::from_value(value.clone())
+                    .unwrap_or_else(|e| panic!("{}: {kind}: {e}", file.display()))
+            })
+            .collect()
+    }
+
+    fn named<T: DeserializeOwned + k8s_openapi::Metadata<Ty = ObjectMeta>>(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> T {
+        self.all::<T>(kind)
+            .into_iter()
+            .find(|o| {
+                let meta = o.metadata();
+                meta.name.as_deref() == Some(name) && meta.namespace.as_deref() == namespace
+            })
+            .unwrap_or_else(|| panic!("no {kind} {namespace:?}/{name} in deploy/"))
+    }
+
+    fn daemonset(&self, name: &str) -> (DaemonSet, PodSpec) {
+        let ds: DaemonSet = self.named("DaemonSet", Some("mesh-system"), name);
+        let pod = ds.spec.as_ref().unwrap().template.spec.clone().unwrap();
+        (ds, pod)
+    }
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            out.push(path);
+        }
+    }
+}
+
+/// The container's command line as the kubelet runs it: `$(VAR)` from the downward API.
+fn command_line(container: &Container, node: &str) -> Vec<String> {
+    let env = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME");
+    let field = env
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str());
+    assert_eq!(field, Some("spec.nodeName"), "NODE_NAME is the pod's node");
+    container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .map(|a| a.replace("$(NODE_NAME)", node))
+        .collect()
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type() {
+    let m = Manifests::load();
+    let kinds: BTreeSet<&str> = m.by_kind.keys().map(String::as_str).collect();
+    assert_eq!(
+        kinds,
+        BTreeSet::from([
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "DaemonSet",
+            "Kustomization",
+            "Namespace",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+        ])
+    );
+    m.all::<Namespace>("Namespace");
+    m.all::<ServiceAccount>("ServiceAccount");
+    m.all::<ClusterRole>("ClusterRole");
+    m.all::<ClusterRoleBinding>("ClusterRoleBinding");
+    m.all::<ConfigMap>("ConfigMap");
+    m.all::<Secret>("Secret");
+    m.all::<DaemonSet>("DaemonSet");
+    m.all::<Service>("Service");
+    // The agent's config reference is a valid agent config.
+    Config::load(&deploy().join("agent.example.yaml")).unwrap();
+}
+
+#[test]
+fn names_referenced_across_manifests_exist() {
+    let m = Manifests::load();
+    // Every namespaced object is in a namespace deploy/ makes.
+    let namespaces: BTreeSet<String> = m
+        .all::<Namespace>("Namespace")
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    for (kind, objects) in &m.by_kind {
+        for (file, value) in objects {
+            if let Some(ns) = value["metadata"]["namespace"].as_str() {
+                assert!(
+                    namespaces.contains(ns),
+                    "{}: {kind} in namespace {ns}, which deploy/ does not make",
+                    file.display()
+                );
+            }
+        }
+    }
+
+    // Kustomizations name files that exist, and the image every DaemonSet runs.
+    let mut images = BTreeSet::new();
+    for (file, k) in &m.by_kind["Kustomization"] {
+        let dir = file.parent().unwrap();
+        for resource in k["resources"].as_sequence().unwrap() {
+            let path = dir.join(resource.as_str().unwrap());
+            assert!(
+                path.exists(),
+                "{}: {} is missing",
+                file.display(),
+                path.display()
+            );
+        }
+        for image in k["images"].as_sequence().into_iter().flatten() {
+            images.insert(image["name"].as_str().unwrap().to_owned());
+        }
+    }
+    for ds in m.all::<DaemonSet>("DaemonSet") {
+        let pod = ds.spec.unwrap().template.spec.unwrap();
+        for c in pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten())
+        {
+            let image = c.image.as_deref().unwrap();
+            assert!(
+                images.contains(image) || image.contains('/'),
+                "image {image} is neither set by a kustomization nor a full reference"
+            );
+        }
+    }
+
+    // The agent's DaemonSet: its selector, service account, ConfigMap and Secret.
+    let (ds, pod) = m.daemonset("mesh-agent");
+    let spec = ds.spec.as_ref().unwrap();
+    let selector = spec.selector.match_labels.as_ref().unwrap();
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    let account = pod.service_account_name.as_deref().unwrap();
+    let _: ServiceAccount = m.named("ServiceAccount", Some("mesh-system"), account);
+    for volume in pod.volumes.iter().flatten() {
+        if let Some(cm) = &volume.config_map {
+            let _: ConfigMap = m.named("ConfigMap", Some("mesh-system"), &cm.name);
+        }
+        if let Some(secret) = &volume.secret {
+            let name = secret.secret_name.as_deref().unwrap();
+            let _: Secret = m.named("Secret", Some("mesh-system"), name);
+        }
+    }
+
+    // The binding ties that account to the role.
+    let binding: ClusterRoleBinding = m.named("ClusterRoleBinding", None, "mesh-agent");
+    let _: ClusterRole = m.named("ClusterRole", None, &binding.role_ref.name);
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (
+            subject.kind.as_str(),
+            subject.name.as_str(),
+            subject.namespace.as_deref()
+        ),
+        ("ServiceAccount", account, Some("mesh-system"))
+    );
+
+    // The scrape Service selects the agents' pods; the ServiceMonitor selects the Service
+    // and names its port.
+    let service: Service = m.named("Service", Some("mesh-system"), "mesh-agent-admin");
+    let service_spec = service.spec.unwrap();
+    let service_selector = service_spec.selector.unwrap();
+    assert!(
+        service_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+    );
+    let port = &service_spec.ports.unwrap()[0];
+    assert_eq!(port.port, i32::from(ADMIN_PORT));
+    let (_, monitor) = &m.by_kind["ServiceMonitor"][0];
+    let service_labels = service.metadata.labels.unwrap();
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            service_labels.get(k.as_str().unwrap()).map(String::as_str),
+            v.as_str()
+        );
+    }
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"].as_str(),
+        port.name.as_deref()
+    );
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["path"].as_str(),
+        Some("/metrics")
+    );
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_calls() {
+    let m = Manifests::load();
+    let role: ClusterRole = m.named("ClusterRole", None, "mesh-agent");
+    let mut granted = BTreeSet::new();
+    for rule in role.rules.unwrap() {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((group.clone(), resource.clone(), verb.clone()));
+                }
+            }
+        }
+    }
+    let called: BTreeSet<(String, String, String)> = RESOURCES
+        .iter()
+        .flat_map(|(group, resource)| {
+            VERBS
+                .iter()
+                .map(|verb| (group.to_string(), resource.to_string(), verb.to_string()))
+        })
+        .collect();
+    assert_eq!(granted, called);
+}
+
+#[test]
+fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
+    let m = Manifests::load();
+    let (ds, pod) = m.daemonset("mesh-agent");
+    assert_eq!(pod.host_network, Some(true));
+    let agent = &pod.containers[0];
+
+    // The arguments parse as the agent's command line.
+    let cli =
+        Cli::try_parse_from(command_line(agent, "worker-1")).unwrap_or_else(|e| panic!("{e}"));
+    let Command::Run {
+        config,
+        kubernetes_node,
+        keep_pins,
+        grace_period,
+        ..
+    } = cli.command
+    else {
+        panic!("the DaemonSet does not run `mesh-agent run`");
+    };
+    assert_eq!(kubernetes_node.unwrap().as_str(), "worker-1");
+    assert!(keep_pins, "a rolling update keeps the programs attached");
+    let termination = pod.termination_grace_period_seconds.unwrap();
+    assert!(
+        termination > i64::try_from(grace_period).unwrap(),
+        "the kubelet waits longer than the agent's own grace period"
+    );
+
+    // --config is the ConfigMap's settings, which the agent accepts, naming the CA files
+    // the Secret mounts.
+    let mounts = agent.volume_mounts.clone().unwrap();
+    let volumes = pod.volumes.clone().unwrap();
+    let mount_of = |path: &Path| {
+        mounts
+            .iter()
+            .filter(|m| path.starts_with(&m.mount_path))
+            .max_by_key(|m| m.mount_path.len())
+            .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()))
+    };
+    let volume = |name: &str| volumes.iter().find(|v| v.name == name).unwrap().clone();
+    let settings_mount = mount_of(&config);
+    let cm = volume(&settings_mount.name).config_map.unwrap();
+    let cm: ConfigMap = m.named("ConfigMap", Some("mesh-system"), &cm.name);
+    let key = settings_mount.sub_path.as_deref().unwrap();
+    let settings_file =
+        std::env::temp_dir().join(format!("mesh-settings-{}.yaml", std::process::id()));
+    std::fs::write(&settings_file, &cm.data.unwrap()[key]).unwrap();
+    let settings = ClusterSettings::load(&settings_file);
+    std::fs::remove_file(&settings_file).unwrap();
+    let settings = settings.unwrap();
+    for file in [&settings.identity.ca_cert, &settings.identity.ca_key] {
+        let mount = mount_of(file);
+        let secret = volume(&mount.name).secret.unwrap();
+        let secret: Secret = m.named(
+            "Secret",
+            Some("mesh-system"),
+            secret.secret_name.as_deref().unwrap(),
+        );
+        let key = file
+            .strip_prefix(&mount.mount_path)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(
+            secret.string_data.unwrap().contains_key(key),
+            "the CA Secret has no {key}"
+        );
+    }
+
+    // Ports, probes and scrape annotations are the agent's.
+    let port = |name: &str| {
+        agent
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap()
+            .container_port
+    };
+    assert_eq!(port("outbound"), i32::from(OUTBOUND_PORT));
+    assert_eq!(port("tunnel"), i32::from(TUNNEL_PORT));
+    assert_eq!(port("admin"), i32::from(ADMIN_PORT));
+    for (probe, path) in [
+        (agent.readiness_probe.as_ref(), "/ready"),
+        (agent.liveness_probe.as_ref(), "/healthz"),
+    ] {
+        let get = probe.unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            serde_json::to_value(&get.port).unwrap(),
+            serde_json::json!("admin")
+        );
+    }
+    let annotations = ds
+        .spec
+        .unwrap()
+        .template
+        .metadata
+        .unwrap()
+        .annotations
+        .unwrap();
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], ADMIN_PORT.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
+    // Capabilities, not privileged; the host's bpffs and cgroup v2 root where the agent
+    // looks for them.
+    let security = agent.security_context.clone().unwrap();
+    assert_ne!(security.privileged, Some(true));
+    let caps = security.capabilities.unwrap();
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    assert_eq!(caps.add.unwrap(), ["BPF", "NET_ADMIN", "SYS_ADMIN"]);
+    for path in [BPFFS, "/sys/fs/cgroup"] {
+        let mount = mount_of(Path::new(path));
+        assert_eq!(mount.mount_path, path);
+        let host = volume(&mount.name).host_path.unwrap();
+        assert_eq!(host.path, path, "the host's own {path}");
+    }
+}
+
+#[test]
+fn the_cleanup_unloads_this_node_from_the_hosts_bpffs() {
+    let m = Manifests::load();
+    let (_, pod) = m.daemonset("mesh-agent-cleanup");
+    let unload = &pod.init_containers.unwrap()[0];
+    let cli =
+        Cli::try_parse_from(command_line(unload, "worker-1")).unwrap_or_else(|e| panic!("{e}"));
+    let Command::Unload { node } = cli.command else {
+        panic!("the cleanup does not run `mesh-agent unload`");
+    };
+    assert_eq!(node, "worker-1");
+    let mount = unload.volume_mounts.as_ref().unwrap();
+    assert_eq!(mount[0].mount_path, BPFFS);
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == mount[0].name);
+    assert_eq!(volume.unwrap().host_path.unwrap().path, BPFFS);
+}

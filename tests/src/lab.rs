@@ -319,7 +319,23 @@ impl Lab {
         let config = self.agent_config_path(node);
         std::fs::write(&config, text)?;
         let log = self.dir.join(format!("agent-{node}.log"));
-        let mut cmd = Command::new(agent_binary()?);
+        let mut cmd = match &self.spec.agent_capabilities {
+            None => Command::new(agent_binary()?),
+            Some(capabilities) => {
+                // Only these in every set, kept across the exec (ambient).
+                let set: String = capabilities
+                    .iter()
+                    .map(|c| format!(",+{}", c.to_lowercase()))
+                    .collect();
+                let set = format!("-all{set}");
+                let mut cmd = Command::new("setpriv");
+                cmd.arg(format!("--inh-caps={set}"))
+                    .arg(format!("--ambient-caps={set}"))
+                    .arg(format!("--bounding-set={set}"))
+                    .arg(agent_binary()?);
+                cmd
+            }
+        };
         let log_level = self
             .spec
             .agent_log_level

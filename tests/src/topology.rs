@@ -22,6 +22,9 @@ pub struct LabSpec {
     /// The agents' `--log-level`; debug for the mesh's own targets if not given (the tests
     /// read those lines).
     pub agent_log_level: Option<String>,
+    /// Run the agents with only these capabilities (`BPF`, `NET_ADMIN`, ...), as a
+    /// container that is granted them; all of root's if not given.
+    pub agent_capabilities: Option<Vec<String>>,
 }
 
 /// A pod: its own network namespace and cgroup, on one node.
@@ -92,6 +95,11 @@ impl LabSpec {
 
     pub fn agent_log_level(mut self, level: &str) -> Self {
         self.agent_log_level = Some(level.into());
+        self
+    }
+
+    pub fn agent_capabilities(mut self, capabilities: &[&str]) -> Self {
+        self.agent_capabilities = Some(capabilities.iter().map(|c| c.to_string()).collect());
         self
     }
 

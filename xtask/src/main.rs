@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks, each doing its own set-up.
 
 mod compile;
+mod image;
 mod setup;
 mod shell;
 mod test;
@@ -71,6 +72,14 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The agent's container image without a container engine: a static binary (the eBPF
+    /// object embedded) in an OCI layout (target/image/oci) and archive
+    /// (target/image/mesh-agent.oci.tar).
+    Image {
+        /// The image's name; its tag is the agent's version.
+        #[arg(long, default_value = image::DEFAULT_NAME)]
+        name: String,
+    },
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
@@ -135,6 +144,10 @@ fn main() -> Result<()> {
             }
             // Become the benchmark, so that Ctrl-C reaches it (it cleans up) and not us.
             Err(bench.exec().into())
+        }
+        Task::Image { name } => {
+            setup::run()?;
+            image::run(&root, &name)
         }
         Task::Test { args } => test::run(&root, &args),
     }

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    compile, setup,
+    compile, image, setup,
     shell::{self, Step},
 };
 
@@ -28,6 +28,7 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     step.done();
     if extra.is_empty() && totals.failed == 0 {
         quick_bench(root)?;
+        image::run(root, image::DEFAULT_NAME)?;
     }
     // One closing line for the whole run, in the form CI reads.
     println!(

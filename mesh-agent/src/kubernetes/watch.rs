@@ -37,8 +37,9 @@ use crate::{
 /// How long a change waits for more before the config is built again: a burst of events
 /// (an initial list, a rollout) makes one build.
 const SETTLE: Duration = Duration::from_millis(100);
-/// How soon the config is built again while a pod's cgroup is not there yet.
-const CGROUP_RETRY: Duration = Duration::from_secs(1);
+/// How soon the config is built again while a pod's cgroup is not there yet: at first, and
+/// at most (doubling in between).
+const CGROUP_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// What the agent reads from the API, as RBAC names it: (API group, resource). It does
 /// [`VERBS`] on each and nothing else (`deploy/rbac.yaml` grants exactly that).
 pub const RESOURCES: [(&str, &str); 5] = [
@@ -95,6 +96,7 @@ impl ClusterWatch {
 
         let mut listed = HashSet::new();
         let mut build_at: Option<Instant> = None;
+        let mut cgroup_retry = CGROUP_RETRY.0;
         loop {
             let ready = listed.len() == RESOURCES.len();
             tokio::select! {
@@ -103,7 +105,8 @@ impl ClusterWatch {
                         if complete && listed.insert(kind) {
                             debug!(kind, "listed");
                         }
-                        build_at.get_or_insert_with(|| Instant::now() + SETTLE);
+                        let soon = Instant::now() + SETTLE;
+                        build_at = Some(build_at.map_or(soon, |at| at.min(soon)));
                     }
                     Some(Err((kind, e))) => warn!(
                         kind,
@@ -121,18 +124,25 @@ impl ClusterWatch {
                         services: services.state(),
                         endpoint_slices: endpoint_slices.state(),
                     };
-                    build_at = self.build(&cluster, &configs);
+                    if self.build(&cluster, &configs) {
+                        build_at = Some(Instant::now() + cgroup_retry);
+                        cgroup_retry = (cgroup_retry * 2).min(CGROUP_RETRY.1);
+                    } else {
+                        build_at = None;
+                        cgroup_retry = CGROUP_RETRY.0;
+                    }
                 }
             }
         }
     }
 
-    /// Builds the config and sends it if valid and new; says when to build again regardless.
-    fn build(&self, cluster: &Cluster, configs: &watch::Sender<Option<Config>>) -> Option<Instant> {
+    /// Builds the config and sends it if valid and new; says whether a pod waits for its
+    /// cgroup (worth building again even without a change).
+    fn build(&self, cluster: &Cluster, configs: &watch::Sender<Option<Config>>) -> bool {
         let cgroup_of = |uid: &str| pod_cgroup(&self.cgroup_root, uid);
         let Some(discovered) = cluster.config(&self.node, &self.settings, cgroup_of) else {
             warn!(node = %self.node, "this node is not among the cluster's Nodes yet");
-            return None;
+            return false;
         };
         for why in &discovered.skipped {
             debug!("left out: {why}");
@@ -161,9 +171,7 @@ impl ClusterWatch {
                 "the cluster's state makes an invalid config: {e}"
             )),
         }
-        discovered
-            .cgroups_pending
-            .then(|| Instant::now() + CGROUP_RETRY)
+        discovered.cgroups_pending
     }
 }
 

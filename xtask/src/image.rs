@@ -95,13 +95,43 @@ pub fn run(root: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Checks the image as a container runtime would take it: skopeo reads the archive back
+/// (every digest and size checked), and the agent runs in a root holding nothing else.
+pub fn verify(root: &Path) -> Result<()> {
+    let step = Step::start("image: read back with skopeo, run alone in its root");
+    let out = root.join("target/image");
+    let copy = out.join("verified");
+    if copy.exists() {
+        fs::remove_dir_all(&copy)?;
+    }
+    shell::run(
+        Command::new("skopeo")
+            .arg("copy")
+            .arg(format!(
+                "oci-archive:{}",
+                out.join("mesh-agent.oci.tar").display()
+            ))
+            .arg(format!("dir:{}", copy.display())),
+    )?;
+    shell::run(
+        Command::new("chroot")
+            .arg(out.join("rootfs"))
+            .args(["/mesh-agent", "--version"]),
+    )?;
+    step.done();
+    Ok(())
+}
+
 /// Builds the agent linked statically (glibc's static libraries) and checks it needs no
 /// loader: the image holds nothing else.
 fn static_agent(root: &Path) -> Result<PathBuf> {
     let step = Step::start("image: mesh-agent, static (release)");
     shell::run(
         compile::host_cargo(root, root)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env(
+                "RUSTFLAGS",
+                "-C target-feature=+crt-static -C strip=symbols",
+            )
             .args([
                 "build",
                 "--release",

@@ -9,7 +9,8 @@ use crate::shell::{self, Step, human};
 /// Debian packages: Debian's rustc with its source (builds the eBPF crate with
 /// `-Z build-std=core`), LLVM 22 (bpf-linker links against it), iproute2 (the tests' and the
 /// lab's network namespaces), tshark (the tests' wire captures between nodes), prometheus
-/// (the tests run their own, inside a lab namespace), haproxy (the benchmark's peer).
+/// (the tests run their own, inside a lab namespace), haproxy (the benchmark's peer), skopeo
+/// (CI reads the agent's container image back with it).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -18,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "tshark",
     "prometheus",
     "haproxy",
+    "skopeo",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -29,6 +29,7 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     if extra.is_empty() && totals.failed == 0 {
         quick_bench(root)?;
         image::run(root, image::DEFAULT_NAME)?;
+        image::verify(root)?;
     }
     // One closing line for the whole run, in the form CI reads.
     println!(

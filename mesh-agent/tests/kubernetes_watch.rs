@@ -1,6 +1,7 @@
-//! The cluster watch against a local API server speaking the list/watch protocol: the
-//! initial list (after a failed one), added, modified and deleted objects, a 410 Gone that
-//! forces a relist, and a dropped watch connection that resumes where it stopped.
+//! The cluster watch against a local API server speaking the list/watch protocol over TLS
+//! with a bearer token, as in a cluster: the initial list (after a failed one), added,
+//! modified and deleted objects, a 410 Gone that forces a relist, and a dropped watch
+//! connection that resumes where it stopped.
 
 // Test code may unwrap: a panic is how a test fails.
 #![allow(clippy::unwrap_used)]
@@ -32,6 +33,9 @@ const KINDS: [(&str, &str); 5] = [
     ("services", "/api/v1/services"),
     ("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices"),
 ];
+
+/// The service account token the API server wants.
+const TOKEN: &str = "mesh-agent-test-token";
 
 /// How long a test waits for the config it expects before it fails (not a speed target:
 /// the watcher's backoff after an error is 0.8 s and more).
@@ -127,6 +131,10 @@ impl ApiServer {
     }
 
     async fn handle(self, request: Request<hyper::body::Incoming>) -> Response<Body> {
+        let bearer = request.headers().get(hyper::header::AUTHORIZATION);
+        if bearer.and_then(|b| b.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
+            return status(401, "Unauthorized");
+        }
         let path = request.uri().path().to_owned();
         let query: BTreeMap<String, String> =
             form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
@@ -231,10 +239,11 @@ fn fixtures(name: &str) -> Vec<Value> {
     list["items"].as_array().unwrap().clone()
 }
 
-/// A cgroup tree the test makes and removes, with a directory per pod UID.
-struct CgroupTree(PathBuf);
+/// A directory the test makes and removes: a cgroup tree with a directory per pod UID, and
+/// the client's kubeconfig.
+struct TempDir(PathBuf);
 
-impl CgroupTree {
+impl TempDir {
     fn new() -> Self {
         let root = std::env::temp_dir().join(format!(
             "mesh-watch-{}-{}",
@@ -250,7 +259,7 @@ impl CgroupTree {
     }
 }
 
-impl Drop for CgroupTree {
+impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -260,7 +269,7 @@ impl Drop for CgroupTree {
 struct Harness {
     api: ApiServer,
     configs: watch::Receiver<Option<Config>>,
-    cgroups: CgroupTree,
+    cgroups: TempDir,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -283,7 +292,16 @@ async fn start(failing_node_lists: usize) -> Harness {
     }
     api.kind("nodes", |k, _| k.failing_lists = failing_node_lists);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let address = listener.local_addr().unwrap();
+    let server_cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![server_cert.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_cert.signing_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let serving = {
         let api = api.clone();
         tokio::spawn(async move {
@@ -291,8 +309,11 @@ async fn start(failing_node_lists: usize) -> Harness {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let api = api.clone();
+                let (api, acceptor) = (api.clone(), acceptor.clone());
                 tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
                     let service = service_fn(move |r| {
                         let api = api.clone();
                         async move { Ok::<_, Infallible>(api.handle(r).await) }
@@ -304,10 +325,28 @@ async fn start(failing_node_lists: usize) -> Harness {
             }
         })
     };
-    let cgroups = CgroupTree::new();
+    let cgroups = TempDir::new();
     cgroups.add_pod(CART_0);
     cgroups.add_pod(ORDERS_0);
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    // The client as `Client::try_default` makes it from a kubeconfig: the API server's CA
+    // and a token.
+    let ca = cgroups.0.join("ca.crt");
+    std::fs::write(&ca, server_cert.cert.pem()).unwrap();
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+         clusters: [{{name: test, cluster: {{server: 'https://{address}', \
+         certificate-authority: '{}'}}}}]\n\
+         users: [{{name: agent, user: {{token: {TOKEN}}}}}]\n\
+         contexts: [{{name: test, context: {{cluster: test, user: agent}}}}]\n",
+        ca.display()
+    );
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::from_yaml(&kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
     let settings: ClusterSettings =
         serde_yaml::from_str("identity: {ca_cert: ca.crt, ca_key: ca.key, certificate_ttl: 1h}")
             .unwrap();

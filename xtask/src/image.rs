@@ -40,15 +40,7 @@ pub fn run(root: &Path, name: &str) -> Result<()> {
 
     // The layer: the root file system as a reproducible tar, gzipped.
     let layer_tar = out.join("layer.tar");
-    shell::run(
-        Command::new("tar")
-            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
-            .args(["--mtime=@0", "-C"])
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&layer_tar)
-            .arg("."),
-    )?;
+    tar(&rootfs, &layer_tar)?;
     let diff_id = sha256(&layer_tar)?;
     shell::run(Command::new("gzip").args(["-n", "-9"]).arg(&layer_tar))?;
     let layer = blob_file(&layout, &out.join("layer.tar.gz"))?;
@@ -72,15 +64,7 @@ pub fn run(root: &Path, name: &str) -> Result<()> {
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
     let archive = out.join("mesh-agent.oci.tar");
-    shell::run(
-        Command::new("tar")
-            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
-            .args(["--mtime=@0", "-C"])
-            .arg(&layout)
-            .arg("-cf")
-            .arg(&archive)
-            .arg("."),
-    )?;
+    tar(&layout, &archive)?;
     eprintln!("    layout:  {}", layout.display());
     eprintln!("    archive: {}", archive.display());
     eprintln!(
@@ -185,6 +169,19 @@ fn agent_version(binary: &Path) -> Result<String> {
         .nth(1)
         .map(str::to_owned)
         .with_context(|| format!("{} --version printed {text:?}", binary.display()))
+}
+
+/// Archives the contents of `dir` into `archive`, the same bytes for the same files.
+fn tar(dir: &Path, archive: &Path) -> Result<()> {
+    shell::run(
+        Command::new("tar")
+            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
+            .args(["--mtime=@0", "-C"])
+            .arg(dir)
+            .arg("-cf")
+            .arg(archive)
+            .arg("."),
+    )
 }
 
 /// A content-addressed blob of the layout.

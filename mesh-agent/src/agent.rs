@@ -42,8 +42,8 @@ pub struct RunOptions {
     /// The config file, followed for changes; with `kubernetes`, only the settings the
     /// cluster does not give (trust domain and identity).
     pub config: PathBuf,
-    /// Take the mesh's state from the Kubernetes API, as the node of this name.
-    pub kubernetes: Option<Name>,
+    /// Take the mesh's state from the Kubernetes API.
+    pub kubernetes: Option<Kubernetes>,
     /// cgroup v2 subtree to attach to, relative to the cgroup v2 mount.
     pub cgroup: String,
     /// Leave programs attached and maps pinned on exit.
@@ -58,6 +58,14 @@ pub struct RunOptions {
     pub log_filter: LogFilter,
 }
 
+/// Where the agent is in the cluster.
+pub struct Kubernetes {
+    /// This node's name (from the downward API).
+    pub node: Name,
+    /// The kubelet's `--cgroup-root`, relative to the cgroup v2 mount.
+    pub kubelet_cgroup_root: String,
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_root()?;
@@ -69,8 +77,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
     let (config, cluster) = match &opts.kubernetes {
         None => (Config::load(&opts.config)?, None),
-        Some(node) => {
-            let cluster = watch_cluster(&opts.config, node, &cgroup_mount).await?;
+        Some(kubernetes) => {
+            let cluster = watch_cluster(&opts.config, kubernetes, &cgroup_mount).await?;
             let Some(config) = first_config(cluster.1.clone(), &mut signals).await else {
                 return Ok(());
             };
@@ -195,12 +203,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     served
 }
 
-/// Starts watching the cluster as `node`, with the settings in `file`: the watch task, and
-/// the configs it sends.
+/// Starts watching the cluster with the settings in `file`: the watch task, and the configs
+/// it sends.
 async fn watch_cluster(
     file: &Path,
-    node: &Name,
-    cgroup_root: &Path,
+    kubernetes: &Kubernetes,
+    cgroup_mount: &Path,
 ) -> Result<(JoinHandle<()>, watch::Receiver<Option<Config>>)> {
     let settings = ClusterSettings::load(file)?;
     let client = kube::Client::try_default().await.context(
@@ -211,9 +219,10 @@ async fn watch_cluster(
     let watching = tokio::spawn(
         ClusterWatch {
             client,
-            node: node.clone(),
+            node: kubernetes.node.clone(),
             settings,
-            cgroup_root: cgroup_root.to_owned(),
+            cgroup_mount: cgroup_mount.to_owned(),
+            kubelet_cgroup_root: kubernetes.kubelet_cgroup_root.clone(),
         }
         .run(configs),
     );

@@ -41,6 +41,10 @@ pub enum Command {
         /// downward API's spec.nodeName).
         #[arg(long, value_name = "NODE")]
         kubernetes_node: Option<Name>,
+        /// The kubelet's --cgroup-root (its pods' cgroups are below), relative to the cgroup
+        /// v2 mount.
+        #[arg(long, default_value = "/", requires = "kubernetes_node")]
+        kubelet_cgroup_root: String,
         /// cgroup v2 subtree whose connects are captured, relative to the cgroup v2 mount.
         #[arg(long, default_value = "/")]
         cgroup: String,

@@ -3,7 +3,7 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use anyhow::Result;
 use clap::Parser;
 use mesh_agent::{
-    agent::{self, RunOptions},
+    agent::{self, Kubernetes, RunOptions},
     cli::{Cli, Command, LogFormat},
     datapath::{self, Datapath},
     identity::FileCa,
@@ -40,13 +40,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run {
             config,
             kubernetes_node,
+            kubelet_cgroup_root,
             cgroup,
             keep_pins,
             grace_period,
             no_sk_msg,
         } => tokio::runtime::Runtime::new()?.block_on(agent::run(RunOptions {
             config,
-            kubernetes: kubernetes_node,
+            kubernetes: kubernetes_node.map(|node| Kubernetes {
+                node,
+                kubelet_cgroup_root,
+            }),
             cgroup,
             keep_pins,
             grace_period: Duration::from_secs(grace_period),

@@ -356,7 +356,8 @@ async fn start(failing_node_lists: usize) -> Harness {
             client,
             node: "worker-1".parse().unwrap(),
             settings,
-            cgroup_root: cgroups.0.clone(),
+            cgroup_mount: cgroups.0.clone(),
+            kubelet_cgroup_root: "/".into(),
         }
         .run(tx),
     );

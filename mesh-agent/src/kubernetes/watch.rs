@@ -62,8 +62,10 @@ pub struct ClusterWatch {
     /// This node's name (from the downward API).
     pub node: Name,
     pub settings: ClusterSettings,
-    /// The cgroup v2 mount, under which the kubelet keeps the pods' cgroups.
-    pub cgroup_root: PathBuf,
+    /// The cgroup v2 mount.
+    pub cgroup_mount: PathBuf,
+    /// The kubelet's `--cgroup-root`, relative to the mount: its pods' cgroups are below.
+    pub kubelet_cgroup_root: String,
 }
 
 /// One item of a kind's watch: listed in full (`true`) or changed, or how the watch failed.
@@ -139,7 +141,7 @@ impl ClusterWatch {
     /// Builds the config and sends it if valid and new; says whether a pod waits for its
     /// cgroup (worth building again even without a change).
     fn build(&self, cluster: &Cluster, configs: &watch::Sender<Option<Config>>) -> bool {
-        let cgroup_of = |uid: &str| pod_cgroup(&self.cgroup_root, uid);
+        let cgroup_of = |uid: &str| pod_cgroup(&self.cgroup_mount, &self.kubelet_cgroup_root, uid);
         let Some(discovered) = cluster.config(&self.node, &self.settings, cgroup_of) else {
             warn!(node = %self.node, "this node is not among the cluster's Nodes yet");
             return false;

@@ -4,6 +4,7 @@
 //! A [`Lab`] removes everything it made when dropped, also when a test panics; a lab left
 //! behind by a test process that was killed is removed by the next lab that starts.
 
+mod apiserver;
 mod certs;
 mod interrupt;
 mod lab;
@@ -12,6 +13,7 @@ mod prometheus;
 mod topology;
 mod wire;
 
+pub use apiserver::ApiServer;
 pub use certs::{CertFiles, ProbeCert};
 pub use interrupt::{catch_interrupt, interrupted};
 pub use lab::{Agent, Daemon, Footprint, HttpReply, Lab, Output, Running, alive};

@@ -1,0 +1,379 @@
+//! A Kubernetes API server for the tests of the agent's cluster watch: the list/watch
+//! protocol over TLS with a bearer token, as a cluster's API server speaks it to a pod.
+//! The tests change its objects (each change an event to open watches) and make it fail: a
+//! failed list, a 410 Gone, a dropped watch connection.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Request, Response, body::Frame, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+/// The kinds the agent watches, by the path it lists and watches them at.
+pub const KINDS: [(&str, &str); 5] = [
+    ("namespaces", "/api/v1/namespaces"),
+    ("nodes", "/api/v1/nodes"),
+    ("pods", "/api/v1/pods"),
+    ("services", "/api/v1/services"),
+    ("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices"),
+];
+
+/// The service account token the API server wants.
+const TOKEN: &str = "mesh-agent-test-token";
+
+type Chunk = Result<Frame<Bytes>, std::io::Error>;
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One kind's objects, the events that made them and the watches open on them.
+#[derive(Default)]
+struct Kind {
+    objects: BTreeMap<String, Value>,
+    events: Vec<(u64, Value)>,
+    /// Watches from a resource version below this get 410 Gone.
+    oldest: u64,
+    watches: Vec<mpsc::UnboundedSender<Chunk>>,
+    lists: usize,
+    /// The resource version of each watch request, in order.
+    watched_from: Vec<u64>,
+    failing_lists: usize,
+    /// The selectors each request carried.
+    selectors: Vec<String>,
+}
+
+/// The API server's state.
+#[derive(Default)]
+struct State {
+    version: u64,
+    kinds: BTreeMap<&'static str, Kind>,
+}
+
+/// A Kubernetes API server for the watch: it lists and watches the kinds the agent reads,
+/// over TLS with a bearer token, and can be made to fail in the ways a real one does.
+/// Stops when dropped.
+pub struct ApiServer {
+    state: Arc<Mutex<State>>,
+    kubeconfig: PathBuf,
+    _stop: oneshot::Sender<()>,
+}
+
+impl ApiServer {
+    /// Serves `objects` (kind, object) on 127.0.0.1 in the network namespace `netns` (this
+    /// process's if `None`), the first `failing_node_lists` lists of nodes failing with 500;
+    /// writes the server's CA and a kubeconfig for it into `dir`.
+    pub fn start(
+        netns: Option<&str>,
+        dir: &Path,
+        objects: Vec<(&str, Value)>,
+        failing_node_lists: usize,
+    ) -> Result<Self> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let (stop, stopped) = oneshot::channel();
+        let (bound, address) = std::sync::mpsc::channel();
+        let netns = netns
+            .map(|n| File::open(Path::new("/run/netns").join(n)))
+            .transpose()
+            .context("no such network namespace")?;
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
+        let tls = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+            )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let serving = state.clone();
+        std::thread::spawn(move || {
+            let run = || -> Result<()> {
+                if let Some(netns) = netns {
+                    // SAFETY: setns on a descriptor we own moves this thread only.
+                    if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error().into());
+                    }
+                }
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                    let _ = bound.send(listener.local_addr());
+                    tokio::select! {
+                        () = serve(listener, acceptor, serving) => {}
+                        _ = stopped => {}
+                    }
+                    anyhow::Ok(())
+                })
+            };
+            if let Err(e) = run() {
+                eprintln!("API server: {e:#}");
+            }
+        });
+        let address = address.recv().context("the API server did not start")??;
+        let api = Self {
+            state,
+            kubeconfig: dir.join("kubeconfig"),
+            _stop: stop,
+        };
+        {
+            let mut state = api.state();
+            for (kind, _) in KINDS {
+                state.kinds.insert(kind, Kind::default());
+            }
+        }
+        for (kind, object) in objects {
+            api.apply(kind, object);
+        }
+        api.kind("nodes", |k, _| k.failing_lists = failing_node_lists);
+        let ca = dir.join("apiserver-ca.crt");
+        std::fs::write(&ca, cert.cert.pem())?;
+        std::fs::write(
+            &api.kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: test\n\
+                 clusters: [{{name: test, cluster: {{server: 'https://{address}', \
+                 certificate-authority: '{}'}}}}]\n\
+                 users: [{{name: agent, user: {{token: {TOKEN}}}}}]\n\
+                 contexts: [{{name: test, context: {{cluster: test, user: agent}}}}]\n",
+                ca.display()
+            ),
+        )?;
+        Ok(api)
+    }
+
+    /// A kubeconfig for this server (what `KUBECONFIG` may name).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The object of `kind` called `namespace/name` (`/name` if cluster-wide).
+    pub fn object(&self, kind: &str, key: &str) -> Option<Value> {
+        self.state().kinds.get(kind)?.objects.get(key).cloned()
+    }
+
+    /// How many times `kind` was listed.
+    pub fn lists(&self, kind: &str) -> usize {
+        self.kind(kind, |k, _| k.lists)
+    }
+
+    /// The resource version each watch of `kind` started from, in order.
+    pub fn watched_from(&self, kind: &str) -> Vec<u64> {
+        self.kind(kind, |k, _| k.watched_from.clone())
+    }
+
+    /// The selectors (`labelSelector=...`, `fieldSelector=...`) of every request for `kind`.
+    pub fn selectors(&self, kind: &str) -> Vec<String> {
+        self.kind(kind, |k, _| k.selectors.clone())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    fn kind<R>(&self, kind: &str, f: impl FnOnce(&mut Kind, &mut u64) -> R) -> R {
+        let mut state = self.state();
+        let State { version, kinds } = &mut *state;
+        f(
+            kinds.get_mut(kind).expect("a kind the agent watches"),
+            version,
+        )
+    }
+
+    /// Adds or replaces an object, as an ADDED or MODIFIED event.
+    pub fn apply(&self, kind: &str, mut object: Value) {
+        self.kind(kind, |k, version| {
+            *version += 1;
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+            let key = key(&object);
+            let event = if k.objects.contains_key(&key) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            k.objects.insert(key, object.clone());
+            k.publish(*version, json!({"type": event, "object": object}));
+        });
+    }
+
+    /// Deletes an object, as a DELETED event.
+    pub fn delete(&self, kind: &str, namespace: &str, name: &str) {
+        self.kind(kind, |k, version| {
+            *version += 1;
+            let mut object = k
+                .objects
+                .remove(&format!("{namespace}/{name}"))
+                .expect("an object the server has");
+            object["metadata"]["resourceVersion"] = json!(version.to_string());
+            k.publish(*version, json!({"type": "DELETED", "object": object}));
+        });
+    }
+
+    /// Deletes an object with no event any watch can see: the history before it is compacted,
+    /// and open watches get 410 Gone.
+    pub fn delete_unseen(&self, kind: &str, namespace: &str, name: &str) {
+        self.kind(kind, |k, version| {
+            *version += 1;
+            k.objects
+                .remove(&format!("{namespace}/{name}"))
+                .expect("an object the server has");
+            k.events.clear();
+            k.oldest = *version + 1;
+            let gone = event_line(&gone());
+            for w in k.watches.drain(..) {
+                let _ = w.send(Ok(Frame::data(gone.clone())));
+            }
+        });
+    }
+
+    /// Cuts every open watch of `kind` mid-stream, as a dropped connection does.
+    pub fn drop_watches(&self, kind: &str) {
+        self.kind(kind, |k, _| {
+            for w in k.watches.drain(..) {
+                let _ = w.send(Err(std::io::Error::other("connection dropped")));
+            }
+        });
+    }
+}
+
+async fn handle(
+    state: Arc<Mutex<State>>,
+    request: Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let bearer = request.headers().get(hyper::header::AUTHORIZATION);
+    if bearer.and_then(|b| b.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
+        return status(401, "Unauthorized");
+    }
+    let path = request.uri().path().to_owned();
+    let query: BTreeMap<String, String> =
+        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let Some((kind, _)) = KINDS.iter().find(|(_, p)| *p == path) else {
+        return status(404, "NotFound");
+    };
+    let mut state = lock(&state);
+    let version = state.version;
+    let Some(k) = state.kinds.get_mut(kind) else {
+        return status(404, "NotFound");
+    };
+    k.selectors.extend(
+        ["labelSelector", "fieldSelector"]
+            .iter()
+            .filter_map(|s| query.get(*s).map(|v| format!("{s}={v}"))),
+    );
+    if query.get("watch").map(String::as_str) != Some("true") {
+        k.lists += 1;
+        if k.failing_lists > 0 {
+            k.failing_lists -= 1;
+            return status(500, "InternalError");
+        }
+        let list = json!({
+            "apiVersion": "v1",
+            "kind": "List",
+            "metadata": {"resourceVersion": version.to_string()},
+            "items": k.objects.values().collect::<Vec<_>>(),
+        });
+        return Response::new(full(list.to_string()));
+    }
+    let from: u64 = query
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    k.watched_from.push(from);
+    let (tx, rx) = mpsc::unbounded_channel();
+    if from < k.oldest {
+        let _ = tx.send(Ok(Frame::data(event_line(&gone()))));
+    } else {
+        for (_, event) in k.events.iter().filter(|(v, _)| *v > from) {
+            let _ = tx.send(Ok(Frame::data(event_line(event))));
+        }
+        k.watches.push(tx);
+    }
+    let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    Response::new(BodyExt::boxed(body))
+}
+
+impl Kind {
+    fn publish(&mut self, version: u64, event: Value) {
+        let line = event_line(&event);
+        self.events.push((version, event));
+        self.watches
+            .retain(|w| w.send(Ok(Frame::data(line.clone()))).is_ok());
+    }
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(text: String) -> Body {
+    Full::new(Bytes::from(text))
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+fn status(code: u16, reason: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "reason": reason, "code": code});
+    let mut response = Response::new(full(body.to_string()));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(code).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
+
+/// The watch event the API server sends when a resource version is too old.
+fn gone() -> Value {
+    json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": "too old resource version", "reason": "Expired",
+        "code": 410}})
+}
+
+fn event_line(event: &Value) -> Bytes {
+    Bytes::from(format!("{event}\n"))
+}
+
+fn key(object: &Value) -> String {
+    let meta = &object["metadata"];
+    format!(
+        "{}/{}",
+        meta["namespace"].as_str().unwrap_or(""),
+        meta["name"].as_str().unwrap()
+    )
+}
+
+/// Accepts TLS connections and answers their requests until dropped.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: Arc<Mutex<State>>,
+) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let (acceptor, state) = (acceptor.clone(), state.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = service_fn(move |r| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, r).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

@@ -1,6 +1,7 @@
 //! A lab: nodes and pods in network namespaces and cgroups, agents and helper processes.
 
 use std::{
+    ffi::OsString,
     fmt::Write as _,
     io::{BufRead, BufReader, Read},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -11,6 +12,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod kubernetes;
+
+pub use kubernetes::ENROLLED_NAMESPACE;
 
 use crate::{
     netns::{self, Placement, ip, ip_in},
@@ -213,13 +218,35 @@ impl Lab {
             .spec
             .pod_spec(pod)
             .with_context(|| format!("no pod {pod} in the lab"))?;
-        Ok(self.node_cgroup(&spec.node).join(pod))
+        let node = self.node_cgroup(&spec.node);
+        Ok(if self.spec.kubelet_layout {
+            node.join("kubepods")
+                .join(format!("pod{}", self.pod_uid(pod)?))
+        } else {
+            node.join(pod)
+        })
+    }
+
+    /// The pod's UID, as the Kubernetes API and the kubelet's cgroups know it.
+    pub fn pod_uid(&self, pod: &str) -> Result<String> {
+        let index = self
+            .spec
+            .pods
+            .iter()
+            .position(|p| p.name == pod)
+            .with_context(|| format!("no pod {pod} in the lab"))?;
+        Ok(format!("00000000-0000-4000-8000-{index:012x}"))
     }
 
     /// The cgroup path of `dir` as the agent's config writes it: relative to the mount.
     fn cgroup_rel(&self, dir: &Path) -> String {
         let rel = dir.strip_prefix(&self.cgroup_mount).unwrap_or(dir);
         format!("/{}", rel.display())
+    }
+
+    /// The lab's own directory (removed with it).
+    pub fn scratch_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Where the lab's CA keeps `ca.crt` and `ca.key`.
@@ -318,6 +345,19 @@ impl Lab {
     pub fn start_agent_with_config(&self, node: &str, text: &str, extra: &[&str]) -> Result<Agent> {
         let config = self.agent_config_path(node);
         std::fs::write(&config, text)?;
+        let mut args: Vec<OsString> = vec!["--config".into(), config.into()];
+        args.extend(extra.iter().map(OsString::from));
+        self.spawn_agent(node, &args, &[])
+    }
+
+    /// Starts the agent of `node` with `run --cgroup <node's> <run_args>` and `env`, and
+    /// waits until it is ready.
+    fn spawn_agent(
+        &self,
+        node: &str,
+        run_args: &[OsString],
+        env: &[(&str, &Path)],
+    ) -> Result<Agent> {
         let log = self.dir.join(format!("agent-{node}.log"));
         let mut cmd = match &self.spec.agent_capabilities {
             None => Command::new(agent_binary()?),
@@ -341,11 +381,10 @@ impl Lab {
             .agent_log_level
             .as_deref()
             .unwrap_or("info,mesh_agent=debug,mesh_ebpf=debug");
-        cmd.args(["--log-level", log_level, "run", "--config"])
-            .arg(&config)
-            .arg("--cgroup")
+        cmd.args(["--log-level", log_level, "run", "--cgroup"])
             .arg(self.cgroup_rel(&self.node_cgroup(node)))
-            .args(extra);
+            .args(run_args)
+            .envs(env.iter().copied());
         let child = self.spawn_logged(cmd, node, "agent", &log)?;
         let agent = Agent {
             child,

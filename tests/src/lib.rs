@@ -16,7 +16,9 @@ mod wire;
 pub use apiserver::ApiServer;
 pub use certs::{CertFiles, ProbeCert};
 pub use interrupt::{catch_interrupt, interrupted};
-pub use lab::{Agent, Daemon, Footprint, HttpReply, Lab, Output, Running, alive};
+pub use lab::{
+    Agent, Daemon, ENROLLED_NAMESPACE, Footprint, HttpReply, Lab, Output, Running, alive,
+};
 pub use prometheus::{Prometheus, Sample};
 pub use topology::{LabSpec, PodSpec, ServiceSpec};
 pub use wire::{Capture, frames};

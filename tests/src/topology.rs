@@ -25,6 +25,9 @@ pub struct LabSpec {
     /// Run the agents with only these capabilities (`BPF`, `NET_ADMIN`, ...), as a
     /// container that is granted them; all of root's if not given.
     pub agent_capabilities: Option<Vec<String>>,
+    /// Lay the pods' cgroups out as the kubelet does (`<node>/kubepods/pod<uid>`), for agents
+    /// that find them from the Kubernetes API.
+    pub kubelet_layout: bool,
 }
 
 /// A pod: its own network namespace and cgroup, on one node.
@@ -95,6 +98,11 @@ impl LabSpec {
 
     pub fn agent_log_level(mut self, level: &str) -> Self {
         self.agent_log_level = Some(level.into());
+        self
+    }
+
+    pub fn kubelet_layout(mut self) -> Self {
+        self.kubelet_layout = true;
         self
     }
 

@@ -1,0 +1,72 @@
+//! End-to-end: the agent takes the mesh's state from a Kubernetes API server (the real
+//! programs in the kernel, the agent's real client over TLS with a token): it enrolls the
+//! pods the API puts on its node, finds their cgroups from their UIDs, and lets them go when
+//! they leave.
+
+use std::net::{IpAddr, SocketAddr};
+
+use mesh_tests::{ApiServer, ENROLLED_NAMESPACE, Lab, LabSpec};
+
+/// Who the backend saw connecting when `client` dialled it directly: the agent (from the
+/// node's address on the pods' bridge) if the connect was captured, the client otherwise.
+fn backend_peer(lab: &Lab, backend: SocketAddr) -> IpAddr {
+    let out = lab
+        .run(
+            "client",
+            &["echo", "--connect", &backend.to_string(), "--bytes", "4096"],
+        )
+        .unwrap();
+    assert_eq!(out.field("echoed"), "4096");
+    let peer: SocketAddr = out.field("banner_peer").parse().unwrap();
+    peer.ip().to_canonical()
+}
+
+#[test]
+fn pods_join_and_leave_the_mesh_as_the_api_says() {
+    let lab = Lab::new(LabSpec::client_and_echo().kubelet_layout()).unwrap();
+    let api = ApiServer::start(
+        Some(&lab.netns_name("n1")),
+        lab.scratch_dir(),
+        lab.kubernetes_objects().unwrap(),
+        0,
+    )
+    .unwrap();
+    let agent = lab.start_agent_kubernetes("n1", &api, &[]).unwrap();
+    // Its state came from the API: every kind listed, the pods of its node only.
+    assert!(agent.log().contains("cluster state changed"));
+    assert_eq!(
+        api.selectors("pods")[0],
+        format!("fieldSelector=spec.nodeName={}", agent.node_name)
+    );
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let gateway = IpAddr::from([198, 18, 1, 1]);
+    let (client, _) = lab.pod_addrs("client").unwrap();
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    let backend = SocketAddr::from((backend, 8080));
+
+    // The service from the API, through its cluster IP, byte-exact through the agent.
+    let out = lab
+        .run(
+            "client",
+            &["echo", "--connect", "198.19.0.10:80", "--bytes", "1048576"],
+        )
+        .unwrap();
+    assert_eq!(out.field("echoed"), "1048576");
+    assert_eq!(backend_peer(&lab, backend), gateway, "client is meshed");
+
+    // The pod goes: its connects are no longer captured.
+    api.delete("pods", ENROLLED_NAMESPACE, "client");
+    agent.wait_for_log("config reloaded").unwrap();
+    assert_eq!(
+        backend_peer(&lab, backend),
+        IpAddr::from(client),
+        "client left"
+    );
+
+    // It comes back (a new pod with the same cgroup): meshed again.
+    api.apply("pods", lab.kubernetes_pod("client").unwrap());
+    agent.wait_for_log_times("config reloaded", 2).unwrap();
+    assert_eq!(backend_peer(&lab, backend), gateway, "client is back");
+}

@@ -1,7 +1,7 @@
 //! End-to-end across nodes: a pod on one node reaches a service whose endpoints run on
 //! another, through both nodes' agents over mutual TLS.
 
-use std::net::SocketAddr;
+use std::{collections::HashSet, net::SocketAddr};
 
 use mesh_tests::{Lab, LabSpec, ProbeCert, ServiceSpec, frames};
 
@@ -61,15 +61,30 @@ fn cross_node_traffic_is_byte_exact_and_only_tls_on_the_wire() {
         "{} frames outside the tunnel",
         outside.len()
     );
-    let not_tls = frames(
+    // Retransmitted, reordered or lost segments (the capture on a bridge of GSO veths shows
+    // them now and then, and a busy machine drops frames) throw the TLS dissector off for the
+    // rest of their stream; the byte search below covers those streams.
+    let disturbed: HashSet<String> = frames(&pcap, "tcp.analysis.flags", &["tcp.stream"])
+        .unwrap()
+        .into_iter()
+        .collect();
+    let not_tls: Vec<String> = frames(
         &pcap,
-        // (Retransmitted or reordered segments, which the capture on a bridge of GSO veths shows
-        // now and then, can throw the TLS dissector off; the byte search below covers them.)
         "tcp.len > 0 && !tls && !tcp.reassembled_in && !tcp.analysis.flags",
-        &["frame.number"],
+        &["frame.number", "tcp.stream"],
     )
-    .unwrap();
-    assert!(not_tls.is_empty(), "frames {not_tls:?} are not TLS");
+    .unwrap()
+    .into_iter()
+    .filter(|f| {
+        f.split('\t')
+            .nth(1)
+            .is_none_or(|stream| !disturbed.contains(stream))
+    })
+    .collect();
+    assert!(
+        not_tls.is_empty(),
+        "frames (number, stream) {not_tls:?} are not TLS"
+    );
     let client_hellos = frames(
         &pcap,
         "tls.handshake.type == 1",

@@ -14,9 +14,10 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
 
-/// The service account the agents themselves run as; peers expect it on port 15008.
-const AGENT_NAMESPACE: &str = "mesh-system";
-const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
+/// The service account the agents themselves run as (the DaemonSet's); peers expect it on
+/// port 15008.
+pub const AGENT_NAMESPACE: &str = "mesh-system";
+pub const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
 /// How far back a new certificate's validity starts, for peers whose clocks lag.
 const CLOCK_SKEW: Duration = Duration::from_secs(60);
 

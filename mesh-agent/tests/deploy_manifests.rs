@@ -24,6 +24,7 @@ use mesh_agent::{
     cli::{Cli, Command},
     config::{ClusterSettings, Config},
     datapath::OUTBOUND_PORT,
+    identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT},
     kubernetes::watch::{RESOURCES, VERBS},
     routing::TUNNEL_PORT,
     system::BPFFS,
@@ -235,6 +236,11 @@ fn names_referenced_across_manifests_exist() {
     assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
     let account = pod.service_account_name.as_deref().unwrap();
     let _: ServiceAccount = m.named("ServiceAccount", Some("mesh-system"), account);
+    // The agents run as the identity their peers expect of them.
+    assert_eq!(
+        (ds.metadata.namespace.as_deref(), account),
+        (Some(AGENT_NAMESPACE), AGENT_SERVICE_ACCOUNT)
+    );
     for volume in pod.volumes.iter().flatten() {
         if let Some(cm) = &volume.config_map {
             let _: ConfigMap = m.named("ConfigMap", Some("mesh-system"), &cm.name);

@@ -78,11 +78,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let (config, cluster) = match &opts.kubernetes {
         None => (Config::load(&opts.config)?, None),
         Some(kubernetes) => {
-            let cluster = watch_cluster(&opts.config, kubernetes, &cgroup_mount).await?;
-            let Some(config) = first_config(cluster.1.clone(), &mut signals).await else {
+            let (watching, mut updates) =
+                watch_cluster(&opts.config, kubernetes, &cgroup_mount).await?;
+            let Some(config) = first_config(&mut updates, &mut signals).await else {
                 return Ok(());
             };
-            (config, Some(cluster))
+            (config, Some((watching, updates)))
         }
     };
     let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
@@ -229,9 +230,10 @@ async fn watch_cluster(
     Ok((watching, updates))
 }
 
-/// The first config the cluster makes, or `None` if a signal comes first.
+/// The first config the cluster makes (marked seen in `updates`), or `None` if a signal
+/// comes first.
 async fn first_config(
-    mut updates: watch::Receiver<Option<Config>>,
+    updates: &mut watch::Receiver<Option<Config>>,
     signals: &mut Signals,
 ) -> Option<Config> {
     info!("waiting for the cluster's state");

@@ -12,7 +12,7 @@
 //!   addresses are meshed through the pod CIDRs.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
 };
@@ -81,10 +81,11 @@ impl Cluster {
         let mut workloads =
             self.workloads(&this.name, &cgroup_of, &mut skipped, &mut cgroups_pending);
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let slices = self.slices_by_service();
         let mut services: Vec<Service> = self
             .services
             .iter()
-            .filter_map(|s| self.service(s, &known, &mut skipped))
+            .filter_map(|s| service(s, &slices, &known, &mut skipped))
             .collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         Some(Discovered {
@@ -171,127 +172,142 @@ impl Cluster {
         workloads
     }
 
-    fn service(
-        &self,
-        service: &KubeService,
-        nodes: &HashSet<&Name>,
-        skipped: &mut Vec<String>,
-    ) -> Option<Service> {
-        let spec = service.spec.as_ref()?;
-        let (name, namespace) = (
-            service.metadata.name.as_deref()?,
-            service.metadata.namespace.as_deref()?,
-        );
-        if spec.type_.as_deref() == Some("ExternalName") {
-            return None;
-        }
-        let addresses: Vec<IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(&spec.cluster_ip)
-            .filter_map(|ip| ip.parse().ok())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        if addresses.is_empty() {
-            return None; // Headless: meshed through the pod CIDRs.
-        }
-        let mut slices: Vec<&EndpointSlice> = self
-            .endpoint_slices
-            .iter()
-            .map(Arc::as_ref)
-            .filter(|s| {
-                s.metadata.namespace.as_deref() == Some(namespace)
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .is_some_and(|n| n == name)
-                    && s.address_type != "FQDN"
-            })
-            .collect();
-        slices.sort_by_key(|s| s.metadata.name.as_deref());
-
-        // Once per slice, whatever the ports: its endpoints traffic may go to.
-        let any_ready = slices
-            .iter()
-            .any(|s| s.endpoints.iter().any(|e| conditions(e).0));
-        let usable: Vec<(&EndpointSlice, Vec<(IpAddr, Endpoint)>)> = slices
-            .iter()
-            .map(|slice| (*slice, usable_endpoints(slice, any_ready, nodes, skipped)))
-            .collect();
-
-        let mut ports = Vec::new();
-        // Per endpoint address: its port for each service port.
-        let mut endpoint_ports: BTreeMap<IpAddr, (Endpoint, BTreeMap<u16, u16>)> = BTreeMap::new();
-        for port in spec.ports.iter().flatten() {
-            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
-                continue;
+    /// The EndpointSlices (not FQDN) of each service, by (namespace, service name), in the
+    /// order of their names.
+    fn slices_by_service(&self) -> HashMap<(&str, &str), Vec<&EndpointSlice>> {
+        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &self.endpoint_slices {
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL));
+            if let (Some(namespace), Some(service)) = (slice.metadata.namespace.as_deref(), service)
+                && slice.address_type != "FQDN"
+            {
+                by_service
+                    .entry((namespace, service))
+                    .or_default()
+                    .push(slice);
             }
-            let Ok(service_port) = u16::try_from(port.port) else {
+        }
+        for slices in by_service.values_mut() {
+            slices.sort_by_key(|s| s.metadata.name.as_deref());
+        }
+        by_service
+    }
+}
+
+/// The mesh service a Service makes, with its endpoints from `slices`.
+fn service(
+    service: &KubeService,
+    slices: &HashMap<(&str, &str), Vec<&EndpointSlice>>,
+    nodes: &HashSet<&Name>,
+    skipped: &mut Vec<String>,
+) -> Option<Service> {
+    let spec = service.spec.as_ref()?;
+    let (name, namespace) = (
+        service.metadata.name.as_deref()?,
+        service.metadata.namespace.as_deref()?,
+    );
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let addresses: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(&spec.cluster_ip)
+        .filter_map(|ip| ip.parse().ok())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if addresses.is_empty() {
+        return None; // Headless: meshed through the pod CIDRs.
+    }
+    let slices = slices
+        .get(&(namespace, name))
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+
+    // Once per slice, whatever the ports: its endpoints traffic may go to.
+    let any_ready = slices
+        .iter()
+        .any(|s| s.endpoints.iter().any(|e| conditions(e).0));
+    let usable: Vec<(&EndpointSlice, Vec<(IpAddr, Endpoint)>)> = slices
+        .iter()
+        .map(|slice| (*slice, usable_endpoints(slice, any_ready, nodes, skipped)))
+        .collect();
+
+    let mut ports = Vec::new();
+    // Per endpoint address: its port for each service port.
+    let mut endpoint_ports: BTreeMap<IpAddr, (Endpoint, BTreeMap<u16, u16>)> = BTreeMap::new();
+    for port in spec.ports.iter().flatten() {
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        let Ok(service_port) = u16::try_from(port.port) else {
+            continue;
+        };
+        let mut target_port = None;
+        for (slice, endpoints) in &usable {
+            let Some(slice_port) = slice
+                .ports
+                .iter()
+                .flatten()
+                // An unnamed service port is the slice's port named "".
+                .find(|p| p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or(""))
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+            else {
                 continue;
             };
-            let mut target_port = None;
-            for (slice, endpoints) in &usable {
-                let Some(slice_port) = slice
-                    .ports
-                    .iter()
-                    .flatten()
-                    // An unnamed service port is the slice's port named "".
-                    .find(|p| p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or(""))
-                    .and_then(|p| p.port)
-                    .and_then(|p| u16::try_from(p).ok())
-                else {
-                    continue;
-                };
-                target_port.get_or_insert(slice_port);
-                for (address, endpoint) in endpoints {
-                    endpoint_ports
-                        .entry(*address)
-                        .or_insert_with(|| (endpoint.clone(), BTreeMap::new()))
-                        .1
-                        .insert(service_port, slice_port);
-                }
+            target_port.get_or_insert(slice_port);
+            for (address, endpoint) in endpoints {
+                endpoint_ports
+                    .entry(*address)
+                    .or_insert_with(|| (endpoint.clone(), BTreeMap::new()))
+                    .1
+                    .insert(service_port, slice_port);
             }
-            ports.push(ServicePort {
-                port: service_port,
-                target_port: Some(target_port.unwrap_or(service_port)),
-                protocol: Default::default(),
-                load_balancing: Default::default(),
-            });
         }
-        if ports.is_empty() {
-            return None;
-        }
-        let endpoints = endpoint_ports
-            .into_values()
-            .map(|(mut endpoint, by_port)| {
-                // Only where the endpoint's port differs from its service port's target.
-                endpoint.target_ports = by_port
-                    .into_iter()
-                    .filter(|(service_port, target)| {
-                        ports
-                            .iter()
-                            .find(|p| p.port == *service_port)
-                            .is_some_and(|p| p.target_port() != *target)
-                    })
-                    .collect();
-                endpoint
-            })
-            .collect();
-        match (name.parse(), namespace.parse()) {
-            (Ok(name), Ok(namespace)) => Some(Service {
-                name,
-                namespace,
-                addresses,
-                ports,
-                endpoints,
-            }),
-            _ => {
-                skipped.push(format!("service {namespace}/{name}: not a valid name"));
-                None
-            }
+        ports.push(ServicePort {
+            port: service_port,
+            target_port: Some(target_port.unwrap_or(service_port)),
+            protocol: Default::default(),
+            load_balancing: Default::default(),
+        });
+    }
+    if ports.is_empty() {
+        return None;
+    }
+    let endpoints = endpoint_ports
+        .into_values()
+        .map(|(mut endpoint, by_port)| {
+            // Only where the endpoint's port differs from its service port's target.
+            endpoint.target_ports = by_port
+                .into_iter()
+                .filter(|(service_port, target)| {
+                    ports
+                        .iter()
+                        .find(|p| p.port == *service_port)
+                        .is_some_and(|p| p.target_port() != *target)
+                })
+                .collect();
+            endpoint
+        })
+        .collect();
+    match (name.parse(), namespace.parse()) {
+        (Ok(name), Ok(namespace)) => Some(Service {
+            name,
+            namespace,
+            addresses,
+            ports,
+            endpoints,
+        }),
+        _ => {
+            skipped.push(format!("service {namespace}/{name}: not a valid name"));
+            None
         }
     }
 }

@@ -2,7 +2,7 @@
 //! port. Label values come only from the mesh's own state (config, certificates), never from
 //! what a peer sends, so their number stays bounded.
 
-use std::sync::LazyLock;
+use std::{net::SocketAddr, sync::LazyLock};
 
 use mesh_common::Counter as EbpfCounter;
 use prometheus_client::{
@@ -122,6 +122,17 @@ pub fn count_refusal(reason: &'static str) {
         .refusals
         .get_or_create(&ReasonLabels { reason })
         .inc();
+}
+
+/// Counts a failed connect to `endpoint` of `service` (empty for a pod dialled directly);
+/// the labels it was counted under.
+pub fn count_connect_failure(service: &str, endpoint: SocketAddr) -> EndpointLabels {
+    let labels = EndpointLabels {
+        service: service.to_owned(),
+        endpoint: endpoint.to_string(),
+    };
+    metrics().connect_failures.get_or_create(&labels).inc();
+    labels
 }
 
 /// A registry with every metric, and the eBPF programs' counters read from `counters` at each

@@ -21,7 +21,7 @@ use crate::{
     balance::Lease,
     copy,
     datapath::OrigDstTable,
-    metrics::{ConnectionLabels, EndpointLabels, count_refusal, metrics},
+    metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
     routing::{Hop, LocalWorkload, Route, Routes},
     system,
     tunnel::{TunnelStream, Tunnels},
@@ -137,13 +137,7 @@ impl Outbound {
                         _lease: None,
                     }),
                     Err(e) => {
-                        metrics()
-                            .connect_failures
-                            .get_or_create(&EndpointLabels {
-                                service: String::new(),
-                                endpoint: target.to_string(),
-                            })
-                            .inc();
+                        count_connect_failure("", *target);
                         warn!(%target, "cannot reach the destination: {e}");
                         None
                     }
@@ -175,11 +169,7 @@ impl Outbound {
                     return None;
                 }
                 Err(e) => {
-                    let labels = EndpointLabels {
-                        service: port.service.clone(),
-                        endpoint: target.to_string(),
-                    };
-                    metrics().connect_failures.get_or_create(&labels).inc();
+                    let labels = count_connect_failure(&port.service, target);
                     if lease.endpoint().failed() {
                         metrics().endpoint_ejections.get_or_create(&labels).inc();
                     }

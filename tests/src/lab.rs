@@ -3,7 +3,7 @@
 use std::{
     ffi::OsString,
     fmt::Write as _,
-    io::{BufRead, BufReader, Read},
+    io::BufReader,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
@@ -19,6 +19,7 @@ pub use kubernetes::ENROLLED_NAMESPACE;
 
 use crate::{
     netns::{self, Placement, ip, ip_in},
+    process::{self, EXIT_LIMIT},
     topology::{self, LabSpec},
 };
 
@@ -680,9 +681,10 @@ impl Agent {
         signal(self.pid(), libc::SIGTERM)
     }
 
-    /// Waits for the agent to exit.
+    /// Waits for the agent to exit (at most [`EXIT_LIMIT`]; then it is killed).
     pub fn wait(mut self) -> Result<ExitStatus> {
-        Ok(self.child.wait()?)
+        process::wait_within(&mut self.child, EXIT_LIMIT)
+            .with_context(|| format!("the agent did not exit:\n{}", self.log()))
     }
 }
 
@@ -731,7 +733,8 @@ impl Drop for Daemon {
 /// A helper process that runs until it ends or is dropped.
 pub struct Running {
     child: Child,
-    stdout: BufReader<ChildStdout>,
+    /// Its output after `ready`, until [`Running::wait_output`] takes it.
+    stdout: Option<BufReader<ChildStdout>>,
 }
 
 impl Running {
@@ -739,14 +742,15 @@ impl Running {
         self.child.id()
     }
 
-    /// Waits for the process to end and returns what it printed after `ready`.
+    /// Waits for the process to end (at most [`EXIT_LIMIT`]; then it is killed) and returns
+    /// what it printed after `ready`.
     pub fn wait_output(mut self) -> Result<Output> {
-        let mut stdout = String::new();
-        self.stdout.read_to_string(&mut stdout)?;
-        let status = self.child.wait()?;
+        let stdout = self.stdout.take().map(process::read_to_end);
+        let status = process::wait_within(&mut self.child, EXIT_LIMIT)
+            .context("mesh-testpod did not finish")?;
         Ok(Output {
             status,
-            stdout,
+            stdout: process::collect(stdout, EXIT_LIMIT),
             stderr: String::new(),
         })
     }
@@ -792,13 +796,29 @@ fn run_placed(placement: Placement, place: &str, args: &[&str]) -> Result<Output
     Ok(out)
 }
 
+/// Runs `cmd` to its end, at most [`EXIT_LIMIT`] (then it is killed and this fails).
 fn output(mut cmd: Command) -> Result<Output> {
-    let out = cmd.stdin(Stdio::null()).output()?;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (status, stdout, stderr) = process::finish(child, EXIT_LIMIT)
+        .with_context(|| format!("{} did not finish", shown(&cmd)))?;
     Ok(Output {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        status,
+        stdout,
+        stderr,
     })
+}
+
+/// A command as a person would type it.
+fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn testpod(args: &[&str]) -> Command {
@@ -830,10 +850,18 @@ fn spawn_ready(mut cmd: Command, placement: Placement, log: &Path) -> Result<Run
         .stdin(Stdio::null())
         .stderr(errors);
     let mut child = cmd.spawn().context("cannot start mesh-testpod")?;
-    let mut stdout = BufReader::new(child.stdout.take().context("no stdout")?);
-    let mut first = String::new();
-    stdout.read_line(&mut first)?;
-    let running = Running { child, stdout };
+    let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+    let mut running = Running {
+        child,
+        stdout: None,
+    };
+    let (first, stdout) = process::first_line(stdout, READY_WATCHDOG).with_context(|| {
+        format!(
+            "mesh-testpod did not get ready: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })?;
+    running.stdout = Some(stdout);
     if first.trim() != "ready" {
         bail!(
             "mesh-testpod did not get ready (said {first:?}): {}",

@@ -9,6 +9,7 @@ mod certs;
 mod interrupt;
 mod lab;
 mod netns;
+mod process;
 mod prometheus;
 mod topology;
 mod wire;

@@ -30,26 +30,32 @@ fn run_with_valid_config(extra: &[&str], prepare: impl FnOnce(&mut Command)) -> 
     run_agent(&lab, &args, prepare)
 }
 
-/// Runs the command in a mount namespace of its own where `dir` is not mounted.
+/// Runs the command in a mount namespace of its own where `dir` is not mounted: every mount
+/// stacked there goes (some machines boot with bpffs mounted twice at /sys/fs/bpf).
 fn without_mount(cmd: &mut Command, dir: &Path) {
     let dir = CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
     let root = CString::new("/").unwrap();
     // SAFETY: only system calls between fork and exec, on memory prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+            let private = libc::unshare(libc::CLONE_NEWNS) == 0
                 && libc::mount(
                     std::ptr::null(),
                     root.as_ptr(),
                     std::ptr::null(),
                     libc::MS_REC | libc::MS_PRIVATE,
                     std::ptr::null(),
-                ) == 0
-                && libc::umount2(dir.as_ptr(), libc::MNT_DETACH) == 0;
-            if ok {
+                ) == 0;
+            if !private || libc::umount2(dir.as_ptr(), libc::MNT_DETACH) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Unmount until the path is no mount point any more (EINVAL).
+            while libc::umount2(dir.as_ptr(), libc::MNT_DETACH) == 0 {}
+            let last = std::io::Error::last_os_error();
+            if last.raw_os_error() == Some(libc::EINVAL) {
                 Ok(())
             } else {
-                Err(std::io::Error::last_os_error())
+                Err(last)
             }
         });
     }

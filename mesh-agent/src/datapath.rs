@@ -20,11 +20,12 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
 };
 use mesh_common::{
-    Addr, AgentListener, Counter, SET_MEMBER, SockAddr, SockPair, ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, Counter, KernelLayout, SET_MEMBER, SockAddr, SockPair, ipv4_mapped,
+    ipv4_unmapped,
 };
 use tracing::{debug, info, warn};
 
-use crate::{config::Config, system::BPFFS};
+use crate::{btf::Btf, config::Config, system::BPFFS};
 
 /// The compiled eBPF programs (`cargo xtask build-ebpf`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -107,9 +108,15 @@ fn load_and_attach(
              (mesh-agent unload --node ...) to run without it"
         );
     }
+    let layout = if shortcut {
+        kernel_layout()?
+    } else {
+        KernelLayout::default()
+    };
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .override_global(aya_log::LEVEL, &(log_level as u8), true)
+        .override_global("KERNEL_LAYOUT", &layout, true)
         .load(OBJECT)
         .context("cannot load the eBPF programs (does this kernel have BPF and BTF?)")?;
     let logger =
@@ -121,8 +128,14 @@ fn load_and_attach(
         attach_to_cgroup(&mut ebpf, name, &cgroup_fd, pin_dir)
             .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
     }
-    if shortcut {
+    if shortcut && layout.is_known() {
         attach_sk_msg(&mut ebpf, pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
+    } else if shortcut {
+        warn!(
+            "this kernel cannot bound what the sk_msg shortcut queues (its struct sk_psock \
+             has no msg_tot_len; Linux 6.18 has it): the shortcut is off and same-node \
+             traffic goes through TCP/IP"
+        );
     } else {
         warn!("the sk_msg shortcut is off: same-node traffic goes through TCP/IP");
     }
@@ -159,6 +172,29 @@ pub fn unpin(pin_dir: &Path) -> Result<()> {
         .with_context(|| format!("cannot remove the pins at {}", pin_dir.display()))?;
     info!(pins = %pin_dir.display(), "eBPF programs detached and unpinned");
     Ok(())
+}
+
+/// The offsets `mesh_redirect` reads, from the running kernel's BTF; all zero if a field is
+/// missing (the shortcut then stays off rather than queue without a bound).
+fn kernel_layout() -> Result<KernelLayout> {
+    let btf = Btf::from_kernel()?;
+    let offset = |strukt: &str, member: &str| -> Result<u32> {
+        Ok(btf.member_offset(strukt, member)?.unwrap_or(0))
+    };
+    let layout = KernelLayout {
+        sock_user_data: offset("sock", "sk_user_data")?,
+        sock_rcvbuf: offset("sock", "sk_rcvbuf")?,
+        tcp_write_seq: offset("tcp_sock", "write_seq")?,
+        tcp_copied_seq: offset("tcp_sock", "copied_seq")?,
+        psock_msg_tot_len: offset("sk_psock", "msg_tot_len")?,
+        _pad: 0,
+    };
+    debug!(?layout, "kernel layout for the sk_msg shortcut");
+    Ok(if layout.is_known() {
+        layout
+    } else {
+        KernelLayout::default()
+    })
 }
 
 fn attach_to_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_dir: &Path) -> Result<()> {

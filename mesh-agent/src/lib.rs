@@ -5,6 +5,7 @@ pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod balance;
+pub mod btf;
 pub mod certificates;
 pub mod cli;
 pub mod config;

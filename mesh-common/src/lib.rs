@@ -89,6 +89,41 @@ pub struct AgentListener {
     pub has_ipv6: u8,
 }
 
+/// Byte offsets of the kernel fields `mesh_redirect` reads to bound what it queues in a peer
+/// socket, found by the agent in the running kernel's BTF and set as the program's constant
+/// `KERNEL_LAYOUT` when it loads it. All zero: unknown, and the program never redirects.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `struct sock.sk_user_data`: the socket's `sk_psock`, flags in the low bits.
+    pub sock_user_data: u32,
+    /// `struct sock.sk_rcvbuf`: the receive buffer size, the bound.
+    pub sock_rcvbuf: u32,
+    /// `struct tcp_sock.write_seq`: the next byte the socket sends through TCP/IP.
+    pub tcp_write_seq: u32,
+    /// `struct tcp_sock.copied_seq`: the next byte the reader takes from TCP/IP.
+    pub tcp_copied_seq: u32,
+    /// `struct sk_psock.msg_tot_len`: bytes queued in the socket's sk_msg ingress queue.
+    pub psock_msg_tot_len: u32,
+    pub _pad: u32,
+}
+
+impl KernelLayout {
+    /// Whether every offset is known.
+    pub const fn is_known(&self) -> bool {
+        self.sock_user_data != 0
+            && self.sock_rcvbuf != 0
+            && self.tcp_write_seq != 0
+            && self.tcp_copied_seq != 0
+            && self.psock_msg_tot_len != 0
+    }
+}
+
+/// The bit of `sk_user_data` that says it points at an `sk_psock`.
+pub const SK_USER_DATA_PSOCK: u64 = 4;
+/// The flag bits of `sk_user_data`, below the pointer.
+pub const SK_USER_DATA_FLAGS: u64 = 7;
+
 /// The value of maps that are sets (`ENROLLED`, `OWNED_SERVICES`, `OWNED_CIDRS`,
 /// `MSG_PASSTHROUGH`): only the key's presence means anything.
 pub const SET_MEMBER: u8 = 1;
@@ -112,17 +147,26 @@ pub enum Counter {
     BytesRedirected = 4,
     /// Messages of shortcut sockets that went through the TCP/IP stack instead.
     MsgPassed = 5,
+    /// Times a socket left the shortcut because its peer's queue reached the bound.
+    ShortcutFull = 6,
+    /// Times a socket came back to the shortcut once its peer had read everything.
+    ShortcutResumed = 7,
+    /// Bytes of shortcut sockets that went through the TCP/IP stack.
+    BytesPassed = 8,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 9] = [
         Counter::ConnectsCaptured,
         Counter::ConnectsPassed,
         Counter::OrigDstRecorded,
         Counter::MsgRedirected,
         Counter::BytesRedirected,
         Counter::MsgPassed,
+        Counter::ShortcutFull,
+        Counter::ShortcutResumed,
+        Counter::BytesPassed,
     ];
 
     /// The counter's name in snake case, as the agent reports it.
@@ -134,6 +178,9 @@ impl Counter {
             Counter::MsgRedirected => "msg_redirected",
             Counter::BytesRedirected => "bytes_redirected",
             Counter::MsgPassed => "msg_passed",
+            Counter::ShortcutFull => "shortcut_full",
+            Counter::ShortcutResumed => "shortcut_resumed",
+            Counter::BytesPassed => "bytes_passed",
         }
     }
 }
@@ -148,6 +195,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddr {}
     unsafe impl aya::Pod for super::SockPair {}
     unsafe impl aya::Pod for super::AgentListener {}
+    unsafe impl aya::Pod for super::KernelLayout {}
 }
 
 #[cfg(test)]
@@ -168,6 +216,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockAddr>(), 20);
         assert_eq!(core::mem::size_of::<SockPair>(), 40);
         assert_eq!(core::mem::size_of::<AgentListener>(), 24);
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 24);
     }
 
     #[test]

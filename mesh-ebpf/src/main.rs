@@ -7,7 +7,9 @@
 //!   destination moves to a map keyed by the client's address and port (what the agent sees
 //!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH.
 //! - `mesh_redirect` (`sk_msg`): a send on a socket in `SOCKETS` goes straight into the
-//!   receive queue of its peer, skipping the TCP/IP stack and the veth between them.
+//!   receive queue of its peer, skipping the TCP/IP stack and the veth between them, as long
+//!   as the peer's sk_msg queue holds less than its receive buffer; past that the socket
+//!   sends through TCP/IP (TCP's own backpressure) until the peer has read everything.
 #![no_std]
 #![no_main]
 
@@ -17,15 +19,15 @@ use aya_ebpf::{
         BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         bpf_sock_addr, sk_action::SK_PASS,
     },
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_probe_read_kernel},
     macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
-    Addr, AgentListener, COUNTER_SLOTS, Counter, MAX_CGROUP_DEPTH, SET_MEMBER, SockAddr, SockPair,
-    ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, COUNTER_SLOTS, Counter, KernelLayout, MAX_CGROUP_DEPTH, SET_MEMBER,
+    SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair, ipv4_mapped, ipv4_unmapped,
 };
 
 const AF_INET: u32 = 2;
@@ -65,9 +67,28 @@ static ORIG_DST_BY_CLIENT: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(6
 #[map]
 static SOCKETS: SockHash<SockPair> = SockHash::pinned(131_072, 0);
 
-/// Sockets whose sends must keep going through TCP/IP (see `mesh_common::SET_MEMBER`).
+/// The kernel socket (`struct sock *`, as a number) of each end in `SOCKETS`, by the same
+/// key: `mesh_redirect` reads the peer's queue and sequence numbers through it.
 #[map]
-static MSG_PASSTHROUGH: LruHashMap<SockPair, u8> = LruHashMap::pinned(16_384, 0);
+static SOCKET_ADDRS: LruHashMap<SockPair, u64> = LruHashMap::pinned(131_072, 0);
+
+/// Sockets whose sends go through TCP/IP for now: their peer was not in `SOCKETS` yet, or its
+/// queue was full. A socket leaves this set only once its peer has read every byte it sent
+/// through TCP/IP, so a redirected send never overtakes one on the wire.
+#[map]
+static MSG_PASSTHROUGH: LruHashMap<SockPair, u8> = LruHashMap::pinned(131_072, 0);
+
+/// Offsets of the kernel fields `mesh_redirect` reads; the agent sets them at load from the
+/// kernel's BTF. All zero (unknown) means no send is redirected.
+#[unsafe(no_mangle)]
+static KERNEL_LAYOUT: KernelLayout = KernelLayout {
+    sock_user_data: 0,
+    sock_rcvbuf: 0,
+    tcp_write_seq: 0,
+    tcp_copied_seq: 0,
+    psock_msg_tot_len: 0,
+    _pad: 0,
+};
 
 /// Per-CPU event counters, indexed by `mesh_common::Counter`.
 #[map]
@@ -324,6 +345,13 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     };
     if shortcut {
         let _ = MSG_PASSTHROUGH.remove(pair);
+        // SAFETY: the context is the `bpf_sock_ops` of the established socket; its address
+        // is kept as a number, only ever read through `bpf_probe_read_kernel`.
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk } as u64;
+        if SOCKET_ADDRS.insert(pair, sk, 0).is_err() {
+            error!(&ctx, "sock_ops: cannot record a socket's address");
+            return 0;
+        }
         let mut key = pair;
         // SAFETY: the context is the `bpf_sock_ops` of the established socket.
         if let Err(e) = SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
@@ -367,23 +395,107 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     let Some(me) = socket_fields!(ctx.msg).pair() else {
         return SK_PASS;
     };
+    let peer = me.reversed();
     // SAFETY: read only for presence.
-    if unsafe { MSG_PASSTHROUGH.get(me) }.is_some() {
-        count(Counter::MsgPassed, 1);
-        return SK_PASS;
-    }
+    let passing = unsafe { MSG_PASSTHROUGH.get(me) }.is_some();
+    let redirect = match Peer::of(&peer) {
+        None => false,
+        Some(p) if p.full() => {
+            if !passing {
+                count(Counter::ShortcutFull, 1);
+            }
+            false
+        }
+        Some(p) if passing => {
+            let drained = p.read_all_sent_by(&me);
+            if drained {
+                count(Counter::ShortcutResumed, 1);
+            }
+            drained
+        }
+        Some(_) => true,
+    };
     let size = u64::from(ctx.size());
-    let mut peer = me.reversed();
-    if SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS) {
+    let mut peer = peer;
+    if redirect
+        && SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+    {
+        if passing {
+            let _ = MSG_PASSTHROUGH.remove(me);
+        }
         count(Counter::MsgRedirected, 1);
         count(Counter::BytesRedirected, size);
     } else {
-        // The peer is not in the map (yet, or any more): this send takes the TCP/IP path,
-        // and so must every later one, or a redirected send could overtake it.
-        let _ = MSG_PASSTHROUGH.insert(me, SET_MEMBER, 0);
+        // This send takes the TCP/IP path, and so must every later one until the peer has
+        // read it, or a redirected send could overtake it.
+        if !passing {
+            let _ = MSG_PASSTHROUGH.insert(me, SET_MEMBER, 0);
+        }
         count(Counter::MsgPassed, 1);
+        count(Counter::BytesPassed, size);
     }
     SK_PASS
+}
+
+/// The kernel socket of the receiving end of a send, read through `KERNEL_LAYOUT`.
+struct Peer {
+    sk: u64,
+    layout: KernelLayout,
+}
+
+impl Peer {
+    /// The peer's socket, if it joined `SOCKETS` and the kernel's layout is known.
+    #[inline(always)]
+    fn of(peer: &SockPair) -> Option<Self> {
+        // SAFETY: the constant is set at load; a volatile read keeps the compiler from
+        // taking the all-zero initial value for it.
+        let layout = unsafe { core::ptr::read_volatile(&KERNEL_LAYOUT) };
+        if !layout.is_known() {
+            return None;
+        }
+        // SAFETY: plain value copied out of the map.
+        let sk = unsafe { SOCKET_ADDRS.get(peer) }.copied()?;
+        Some(Self { sk, layout })
+    }
+
+    /// Whether the peer's sk_msg queue holds its receive buffer's worth or more (or cannot
+    /// be read, which counts as full): one message beyond the bound is the most it holds.
+    #[inline(always)]
+    fn full(&self) -> bool {
+        let Some(user_data) = read::<u64>(self.sk, self.layout.sock_user_data) else {
+            return true;
+        };
+        if user_data & SK_USER_DATA_PSOCK == 0 {
+            return true;
+        }
+        let psock = user_data & !SK_USER_DATA_FLAGS;
+        let queued = read::<u32>(psock, self.layout.psock_msg_tot_len);
+        let bound = read::<i32>(self.sk, self.layout.sock_rcvbuf);
+        match (queued, bound) {
+            (Some(queued), Some(bound)) => i64::from(queued) >= i64::from(bound),
+            _ => true,
+        }
+    }
+
+    /// Whether the peer's reader has taken every byte that `me` sent through TCP/IP: then
+    /// a redirected send cannot overtake any of them.
+    #[inline(always)]
+    fn read_all_sent_by(&self, me: &SockPair) -> bool {
+        // SAFETY: plain value copied out of the map.
+        let Some(mine) = (unsafe { SOCKET_ADDRS.get(me) }).copied() else {
+            return false;
+        };
+        let sent = read::<u32>(mine, self.layout.tcp_write_seq);
+        let read_up_to = read::<u32>(self.sk, self.layout.tcp_copied_seq);
+        matches!((sent, read_up_to), (Some(s), Some(r)) if s == r)
+    }
+}
+
+/// A `T` at `offset` in the kernel object at address `base`.
+#[inline(always)]
+fn read<T>(base: u64, offset: u32) -> Option<T> {
+    // SAFETY: `bpf_probe_read_kernel` checks the address; a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
 }
 
 #[cfg(not(test))]

@@ -497,17 +497,47 @@ impl Lab {
         program: &str,
         args: &[&str],
     ) -> Result<Daemon> {
+        self.start_placed(self.placement(node, "host")?, name, program, args)
+    }
+
+    /// Like [`Lab::start_on_node`], in `pod`.
+    pub fn start_in_pod(
+        &self,
+        pod: &str,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<Daemon> {
+        self.start_placed(self.pod_placement(pod)?, name, program, args)
+    }
+
+    fn start_placed(
+        &self,
+        placement: Placement,
+        name: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<Daemon> {
         let log = std::fs::File::create(self.scratch_path(&format!("{name}.log")))?;
         let mut cmd = Command::new(program);
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.placement(node, "host")?.apply(&mut cmd)?;
+        placement.apply(&mut cmd)?;
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot run {program} (cargo xtask setup installs it)"))?;
         Ok(Daemon { child })
+    }
+
+    /// Runs `program args` (a stock client such as iperf3) in `pod` to its end; its status
+    /// and output are the caller's to judge.
+    pub fn run_program(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.pod_placement(pod)?.apply(&mut cmd)?;
+        output(cmd)
     }
 
     /// An HTTP/1.1 request of `url` with `method`, from `node` itself (`mesh-testpod get`).

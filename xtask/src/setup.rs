@@ -10,7 +10,8 @@ use crate::shell::{self, Step, human};
 /// `-Z build-std=core`), LLVM 22 (bpf-linker links against it), iproute2 (the tests' and the
 /// lab's network namespaces), tshark (the tests' wire captures between nodes), prometheus
 /// (the tests run their own, inside a lab namespace), haproxy (the benchmark's peer), skopeo
-/// (CI reads the agent's container image back with it).
+/// (CI reads the agent's container image back with it), iperf3 (a stock client the tests
+/// drive the mesh with).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -20,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "prometheus",
     "haproxy",
     "skopeo",
+    "iperf3",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

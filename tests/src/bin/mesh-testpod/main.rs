@@ -44,6 +44,31 @@ enum Cmd {
         /// `received=<bytes>` and close.
         #[arg(long)]
         sink: Vec<String>,
+        /// Also a source on these: read a decimal byte count and a newline, send that many
+        /// bytes of the pattern, and close.
+        #[arg(long)]
+        source: Vec<String>,
+        /// Also a holder on these: accept and keep each connection open, never reading.
+        #[arg(long)]
+        hold: Vec<String>,
+    },
+    /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
+    /// reading, then reads and checks every byte: `received=<bytes>`.
+    Download {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
+    /// A non-blocking writer: writes to a `--hold` server until a write fails, at most
+    /// `limit` bytes; prints `flood=<EAGAIN or the error> written=<bytes>`.
+    Flood {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1 << 30)]
+        limit: u64,
     },
     /// Sends `bytes` bytes of a pattern through an echo server and checks that they come back.
     Echo {
@@ -113,9 +138,21 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        if let Cmd::Serve { listen, sink } = &cli.command {
+        if let Cmd::Serve {
+            listen,
+            sink,
+            source,
+            hold,
+        } = &cli.command
+        {
             // Servers run until the test stops them.
-            return serve(listen, sink).await;
+            return serve(&[
+                (listen, Role::Echo),
+                (sink, Role::Sink),
+                (source, Role::Source),
+                (hold, Role::Hold),
+            ])
+            .await;
         }
         match tokio::time::timeout(WATCHDOG, run(cli.command)).await {
             Ok(result) => result,
@@ -133,7 +170,13 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { listen, sink } => serve(&listen, &sink).await,
+        Cmd::Serve { .. } => bail!("serve runs without the watchdog"),
+        Cmd::Download {
+            connect,
+            bytes,
+            pause_ms,
+        } => download(connect, bytes, Duration::from_millis(pause_ms)).await,
+        Cmd::Flood { connect, limit } => flood(connect, limit),
         Cmd::Bench(bench) => bench.run().await,
         Cmd::Echo {
             connect,
@@ -175,32 +218,39 @@ fn pattern(offset: u64) -> u8 {
     ((offset % 251) as u8) ^ ((offset / 251) as u8)
 }
 
-async fn serve(listen: &[String], sink: &[String]) -> Result<()> {
+/// What a server does with each connection.
+#[derive(Clone, Copy)]
+enum Role {
+    Echo,
+    Sink,
+    Source,
+    Hold,
+}
+
+async fn serve(specs: &[(&Vec<String>, Role)]) -> Result<()> {
     let mut listeners = Vec::new();
-    let specs = listen
-        .iter()
-        .map(|s| (s, false))
-        .chain(sink.iter().map(|s| (s, true)));
-    for (spec, is_sink) in specs {
-        let (ip, ports) = parse_listen(spec)?;
-        for port in ports.0..=ports.1 {
-            let addr = SocketAddr::new(ip, port);
-            let socket = if ip.is_ipv6() {
-                tokio::net::TcpSocket::new_v6()?
-            } else {
-                tokio::net::TcpSocket::new_v4()?
-            };
-            socket.set_reuseaddr(true)?;
-            socket
-                .bind(addr)
-                .with_context(|| format!("cannot bind {addr}"))?;
-            listeners.push((socket.listen(1024)?, is_sink));
+    for (list, role) in specs {
+        for spec in list.iter() {
+            let (ip, ports) = parse_listen(spec)?;
+            for port in ports.0..=ports.1 {
+                let addr = SocketAddr::new(ip, port);
+                let socket = if ip.is_ipv6() {
+                    tokio::net::TcpSocket::new_v6()?
+                } else {
+                    tokio::net::TcpSocket::new_v4()?
+                };
+                socket.set_reuseaddr(true)?;
+                socket
+                    .bind(addr)
+                    .with_context(|| format!("cannot bind {addr}"))?;
+                listeners.push((socket.listen(1024)?, *role));
+            }
         }
     }
     println!("ready");
     let mut tasks = tokio::task::JoinSet::new();
-    for (listener, is_sink) in listeners {
-        tasks.spawn(accept_loop(listener, is_sink));
+    for (listener, role) in listeners {
+        tasks.spawn(accept_loop(listener, role));
     }
     while let Some(done) = tasks.join_next().await {
         done??;
@@ -208,20 +258,98 @@ async fn serve(listen: &[String], sink: &[String]) -> Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, is_sink: bool) -> Result<()> {
+async fn accept_loop(listener: TcpListener, role: Role) -> Result<()> {
     loop {
         let (stream, peer) = listener.accept().await?;
         tokio::spawn(async move {
-            let served = if is_sink {
-                sink_back(stream).await
-            } else {
-                echo_back(stream, peer).await
+            let served = match role {
+                Role::Echo => echo_back(stream, peer).await,
+                Role::Sink => sink_back(stream).await,
+                Role::Source => source(stream).await,
+                Role::Hold => hold(stream).await,
             };
             if let Err(e) = served {
                 eprintln!("mesh-testpod serve: {peer}: {e:#}");
             }
         });
     }
+}
+
+/// Sends as many pattern bytes as the client asks for, then closes.
+async fn source(stream: TcpStream) -> Result<()> {
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    stream.read_line(&mut line).await?;
+    let bytes: u64 = line.trim().parse().context("not a byte count")?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(CHUNK as u64) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = pattern(sent + i as u64);
+        }
+        stream.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+    stream.shutdown().await?;
+    Ok(())
+}
+
+/// Keeps the connection open without reading until the client closes it.
+async fn hold(stream: TcpStream) -> Result<()> {
+    stream.readable().await?;
+    // Readable: data (never read) or the end; wait for the end without reading the data.
+    loop {
+        let mut probe = [0u8; 1];
+        match stream.peek(&mut probe).await {
+            Ok(0) | Err(_) => return Ok(()),
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// See `Cmd::Download`.
+async fn download(addr: SocketAddr, bytes: u64, pause: Duration) -> Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(format!("{bytes}\n").as_bytes()).await?;
+    println!("ready");
+    tokio::time::sleep(pause).await;
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = (0..n).find(|&i| buf[i] != pattern(received + i as u64)) {
+            bail!("byte {} is wrong", received + i as u64);
+        }
+        received += n as u64;
+    }
+    ensure!(received == bytes, "received {received} of {bytes} bytes");
+    println!("received={received}");
+    Ok(())
+}
+
+/// See `Cmd::Flood`.
+fn flood(addr: SocketAddr, limit: u64) -> Result<()> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_nonblocking(true)?;
+    let buf = vec![7u8; CHUNK];
+    let mut written = 0u64;
+    let outcome = loop {
+        if written >= limit {
+            break "limit".to_owned();
+        }
+        match stream.write(&buf) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break "EAGAIN".to_owned(),
+            Err(e) => break format!("{:?}", e.to_string()),
+        }
+    };
+    println!("flood={outcome} written={written}");
+    Ok(())
 }
 
 /// Reads and drops everything, then says how much it was.

@@ -1,0 +1,211 @@
+//! End-to-end: bytes through the mesh meet the backpressure of plain TCP, driven by a stock
+//! client (Debian's iperf3), a non-blocking writer and a reader that pauses, on one node
+//! (the sk_msg shortcut) and across nodes (the tunnel).
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use mesh_tests::{Daemon, Lab, LabSpec};
+
+/// These tests read the host's TCP memory: one at a time, so none sees another's.
+static HOST_TCP_MEMORY: Mutex<()> = Mutex::new(());
+
+const SOURCE_PORT: u16 = 9000;
+const HOLD_PORT: u16 = 9001;
+const IPERF_PORT: u16 = 5201;
+
+/// Node n1 with an enrolled `client` and a `near` server; node n2 with a `far` server.
+fn lab() -> Lab {
+    Lab::new(
+        LabSpec::default()
+            .node("n1")
+            .node("n2")
+            .pod("n1", "client", true)
+            .pod("n1", "near", false)
+            .pod("n2", "far", false),
+    )
+    .unwrap()
+}
+
+/// Both agents and, in `near` and `far`, a source, a holder and an iperf3 server.
+struct Setup {
+    lab: Lab,
+    _agents: Vec<mesh_tests::Agent>,
+    _servers: Vec<mesh_tests::Running>,
+    _iperf: Vec<Daemon>,
+}
+
+fn start() -> Setup {
+    let lab = lab();
+    let agents = ["n1", "n2"]
+        .iter()
+        .map(|n| lab.start_agent(n, &[]).unwrap())
+        .collect();
+    let mut servers = Vec::new();
+    let mut iperf = Vec::new();
+    for pod in ["near", "far"] {
+        servers.push(
+            lab.spawn(
+                pod,
+                &[
+                    "serve",
+                    "--listen",
+                    "[::]:8080",
+                    "--source",
+                    &format!("[::]:{SOURCE_PORT}"),
+                    "--hold",
+                    &format!("[::]:{HOLD_PORT}"),
+                ],
+            )
+            .unwrap(),
+        );
+        iperf.push(
+            lab.start_in_pod(
+                pod,
+                &format!("iperf3-{pod}"),
+                "iperf3",
+                &["-s", "-p", &IPERF_PORT.to_string()],
+            )
+            .unwrap(),
+        );
+    }
+    Setup {
+        lab,
+        _agents: agents,
+        _servers: servers,
+        _iperf: iperf,
+    }
+}
+
+fn addr(lab: &Lab, pod: &str, port: u16) -> String {
+    format!("{}:{port}", lab.pod_addrs(pod).unwrap().0)
+}
+
+/// `TCP: ... mem N` of /proc/net/sockstat: pages of TCP memory on the host.
+fn tcp_memory_pages() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let tcp = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let words: Vec<&str> = tcp.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "mem").unwrap();
+    words[at + 1].parse().unwrap()
+}
+
+/// The largest receive or send buffer TCP gives a socket (the third value of the sysctl).
+fn buffer_max(sysctl: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}")).unwrap();
+    text.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+#[test]
+fn iperf3_upload_and_download_with_four_streams_on_one_node_and_across() {
+    let _one = HOST_TCP_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    let r = start();
+    for server in ["near", "far"] {
+        let (ip, _) = r.lab.pod_addrs(server).unwrap();
+        for reverse in [false, true] {
+            let mut args = vec![
+                "-c".to_owned(),
+                ip.to_string(),
+                "-p".to_owned(),
+                IPERF_PORT.to_string(),
+            ];
+            args.extend(["-P", "4", "-t", "2", "-l", "128K", "--json"].map(String::from));
+            if reverse {
+                args.push("-R".to_owned());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            // iperf3 may start before its server listens: one retry covers that.
+            let mut out = r.lab.run_program("client", "iperf3", &args).unwrap();
+            if !out.status.success() && out.stdout.contains("unable to connect") {
+                std::thread::sleep(Duration::from_millis(500));
+                out = r.lab.run_program("client", "iperf3", &args).unwrap();
+            }
+            let what = format!("iperf3 {} to {server}", if reverse { "-R" } else { "" });
+            assert!(
+                out.status.success(),
+                "{what} failed: {}\n{}",
+                out.stdout,
+                out.stderr
+            );
+            assert!(
+                !out.stdout.contains("Cannot allocate memory"),
+                "{what}: {}",
+                out.stdout
+            );
+            let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
+            assert!(received > 0, "{what} moved nothing: {}", out.stdout);
+            eprintln!("{what}: {received} bytes received");
+        }
+    }
+}
+
+#[test]
+fn a_non_blocking_writer_gets_eagain_never_enomem() {
+    let _one = HOST_TCP_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    let r = start();
+    for server in ["near", "far"] {
+        let out = r
+            .lab
+            .run(
+                "client",
+                &["flood", "--connect", &addr(&r.lab, server, HOLD_PORT)],
+            )
+            .unwrap();
+        assert_eq!(out.field("flood"), "EAGAIN", "to {server}: {}", out.stdout);
+        // What a writer can queue is bounded by buffers, never by the host's memory.
+        let written: u64 = out.field("written").parse().unwrap();
+        let bound = 2 * (buffer_max("tcp_rmem") + buffer_max("tcp_wmem"));
+        assert!(
+            written <= bound,
+            "to {server}: {written} bytes written before EAGAIN (bound {bound})"
+        );
+        eprintln!("to {server}: EAGAIN after {written} bytes");
+    }
+}
+
+#[test]
+fn a_paused_reader_holds_about_its_buffers_then_gets_every_byte() {
+    let _one = HOST_TCP_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    let r = start();
+    let bytes: u64 = 256 << 20;
+    // A connection's whole path (server → agent(s) → client) holds at most a few receive
+    // and send buffers; the bug this guards against queued everything the server sent.
+    let bound_pages = 2 * (buffer_max("tcp_rmem") + buffer_max("tcp_wmem")) / 4096;
+    for server in ["near", "far"] {
+        let before = tcp_memory_pages();
+        let reader = r
+            .lab
+            .spawn(
+                "client",
+                &[
+                    "download",
+                    "--connect",
+                    &addr(&r.lab, server, SOURCE_PORT),
+                    "--bytes",
+                    &bytes.to_string(),
+                    "--pause-ms",
+                    "10000",
+                ],
+            )
+            .unwrap();
+        let started = Instant::now();
+        let mut peak = before;
+        while started.elapsed() < Duration::from_secs(9) {
+            peak = peak.max(tcp_memory_pages());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = reader.wait_output().unwrap();
+        assert!(out.status.success(), "from {server}: {}", out.stdout);
+        assert_eq!(out.field("received"), bytes.to_string());
+        let held = peak.saturating_sub(before);
+        eprintln!("from {server}: the paused reader's path held {held} pages at most");
+        assert!(
+            held <= bound_pages,
+            "from {server}: TCP memory grew by {held} pages while the reader paused \
+             (bound {bound_pages})"
+        );
+    }
+}

@@ -90,6 +90,11 @@ impl<S> Metered<S> {
             written: 0,
         }
     }
+
+    /// The metered stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {

@@ -151,19 +151,48 @@ where
     .await
 }
 
+/// How a two-way copy ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Both ways reached their end of input.
+    Done,
+    /// A side failed (reset, or its tunnel broke): the other side must see a reset too, not a
+    /// clean end that makes a cut transfer look complete.
+    Failed(io::Error),
+    /// The agent's shutdown cut it.
+    Aborted,
+}
+
+impl Ended {
+    /// Whether every byte reached its end: otherwise the sides are reset.
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Self::Done)
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done => f.write_str("ok"),
+            Self::Failed(e) => write!(f, "ended with an error: {e}"),
+            Self::Aborted => f.write_str("closed by the agent's shutdown"),
+        }
+    }
+}
+
 /// Copies both ways like [`bidirectional`] until both sides are done or `abort` is
-/// cancelled; says how it ended, for the access log.
-pub async fn until_done<A, B>(a: &mut A, b: &mut B, abort: &CancellationToken) -> String
+/// cancelled; says how it ended.
+pub async fn until_done<A, B>(a: &mut A, b: &mut B, abort: &CancellationToken) -> Ended
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     tokio::select! {
         copied = bidirectional(a, b) => match copied {
-            Ok(_) => "ok".to_owned(),
-            Err(e) => format!("ended with an error: {e}"),
+            Ok(_) => Ended::Done,
+            Err(e) => Ended::Failed(e),
         },
-        () = abort.cancelled() => "closed by the agent's shutdown".to_owned(),
+        () = abort.cancelled() => Ended::Aborted,
     }
 }
 

@@ -199,7 +199,10 @@ impl Inbound {
                 };
                 let record = Connection::open(labels, peer, target);
                 let outcome = copy::until_done(&mut tunnel, &mut pod, &abort).await;
-                record.close(&tunnel, &outcome);
+                if !outcome.is_complete() {
+                    system::reset_on_close(&pod);
+                }
+                record.close(&tunnel, &outcome.to_string());
             }
             .instrument(span),
         );

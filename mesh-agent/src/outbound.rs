@@ -116,13 +116,21 @@ impl Outbound {
                 if let Err(e) = pod.set_nodelay(true) {
                     debug!("cannot set TCP_NODELAY: {e}");
                 }
-                copy::until_done(&mut client, &mut pod, &self.abort).await
+                let outcome = copy::until_done(&mut client, &mut pod, &self.abort).await;
+                if !outcome.is_complete() {
+                    system::reset_on_close(&pod);
+                }
+                outcome
             }
+            // A tunnel stream dropped before its end is reset (RST_STREAM) by HTTP/2 itself.
             Upstream::Tunnel(mut tunnel) => {
                 copy::until_done(&mut client, &mut tunnel, &self.abort).await
             }
         };
-        record.close(&client, &outcome);
+        if !outcome.is_complete() {
+            system::reset_on_close(client.get_ref());
+        }
+        record.close(&client, &outcome.to_string());
     }
 
     /// Connects to the route's destination; for a service, tries up to [`MAX_ATTEMPTS`]

@@ -55,6 +55,14 @@ pub async fn accept(
     }
 }
 
+/// Makes closing `stream` send a reset (SO_LINGER 0) instead of a clean end: how a proxied
+/// connection whose other side failed tells its app that the transfer was cut.
+pub fn reset_on_close(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO)) {
+        warn!("cannot make a connection close with a reset: {e}");
+    }
+}
+
 /// Fails unless the agent runs as root (it loads eBPF programs and attaches them to cgroups).
 pub fn require_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions.

@@ -468,6 +468,11 @@ impl Lab {
         })
     }
 
+    /// What the `mesh-testpod` processes of `pod` wrote to their error output.
+    pub fn pod_log(&self, pod: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("pod-{pod}.log"))).unwrap_or_default()
+    }
+
     /// Starts `mesh-testpod args` in `pod` and waits until it prints `ready`.
     pub fn spawn(&self, pod: &str, args: &[&str]) -> Result<Running> {
         spawn_ready(
@@ -709,6 +714,13 @@ impl Agent {
     /// Sends SIGTERM.
     pub fn terminate(&self) -> Result<()> {
         signal(self.pid(), libc::SIGTERM)
+    }
+
+    /// Kills the agent at once (SIGKILL), as a crash would, and reaps it.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     /// Waits for the agent to exit (at most [`EXIT_LIMIT`]; then it is killed).

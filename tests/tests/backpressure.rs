@@ -151,7 +151,12 @@ fn a_non_blocking_writer_gets_eagain_never_enomem() {
             .lab
             .run(
                 "client",
-                &["flood", "--connect", &addr(&r.lab, server, HOLD_PORT)],
+                &[
+                    "flood",
+                    "--nonblocking",
+                    "--connect",
+                    &addr(&r.lab, server, HOLD_PORT),
+                ],
             )
             .unwrap();
         assert_eq!(out.field("flood"), "EAGAIN", "to {server}: {}", out.stdout);

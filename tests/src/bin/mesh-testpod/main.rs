@@ -62,13 +62,16 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
     },
-    /// A non-blocking writer: writes to a `--hold` server until a write fails, at most
-    /// `limit` bytes; prints `flood=<EAGAIN or the error> written=<bytes>`.
+    /// A writer: prints `ready` once connected, then writes until a write fails, at most
+    /// `limit` bytes; prints `flood=<EAGAIN, the error or limit> written=<bytes>`.
     Flood {
         #[arg(long)]
         connect: SocketAddr,
         #[arg(long, default_value_t = 1 << 30)]
         limit: u64,
+        /// Non-blocking writes: the first that would block ends it (`EAGAIN`).
+        #[arg(long)]
+        nonblocking: bool,
     },
     /// Sends `bytes` bytes of a pattern through an echo server and checks that they come back.
     Echo {
@@ -176,7 +179,11 @@ async fn run(cmd: Cmd) -> Result<()> {
             bytes,
             pause_ms,
         } => download(connect, bytes, Duration::from_millis(pause_ms)).await,
-        Cmd::Flood { connect, limit } => flood(connect, limit),
+        Cmd::Flood {
+            connect,
+            limit,
+            nonblocking,
+        } => flood(connect, limit, nonblocking),
         Cmd::Bench(bench) => bench.run().await,
         Cmd::Echo {
             connect,
@@ -332,10 +339,11 @@ async fn download(addr: SocketAddr, bytes: u64, pause: Duration) -> Result<()> {
 }
 
 /// See `Cmd::Flood`.
-fn flood(addr: SocketAddr, limit: u64) -> Result<()> {
+fn flood(addr: SocketAddr, limit: u64, nonblocking: bool) -> Result<()> {
     use std::io::Write;
     let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_nonblocking(true)?;
+    stream.set_nonblocking(nonblocking)?;
+    println!("ready");
     let buf = vec![7u8; CHUNK];
     let mut written = 0u64;
     let outcome = loop {

@@ -29,6 +29,7 @@ use crate::{
     identity::FileCa,
     inbound::Inbound,
     kubernetes::watch::ClusterWatch,
+    liveness::Liveness,
     metrics,
     outbound::Outbound,
     reload,
@@ -50,6 +51,8 @@ pub struct RunOptions {
     pub keep_pins: bool,
     /// How long connections may go on after SIGTERM before they are closed.
     pub grace_period: Duration,
+    /// How tunnel connections find out that their peer is gone.
+    pub liveness: Liveness,
     /// Most verbose level of the eBPF programs' own log.
     pub ebpf_log_level: aya_log::Level,
     /// Attach the sk_msg shortcut (off only to measure what it saves).
@@ -141,7 +144,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let abort = CancellationToken::new();
         let outbound = Outbound {
             routes: routes_rx.clone(),
-            tunnels: Arc::new(Tunnels::new(certificates)),
+            tunnels: Arc::new(Tunnels::new(certificates, opts.liveness)),
             tracker: tracker.clone(),
             stop: stop.clone(),
             abort: abort.clone(),
@@ -153,6 +156,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             stop: stop.clone(),
             abort: abort.clone(),
             refused: Arc::default(),
+            liveness: opts.liveness,
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));

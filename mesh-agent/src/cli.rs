@@ -54,6 +54,10 @@ pub enum Command {
         /// Seconds open connections may go on after SIGTERM before they are closed.
         #[arg(long, default_value_t = 10)]
         grace_period: u64,
+        /// Seconds between HTTP/2 pings on every tunnel connection; a peer that answers none
+        /// within as long again is taken for dead, and its connection and streams are closed.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        tunnel_keepalive: u64,
         /// Leave the sk_msg shortcut off: same-node traffic goes through TCP/IP (to measure
         /// what the shortcut saves).
         #[arg(long)]

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -31,6 +31,7 @@ use crate::{
     access::{Connection, Metered},
     copy,
     identity::SpiffeId,
+    liveness::{FirstByteWithin, Liveness},
     metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
     outbound::CONNECT_TIMEOUT,
     routing::Routes,
@@ -39,6 +40,8 @@ use crate::{
 
 /// How long a peer may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an authenticated peer may take to start HTTP/2 (send its preface).
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every inbound connection needs.
 #[derive(Clone)]
@@ -52,6 +55,7 @@ pub struct Inbound {
     pub abort: CancellationToken,
     /// Peers refused so far; each refusal's log line carries the total.
     pub refused: Arc<AtomicU64>,
+    pub liveness: Liveness,
 }
 
 impl Inbound {
@@ -69,9 +73,7 @@ impl Inbound {
     }
 
     async fn serve_peer(self, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            debug!("cannot set TCP_NODELAY: {e}");
-        }
+        self.liveness.tune(&tcp);
         let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return self.refuse(tls::failure_reason(&e), e),
@@ -90,12 +92,18 @@ impl Inbound {
             service_fn(move |request| this.clone().connect(request, caller.clone(), peer))
         };
         let connection = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.liveness.ping_interval)
+            .keep_alive_timeout(self.liveness.ping_timeout)
             .max_concurrent_streams(tunnel::MAX_STREAMS_PER_CONNECTION)
             .initial_stream_window_size(tunnel::STREAM_WINDOW)
             .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
             .max_frame_size(tunnel::MAX_FRAME)
             .max_send_buf_size(tunnel::SEND_BUFFER)
-            .serve_connection(TokioIo::new(tls), service);
+            .serve_connection(
+                TokioIo::new(FirstByteWithin::new(tls, PREFACE_TIMEOUT)),
+                service,
+            );
         tokio::pin!(connection);
         let served = tokio::select! {
             served = connection.as_mut() => served,

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod identity;
 pub mod inbound;
 pub mod kubernetes;
+pub mod liveness;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;

@@ -7,6 +7,7 @@ use mesh_agent::{
     cli::{Cli, Command, LogFormat},
     datapath::{self, Datapath},
     identity::FileCa,
+    liveness::Liveness,
     system,
 };
 use tracing::level_filters::LevelFilter;
@@ -44,6 +45,7 @@ fn run(cli: Cli) -> Result<()> {
             cgroup,
             keep_pins,
             grace_period,
+            tunnel_keepalive,
             no_sk_msg,
         } => tokio::runtime::Runtime::new()?.block_on(agent::run(RunOptions {
             config,
@@ -54,6 +56,7 @@ fn run(cli: Cli) -> Result<()> {
             cgroup,
             keep_pins,
             grace_period: Duration::from_secs(grace_period),
+            liveness: Liveness::every(Duration::from_secs(tunnel_keepalive)),
             ebpf_log_level,
             sk_msg: !no_sk_msg,
             log_filter,

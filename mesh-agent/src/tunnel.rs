@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::{client::conn::http2, upgrade::Upgraded};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
@@ -33,6 +33,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::{
     certificates::Certificates,
     identity::SpiffeId,
+    liveness::Liveness,
     metrics::{HandshakeLabels, PeerLabels, metrics},
     tls,
 };
@@ -94,13 +95,15 @@ type Pool = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 /// Pooled tunnel connections to peer agents.
 pub struct Tunnels {
     certificates: Arc<Certificates>,
+    liveness: Liveness,
     pools: Mutex<HashMap<(SpiffeId, SocketAddr), Pool>>,
 }
 
 impl Tunnels {
-    pub fn new(certificates: Arc<Certificates>) -> Self {
+    pub fn new(certificates: Arc<Certificates>, liveness: Liveness) -> Self {
         Self {
             certificates,
+            liveness,
             pools: Mutex::new(HashMap::new()),
         }
     }
@@ -166,7 +169,7 @@ impl Tunnels {
                     .certificates
                     .client_config(source)
                     .ok_or_else(|| TunnelError::NoCertificate(source.clone()))?;
-                let sender = dial(config, agent, peer).await?;
+                let sender = dial(config, agent, peer, self.liveness).await?;
                 debug!(%source, %agent, pooled = conns.len() + 1, "tunnel connection opened");
                 conns.push(Pooled {
                     sender,
@@ -192,13 +195,12 @@ async fn dial(
     config: Arc<rustls::ClientConfig>,
     agent: SocketAddr,
     peer: &PeerLabels,
+    liveness: Liveness,
 ) -> Result<Sender, TunnelError> {
     let tcp = TcpStream::connect(agent)
         .await
         .map_err(|source| TunnelError::Connect { agent, source })?;
-    if let Err(e) = tcp.set_nodelay(true) {
-        debug!("cannot set TCP_NODELAY: {e}");
-    }
+    liveness.tune(&tcp);
     let tls = TlsConnector::from(config)
         .connect(ServerName::IpAddress(agent.ip().into()), tcp)
         .await
@@ -214,6 +216,10 @@ async fn dial(
             TunnelError::Tls { agent, source }
         })?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(liveness.ping_interval)
+        .keep_alive_timeout(liveness.ping_timeout)
+        .keep_alive_while_idle(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)

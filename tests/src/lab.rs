@@ -468,6 +468,18 @@ impl Lab {
         })
     }
 
+    /// Takes `node` off the network between the nodes, or puts it back: its port on the
+    /// switch goes down, and what is sent to it vanishes without a FIN or a reset, as when a
+    /// node dies.
+    pub fn set_node_link(&self, node: &str, up: bool) -> Result<()> {
+        let k = self.node_index(node)?;
+        let state = if up { "up" } else { "down" };
+        ip_in(
+            &self.netns_name("switch"),
+            &["link", "set", &format!("n{k}"), state],
+        )
+    }
+
     /// What the `mesh-testpod` processes of `pod` wrote to their error output.
     pub fn pod_log(&self, pod: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("pod-{pod}.log"))).unwrap_or_default()
@@ -539,10 +551,12 @@ impl Lab {
     /// Runs `program args` (a stock client such as iperf3) in `pod` to its end; its status
     /// and output are the caller's to judge.
     pub fn run_program(&self, pod: &str, program: &str, args: &[&str]) -> Result<Output> {
-        let mut cmd = Command::new(program);
-        cmd.args(args);
-        self.pod_placement(pod)?.apply(&mut cmd)?;
-        output(cmd)
+        run_program_at(self.pod_placement(pod)?, program, args)
+    }
+
+    /// Like [`Lab::run_program`], on `node` itself.
+    pub fn run_program_on_node(&self, node: &str, program: &str, args: &[&str]) -> Result<Output> {
+        run_program_at(self.placement(node, "host")?, program, args)
     }
 
     /// An HTTP/1.1 request of `url` with `method`, from `node` itself (`mesh-testpod get`).
@@ -836,6 +850,13 @@ fn run_placed(placement: Placement, place: &str, args: &[&str]) -> Result<Output
         );
     }
     Ok(out)
+}
+
+fn run_program_at(placement: Placement, program: &str, args: &[&str]) -> Result<Output> {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    placement.apply(&mut cmd)?;
+    output(cmd)
 }
 
 /// Runs `cmd` to its end, at most [`EXIT_LIMIT`] (then it is killed and this fails).

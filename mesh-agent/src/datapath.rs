@@ -33,7 +33,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 /// The agent's outbound listener port, where captured connects go.
 pub const OUTBOUND_PORT: u16 = 15001;
 
-const CGROUP_PROGRAMS: [&str; 3] = ["mesh_connect4", "mesh_connect6", "mesh_sockops"];
+const CGROUP_PROGRAMS: [&str; 5] = [
+    "mesh_connect4",
+    "mesh_connect6",
+    "mesh_getpeername4",
+    "mesh_getpeername6",
+    "mesh_sockops",
+];
 
 /// The directory holding a node's pins.
 pub fn pin_dir(node: &str) -> PathBuf {

@@ -3,6 +3,8 @@
 //! - `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP connect
 //!   from an enrolled cgroup to a destination the mesh owns is rewritten to the agent's
 //!   outbound listener; the original destination is kept under the socket cookie.
+//! - `mesh_getpeername4` / `mesh_getpeername6` (`cgroup/getpeername*`): a captured socket
+//!   reports the address its app dialled, not the agent's.
 //! - `mesh_sockops` (`sock_ops`): when a captured connect is established, its original
 //!   destination moves to a map keyed by the client's address and port (what the agent sees
 //!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH.
@@ -54,7 +56,9 @@ static OWNED_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(4096, 0);
 #[map]
 static AGENT: Array<AgentListener> = Array::pinned(1, 0);
 
-/// Original destination of a captured connect, by socket cookie, until it is established.
+/// Original destination of a captured connect, by socket cookie, for the socket's life: the
+/// agent gets it through `ORIG_DST_BY_CLIENT`, `getpeername` reports it. Cookies are never
+/// reused, so a closed socket's entry only waits for eviction.
 #[map]
 static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65_536, 0);
 
@@ -223,6 +227,37 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
     }
 }
 
+/// The original destination of the socket `ctx` is about, if it was captured.
+#[inline(always)]
+fn dialled(ctx: &SockAddrContext) -> Option<SockAddr> {
+    // SAFETY: `bpf_get_socket_cookie` accepts the sock_addr context; the value is copied.
+    unsafe { ORIG_DST_BY_COOKIE.get(bpf_get_socket_cookie(ctx.as_ptr())) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = dialled(&ctx)
+        && let Some(ip) = ipv4_unmapped(&dst.addr)
+    {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = u32::from_ne_bytes(ip);
+        sa.user_port = u32::from(dst.port.to_be());
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(dst) = dialled(&ctx) {
+        // SAFETY: the context pointer is valid for the program's run.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6 = addr_to_words(&dst.addr);
+        sa.user_port = u32::from(dst.port.to_be());
+    }
+    ALLOW
+}
+
 #[inline(always)]
 fn words_to_addr(words: [u32; 4]) -> Addr {
     let mut addr = [0u8; 16];
@@ -371,7 +406,6 @@ fn hand_over_orig_dst(ctx: &SockOpsContext, pair: &SockPair) -> bool {
     let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
         return false;
     };
-    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
     if ORIG_DST_BY_CLIENT.insert(pair.local, dst, 0).is_err() {
         error!(ctx, "sock_ops: cannot record original destination");
         return false;

@@ -135,6 +135,9 @@ fn iperf3_upload_and_download_with_four_streams_on_one_node_and_across() {
                 out.stdout
             );
             let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            // iperf3 sees the server it dialled, not the agent (getpeername).
+            let remote = report["start"]["connected"][0]["remote_host"].as_str();
+            assert_eq!(remote, Some(ip.to_string().as_str()), "{what}");
             let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
             assert!(received > 0, "{what} moved nothing: {}", out.stdout);
             eprintln!("{what}: {received} bytes received");

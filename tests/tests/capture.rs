@@ -120,6 +120,28 @@ fn connects_outside_the_mesh_are_not_touched() {
 }
 
 #[test]
+fn a_captured_socket_reports_the_address_its_app_dialled() {
+    let lab = Lab::new(one_node()).unwrap();
+    let _agent = lab.start_agent("n1", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let (backend4, _) = lab.pod_addrs("backend").unwrap();
+    let mapped = format!("[::ffff:{VIP4}]:80");
+    let pod = format!("{backend4}:8080");
+    for dialled in [format!("{VIP4}:80"), format!("[{VIP6}]:80"), mapped, pod] {
+        let out = lab.run("client", &["connect", "--addr", &dialled]).unwrap();
+        assert_eq!(out.field("connect"), "ok");
+        let peer: SocketAddr = out.field("peer").parse().unwrap();
+        assert_eq!(
+            peer,
+            dialled.parse().unwrap(),
+            "getpeername after {dialled}"
+        );
+    }
+}
+
+#[test]
 fn sk_msg_shortcut_carries_the_app_agent_bytes() {
     let lab = Lab::new(one_node()).unwrap();
     let agent = lab.start_agent("n1", &[]).unwrap();

@@ -120,7 +120,8 @@ enum Cmd {
     /// Load for the benchmark: request/response latency, bulk throughput or new connections
     /// per second against a `serve` server.
     Bench(bench::Bench),
-    /// Tries one connect and prints `connect=ok` or `connect=<error kind>`.
+    /// Tries one connect and prints `connect=ok peer=<getpeername>` or
+    /// `connect=<error kind>`.
     Connect {
         #[arg(long)]
         addr: SocketAddr,
@@ -211,7 +212,7 @@ async fn run(cmd: Cmd) -> Result<()> {
         Cmd::Get { url, method } => get(&url, &method).await,
         Cmd::Connect { addr } => {
             match TcpStream::connect(addr).await {
-                Ok(_) => println!("connect=ok"),
+                Ok(stream) => println!("connect=ok peer={}", stream.peer_addr()?),
                 Err(e) => println!("connect={:?}", e.kind()),
             }
             Ok(())

@@ -25,7 +25,7 @@ use crate::{
     balance::EndpointStates,
     certificates::Certificates,
     config::{ClusterSettings, Config, Name},
-    datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT},
+    datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT, workload_cgroups},
     identity::FileCa,
     inbound::Inbound,
     kubernetes::watch::ClusterWatch,
@@ -99,7 +99,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     ));
     let server_tls = certificates.server_config()?;
     let states = Arc::new(EndpointStates::default());
-    let routes = Routes::new(&config, &states);
+    let cgroups = workload_cgroups(&config, &cgroup_mount);
+    let routes = Routes::new(&config, &states, &cgroups);
     certificates.hold(&routes.identities())?;
 
     let node = config.node.name.as_str();
@@ -114,7 +115,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
 
     let served = async {
-        state.sync(&config, &cgroup_mount)?;
+        state.sync(&config, &cgroups)?;
         let (routes, routes_rx) = watch::channel(Arc::new(routes));
         let running = reload::Running {
             state,

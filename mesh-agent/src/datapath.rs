@@ -20,8 +20,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
 };
 use mesh_common::{
-    Addr, AgentListener, Counter, KernelLayout, SET_MEMBER, SockAddr, SockPair, ipv4_mapped,
-    ipv4_unmapped,
+    Addr, AgentListener, Captured, Counter, KernelLayout, SET_MEMBER, SockAddr, SockPair,
+    ipv4_mapped, ipv4_unmapped,
 };
 use tracing::{debug, info, warn};
 
@@ -158,7 +158,7 @@ fn load_and_attach(
             owned_cidrs: take_map(&mut ebpf, "OWNED_CIDRS")?,
             agent: take_map(&mut ebpf, "AGENT")?,
         },
-        orig_dst: OrigDstTable(take_map(&mut ebpf, "ORIG_DST_BY_CLIENT")?),
+        orig_dst: OrigDstTable(take_map(&mut ebpf, "CAPTURED_BY_CLIENT")?),
         logger,
         datapath: Datapath {
             _ebpf: ebpf,
@@ -276,7 +276,8 @@ pub struct StateMaps {
 impl StateMaps {
     /// Makes the maps match `config`: adds what is new, removes what is gone.
     /// `cgroup_mount` is where the workloads' cgroup paths start.
-    pub fn sync(&mut self, config: &Config, cgroup_mount: &Path) -> Result<()> {
+    /// `cgroups` are the workloads' cgroup ids ([`workload_cgroups`]).
+    pub fn sync(&mut self, config: &Config, cgroups: &[Option<u64>]) -> Result<()> {
         let listener = AgentListener {
             ipv4: config.node.ipv4().map_or([0; 4], |a| a.octets()),
             ipv6: config.node.ipv6().map_or([0; 16], |a| a.octets()),
@@ -286,20 +287,7 @@ impl StateMaps {
         };
         self.agent.set(0, listener, 0).context("cannot set AGENT")?;
 
-        let mut enrolled = HashSet::new();
-        for w in &config.workloads {
-            let dir = w.cgroup.under(cgroup_mount);
-            match cgroup_id(&dir) {
-                Ok(id) => {
-                    enrolled.insert(id);
-                }
-                Err(e) => warn!(
-                    workload = %format!("{}/{}", w.namespace, w.name),
-                    cgroup = %dir.display(),
-                    "not enrolled: {e}"
-                ),
-            }
-        }
+        let enrolled: HashSet<u64> = cgroups.iter().flatten().copied().collect();
         sync_set(&mut self.enrolled, &enrolled, "ENROLLED")?;
 
         let services: HashSet<SockAddr> = config
@@ -362,6 +350,27 @@ fn sync_set<K: Pod + Eq + Hash>(
     Ok(())
 }
 
+/// The cgroup id of each of `config`'s workloads, in order; `None` (logged) for a workload
+/// whose cgroup is not there: it is not enrolled. `cgroup_mount` is where their paths start.
+pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>> {
+    config
+        .workloads
+        .iter()
+        .map(|w| {
+            let dir = w.cgroup.under(cgroup_mount);
+            cgroup_id(&dir)
+                .inspect_err(|e| {
+                    warn!(
+                        workload = %format!("{}/{}", w.namespace, w.name),
+                        cgroup = %dir.display(),
+                        "not enrolled: {e}"
+                    );
+                })
+                .ok()
+        })
+        .collect()
+}
+
 /// The id the kernel gives a cgroup v2 directory: its inode number.
 fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -386,18 +395,30 @@ pub fn socket_addr(addr: &SockAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port)
 }
 
-/// Original destinations of captured connections, by the client's address.
-pub struct OrigDstTable(HashMap<MapData, SockAddr, SockAddr>);
+/// What the kernel recorded of a captured connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturedConnect {
+    /// Where its app meant to go.
+    pub dst: SocketAddr,
+    /// The enrolled cgroup it came from.
+    pub cgroup: u64,
+}
+
+/// Captured connections, by the client's address.
+pub struct OrigDstTable(HashMap<MapData, SockAddr, Captured>);
 
 impl OrigDstTable {
-    /// Takes (returns and forgets) the original destination of the connection from `client`.
-    pub fn take(&mut self, client: SocketAddr) -> Option<SocketAddr> {
+    /// Takes (returns and forgets) what was captured of the connection from `client`.
+    pub fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
         let key = sock_addr(client);
-        let dst = self.0.get(&key, 0).ok()?;
+        let captured = self.0.get(&key, 0).ok()?;
         if let Err(e) = self.0.remove(&key) {
             warn!(%client, "cannot forget an original destination: {e}");
         }
-        Some(socket_addr(&dst))
+        Some(CapturedConnect {
+            dst: socket_addr(&captured.dst),
+            cgroup: captured.cgroup,
+        })
     }
 }
 

@@ -49,14 +49,24 @@ impl Outbound {
     /// Accepts captured connections until `stop` is cancelled.
     pub async fn serve(self, listener: TcpListener, mut orig_dst: OrigDstTable) {
         while let Some((client, peer)) = system::accept(&listener, &self.stop).await {
-            let Some(dst) = orig_dst.take(peer) else {
+            let Some(captured) = orig_dst.take(peer) else {
                 count_refusal("not_captured");
                 warn!(%peer, "closing a connection that was not captured (no original destination)");
                 continue;
             };
+            let dst = captured.dst;
             let (route, source) = {
                 let routes = self.routes.borrow();
-                (routes.route(dst), routes.workload_at(peer.ip()).cloned())
+                (routes.route(dst), routes.caller(peer.ip(), captured.cgroup))
+            };
+            let source = match source {
+                Ok(source) => source,
+                Err(e) => {
+                    count_refusal("caller_mismatch");
+                    warn!(%peer, %dst, "closing a captured connection: {e}");
+                    system::reset_on_close(&client);
+                    continue;
+                }
             };
             let route = match route {
                 Ok(route) => route,

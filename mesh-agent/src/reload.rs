@@ -16,7 +16,7 @@ use crate::{
     balance::EndpointStates,
     certificates::Certificates,
     config::Config,
-    datapath::StateMaps,
+    datapath::{StateMaps, workload_cgroups},
     metrics::{ResultLabels, metrics},
     routing::Routes,
     system,
@@ -90,12 +90,13 @@ impl Running {
             ));
             return;
         }
-        let routes = Routes::new(&new, &self.states);
+        let cgroups = workload_cgroups(&new, &self.cgroup_mount);
+        let routes = Routes::new(&new, &self.states, &cgroups);
         if let Err(e) = self.certificates.hold(&routes.identities()) {
             rejected(&format!("{e:#}"));
             return;
         }
-        if let Err(e) = self.state.sync(&new, &self.cgroup_mount) {
+        if let Err(e) = self.state.sync(&new, &cgroups) {
             warn!("config change only partly applied to the eBPF maps: {e:#}");
         }
         self.routes.send_replace(Arc::new(routes));

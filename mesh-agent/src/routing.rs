@@ -23,8 +23,10 @@ pub struct Routes {
     services: HashMap<SocketAddr, Arc<ServicePort>>,
     local_pods: Vec<IpNet>,
     peer_pods: Vec<(IpNet, Hop)>,
-    /// Local workloads by address: who is calling, or being called.
+    /// Local workloads by address: who is being called, and who claims to call.
     workloads: HashMap<IpAddr, Arc<LocalWorkload>>,
+    /// Local workloads by cgroup id: who is calling.
+    by_cgroup: HashMap<u64, Arc<LocalWorkload>>,
     /// What the table was built from.
     config: Config,
 }
@@ -80,6 +82,19 @@ pub enum Route {
     Pod { target: SocketAddr, hop: Hop },
 }
 
+/// A caller whose source address and cgroup name different workloads (or only one names any).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "the connection from {addr} comes from the cgroup of {} but its address is {}",
+    by_cgroup.as_deref().unwrap_or("no workload"),
+    by_address.as_deref().map_or("no workload's".to_owned(), |w| format!("{w}'s"))
+)]
+pub struct CallerMismatch {
+    pub addr: IpAddr,
+    pub by_cgroup: Option<String>,
+    pub by_address: Option<String>,
+}
+
 /// Why a captured connection has nowhere to go.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NoRoute {
@@ -90,8 +105,9 @@ pub enum NoRoute {
 }
 
 impl Routes {
-    /// The table of `config`; endpoints keep their load and health from `states`.
-    pub fn new(config: &Config, states: &EndpointStates) -> Self {
+    /// The table of `config`; endpoints keep their load and health from `states`; `cgroups`
+    /// are the workloads' cgroup ids, in order (see `datapath::workload_cgroups`).
+    pub fn new(config: &Config, states: &EndpointStates, cgroups: &[Option<u64>]) -> Self {
         // One per node, shared by its endpoints and pod CIDRs.
         let node_hops: HashMap<&str, Hop> = std::iter::once(&config.node)
             .chain(&config.peers)
@@ -131,22 +147,26 @@ impl Routes {
             }
         }
         states.prune();
-        let workloads = config
-            .workloads
-            .iter()
-            .flat_map(|w| {
-                let workload = Arc::new(LocalWorkload {
-                    name: w.name.to_string(),
-                    namespace: w.namespace.to_string(),
-                    id: SpiffeId::workload(
-                        config.trust_domain.as_str(),
-                        w.namespace.as_str(),
-                        w.service_account.as_str(),
-                    ),
-                });
-                w.addresses.iter().map(move |a| (*a, workload.clone()))
-            })
-            .collect();
+        let mut workloads = HashMap::new();
+        let mut by_cgroup = HashMap::new();
+        let ids = cgroups.iter().copied().chain(std::iter::repeat(None));
+        for (w, cgroup) in config.workloads.iter().zip(ids) {
+            let workload = Arc::new(LocalWorkload {
+                name: w.name.to_string(),
+                namespace: w.namespace.to_string(),
+                id: SpiffeId::workload(
+                    config.trust_domain.as_str(),
+                    w.namespace.as_str(),
+                    w.service_account.as_str(),
+                ),
+            });
+            if let Some(id) = cgroup {
+                by_cgroup.insert(id, workload.clone());
+            }
+            for a in &w.addresses {
+                workloads.insert(*a, workload.clone());
+            }
+        }
         Self {
             services,
             local_pods: config.node.pod_cidrs.clone(),
@@ -157,6 +177,7 @@ impl Routes {
                 .flat_map(|(p, hop)| p.pod_cidrs.iter().map(move |c| (*c, hop.clone())))
                 .collect(),
             workloads,
+            by_cgroup,
             config: config.clone(),
         }
     }
@@ -203,6 +224,27 @@ impl Routes {
         self.workloads.get(&addr.to_canonical())
     }
 
+    /// Who calls from `addr` in the enrolled cgroup `cgroup`: the workload of that cgroup,
+    /// which must also be the one with that address. A pod that took another's address (or
+    /// an address no workload has) is refused rather than given the other's identity.
+    pub fn caller(
+        &self,
+        addr: IpAddr,
+        cgroup: u64,
+    ) -> Result<Option<Arc<LocalWorkload>>, CallerMismatch> {
+        let by_cgroup = self.by_cgroup.get(&cgroup);
+        let by_address = self.workload_at(addr);
+        match (by_cgroup, by_address) {
+            (None, None) => Ok(None),
+            (Some(w), Some(a)) if Arc::ptr_eq(w, a) => Ok(Some(w.clone())),
+            (w, a) => Err(CallerMismatch {
+                addr: addr.to_canonical(),
+                by_cgroup: w.map(|w| format!("{}/{}", w.namespace, w.name)),
+                by_address: a.map(|a| format!("{}/{}", a.namespace, a.name)),
+            }),
+        }
+    }
+
     /// Every local workload identity.
     pub fn identities(&self) -> BTreeSet<SpiffeId> {
         self.workloads.values().map(|w| w.id.clone()).collect()
@@ -237,8 +279,10 @@ services:
 ",
         )
         .unwrap();
-        Routes::new(&config, &EndpointStates::default())
+        Routes::new(&config, &EndpointStates::default(), &[Some(WEB_CGROUP)])
     }
+
+    const WEB_CGROUP: u64 = 4242;
 
     fn service(r: &Routes, dst: &str) -> Arc<ServicePort> {
         match r.route(dst.parse().unwrap()) {
@@ -297,6 +341,37 @@ services:
         );
         assert_eq!(at("198.18.1.2"), None);
         assert_eq!(r.identities().into_iter().collect::<Vec<_>>(), vec![web]);
+    }
+
+    #[test]
+    fn a_caller_is_who_its_cgroup_says_if_its_address_agrees() {
+        let r = routes();
+        let caller = |addr: &str, cgroup| {
+            r.caller(addr.parse().unwrap(), cgroup)
+                .map(|w| w.map(|w| w.name.clone()))
+        };
+        let mismatch = |by_cgroup: Option<&str>, by_address: Option<&str>| CallerMismatch {
+            addr: "198.18.1.7".parse().unwrap(),
+            by_cgroup: by_cgroup.map(String::from),
+            by_address: by_address.map(String::from),
+        };
+        // The same workload by cgroup and by address, in either address family form.
+        assert_eq!(caller("198.18.1.9", WEB_CGROUP), Ok(Some("web-0".into())));
+        assert_eq!(
+            caller("::ffff:198.18.1.9", WEB_CGROUP),
+            Ok(Some("web-0".into()))
+        );
+        // Neither knows it: no workload, no identity.
+        assert_eq!(caller("198.18.1.7", 1), Ok(None));
+        // web-0's cgroup with an address that is not web-0's: it changed its address.
+        assert_eq!(
+            caller("198.18.1.7", WEB_CGROUP),
+            Err(mismatch(Some("shop/web-0"), None))
+        );
+        // web-0's address from another cgroup: another pod took web-0's address.
+        let spoofed = r.caller("198.18.1.9".parse().unwrap(), 1).unwrap_err();
+        assert_eq!(spoofed.by_cgroup, None);
+        assert_eq!(spoofed.by_address.as_deref(), Some("shop/web-0"));
     }
 
     #[test]

@@ -73,6 +73,17 @@ impl SockPair {
     }
 }
 
+/// A captured connect: where its app meant to go, and the enrolled cgroup it came from (the
+/// pod's, an ancestor of the task's own), which says who is calling whatever the source
+/// address claims.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Captured {
+    pub cgroup: u64,
+    pub dst: SockAddr,
+    pub _pad: u32,
+}
+
 /// Where captured connects are sent: the agent's outbound listener.
 ///
 /// Held at index 0 of the `AGENT` array. A family whose flag is zero is not captured, so an
@@ -196,6 +207,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockPair {}
     unsafe impl aya::Pod for super::AgentListener {}
     unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::Captured {}
 }
 
 #[cfg(test)]
@@ -217,6 +229,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SockPair>(), 40);
         assert_eq!(core::mem::size_of::<AgentListener>(), 24);
         assert_eq!(core::mem::size_of::<KernelLayout>(), 24);
+        assert_eq!(core::mem::size_of::<Captured>(), 32);
     }
 
     #[test]

@@ -28,8 +28,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
-    Addr, AgentListener, COUNTER_SLOTS, Counter, KernelLayout, MAX_CGROUP_DEPTH, SET_MEMBER,
-    SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair, ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, COUNTER_SLOTS, Captured, Counter, KernelLayout, MAX_CGROUP_DEPTH,
+    SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair, ipv4_mapped,
+    ipv4_unmapped,
 };
 
 const AF_INET: u32 = 2;
@@ -56,16 +57,16 @@ static OWNED_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(4096, 0);
 #[map]
 static AGENT: Array<AgentListener> = Array::pinned(1, 0);
 
-/// Original destination of a captured connect, by socket cookie, for the socket's life: the
-/// agent gets it through `ORIG_DST_BY_CLIENT`, `getpeername` reports it. Cookies are never
-/// reused, so a closed socket's entry only waits for eviction.
+/// A captured connect (original destination and enrolled cgroup), by socket cookie, for the
+/// socket's life: the agent gets it through `CAPTURED_BY_CLIENT`, `getpeername` reports its
+/// destination. Cookies are never reused, so a closed socket's entry only waits for eviction.
 #[map]
-static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65_536, 0);
+static CAPTURED_BY_COOKIE: LruHashMap<u64, Captured> = LruHashMap::pinned(65_536, 0);
 
-/// Original destination of an established captured connection, by the client's address and
-/// port; the agent takes (reads and deletes) it after `accept`.
+/// A captured connection once established, by the client's address and port; the agent takes
+/// (reads and deletes) it after `accept`.
 #[map]
-static ORIG_DST_BY_CLIENT: LruHashMap<SockAddr, SockAddr> = LruHashMap::pinned(65_536, 0);
+static CAPTURED_BY_CLIENT: LruHashMap<SockAddr, Captured> = LruHashMap::pinned(65_536, 0);
 
 /// Both ends of app↔agent connections, keyed by the connection as each socket sees it.
 #[map]
@@ -106,20 +107,20 @@ fn count(counter: Counter, by: u64) {
     }
 }
 
-/// Whether the current task's cgroup, or one of its ancestors, is enrolled.
+/// The enrolled cgroup of the current task: its own or its nearest enrolled ancestor's id.
 #[inline(always)]
-fn is_enrolled() -> bool {
+fn enrolled_cgroup() -> Option<u64> {
     for level in 1..=MAX_CGROUP_DEPTH {
         // SAFETY: plain helper call; returns 0 past the task's own cgroup.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
-            return false;
+            return None;
         }
         if unsafe { ENROLLED.get(id) }.is_some() {
-            return true;
+            return Some(id);
         }
     }
-    false
+    None
 }
 
 #[inline(always)]
@@ -134,12 +135,12 @@ fn agent() -> Option<&'static AgentListener> {
     AGENT.get(0)
 }
 
-/// Remembers `dst` as the original destination of the connecting socket; false if it can't.
+/// Remembers the connecting socket's capture; false if it can't.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, dst: &SockAddr) -> bool {
+fn remember(ctx: &SockAddrContext, captured: &Captured) -> bool {
     // SAFETY: `bpf_get_socket_cookie` accepts the sock_addr context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).is_ok()
+    CAPTURED_BY_COOKIE.insert(cookie, captured, 0).is_ok()
 }
 
 #[inline(always)]
@@ -162,11 +163,19 @@ enum Capture {
 /// connect would be rewritten to.
 #[inline(always)]
 fn capture(ctx: &SockAddrContext, dst: &SockAddr, family_ok: bool) -> Capture {
-    if !family_ok || !is_owned(dst) || !is_enrolled() {
-        count(Counter::ConnectsPassed, 1);
-        return Capture::No;
-    }
-    if !remember(ctx, dst) {
+    let cgroup = match enrolled_cgroup() {
+        Some(cgroup) if family_ok && is_owned(dst) => cgroup,
+        _ => {
+            count(Counter::ConnectsPassed, 1);
+            return Capture::No;
+        }
+    };
+    let captured = Captured {
+        cgroup,
+        dst: *dst,
+        _pad: 0,
+    };
+    if !remember(ctx, &captured) {
         error!(
             ctx,
             "cannot record an original destination; refusing the connect"
@@ -231,7 +240,7 @@ pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn dialled(ctx: &SockAddrContext) -> Option<SockAddr> {
     // SAFETY: `bpf_get_socket_cookie` accepts the sock_addr context; the value is copied.
-    unsafe { ORIG_DST_BY_COOKIE.get(bpf_get_socket_cookie(ctx.as_ptr())) }.copied()
+    unsafe { CAPTURED_BY_COOKIE.get(bpf_get_socket_cookie(ctx.as_ptr())) }.map(|c| c.dst)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -374,7 +383,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         return 0;
     };
     let shortcut = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        hand_over_orig_dst(&ctx, &pair)
+        hand_over_capture(&ctx, &pair)
     } else {
         is_agent_listener(&pair.local)
     };
@@ -396,17 +405,17 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     0
 }
 
-/// Moves a captured socket's original destination from its cookie to its client address;
+/// Copies a captured socket's record from its cookie to its client address;
 /// true if the socket was captured.
 #[inline(always)]
-fn hand_over_orig_dst(ctx: &SockOpsContext, pair: &SockPair) -> bool {
+fn hand_over_capture(ctx: &SockOpsContext, pair: &SockPair) -> bool {
     // SAFETY: `bpf_get_socket_cookie` accepts the sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(dst) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+    let Some(captured) = (unsafe { CAPTURED_BY_COOKIE.get(cookie) }).copied() else {
         return false;
     };
-    if ORIG_DST_BY_CLIENT.insert(pair.local, dst, 0).is_err() {
+    if CAPTURED_BY_CLIENT.insert(pair.local, captured, 0).is_err() {
         error!(ctx, "sock_ops: cannot record original destination");
         return false;
     }

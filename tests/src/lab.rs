@@ -480,6 +480,41 @@ impl Lab {
         )
     }
 
+    /// Moves `victim`'s IPv4 address to `thief`, which then uses it as the source of all its
+    /// connections: what a pod with NET_ADMIN in its namespace can do on a network without
+    /// anti-spoofing.
+    pub fn steal_address(&self, thief: &str, victim: &str) -> Result<()> {
+        let (stolen, _) = self.pod_addrs(victim)?;
+        let thief_node = &self
+            .spec
+            .pod_spec(thief)
+            .with_context(|| format!("no pod {thief}"))?
+            .node;
+        let (gw, _) = topology::pod_addrs(self.node_index(thief_node)?, 1);
+        let victim_ns = self.netns_name(victim);
+        let thief_ns = self.netns_name(thief);
+        ip_in(
+            &victim_ns,
+            &["addr", "del", &format!("{stolen}/24"), "dev", "eth0"],
+        )?;
+        ip_in(
+            &thief_ns,
+            &["addr", "add", &format!("{stolen}/32"), "dev", "eth0"],
+        )?;
+        ip_in(
+            &thief_ns,
+            &[
+                "route",
+                "replace",
+                "default",
+                "via",
+                &gw.to_string(),
+                "src",
+                &stolen.to_string(),
+            ],
+        )
+    }
+
     /// What the `mesh-testpod` processes of `pod` wrote to their error output.
     pub fn pod_log(&self, pod: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("pod-{pod}.log"))).unwrap_or_default()

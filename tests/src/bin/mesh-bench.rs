@@ -51,6 +51,8 @@ struct Scenario {
     figures: &'static [(&'static str, bool)],
     /// What the proxies' CPU time is reported per, if anything.
     cpu_per: Option<CpuPer>,
+    /// A bulk transfer to the path's sink runs meanwhile.
+    under_load: bool,
 }
 
 /// The unit of work the proxies' CPU time is divided by.
@@ -97,6 +99,11 @@ fn spec() -> LabSpec {
         .service(service("cross-sink", "198.19.0.4", 9090, "server-2"))
 }
 
+/// The round trips that share their path with a bulk transfer; compared with the same round
+/// trips idle (`rr 64 B, 1 connection`) as well as with the direct path.
+const UNDER_LOAD: &str = "rr 64 B, 1 connection, bulk transfer alongside";
+const IDLE: &str = "rr 64 B, 1 connection";
+
 fn scenarios(quick: bool) -> Vec<Scenario> {
     let (requests, bulk) = if quick {
         (200, 16u64 << 20)
@@ -119,6 +126,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         .to_vec(),
         figures: latency,
         cpu_per: None,
+        under_load: false,
     };
     let transfer = |name, mode: &str| Scenario {
         name,
@@ -130,9 +138,10 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         ],
         figures: &[("mib_per_second", true)],
         cpu_per: Some(CpuPer::Gib),
+        under_load: false,
     };
     vec![
-        rr("rr 64 B, 1 connection", 64, 1, requests),
+        rr(IDLE, 64, 1, requests),
         rr("rr 1 KiB, 1 connection", 1024, 1, requests),
         rr("rr 64 B, 64 connections", 64, 64, requests / 64 * 4),
         Scenario {
@@ -144,9 +153,28 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
                 .collect(),
             figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
             cpu_per: Some(CpuPer::Connection),
+            under_load: false,
         },
         transfer("bulk one way", "bulk-one"),
         transfer("bulk both ways", "bulk-both"),
+        Scenario {
+            under_load: true,
+            ..rr(UNDER_LOAD, 64, 1, requests / 4)
+        },
+        Scenario {
+            name: "paused reader",
+            args: vec![
+                "--mode".into(),
+                "paused-echo".into(),
+                "--bytes".into(),
+                (bulk / 4).to_string(),
+                "--pause-ms".into(),
+                if quick { "300" } else { "3000" }.into(),
+            ],
+            figures: &[("held_mib", false)],
+            cpu_per: None,
+            under_load: false,
+        },
     ]
 }
 
@@ -429,6 +457,9 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
     let cpu_before = cpu_seconds(&path.proxies)?;
     let mut args = vec!["bench", "--connect", target.as_str()];
     args.extend(scenario.args.iter().map(String::as_str));
+    if scenario.under_load {
+        args.extend(["--load", path.sink.as_str()]);
+    }
     let out = lab.run(path.client, &args)?;
     let cpu = cpu_seconds(&path.proxies)? - cpu_before;
     let mut figures: Vec<(String, f64, bool)> = scenario
@@ -466,6 +497,28 @@ fn baseline(results: &Results<'_>, scenario: &str, path: &Path, key: &str) -> Op
         .map(|(_, v, _)| *v)
 }
 
+/// For each path: the round trips' p50 with a bulk transfer alongside, and idle.
+fn under_load_ratios(results: &Results<'_>) -> Vec<(&'static str, f64, f64)> {
+    let p50 = |scenario: &str, path: &str| {
+        results
+            .iter()
+            .find(|(s, p, _)| *s == scenario && p.name == path)
+            .and_then(|(_, _, figures)| figures.iter().find(|(k, _, _)| k == "p50_us"))
+            .map(|(_, v, _)| *v)
+    };
+    results
+        .iter()
+        .filter(|(s, _, _)| *s == UNDER_LOAD)
+        .filter_map(|(_, path, _)| {
+            Some((
+                path.name,
+                p50(UNDER_LOAD, path.name)?,
+                p50(IDLE, path.name)?,
+            ))
+        })
+        .collect()
+}
+
 fn print_table(results: &Results<'_>, rss: &[(String, f64)], scale: &[(String, f64)]) {
     println!();
     println!(
@@ -482,6 +535,12 @@ fn print_table(results: &Results<'_>, rss: &[(String, f64)], scale: &[(String, f
                 path.name
             );
         }
+    }
+    for (path, loaded, idle) in under_load_ratios(results) {
+        println!(
+            "{path}: rr 64 B p50 with a bulk transfer alongside {loaded:.1} µs, idle {idle:.1} µs: {:.2}x",
+            loaded / idle
+        );
     }
     for (node, mib) in rss {
         println!("agent {node}: {mib:.1} MiB resident after the run");

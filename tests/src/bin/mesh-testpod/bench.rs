@@ -25,6 +25,9 @@ pub enum Mode {
     BulkBoth,
     /// `bytes` bytes one way, to a sink.
     BulkOne,
+    /// `bytes` bytes to an echo server while not reading for `pause_ms`, then everything
+    /// back: `held_mib` is how much the host's TCP memory grew meanwhile (a slow reader).
+    PausedEcho,
 }
 
 #[derive(Debug, clap::Args)]
@@ -45,14 +48,66 @@ pub struct Bench {
     /// Bytes for the bulk modes.
     #[arg(long, default_value_t = 1 << 30)]
     bytes: u64,
+    /// For `rr`: a sink that a bulk transfer fills from another thread meanwhile, so the
+    /// round trips share the path (and the tunnel) with it.
+    #[arg(long)]
+    load: Option<SocketAddr>,
+    /// For `paused-echo`: how long the reader pauses.
+    #[arg(long, default_value_t = 3000)]
+    pause_ms: u64,
 }
 
 impl Bench {
     pub async fn run(self) -> Result<()> {
         match self.mode {
-            Mode::Rr | Mode::Connect => self.requests().await,
+            Mode::Rr | Mode::Connect => {
+                let load = self.load.map(Load::start).transpose()?;
+                let measured = self.requests().await;
+                if let Some(load) = load {
+                    load.stop()?;
+                }
+                measured
+            }
             Mode::BulkBoth | Mode::BulkOne => self.bulk().await,
+            Mode::PausedEcho => self.paused_echo().await,
         }
+    }
+
+    async fn paused_echo(&self) -> Result<()> {
+        let (mut rd, mut wr, _) = open(self.connect).await?;
+        let bytes = self.bytes;
+        let before = tcp_memory_pages()?;
+        let writer = tokio::spawn(async move {
+            let buf = vec![0x5au8; CHUNK];
+            let mut sent = 0u64;
+            while sent < bytes {
+                let n = (bytes - sent).min(CHUNK as u64) as usize;
+                wr.write_all(&buf[..n]).await?;
+                sent += n as u64;
+            }
+            wr.shutdown().await?;
+            anyhow::Ok(())
+        });
+        let pause = Instant::now();
+        let mut peak = before;
+        while pause.elapsed() < Duration::from_millis(self.pause_ms) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            peak = peak.max(tcp_memory_pages()?);
+        }
+        let mut buf = vec![0u8; CHUNK];
+        let mut received = 0u64;
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            received += n as u64;
+        }
+        writer.await??;
+        ensure!(received == bytes, "{received} of {bytes} bytes came back");
+        let held = peak.saturating_sub(before) as f64 * 4096.0 / f64::from(1 << 20);
+        println!("bytes={bytes} held_mib={held:.1}");
+        Ok(())
     }
 
     async fn requests(&self) -> Result<()> {
@@ -135,6 +190,55 @@ impl Bench {
             wall.as_secs_f64(),
             mib / wall.as_secs_f64()
         );
+        Ok(())
+    }
+}
+
+/// `TCP: ... mem N` of /proc/net/sockstat: the host's TCP memory in pages (one count for the
+/// whole host, whatever the network namespace).
+fn tcp_memory_pages() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/sockstat")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|n| n.parse().ok())
+        .context("no TCP memory in /proc/net/sockstat")
+}
+
+/// A bulk transfer to a sink on a thread of its own, until stopped.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<std::io::Result<u64>>,
+}
+
+impl Load {
+    fn start(sink: SocketAddr) -> Result<Self> {
+        use std::{io::Write, sync::atomic::Ordering};
+        let mut stream = std::net::TcpStream::connect(sink)
+            .with_context(|| format!("cannot connect to {sink}"))?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let buf = vec![0x5au8; CHUNK];
+            let mut sent = 0u64;
+            while !stopped.load(Ordering::Relaxed) {
+                stream.write_all(&buf)?;
+                sent += CHUNK as u64;
+            }
+            Ok(sent)
+        });
+        // Let it fill the path before the round trips start.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(self) -> Result<()> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = self
+            .thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the load thread panicked"))??;
+        ensure!(sent > 0, "the load sent nothing");
         Ok(())
     }
 }

@@ -501,6 +501,11 @@ impl Lab {
             &thief_ns,
             &["addr", "add", &format!("{stolen}/32"), "dev", "eth0"],
         )?;
+        // The node forgets where the address was, as it would once its neighbour entry aged.
+        ip_in(
+            &self.netns_name(thief_node),
+            &["neigh", "flush", &stolen.to_string()],
+        )?;
         ip_in(
             &thief_ns,
             &[
@@ -852,6 +857,12 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Whether an error output says a connection was reset (a read, or the first write after the
+/// reset) or, for a later write, that the pipe is broken.
+pub fn says_reset(log: &str) -> bool {
+    log.contains("Connection reset by peer") || log.contains("Broken pipe")
 }
 
 /// A finished process: its status and output; `key=value` words of stdout are its fields.

@@ -19,6 +19,7 @@ pub use certs::{CertFiles, ProbeCert};
 pub use interrupt::{catch_interrupt, interrupted};
 pub use lab::{
     Agent, Daemon, ENROLLED_NAMESPACE, Footprint, HttpReply, Lab, Output, Running, alive,
+    says_reset,
 };
 pub use prometheus::{Prometheus, Sample};
 pub use topology::{LabSpec, PodSpec, ServiceSpec};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use mesh_tests::{Lab, LabSpec};
+use mesh_tests::{Lab, LabSpec, says_reset};
 
 const SOURCE_PORT: u16 = 9000;
 const SINK_PORT: u16 = 9002;
@@ -42,12 +42,6 @@ fn start() -> (Lab, Vec<mesh_tests::Agent>, mesh_tests::Running) {
 
 fn server_addr(lab: &Lab, port: u16) -> String {
     format!("{}:{port}", lab.pod_addrs("server").unwrap().0)
-}
-
-/// Whether an error output says the connection was reset (a read or the first write after
-/// the reset) or, for a later write, that the pipe is broken.
-fn says_reset(log: &str) -> bool {
-    log.contains("Connection reset by peer") || log.contains("Broken pipe")
 }
 
 #[test]

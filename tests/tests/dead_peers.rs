@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::{Lab, LabSpec, ProbeCert};
+use mesh_tests::{Lab, LabSpec, ProbeCert, says_reset};
 
 const SOURCE_PORT: u16 = 9000;
 /// The agents ping every second; a dead peer is found within about two.
@@ -22,10 +22,6 @@ fn lab() -> Lab {
             .pod("n2", "server", false),
     )
     .unwrap()
-}
-
-fn says_reset(log: &str) -> bool {
-    log.contains("Connection reset by peer") || log.contains("Broken pipe")
 }
 
 /// The value of the first sample of `metric` in n1's /metrics, 0 if there is none.

@@ -77,17 +77,7 @@ impl Bench {
         let (mut rd, mut wr, _) = open(self.connect).await?;
         let bytes = self.bytes;
         let before = tcp_memory_pages()?;
-        let writer = tokio::spawn(async move {
-            let buf = vec![0x5au8; CHUNK];
-            let mut sent = 0u64;
-            while sent < bytes {
-                let n = (bytes - sent).min(CHUNK as u64) as usize;
-                wr.write_all(&buf[..n]).await?;
-                sent += n as u64;
-            }
-            wr.shutdown().await?;
-            anyhow::Ok(())
-        });
+        let writer = tokio::spawn(async move { send(&mut wr, bytes).await });
         let pause = Instant::now();
         let mut peak = before;
         while pause.elapsed() < Duration::from_millis(self.pause_ms) {
@@ -147,17 +137,7 @@ impl Bench {
         let (mut rd, mut wr, _) = open(self.connect).await?;
         let bytes = self.bytes;
         let started = Instant::now();
-        let writer = tokio::spawn(async move {
-            let buf = vec![0x5au8; CHUNK];
-            let mut sent = 0u64;
-            while sent < bytes {
-                let n = (bytes - sent).min(CHUNK as u64) as usize;
-                wr.write_all(&buf[..n]).await?;
-                sent += n as u64;
-            }
-            wr.shutdown().await?;
-            anyhow::Ok(())
-        });
+        let writer = tokio::spawn(async move { send(&mut wr, bytes).await });
         let mut buf = vec![0u8; CHUNK];
         let mut received = 0u64;
         // A sink answers only once, at the end: what it says is kept.
@@ -241,6 +221,19 @@ impl Load {
         ensure!(sent > 0, "the load sent nothing");
         Ok(())
     }
+}
+
+/// Writes `bytes` bytes, then ends the stream.
+async fn send(wr: &mut Writer, bytes: u64) -> Result<()> {
+    let buf = vec![0x5au8; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(CHUNK as u64) as usize;
+        wr.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+    wr.shutdown().await?;
+    Ok(())
 }
 
 type Reader = BufReader<tokio::net::tcp::OwnedReadHalf>;

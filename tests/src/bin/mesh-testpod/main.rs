@@ -235,6 +235,34 @@ enum Role {
     Hold,
 }
 
+/// Fills `buf` with the pattern's bytes from `offset` on.
+fn fill_pattern(buf: &mut [u8], offset: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(offset + i as u64);
+    }
+}
+
+/// Reads to the end, checking that every byte is the pattern's; returns how many came.
+async fn read_pattern(rd: &mut (impl tokio::io::AsyncRead + Unpin)) -> Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut received = 0u64;
+    loop {
+        let n = rd.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(received);
+        }
+        for (i, b) in buf[..n].iter().enumerate() {
+            let offset = received + i as u64;
+            ensure!(
+                *b == pattern(offset),
+                "byte {offset} came back as {b}, sent {}",
+                pattern(offset)
+            );
+        }
+        received += n as u64;
+    }
+}
+
 async fn serve(specs: &[(&Vec<String>, Role)]) -> Result<()> {
     let mut listeners = Vec::new();
     for (list, role) in specs {
@@ -293,9 +321,7 @@ async fn source(stream: TcpStream) -> Result<()> {
     let mut sent = 0u64;
     while sent < bytes {
         let n = (bytes - sent).min(CHUNK as u64) as usize;
-        for (i, b) in buf[..n].iter_mut().enumerate() {
-            *b = pattern(sent + i as u64);
-        }
+        fill_pattern(&mut buf[..n], sent);
         stream.write_all(&buf[..n]).await?;
         sent += n as u64;
     }
@@ -322,18 +348,7 @@ async fn download(addr: SocketAddr, bytes: u64, pause: Duration) -> Result<()> {
     stream.write_all(format!("{bytes}\n").as_bytes()).await?;
     println!("ready");
     tokio::time::sleep(pause).await;
-    let mut buf = vec![0u8; CHUNK];
-    let mut received = 0u64;
-    loop {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        if let Some(i) = (0..n).find(|&i| buf[i] != pattern(received + i as u64)) {
-            bail!("byte {} is wrong", received + i as u64);
-        }
-        received += n as u64;
-    }
+    let received = read_pattern(&mut stream).await?;
     ensure!(received == bytes, "received {received} of {bytes} bytes");
     println!("received={received}");
     Ok(())
@@ -494,9 +509,7 @@ async fn echo(
                 bytes
             };
             let n = usize::try_from((limit - sent).min(CHUNK as u64))?;
-            for (i, b) in buf[..n].iter_mut().enumerate() {
-                *b = pattern(sent + i as u64);
-            }
+            fill_pattern(&mut buf[..n], sent);
             wr.write_all(&buf[..n]).await?;
             sent += n as u64;
         }
@@ -504,23 +517,7 @@ async fn echo(
         anyhow::Ok(())
     });
 
-    let mut buf = vec![0u8; CHUNK];
-    let mut received = 0u64;
-    loop {
-        let n = rd.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        for (i, b) in buf[..n].iter().enumerate() {
-            let offset = received + i as u64;
-            ensure!(
-                *b == pattern(offset),
-                "byte {offset} came back as {b}, sent {}",
-                pattern(offset)
-            );
-        }
-        received += n as u64;
-    }
+    let received = read_pattern(&mut rd).await?;
     if received != bytes {
         writer.abort();
         bail!("{received} of {bytes} bytes came back before the connection closed");

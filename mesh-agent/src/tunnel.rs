@@ -40,6 +40,10 @@ use crate::{
 
 /// Streams one TLS connection carries at most; the inbound side advertises the same limit.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// TLS connections per (source identity, peer agent) over which streams are spread before
+/// any connection carries two: one TCP connection is one queue, so a bulk transfer sharing
+/// it delays every other stream's bytes (head-of-line blocking); apart, they do not.
+pub const SPREAD_CONNECTIONS: usize = 4;
 /// HTTP/2 flow-control windows: large enough that a bulk transfer over a fast link is not
 /// stalled waiting for window updates, small enough that a stalled reader holds little memory.
 pub const STREAM_WINDOW: u32 = 4 << 20;
@@ -158,10 +162,17 @@ impl Tunnels {
             .clone();
         let mut conns = pool.lock().await;
         conns.retain(|c| !c.sender.is_closed());
+        // The connection with the fewest streams, unless all are busy and the pool may grow.
         let limit = MAX_STREAMS_PER_CONNECTION as usize;
+        let room = if conns.len() < SPREAD_CONNECTIONS {
+            1
+        } else {
+            limit
+        };
         let free = conns
             .iter()
-            .find(|c| c.streams.load(Ordering::Relaxed) < limit);
+            .min_by_key(|c| c.streams.load(Ordering::Relaxed))
+            .filter(|c| c.streams.load(Ordering::Relaxed) < room);
         let conn = match free {
             Some(conn) => conn,
             None => {

@@ -480,6 +480,11 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
+/// The least a peer's sk_msg queue may hold before sends go through TCP/IP, whatever its
+/// receive buffer says: the receive buffer stays at its initial size on this path (TCP grows
+/// it only for bytes read from TCP/IP), and a reader that keeps up needs room for a burst.
+const QUEUE_FLOOR: i64 = 2 << 20;
+
 /// The kernel socket of the receiving end of a send, read through `KERNEL_LAYOUT`.
 struct Peer {
     sk: u64,
@@ -515,7 +520,7 @@ impl Peer {
         let queued = read::<u32>(psock, self.layout.psock_msg_tot_len);
         let bound = read::<i32>(self.sk, self.layout.sock_rcvbuf);
         match (queued, bound) {
-            (Some(queued), Some(bound)) => i64::from(queued) >= i64::from(bound),
+            (Some(queued), Some(bound)) => i64::from(queued) >= i64::from(bound).max(QUEUE_FLOOR),
             _ => true,
         }
     }

@@ -127,9 +127,10 @@ fn prometheus_sees_exactly_the_traffic_sent() {
             "mesh_ebpf_connects_captured_total{instance=\"198.18.0.1:15020\"}".to_owned(),
             CONNECTIONS as f64,
         ),
+        // The concurrent connections' streams were spread over the pool's first connections.
         (
             "mesh_tunnel_connections{instance=\"198.18.0.1:15020\"}".to_owned(),
-            1.0,
+            CONNECTIONS.min(mesh_agent::tunnel::SPREAD_CONNECTIONS as u64) as f64,
         ),
         (
             "mesh_tunnel_streams{instance=\"198.18.0.1:15020\"}".to_owned(),

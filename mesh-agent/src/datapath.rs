@@ -139,7 +139,7 @@ fn load_and_attach(
     } else if shortcut {
         warn!(
             "this kernel cannot bound what the sk_msg shortcut queues (its struct sk_psock \
-             has no msg_tot_len; Linux 6.18 has it): the shortcut is off and same-node \
+             has no msg_tot_len, from the 2026 sockmap FIONREAD fix): the shortcut is off and same-node \
              traffic goes through TCP/IP"
         );
     } else {
@@ -180,8 +180,8 @@ pub fn unpin(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The offsets `mesh_redirect` reads, from the running kernel's BTF; all zero if a field is
-/// missing (the shortcut then stays off rather than queue without a bound).
+/// The offsets `mesh_redirect` reads, from the running kernel's BTF; a missing field is 0, and
+/// a layout that is not wholly known keeps the shortcut off rather than queue without a bound.
 fn kernel_layout() -> Result<KernelLayout> {
     let btf = Btf::from_kernel()?;
     let offset = |strukt: &str, member: &str| -> Result<u32> {
@@ -196,11 +196,7 @@ fn kernel_layout() -> Result<KernelLayout> {
         _pad: 0,
     };
     debug!(?layout, "kernel layout for the sk_msg shortcut");
-    Ok(if layout.is_known() {
-        layout
-    } else {
-        KernelLayout::default()
-    })
+    Ok(layout)
 }
 
 fn attach_to_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_dir: &Path) -> Result<()> {
@@ -275,7 +271,6 @@ pub struct StateMaps {
 
 impl StateMaps {
     /// Makes the maps match `config`: adds what is new, removes what is gone.
-    /// `cgroup_mount` is where the workloads' cgroup paths start.
     /// `cgroups` are the workloads' cgroup ids ([`workload_cgroups`]).
     pub fn sync(&mut self, config: &Config, cgroups: &[Option<u64>]) -> Result<()> {
         let listener = AgentListener {

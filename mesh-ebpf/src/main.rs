@@ -438,7 +438,7 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     let Some(me) = socket_fields!(ctx.msg).pair() else {
         return SK_PASS;
     };
-    let peer = me.reversed();
+    let mut peer = me.reversed();
     // SAFETY: read only for presence.
     let passing = unsafe { MSG_PASSTHROUGH.get(me) }.is_some();
     let redirect = match Peer::of(&peer) {
@@ -459,7 +459,6 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
         Some(_) => true,
     };
     let size = u64::from(ctx.size());
-    let mut peer = peer;
     if redirect
         && SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
     {
@@ -506,8 +505,9 @@ impl Peer {
         Some(Self { sk, layout })
     }
 
-    /// Whether the peer's sk_msg queue holds its receive buffer's worth or more (or cannot
-    /// be read, which counts as full): one message beyond the bound is the most it holds.
+    /// Whether the peer's sk_msg queue holds its receive buffer's worth (at least
+    /// `QUEUE_FLOOR`) or more, or cannot be read, which counts as full: one message beyond
+    /// the bound is the most it holds.
     #[inline(always)]
     fn full(&self) -> bool {
         let Some(user_data) = read::<u64>(self.sk, self.layout.sock_user_data) else {

@@ -78,15 +78,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_bpffs()?;
     let cgroup_mount = system::cgroup2_mount()?;
     let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
-    let (config, cluster) = match &opts.kubernetes {
-        None => (Config::load(&opts.config)?, None),
+    // The first config, and the task that sends its changes.
+    let (config, (source, updates)) = match &opts.kubernetes {
+        None => {
+            let config = Config::load(&opts.config)?;
+            let (configs, updates) = watch::channel(None);
+            let following = tokio::spawn(reload::follow_file(opts.config.clone(), configs));
+            (config, (following, updates))
+        }
         Some(kubernetes) => {
             let (watching, mut updates) =
                 watch_cluster(&opts.config, kubernetes, &cgroup_mount).await?;
             let Some(config) = first_config(&mut updates, &mut signals).await else {
                 return Ok(());
             };
-            (config, Some((watching, updates)))
+            (config, (watching, updates))
         }
     };
     let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
@@ -124,10 +130,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             states: states.clone(),
             certificates: certificates.clone(),
         };
-        let following = match &cluster {
-            Some((_, updates)) => tokio::spawn(running.follow(updates.clone())),
-            None => tokio::spawn(running.follow_file(opts.config.clone())),
-        };
+        let applying = tokio::spawn(running.follow(updates));
         let admin_stop = CancellationToken::new();
         let admin = tokio::spawn(
             Admin {
@@ -167,10 +170,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
 
         signals.wait().await;
         ready.store(false, Ordering::Relaxed);
-        following.abort();
-        if let Some((watching, _)) = &cluster {
-            watching.abort();
-        }
+        source.abort();
+        applying.abort();
         stop.cancel();
         accepting.await.context("the outbound listener failed")?;
         accepting_tunnels

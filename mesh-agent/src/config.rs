@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
+    io::Read,
     marker::PhantomData,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -31,6 +32,8 @@ pub enum ConfigError {
         file: PathBuf,
         source: std::io::Error,
     },
+    #[error("{file}: {size} bytes, more than the {MAX_BYTES} a config may have")]
+    TooLarge { file: PathBuf, size: u64 },
     #[error("{file}:{line}:{column}: {reason}")]
     Invalid {
         file: PathBuf,
@@ -63,14 +66,43 @@ fn default_trust_domain() -> Name {
     Name("cluster.local".into())
 }
 
+/// The largest config file read: four times a Kubernetes ConfigMap's limit. A larger one is
+/// refused before it is read (parsing costs about 25 times the text's size in memory).
+pub const MAX_BYTES: u64 = 4 << 20;
+/// How deep mappings and sequences may nest (the config itself needs 5): checked before the
+/// text is deserialized, whose cost grows much faster than the depth.
+const MAX_DEPTH: usize = 16;
+/// The longest reason an error gives: a reason may quote the input, which is never echoed
+/// whole.
+const MAX_REASON: usize = 200;
+
+/// The text of `file`, unless it is larger than [`MAX_BYTES`].
+fn read_limited(file: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        file: file.to_owned(),
+        source,
+    };
+    let f = std::fs::File::open(file).map_err(read_error)?;
+    let mut text = String::new();
+    // One byte over the limit tells a file that grew since it was opened.
+    f.take(MAX_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    let size = text.len() as u64;
+    if size > MAX_BYTES {
+        let size = std::fs::metadata(file).map_or(size, |m| m.len().max(size));
+        return Err(ConfigError::TooLarge {
+            file: file.to_owned(),
+            size,
+        });
+    }
+    Ok(text)
+}
+
 impl Config {
     /// Reads and validates the configuration in `file`.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-            file: file.to_owned(),
-            source,
-        })?;
-        Self::parse(file, &text)
+        Self::parse(file, &read_limited(file)?)
     }
 
     /// Every pod CIDR of the mesh: this node's and its peers'.
@@ -240,10 +272,7 @@ pub struct ClusterSettings {
 impl ClusterSettings {
     /// Reads `file`.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-            file: file.to_owned(),
-            source,
-        })?;
+        let text = read_limited(file)?;
         let settings: Self = from_yaml(file, &text)?;
         settings
             .identity
@@ -255,6 +284,9 @@ impl ClusterSettings {
 
 /// `text` deserialized, or where and why not.
 fn from_yaml<T: de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    if let Some(e) = prescan(file, text) {
+        return Err(e);
+    }
     serde_yaml::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
         let message = e.to_string();
@@ -267,9 +299,48 @@ fn from_yaml<T: de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, Conf
             file: file.to_owned(),
             line,
             column,
-            reason,
+            reason: shortened(reason),
         }
     })
+}
+
+/// Where `text` nests deeper than [`MAX_DEPTH`] or stops being YAML, if it does: a quick
+/// streaming pass before the deserializer, which needs seconds for what this refuses at once.
+fn prescan(file: &Path, text: &str) -> Option<ConfigError> {
+    let invalid = |at: &Marker, reason: String| ConfigError::Invalid {
+        file: file.to_owned(),
+        line: at.line(),
+        column: at.col() + 1,
+        reason: shortened(reason),
+    };
+    let mut depth = 0usize;
+    for event in saphyr_parser::Parser::new_from_str(text) {
+        let (event, span) = match event {
+            Ok(event) => event,
+            Err(e) => return Some(invalid(e.marker(), e.info().to_owned())),
+        };
+        match event {
+            Event::MappingStart(..) | Event::SequenceStart(..) => depth += 1,
+            Event::MappingEnd | Event::SequenceEnd => depth = depth.saturating_sub(1),
+            _ => continue,
+        }
+        if depth > MAX_DEPTH {
+            return Some(invalid(
+                &span.start,
+                format!("nested more than {MAX_DEPTH} deep"),
+            ));
+        }
+    }
+    None
+}
+
+/// `reason`, cut to [`MAX_REASON`] characters.
+fn shortened(mut reason: String) -> String {
+    if let Some((cut, _)) = reason.char_indices().nth(MAX_REASON) {
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    reason
 }
 
 /// A failed check as an error at the culprit's line and column.
@@ -279,7 +350,7 @@ fn located(file: &Path, text: &str, (path, reason): (Vec<Seg>, String)) -> Confi
         file: file.to_owned(),
         line,
         column,
-        reason: format!("{}: {reason}", display_path(&path)),
+        reason: shortened(format!("{}: {reason}", display_path(&path))),
     }
 }
 
@@ -812,6 +883,57 @@ services:
         let example = include_str!("../../deploy/agent.example.yaml");
         let c = parse(example).unwrap();
         assert_eq!(c.services[0].ports[0].protocol, Protocol::Http);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_it_is_deserialized() {
+        // 100,000 levels took serde_yaml 30 s to refuse.
+        for deep in [
+            format!("node: {}", "[".repeat(100_000)),
+            format!("node: {}", "{a: ".repeat(50_000)),
+            format!("services:\n{}", "  - ".repeat(17)),
+        ] {
+            let e = parse(&deep).unwrap_err();
+            assert!(
+                e.contains("nested more than 16 deep") || e.contains("recursion limit exceeded"),
+                "{e}"
+            );
+            assert!(
+                e.starts_with("node.yaml:1:") || e.starts_with("node.yaml:2:"),
+                "{e}"
+            );
+        }
+        // The config's own depth is far from the limit.
+        assert!(parse(VALID).is_ok());
+    }
+
+    #[test]
+    fn errors_never_echo_the_input_whole() {
+        let long = format!("node: \"{}\"\n", "x".repeat(1_000_000));
+        let e = parse(&long).unwrap_err();
+        assert!(
+            e.starts_with("node.yaml:1:7: node: invalid type: string \"xxx"),
+            "{e}"
+        );
+        assert!(e.len() < 300, "{} bytes of error", e.len());
+    }
+
+    #[test]
+    fn large_files_are_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("mesh-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("big.yaml");
+        let big = std::fs::File::create(&file).unwrap();
+        big.set_len(50 << 20).unwrap();
+        let e = Config::load(&file).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            e,
+            format!(
+                "{}: 52428800 bytes, more than the 4194304 a config may have",
+                file.display()
+            )
+        );
     }
 
     #[test]

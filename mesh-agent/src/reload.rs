@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 use tracing::{info, warn};
 
 use crate::{
@@ -25,6 +25,9 @@ use crate::{
 /// How often the file is looked at. Polling (rather than inotify) also follows a Kubernetes
 /// ConfigMap, whose files are swapped through symlinks.
 const POLL: Duration = Duration::from_millis(500);
+/// How long a changed file must stay unchanged before it is read: a file being written in
+/// place is not applied half-written (replacing it with a rename is atomic and still best).
+pub const SETTLE: Duration = Duration::from_secs(1);
 
 /// What the agent runs with and keeps in step with its config.
 pub struct Running {
@@ -39,23 +42,6 @@ pub struct Running {
 }
 
 impl Running {
-    /// Applies every change of `file` until the task is dropped.
-    pub async fn follow_file(mut self, file: PathBuf) {
-        let mut seen = stamp(&file);
-        let mut tick = tokio::time::interval(POLL);
-        loop {
-            tick.tick().await;
-            let now = stamp(&file);
-            if now != seen {
-                seen = now;
-                match Config::load(&file) {
-                    Ok(new) => self.apply(new),
-                    Err(e) => rejected(&e),
-                }
-            }
-        }
-    }
-
     /// Applies every config `updates` brings until it closes or the task is dropped.
     pub async fn follow(mut self, mut updates: watch::Receiver<Option<Config>>) {
         while updates.changed().await.is_ok() {
@@ -117,6 +103,37 @@ impl Running {
     }
 }
 
+/// Sends each change of `file` that parses as a [`Config`] to `configs`, once the file has
+/// stayed unchanged for [`SETTLE`], until the task is dropped; a change that does not parse is
+/// counted and logged. The file is read and parsed on a blocking thread, away from traffic.
+pub async fn follow_file(file: PathBuf, configs: watch::Sender<Option<Config>>) {
+    let mut applied = stamp(&file);
+    let mut changing = applied;
+    let mut unchanged_since = Instant::now();
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tick.tick().await;
+        let now = stamp(&file);
+        if now != changing {
+            changing = now;
+            unchanged_since = Instant::now();
+        }
+        if changing == applied || unchanged_since.elapsed() < SETTLE {
+            continue;
+        }
+        applied = changing;
+        let read = file.clone();
+        match tokio::task::spawn_blocking(move || Config::load(&read)).await {
+            Ok(Ok(config)) => {
+                configs.send_replace(Some(config));
+            }
+            Ok(Err(e)) => rejected(&e),
+            Err(e) => rejected(&format!("reading the config failed: {e}")),
+        }
+        system::release_freed_memory();
+    }
+}
+
 /// Counts and logs a config change that is not applied.
 pub fn rejected(why: &dyn std::fmt::Display) {
     counted("rejected");
@@ -134,4 +151,53 @@ fn counted(result: &'static str) {
 fn stamp(file: &Path) -> Option<(SystemTime, u64, u64)> {
     let meta = std::fs::metadata(file).ok()?;
     Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = "\
+node: { name: n1, addresses: [198.18.0.1], pod_cidrs: [198.18.1.0/24] }
+identity: { ca_cert: ca.crt, ca_key: ca.key }
+";
+
+    fn with_services(n: usize) -> String {
+        let mut text = format!("{NODE}services:\n");
+        for i in 0..n {
+            text += &format!(
+                "  - {{ name: s{i}, namespace: shop, addresses: [198.19.0.{i}], ports: [{{ port: 80 }}] }}\n"
+            );
+        }
+        text
+    }
+
+    /// A file written in two parts with a pause between them is applied once, whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_file_written_in_parts_is_read_once_it_settles() {
+        let dir = std::env::temp_dir().join(format!("mesh-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("node.yaml");
+        std::fs::write(&file, with_services(1)).unwrap();
+        let (configs, mut updates) = watch::channel(None);
+        let follower = tokio::spawn(follow_file(file.clone(), configs));
+        tokio::time::sleep(POLL).await;
+
+        let whole = with_services(3);
+        let (first, rest) = whole.split_at(whole.rfind("  - ").unwrap());
+        // The first part is a valid config of two services: applying it would drop the third.
+        std::fs::write(&file, first).unwrap();
+        tokio::time::sleep(SETTLE - POLL).await;
+        std::fs::write(&file, whole.clone()).unwrap();
+        assert!(rest.contains("s2"));
+
+        updates.changed().await.unwrap();
+        let config = updates.borrow_and_update().clone().unwrap();
+        assert_eq!(config.services.len(), 3);
+        // And nothing more comes: the settled file was read once.
+        tokio::time::sleep(10 * SETTLE).await;
+        assert!(!updates.has_changed().unwrap());
+        follower.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

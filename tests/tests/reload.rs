@@ -65,3 +65,64 @@ fn reload_adds_and_removes_and_an_invalid_change_changes_nothing() {
     assert!(!meshed(&lab, "client", MORE), "the service is gone");
     assert!(meshed(&lab, "client", ECHO));
 }
+
+/// The agent's peak resident memory so far (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn hostile_config_files_are_refused_cheaply_and_never_echoed() {
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
+    let agent = lab.start_agent("n1", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let file = lab.agent_config_path("n1");
+    assert!(meshed(&lab, "client", ECHO));
+    let peak_before = peak_rss_kib(agent.pid());
+
+    // 200 KB nested 100,000 deep (serde_yaml alone needs 30 s to refuse it).
+    std::fs::write(&file, format!("node: {}", "[".repeat(200_000))).unwrap();
+    agent
+        .wait_for_log_times("config change rejected", 1)
+        .unwrap();
+    // 50 MB of one string, every byte of which an error would quote.
+    let huge = format!("node: \"{}\"\n", "x".repeat(50 << 20));
+    std::fs::write(&file, &huge).unwrap();
+    agent
+        .wait_for_log_times("config change rejected", 2)
+        .unwrap();
+    assert!(meshed(&lab, "client", ECHO), "the running config stays");
+
+    let log = agent.log();
+    let rejections: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("config change rejected"))
+        .collect();
+    // Refused where the nesting goes too deep, by the quick pass before deserializing.
+    let deep = rejections[0];
+    assert!(deep.contains(".yaml:1:"), "{deep}");
+    assert!(
+        ["nested more than 16 deep", "recursion limit exceeded"]
+            .iter()
+            .any(|why| deep.contains(why)),
+        "{deep}"
+    );
+    assert!(
+        rejections[1].contains("bytes, more than the 4194304 a config may have"),
+        "{}",
+        rejections[1]
+    );
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1000, "a log line of {longest} bytes");
+    // The 50 MB file was never read into memory.
+    let grown = peak_rss_kib(agent.pid()) - peak_before;
+    assert!(grown < 16 << 10, "peak memory grew by {grown} KiB");
+    drop(huge);
+}

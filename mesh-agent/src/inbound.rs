@@ -25,7 +25,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::{
     access::{Connection, Metered},
@@ -35,7 +35,7 @@ use crate::{
     metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
     outbound::CONNECT_TIMEOUT,
     routing::Routes,
-    system, tls, tunnel,
+    system, tls, tunnel, warn_sampled,
 };
 
 /// How long a peer may take to finish the TLS handshake.
@@ -130,7 +130,7 @@ impl Inbound {
             })
             .inc();
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        warn!(refused_total = total, "tunnel peer refused: {reason}");
+        warn_sampled!(refused_total = total, "tunnel peer refused: {reason}");
     }
 
     /// One CONNECT stream: dial the pod named by the authority, then copy both ways.
@@ -155,14 +155,14 @@ impl Inbound {
             .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
         else {
             count_refusal("bad_authority");
-            warn!(%caller, uri = %request.uri(), "tunnel stream refused: the authority is not ip:port");
+            warn_sampled!(%caller, uri = %request.uri(), "tunnel stream refused: the authority is not ip:port");
             return status(StatusCode::BAD_REQUEST);
         };
         let destination = {
             let routes = self.routes.borrow();
             if !routes.is_local_pod(target.ip()) {
                 count_refusal("not_local_pod");
-                warn!(%caller, %target, "tunnel stream refused: not a pod of this node");
+                warn_sampled!(%caller, %target, "tunnel stream refused: not a pod of this node");
                 return status(StatusCode::FORBIDDEN);
             }
             routes.workload_at(target.ip()).cloned()
@@ -178,6 +178,12 @@ impl Inbound {
                 return status(StatusCode::GATEWAY_TIMEOUT);
             }
         };
+        if system::reaches_this_host(&pod) {
+            count_refusal("node_address");
+            warn_sampled!(%caller, %target, "tunnel stream refused: the address is this node's own");
+            system::reset_on_close(&pod);
+            return status(StatusCode::FORBIDDEN);
+        }
         if let Err(e) = pod.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
         }

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod inbound;
 pub mod kubernetes;
 pub mod liveness;
+pub mod logs;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;

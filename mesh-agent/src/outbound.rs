@@ -14,7 +14,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 use crate::{
     access::{Connection, Metered},
@@ -25,6 +25,7 @@ use crate::{
     routing::{Hop, LocalWorkload, Route, Routes},
     system,
     tunnel::{TunnelStream, Tunnels},
+    warn_sampled,
 };
 
 /// How long a connect may take, directly or through a tunnel, before the next endpoint is
@@ -51,7 +52,7 @@ impl Outbound {
         while let Some((client, peer)) = system::accept(&listener, &self.stop).await {
             let Some(captured) = orig_dst.take(peer) else {
                 count_refusal("not_captured");
-                warn!(%peer, "closing a connection that was not captured (no original destination)");
+                warn_sampled!(%peer, "closing a connection that was not captured (no original destination)");
                 continue;
             };
             let dst = captured.dst;
@@ -63,7 +64,7 @@ impl Outbound {
                 Ok(source) => source,
                 Err(e) => {
                     count_refusal("caller_mismatch");
-                    warn!(%peer, %dst, "closing a captured connection: {e}");
+                    warn_sampled!(%peer, %dst, "closing a captured connection: {e}");
                     system::reset_on_close(&client);
                     continue;
                 }
@@ -72,7 +73,7 @@ impl Outbound {
                 Ok(route) => route,
                 Err(e) => {
                     count_refusal("no_route");
-                    warn!(%peer, %dst, "closing a captured connection: {e}");
+                    warn_sampled!(%peer, %dst, "closing a captured connection: {e}");
                     continue;
                 }
             };
@@ -149,6 +150,12 @@ impl Outbound {
         let port = match route {
             Route::Pod { target, hop } => {
                 return match self.dial(*target, hop, caller).await {
+                    Ok(Upstream::Direct(pod)) if system::reaches_this_host(&pod) => {
+                        count_refusal("node_address");
+                        warn_sampled!(%target, "closing a captured connection: the address is this node's own");
+                        system::reset_on_close(&pod);
+                        None
+                    }
                     Ok(upstream) => Some(Connected {
                         upstream,
                         target: *target,
@@ -156,7 +163,7 @@ impl Outbound {
                     }),
                     Err(e) => {
                         count_connect_failure("", *target);
-                        warn!(%target, "cannot reach the destination: {e}");
+                        warn_sampled!(%target, "cannot reach the destination: {e}");
                         None
                     }
                 };
@@ -178,12 +185,12 @@ impl Outbound {
                 }
                 Err(DialError::OutOfResources(e)) => {
                     // This node's fault, not the endpoint's: no ejection, no other endpoint.
-                    warn!(service = %port.service, "cannot connect: {e}");
+                    warn_sampled!(service = %port.service, "cannot connect: {e}");
                     return None;
                 }
                 Err(DialError::NoIdentity(addr)) => {
                     count_refusal("no_identity");
-                    warn!(service = %port.service, "cannot leave the node: {}", DialError::NoIdentity(addr));
+                    warn_sampled!(service = %port.service, "cannot leave the node: {}", DialError::NoIdentity(addr));
                     return None;
                 }
                 Err(e) => {
@@ -191,12 +198,12 @@ impl Outbound {
                     if lease.endpoint().failed() {
                         metrics().endpoint_ejections.get_or_create(&labels).inc();
                     }
-                    warn!(service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
+                    warn_sampled!(service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
                     tried.push(target);
                 }
             }
         }
-        warn!(service = %port.service, attempts = tried.len(), "no endpoint could be reached");
+        warn_sampled!(service = %port.service, attempts = tried.len(), "no endpoint could be reached");
         None
     }
 

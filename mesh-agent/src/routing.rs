@@ -2,7 +2,7 @@
 //! address as it is; and whether the hop there is local or through a peer node's agent.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -21,7 +21,9 @@ pub const TUNNEL_PORT: u16 = 15008;
 /// The routing table built from a [`Config`].
 pub struct Routes {
     services: HashMap<SocketAddr, Arc<ServicePort>>,
-    local_pods: Vec<IpNet>,
+    local_pod_cidrs: Vec<IpNet>,
+    /// The pods of this node the state knows (see [`Routes::is_local_pod`]).
+    local_pods: HashSet<IpAddr>,
     peer_pods: Vec<(IpNet, Hop)>,
     /// Local workloads by address: who is being called, and who claims to call.
     workloads: HashMap<IpAddr, Arc<LocalWorkload>>,
@@ -102,6 +104,8 @@ pub enum NoRoute {
     NoEndpoints(String),
     #[error("{0} is neither a service address nor in a pod CIDR")]
     NotOwned(SocketAddr),
+    #[error("{0} is in this node's pod CIDR but no pod the mesh knows has the address")]
+    UnknownPod(SocketAddr),
 }
 
 impl Routes {
@@ -167,9 +171,27 @@ impl Routes {
                 workloads.insert(*a, workload.clone());
             }
         }
+        let node = &config.node;
+        let local_pods = config
+            .workloads
+            .iter()
+            .flat_map(|w| &w.addresses)
+            .chain(
+                config
+                    .services
+                    .iter()
+                    .flat_map(|s| &s.endpoints)
+                    .filter(|e| e.node == node.name)
+                    .map(|e| &e.address),
+            )
+            .map(|a| a.to_canonical())
+            // The node's own addresses are never in its pod CIDRs (the config's checks).
+            .filter(|a| node.pod_cidrs.iter().any(|net| net.contains(a)))
+            .collect();
         Self {
             services,
-            local_pods: config.node.pod_cidrs.clone(),
+            local_pod_cidrs: node.pod_cidrs.clone(),
+            local_pods,
             peer_pods: config
                 .peers
                 .iter()
@@ -195,7 +217,14 @@ impl Routes {
             }
             return Ok(Route::Service(port.clone()));
         }
-        if self.is_local_pod(dst.ip()) {
+        if self
+            .local_pod_cidrs
+            .iter()
+            .any(|net| net.contains(&dst.ip()))
+        {
+            if !self.is_local_pod(dst.ip()) {
+                return Err(NoRoute::UnknownPod(dst));
+            }
             return Ok(Route::Pod {
                 target: dst,
                 hop: Hop::Local,
@@ -214,9 +243,12 @@ impl Routes {
         }
     }
 
-    /// Whether `addr` is a pod of this node (the only addresses inbound tunnels may reach).
+    /// Whether `addr` (IPv4-mapped or not) is a pod of this node the state knows: a workload's
+    /// or an endpoint's address in this node's pod CIDRs (which never hold the node's own
+    /// addresses; `system::reaches_this_host` checks the connection itself too). The only
+    /// addresses inbound tunnels may reach, and pod addresses of this node dialled directly.
     pub fn is_local_pod(&self, addr: IpAddr) -> bool {
-        self.local_pods.iter().any(|net| net.contains(&addr))
+        self.local_pods.contains(&addr.to_canonical())
     }
 
     /// The local workload at `addr` (IPv4-mapped or not).
@@ -276,6 +308,11 @@ services:
     namespace: shop
     addresses: [198.19.0.11]
     ports: [{ port: 80 }]
+  - name: on-the-host
+    namespace: shop
+    addresses: [198.19.0.12]
+    ports: [{ port: 80 }]
+    endpoints: [{ address: 198.18.0.1, node: n1 }, { address: 127.0.0.1, node: n1 }]
 ",
         )
         .unwrap();
@@ -324,8 +361,34 @@ services:
         };
         assert_eq!(target, "198.18.2.7:9000".parse().unwrap());
         assert!(matches!(hop, Hop::Tunnel { node, .. } if &*node == "n2"));
-        assert!(r.is_local_pod("198.18.1.7".parse().unwrap()));
-        assert!(!r.is_local_pod("198.18.2.7".parse().unwrap()));
+        let Ok(Route::Pod { hop, .. }) = r.route("198.18.1.9:9000".parse().unwrap()) else {
+            panic!("not a pod route");
+        };
+        assert_eq!(hop, Hop::Local);
+    }
+
+    #[test]
+    fn local_pods_are_those_the_state_knows_never_the_node_itself() {
+        let r = routes();
+        let local = |a: &str| r.is_local_pod(a.parse().unwrap());
+        // A workload and a service endpoint of this node, in either address form.
+        assert!(local("198.18.1.9"));
+        assert!(local("::ffff:198.18.1.9"));
+        assert!(local("198.18.1.2"));
+        // Another node's pod, an address of the CIDR no pod has (the bridge's), and the
+        // node's own address and loopback even as endpoints of this node.
+        for other in [
+            "198.18.2.3",
+            "198.18.1.1",
+            "::ffff:198.18.1.1",
+            "198.18.0.1",
+            "127.0.0.1",
+            "0.0.0.0",
+        ] {
+            assert!(!local(other), "{other}");
+        }
+        let unknown: SocketAddr = "198.18.1.1:15020".parse().unwrap();
+        assert_eq!(r.route(unknown).err(), Some(NoRoute::UnknownPod(unknown)));
     }
 
     #[test]

@@ -12,6 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::warn_sampled;
+
 /// Where bpffs is expected; the agent pins under `BPFFS/mesh/<node>`.
 pub const BPFFS: &str = "/sys/fs/bpf";
 
@@ -48,10 +50,25 @@ pub async fn accept(
         match accepted {
             Ok(a) => return Some(a),
             Err(e) => {
-                warn!("accept failed: {e}");
+                warn_sampled!("accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+/// Whether `stream` is connected to this host itself rather than to a pod: a connection to
+/// one of the host's own addresses leaves from that same address (the kernel's local routes),
+/// and one to loopback stays on it. The last check before a pod's or a peer's connection is
+/// carried to an address that the state says is a pod's.
+pub fn reaches_this_host(stream: &TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => {
+            let peer = peer.ip().to_canonical();
+            peer.is_loopback() || local.ip().to_canonical() == peer
+        }
+        // Cannot tell: treat it as the host.
+        _ => true,
     }
 }
 

@@ -22,5 +22,5 @@ pub use lab::{
     says_reset,
 };
 pub use prometheus::{Prometheus, Sample};
-pub use topology::{LabSpec, PodSpec, ServiceSpec};
+pub use topology::{LabSpec, PodSpec, ServiceSpec, node_addrs, pod_addrs};
 pub use wire::{Capture, frames};

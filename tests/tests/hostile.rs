@@ -1,0 +1,88 @@
+//! End-to-end: hostile pods and peers, played by stock clients (curl, ab, h2load, openssl)
+//! and by `mesh-testpod probe` with certificates of the lab's CA. Each test is a probe that
+//! once broke or strained the agent; it checks that the agent now refuses it cheaply.
+
+use mesh_tests::{Lab, LabSpec, ProbeCert, ServiceSpec, node_addrs, pod_addrs};
+
+const VIP: &str = "198.19.0.10";
+
+/// Nodes `n1` and `n2`; an enrolled `client` on n1 and the `echo` service's `backend` on n2.
+fn two_nodes() -> LabSpec {
+    LabSpec::default()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "client", true)
+        .pod("n2", "backend", false)
+        .service(ServiceSpec::echo("echo", &[VIP], &["backend"]))
+}
+
+/// The value of the series `name{labels}` on `node`'s agent (0 if it has none).
+fn metric(lab: &Lab, node: &str, series: &str) -> f64 {
+    let k = lab.spec.node_index(node).unwrap();
+    let reply = lab
+        .http(node, "GET", &format!("http://198.18.0.{k}:15020/metrics"))
+        .unwrap();
+    reply
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn the_tunnel_never_reaches_the_node_itself() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let (bridge4, bridge6) = pod_addrs(2, 1);
+
+    // A meshed pod of n1 asks for n2's admin API at n2's bridge address, which lies in n2's
+    // pod CIDR: its agent carries it through the tunnel, and n2's agent refuses it.
+    for url in [
+        format!("http://{bridge4}:15020/config"),
+        format!("http://[{bridge6}]:15020/config"),
+    ] {
+        let out = lab
+            .run_program("client", "curl", &["-sS", "-m", "10", &url])
+            .unwrap();
+        assert!(
+            !out.status.success() && !out.stdout.contains("trust_domain"),
+            "{url} answered: {} {}",
+            out.stdout,
+            out.stderr
+        );
+    }
+    // A peer with a valid certificate asking for the node in any form.
+    let (node4, node6) = node_addrs(2);
+    let authorities = [
+        format!("{bridge4}:15020"),
+        format!("[::ffff:{bridge4}]:15020"),
+        format!("[{bridge6}]:15020"),
+        format!("{node4}:15020"),
+        format!("[{node6}]:15020"),
+        "127.0.0.1:15020".to_owned(),
+        "[::1]:15020".to_owned(),
+        "[::ffff:127.0.0.1]:15020".to_owned(),
+        "0.0.0.0:15020".to_owned(),
+        "[::]:15020".to_owned(),
+    ];
+    for authority in &authorities {
+        let out = lab.probe_node2(Some(ProbeCert::Valid), authority).unwrap();
+        assert_eq!(out.field("status"), "403", "{authority}: {}", out.stdout);
+    }
+    // While a pod of the node is still reached.
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    let ok = lab
+        .probe_node2(Some(ProbeCert::Valid), &format!("{backend}:8080"))
+        .unwrap();
+    assert_eq!(ok.field("status"), "200", "{}", ok.stdout);
+    let refused = metric(&lab, "n2", "mesh_refusals_total{reason=\"not_local_pod\"}");
+    assert!(
+        refused >= (authorities.len() + 2) as f64,
+        "{refused} refusals counted:\n{}",
+        a2.log()
+    );
+}

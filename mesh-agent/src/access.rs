@@ -24,7 +24,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(labels: ConnectionLabels, source: SocketAddr, destination: SocketAddr) -> Self {
-        metrics().connections_opened.get_or_create(&labels).inc();
+        metrics().connection_opened(&labels);
         Self {
             labels,
             source,

@@ -1,8 +1,15 @@
 //! The agent's Prometheus metrics (prefix `mesh_`), served as OpenMetrics text on the admin
-//! port. Label values come only from the mesh's own state (config, certificates), never from
-//! what a peer sends, so their number stays bounded.
+//! port. Label values come only from the mesh's own state (config, certificates) and the
+//! identities of authenticated peers, never from an address or a port a pod or a peer chose;
+//! the series of workloads, services, endpoints and peers that leave the state are dropped
+//! ([`forget_removed`]), so their number stays bounded.
 
-use std::{net::SocketAddr, sync::LazyLock};
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::SocketAddr,
+    sync::{LazyLock, Mutex},
+};
 
 use mesh_common::Counter as EbpfCounter;
 use prometheus_client::{
@@ -17,7 +24,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::datapath::Counters;
+use crate::{config::Config, datapath::Counters};
 
 /// Who talked to whom over one proxied connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -88,6 +95,51 @@ pub struct Metrics {
     pub tunnel_streams: Family<PeerLabels, Gauge>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// The label sets of the connection families, and of the endpoint families.
+    connection_series: Series<ConnectionLabels>,
+    endpoint_series: Series<EndpointLabels>,
+}
+
+/// The label sets some families have series for (a [`Family`] cannot list its own).
+struct Series<S>(Mutex<HashSet<S>>);
+
+impl<S: Clone + Eq + Hash> Series<S> {
+    fn new() -> Self {
+        Self(Mutex::new(HashSet::new()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<S>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Notes `labels` unless `known` (a cheap check the caller can make first).
+    fn note(&self, labels: &S, known: bool) {
+        if !known {
+            self.lock().insert(labels.clone());
+        }
+    }
+
+    /// Drops from the index, and hands to `remove`, every label set `keep` refuses.
+    fn retain(&self, keep: impl Fn(&S) -> bool, remove: impl Fn(&S)) {
+        self.lock().retain(|labels| {
+            let kept = keep(labels);
+            if !kept {
+                remove(labels);
+            }
+            kept
+        });
+    }
+}
+
+impl Metrics {
+    /// Counts a proxied connection opened.
+    pub fn connection_opened(&self, labels: &ConnectionLabels) {
+        let known = self.connections_opened.get(labels).is_some();
+        self.connection_series.note(labels, known);
+        self.connections_opened.get_or_create(labels).inc();
+    }
 }
 
 fn duration_histogram() -> Histogram {
@@ -109,6 +161,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     tunnel_streams: Family::default(),
     certificate_expiry: Family::default(),
     config_reloads: Family::default(),
+    connection_series: Series::new(),
+    endpoint_series: Series::new(),
 });
 
 /// The agent's metrics.
@@ -124,15 +178,83 @@ pub fn count_refusal(reason: &'static str) {
         .inc();
 }
 
-/// Counts a failed connect to `endpoint` of `service` (empty for a pod dialled directly);
-/// the labels it was counted under.
-pub fn count_connect_failure(service: &str, endpoint: SocketAddr) -> EndpointLabels {
+/// Counts a failed connect to `endpoint` of `service`: the labels it was counted under. A pod
+/// dialled directly (no service) is counted under empty labels: its address and port are the
+/// caller's choice, and a port scan must not make a series per port.
+pub fn count_connect_failure(service: &str, endpoint: Option<SocketAddr>) -> EndpointLabels {
     let labels = EndpointLabels {
         service: service.to_owned(),
-        endpoint: endpoint.to_string(),
+        endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
     };
-    metrics().connect_failures.get_or_create(&labels).inc();
+    let m = metrics();
+    let known = m.connect_failures.get(&labels).is_some();
+    m.endpoint_series.note(&labels, known);
+    m.connect_failures.get_or_create(&labels).inc();
     labels
+}
+
+/// Drops the series of workloads, services, endpoints and peer nodes that `config` no longer
+/// has (`running` is the config it replaces).
+pub fn forget_removed(running: &Config, config: &Config) {
+    let m = metrics();
+    let workloads: HashSet<(&str, &str)> = config
+        .workloads
+        .iter()
+        .map(|w| (w.namespace.as_str(), w.name.as_str()))
+        .collect();
+    let services: HashSet<String> = config
+        .services
+        .iter()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect();
+    let endpoints: HashSet<(String, String)> = config
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.ports.iter().flat_map(move |port| {
+                s.endpoints.iter().map(move |e| {
+                    (
+                        format!("{}/{}", s.namespace, s.name),
+                        SocketAddr::new(e.address, e.target_port(port)).to_string(),
+                    )
+                })
+            })
+        })
+        .collect();
+    let local =
+        |namespace: &str, name: &str| name.is_empty() || workloads.contains(&(namespace, name));
+    m.connection_series.retain(
+        |l| {
+            local(&l.source_namespace, &l.source_workload)
+                && local(&l.destination_namespace, &l.destination_workload)
+                && (l.destination_service.is_empty() || services.contains(&l.destination_service))
+        },
+        |l| {
+            m.connections_opened.remove(l);
+            m.connections_closed.remove(l);
+            m.bytes_sent.remove(l);
+            m.bytes_received.remove(l);
+            m.connection_duration.remove(l);
+        },
+    );
+    m.endpoint_series.retain(
+        |l| l.service.is_empty() || endpoints.contains(&(l.service.clone(), l.endpoint.clone())),
+        |l| {
+            m.connect_failures.remove(l);
+            m.endpoint_ejections.remove(l);
+        },
+    );
+    for gone in running
+        .peers
+        .iter()
+        .filter(|p| config.node_named(&p.name).is_none())
+    {
+        let labels = PeerLabels {
+            peer_node: gone.name.to_string(),
+        };
+        m.tunnel_connections.remove(&labels);
+        m.tunnel_streams.remove(&labels);
+    }
 }
 
 /// A registry with every metric, and the eBPF programs' counters read from `counters` at each
@@ -302,9 +424,84 @@ mod tests {
 
     fn encoded() -> String {
         touch_all();
+        encoded_without_touching()
+    }
+
+    fn encoded_without_touching() -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &agent_registry()).unwrap();
         text
+    }
+
+    fn config(workload: &str, endpoint: &str, peer: &str) -> Config {
+        Config::parse(
+            std::path::Path::new("t.yaml"),
+            &format!(
+                "\
+node: {{ name: n1, addresses: [198.18.0.1], pod_cidrs: [198.18.1.0/24] }}
+peers: [{{ name: {peer}, addresses: [198.18.0.2], pod_cidrs: [198.18.2.0/24] }}]
+identity: {{ ca_cert: ca.crt, ca_key: ca.key }}
+workloads:
+  - {{ name: {workload}, namespace: prune, service_account: a, addresses: [198.18.1.9], cgroup: /w }}
+services:
+  - name: svc
+    namespace: prune
+    addresses: [198.19.0.10]
+    ports: [{{ port: 80, target_port: 8080 }}]
+    endpoints: [{{ address: {endpoint}, node: n1 }}]
+"
+            ),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn series_of_what_left_the_state_are_dropped() {
+        let m = metrics();
+        let conn = |workload: &str| ConnectionLabels {
+            direction: "outbound",
+            source_namespace: "prune".into(),
+            source_workload: workload.into(),
+            source_identity: "spiffe://cluster.local/ns/prune/sa/a".into(),
+            destination_service: "prune/svc".into(),
+            destination_namespace: String::new(),
+            destination_workload: String::new(),
+            hop: "local",
+        };
+        m.connection_opened(&conn("old-0"));
+        m.connection_opened(&conn("new-0"));
+        count_connect_failure("prune/svc", Some("198.18.1.2:8080".parse().unwrap()));
+        count_connect_failure("prune/svc", Some("198.18.1.3:8080".parse().unwrap()));
+        // A port scan of pods counts into one series.
+        for _ in 0..1000 {
+            count_connect_failure("", None);
+        }
+        let peer = |name: &str| PeerLabels {
+            peer_node: name.into(),
+        };
+        m.tunnel_connections
+            .get_or_create(&peer("prune-old"))
+            .set(0);
+        m.tunnel_connections
+            .get_or_create(&peer("prune-new"))
+            .set(1);
+
+        forget_removed(
+            &config("old-0", "198.18.1.2", "prune-old"),
+            &config("new-0", "198.18.1.3", "prune-new"),
+        );
+        let text = encoded_without_touching();
+        for gone in ["old-0", "198.18.1.2:8080", "prune-old"] {
+            assert!(!text.contains(gone), "{gone} is still in:\n{text}");
+        }
+        for kept in ["new-0", "198.18.1.3:8080", "prune-new"] {
+            assert!(text.contains(kept), "{kept} is gone from:\n{text}");
+        }
+        let pods = text
+            .lines()
+            .filter(|l| l.starts_with("mesh_connect_failures_total{service=\"\",endpoint=\"\"}"))
+            .count();
+        assert_eq!(pods, 1);
     }
 
     #[test]

@@ -162,7 +162,7 @@ impl Outbound {
                         _lease: None,
                     }),
                     Err(e) => {
-                        count_connect_failure("", *target);
+                        count_connect_failure("", None);
                         warn_sampled!(%target, "cannot reach the destination: {e}");
                         None
                     }
@@ -194,7 +194,7 @@ impl Outbound {
                     return None;
                 }
                 Err(e) => {
-                    let labels = count_connect_failure(&port.service, target);
+                    let labels = count_connect_failure(&port.service, Some(target));
                     if lease.endpoint().failed() {
                         metrics().endpoint_ejections.get_or_create(&labels).inc();
                     }

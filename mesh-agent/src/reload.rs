@@ -17,7 +17,7 @@ use crate::{
     certificates::Certificates,
     config::Config,
     datapath::{StateMaps, workload_cgroups},
-    metrics::{ResultLabels, metrics},
+    metrics::{self, ResultLabels, metrics},
     routing::Routes,
     system,
 };
@@ -86,6 +86,7 @@ impl Running {
             warn!("config change only partly applied to the eBPF maps: {e:#}");
         }
         self.routes.send_replace(Arc::new(routes));
+        metrics::forget_removed(running, &new);
         counted("applied");
         info!(
             workloads = new.workloads.len(),

@@ -86,3 +86,39 @@ fn the_tunnel_never_reaches_the_node_itself() {
         a2.log()
     );
 }
+
+#[test]
+fn a_port_scan_makes_no_series() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    let (stranger, _) = pod_addrs(2, 77);
+    // A meshed pod of n1 scans 300 closed ports of a pod of n2, and 300 of an address of
+    // n2's pod CIDR no pod has (bash's /dev/tcp: each connect is captured and carried).
+    let scan = format!(
+        "for host in {backend} {stranger}; do for port in $(seq 20001 20300); do \
+         (exec 3<>/dev/tcp/$host/$port) 2>/dev/null; done; done; true"
+    );
+    let out = lab.run_program("client", "bash", &["-c", &scan]).unwrap();
+    assert!(out.status.success(), "{}", out.stderr);
+
+    let k = lab.spec.node_index("n1").unwrap();
+    let scrape = lab
+        .http("n1", "GET", &format!("http://198.18.0.{k}:15020/metrics"))
+        .unwrap()
+        .body;
+    let failures: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("mesh_connect_failures_total"))
+        .collect();
+    assert_eq!(
+        failures,
+        ["mesh_connect_failures_total{service=\"\",endpoint=\"\"} 600"],
+        "{scrape}"
+    );
+    assert!(
+        !scrape.contains(":2003"),
+        "a scanned port is a label:\n{scrape}"
+    );
+}

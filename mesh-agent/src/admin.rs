@@ -1,21 +1,26 @@
-//! The admin API on port 15020: `/metrics` (OpenMetrics), `/healthz`, `/ready`, `/config`
-//! (the effective config and state as JSON) and `/logging` (the log filter, changeable at run
-//! time from the node itself).
+//! The admin API on port 15020: `/metrics` (OpenMetrics), `/healthz` and `/ready` for anyone
+//! who can reach the port (Prometheus, the kubelet's probes); `/config` (the effective config
+//! and state as JSON: the whole topology) and `/logging` (the log filter, changeable at run
+//! time) only from the node itself.
+//!
+//! A connection must send its request's headers within [`HEADER_READ_TIMEOUT`] and is closed
+//! after [`IDLE_TIMEOUT`] of silence; the node itself and everyone else each have their own
+//! cap on open connections, so pods cannot starve the kubelet's probes.
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
@@ -26,12 +31,24 @@ use tracing_subscriber::{EnvFilter, reload};
 use crate::{
     balance::EndpointStates,
     certificates::{Certificates, unix_seconds},
+    limit::Limit,
+    liveness::SilenceLimit,
+    metrics::count_refusal,
     routing::Routes,
-    system,
+    system, warn_sampled,
 };
 
 /// The admin port.
 pub const ADMIN_PORT: u16 = 15020;
+/// How long a client may take to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may stay silent (between requests, say) before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections open at once from the node itself.
+pub const MAX_NODE_CONNECTIONS: usize = 64;
+/// Connections open at once from anywhere else (pods, Prometheus), and from each address.
+pub const MAX_OTHER_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 
 /// Changes the agent's log filter while it runs.
 pub type LogFilter = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -52,25 +69,55 @@ pub struct Admin {
 impl Admin {
     /// Serves until `stop` is cancelled.
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+        let from_node = Limit::new(MAX_NODE_CONNECTIONS, MAX_NODE_CONNECTIONS);
+        let from_others = Limit::new(MAX_OTHER_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
         while let Some((tcp, peer)) = system::accept(&listener, &stop).await {
+            let caller = if system::within_this_host(&tcp) {
+                Caller::Node
+            } else {
+                Caller::Other
+            };
+            let limit = match caller {
+                Caller::Node => &from_node,
+                Caller::Other => &from_others,
+            };
+            let permit = match limit.enter(peer.ip()) {
+                Ok(permit) => permit,
+                Err(full) => {
+                    count_refusal(full.pick("admin_connections", "admin_connections_per_source"));
+                    warn_sampled!(%peer, "admin connection refused: {} connections open", limit.open());
+                    continue;
+                }
+            };
             let this = self.clone();
             let service = service_fn(move |request| {
                 let this = this.clone();
-                async move { Ok::<_, Infallible>(this.answer(request, peer)) }
+                async move { Ok::<_, Infallible>(this.answer(request, caller)) }
             });
             tokio::spawn(async move {
+                let io = SilenceLimit::between_reads(tcp, IDLE_TIMEOUT);
                 if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(io), service)
                     .await
                 {
                     debug!(%peer, "admin connection ended: {e}");
                 }
+                drop(permit);
             });
         }
     }
 
-    fn answer(&self, request: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        match (request.method(), request.uri().path()) {
+    fn answer(&self, request: Request<Incoming>, caller: Caller) -> Response<Full<Bytes>> {
+        let path = request.uri().path();
+        if caller == Caller::Other && matches!(path, "/config" | "/logging") {
+            return text(
+                StatusCode::FORBIDDEN,
+                "only from the node itself (its own addresses or loopback)\n",
+            );
+        }
+        match (request.method(), path) {
             (&Method::GET, "/metrics") => self.metrics(),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "alive\n"),
             (&Method::GET, "/ready") => {
@@ -88,7 +135,7 @@ impl Admin {
                         .find(|(k, _)| k == "level")
                         .map(|(_, v)| v.into_owned())
                 });
-                self.set_log_filter(level, peer)
+                self.set_log_filter(level)
             }
             (_, "/metrics" | "/healthz" | "/ready" | "/config" | "/logging") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
@@ -144,14 +191,8 @@ impl Admin {
         text(StatusCode::OK, &format!("{current}\n"))
     }
 
-    /// Sets the log filter to `level` (tracing directives); only from this node.
-    fn set_log_filter(&self, level: Option<String>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        if !peer.ip().to_canonical().is_loopback() {
-            return text(
-                StatusCode::FORBIDDEN,
-                "the log level can only be changed from the node itself (127.0.0.1 or ::1)\n",
-            );
-        }
+    /// Sets the log filter to `level` (tracing directives).
+    fn set_log_filter(&self, level: Option<String>) -> Response<Full<Bytes>> {
         let Some(level) = level else {
             return text(StatusCode::BAD_REQUEST, "give the filter as ?level=...\n");
         };
@@ -167,6 +208,13 @@ impl Admin {
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
         }
     }
+}
+
+/// Who is calling: the node itself, or anyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Node,
+    Other,
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -31,7 +31,7 @@ use crate::{
     access::{Connection, Metered},
     copy,
     identity::SpiffeId,
-    liveness::{FirstByteWithin, Liveness},
+    liveness::{Liveness, SilenceLimit},
     metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
     outbound::CONNECT_TIMEOUT,
     routing::Routes,
@@ -101,7 +101,7 @@ impl Inbound {
             .max_frame_size(tunnel::MAX_FRAME)
             .max_send_buf_size(tunnel::SEND_BUFFER)
             .serve_connection(
-                TokioIo::new(FirstByteWithin::new(tls, PREFACE_TIMEOUT)),
+                TokioIo::new(SilenceLimit::before_first_byte(tls, PREFACE_TIMEOUT)),
                 service,
             );
         tokio::pin!(connection);
@@ -178,7 +178,7 @@ impl Inbound {
                 return status(StatusCode::GATEWAY_TIMEOUT);
             }
         };
-        if system::reaches_this_host(&pod) {
+        if system::within_this_host(&pod) {
             count_refusal("node_address");
             warn_sampled!(%caller, %target, "tunnel stream refused: the address is this node's own");
             system::reset_on_close(&pod);

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod identity;
 pub mod inbound;
 pub mod kubernetes;
+pub mod limit;
 pub mod liveness;
 pub mod logs;
 pub mod metrics;

@@ -78,23 +78,39 @@ fn set_notsent_lowat(tcp: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// A stream whose reads fail with `TimedOut` if its first byte does not arrive in time.
-pub struct FirstByteWithin<S> {
+/// A stream whose reads fail with `TimedOut` when the peer stays silent too long: before its
+/// first byte only, or between any two reads.
+pub struct SilenceLimit<S> {
     inner: S,
-    /// Until the first byte.
+    limit: Duration,
+    /// Whether each byte read starts the limit again (or the first one ends it).
+    every_read: bool,
+    /// Until which the peer must send; none once the first byte came (unless `every_read`).
     deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl<S> FirstByteWithin<S> {
-    pub fn new(inner: S, limit: Duration) -> Self {
+impl<S> SilenceLimit<S> {
+    /// The peer must send its first byte within `limit`, and then may be silent at will.
+    pub fn before_first_byte(inner: S, limit: Duration) -> Self {
+        Self::new(inner, limit, false)
+    }
+
+    /// The peer may never be silent for `limit`: an idle connection is closed.
+    pub fn between_reads(inner: S, limit: Duration) -> Self {
+        Self::new(inner, limit, true)
+    }
+
+    fn new(inner: S, limit: Duration, every_read: bool) -> Self {
         Self {
             inner,
+            limit,
+            every_read,
             deadline: Some(Box::pin(tokio::time::sleep(limit))),
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for FirstByteWithin<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for SilenceLimit<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,7 +119,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByteWithin<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.deadline = None;
+            let next = tokio::time::Instant::now() + self.limit;
+            match (self.every_read, self.deadline.as_mut()) {
+                (true, Some(deadline)) => deadline.as_mut().reset(next),
+                _ => self.deadline = None,
+            }
         } else if let (Poll::Pending, Some(deadline)) = (&polled, self.deadline.as_mut())
             && deadline.as_mut().poll(cx).is_ready()
         {
@@ -116,7 +136,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByteWithin<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for FirstByteWithin<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for SilenceLimit<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -155,7 +175,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_peer_times_out() {
         let (_peer, ours) = duplex(64);
-        let mut stream = FirstByteWithin::new(ours, Duration::from_secs(10));
+        let mut stream = SilenceLimit::before_first_byte(ours, Duration::from_secs(10));
         let mut buf = [0u8; 8];
         let err = stream.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
@@ -164,7 +184,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn once_a_byte_came_silence_is_fine() {
         let (mut peer, ours) = duplex(64);
-        let mut stream = FirstByteWithin::new(ours, Duration::from_secs(10));
+        let mut stream = SilenceLimit::before_first_byte(ours, Duration::from_secs(10));
         peer.write_all(b"x").await.unwrap();
         let mut buf = [0u8; 8];
         assert_eq!(stream.read(&mut buf).await.unwrap(), 1);
@@ -173,5 +193,19 @@ mod tests {
             later.is_err(),
             "a quiet peer after its first byte is not cut"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn between_reads_every_silence_counts() {
+        let (mut peer, ours) = duplex(64);
+        let mut stream = SilenceLimit::between_reads(ours, Duration::from_secs(10));
+        let mut buf = [0u8; 8];
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(9)).await;
+            peer.write_all(b"x").await.unwrap();
+            assert_eq!(stream.read(&mut buf).await.unwrap(), 1);
+        }
+        let err = stream.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 }

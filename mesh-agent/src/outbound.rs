@@ -150,7 +150,7 @@ impl Outbound {
         let port = match route {
             Route::Pod { target, hop } => {
                 return match self.dial(*target, hop, caller).await {
-                    Ok(Upstream::Direct(pod)) if system::reaches_this_host(&pod) => {
+                    Ok(Upstream::Direct(pod)) if system::within_this_host(&pod) => {
                         count_refusal("node_address");
                         warn_sampled!(%target, "closing a captured connection: the address is this node's own");
                         system::reset_on_close(&pod);

@@ -245,7 +245,7 @@ impl Routes {
 
     /// Whether `addr` (IPv4-mapped or not) is a pod of this node the state knows: a workload's
     /// or an endpoint's address in this node's pod CIDRs (which never hold the node's own
-    /// addresses; `system::reaches_this_host` checks the connection itself too). The only
+    /// addresses; `system::within_this_host` checks the connection itself too). The only
     /// addresses inbound tunnels may reach, and pod addresses of this node dialled directly.
     pub fn is_local_pod(&self, addr: IpAddr) -> bool {
         self.local_pods.contains(&addr.to_canonical())

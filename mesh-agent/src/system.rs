@@ -57,11 +57,11 @@ pub async fn accept(
     }
 }
 
-/// Whether `stream` is connected to this host itself rather than to a pod: a connection to
-/// one of the host's own addresses leaves from that same address (the kernel's local routes),
-/// and one to loopback stays on it. The last check before a pod's or a peer's connection is
-/// carried to an address that the state says is a pod's.
-pub fn reaches_this_host(stream: &TcpStream) -> bool {
+/// Whether both ends of `stream` are this host (rather than a pod or another host): a
+/// connection to one of the host's own addresses leaves from that same address (the kernel's
+/// local routes), and one to loopback stays on it. A pod cannot pass for the host: with the
+/// host's address as its source, the handshake's answer would never reach it.
+pub fn within_this_host(stream: &TcpStream) -> bool {
     match (stream.local_addr(), stream.peer_addr()) {
         (Ok(local), Ok(peer)) => {
             let peer = peer.ip().to_canonical();

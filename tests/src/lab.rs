@@ -817,6 +817,11 @@ impl Daemon {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits for it to end, at most `limit` (then it is killed and this fails).
+    pub fn wait_within(&mut self, limit: Duration) -> Result<ExitStatus> {
+        process::wait_within(&mut self.child, limit)
+    }
 }
 
 impl Drop for Daemon {

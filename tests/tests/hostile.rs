@@ -122,3 +122,91 @@ fn a_port_scan_makes_no_series() {
         "a scanned port is a label:\n{scrape}"
     );
 }
+
+#[test]
+fn the_admin_api_shows_pods_only_metrics_and_probes_and_drops_idle_connections() {
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
+    let _agent = lab.start_agent("n1", &[]).unwrap();
+    let admin = "198.18.0.1:15020";
+    let curl = |pod: &str, path: &str| {
+        let out = lab
+            .run_program(
+                pod,
+                "curl",
+                &[
+                    "-s",
+                    "-m",
+                    "10",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("http://{admin}{path}"),
+                ],
+            )
+            .unwrap();
+        out.stdout
+    };
+    // What a pod may see, and what not.
+    assert_eq!(curl("client", "/metrics"), "200");
+    assert_eq!(curl("client", "/ready"), "200");
+    assert_eq!(curl("client", "/config"), "403");
+    assert_eq!(curl("client", "/logging"), "403");
+    assert_eq!(
+        lab.http("n1", "GET", &format!("http://{admin}/config"))
+            .unwrap()
+            .status,
+        200
+    );
+
+    // A pod holds idle connections (bash's /dev/tcp, sending nothing): 8 are taken, the
+    // 9th is closed at once, and the 8 are closed when their headers do not come.
+    let script = format!(
+        "for fd in 3 4 5 6 7 8 9 10; do eval \"exec $fd<>/dev/tcp/{host}/15020\"; done; \
+         exec 11<>/dev/tcp/{host}/15020; \
+         read -t 5 -u 11; [ $? -gt 128 ] && echo ninth=open || echo ninth=closed; \
+         echo holding; \
+         for fd in 3 4 5 6 7 8 9 10; do \
+           read -t 60 -u $fd; [ $? -gt 128 ] && echo held=open || echo held=closed; \
+         done; echo closed_after_s=$SECONDS",
+        host = "198.18.0.1"
+    );
+    let mut holder = lab
+        .start_in_pod("client", "holder", "bash", &["-c", &script])
+        .unwrap();
+    let log = lab.scratch_path("holder.log");
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("holding")
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "the holder never held: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Meanwhile the node's probes and other pods are served.
+    assert_eq!(
+        lab.http("n1", "GET", &format!("http://{admin}/healthz"))
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(curl("backend", "/metrics"), "200");
+    let status = holder
+        .wait_within(std::time::Duration::from_secs(120))
+        .unwrap();
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{out}");
+    assert!(out.contains("ninth=closed"), "{out}");
+    assert_eq!(out.matches("held=closed").count(), 8, "{out}");
+    assert!(
+        metric(
+            &lab,
+            "n1",
+            "mesh_refusals_total{reason=\"admin_connections_per_source\"}"
+        ) >= 1.0
+    );
+}

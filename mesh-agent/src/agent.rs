@@ -161,6 +161,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             abort: abort.clone(),
             refused: Arc::default(),
             liveness: opts.liveness,
+            admission: Arc::default(),
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));

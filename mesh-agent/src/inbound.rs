@@ -4,10 +4,10 @@
 use std::{
     convert::Infallible,
     fmt::Display,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -31,6 +31,7 @@ use crate::{
     access::{Connection, Metered},
     copy,
     identity::SpiffeId,
+    limit::{Limit, Permit, Rate, RatePerSource},
     liveness::{Liveness, SilenceLimit},
     metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
     outbound::CONNECT_TIMEOUT,
@@ -40,6 +41,24 @@ use crate::{
 
 /// How long a peer may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once, in all and from one address (each holds ~12 KiB until
+/// it ends: 10,000 held 124 MiB).
+const MAX_HANDSHAKES: usize = 512;
+const MAX_HANDSHAKES_PER_SOURCE: usize = 128;
+/// New handshakes per second from one address (each costs ~0.2 ms of CPU), and at once (a
+/// node's agent starting opens up to 4 per workload identity).
+const HANDSHAKES_PER_SECOND: u32 = 100;
+const HANDSHAKE_BURST: u32 = 500;
+/// Tunnel connections open at once from one address, and in all (a peer's pool opens 4 per
+/// workload identity, one more per 100 streams open beyond).
+const MAX_CONNECTIONS_PER_PEER: usize = 256;
+const MAX_CONNECTIONS: usize = 4096;
+/// New streams per second on one tunnel connection, and at once: each stream dials a pod (a
+/// peer's pool takes its connections in turn, 4 of them at least).
+const STREAMS_PER_SECOND: u32 = 1000;
+const STREAM_BURST: u32 = 1000;
+/// Pending handshakes from which the heap's freed pages are given back once they are done.
+const HANDSHAKE_BURST_TO_TRIM: usize = 64;
 /// How long an authenticated peer may take to start HTTP/2 (send its preface).
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -56,6 +75,66 @@ pub struct Inbound {
     /// Peers refused so far; each refusal's log line carries the total.
     pub refused: Arc<AtomicU64>,
     pub liveness: Liveness,
+    pub admission: Arc<Admission>,
+}
+
+/// What a peer may hold of the agent before its handshake: connections, handshakes in
+/// progress, and their rate.
+pub struct Admission {
+    connections: Arc<Limit>,
+    handshakes: Arc<Limit>,
+    handshake_rate: RatePerSource,
+    /// Set when many handshakes were in progress: their memory is given back when they end.
+    burst: AtomicBool,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            connections: Limit::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER),
+            handshakes: Limit::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE),
+            handshake_rate: RatePerSource::new(HANDSHAKES_PER_SECOND, HANDSHAKE_BURST),
+            burst: AtomicBool::new(false),
+        }
+    }
+}
+
+/// A peer's places: its connection's, and its handshake's until it ends.
+struct Admitted {
+    _connection: Permit,
+    handshake: Permit,
+}
+
+impl Admission {
+    /// Places for a new connection from `peer`, or the reason (a metric label) there are none.
+    fn admit(&self, peer: IpAddr) -> Result<Admitted, &'static str> {
+        let connection = self
+            .connections
+            .enter(peer)
+            .map_err(|full| full.pick("tunnel_connections", "tunnel_connections_per_peer"))?;
+        if !self.handshake_rate.take(peer) {
+            return Err("handshake_rate");
+        }
+        let handshake = self
+            .handshakes
+            .enter(peer)
+            .map_err(|full| full.pick("handshakes", "handshakes_per_source"))?;
+        if self.handshakes.open() >= HANDSHAKE_BURST_TO_TRIM {
+            self.burst.store(true, Ordering::Relaxed);
+        }
+        Ok(Admitted {
+            _connection: connection,
+            handshake,
+        })
+    }
+
+    /// Ends a handshake; the last of a burst gives the heap's freed pages back.
+    fn handshake_done(&self, handshake: Permit) {
+        drop(handshake);
+        if self.handshakes.open() == 0 && self.burst.swap(false, Ordering::Relaxed) {
+            system::release_freed_memory();
+        }
+    }
 }
 
 impl Inbound {
@@ -63,18 +142,40 @@ impl Inbound {
     pub async fn serve(self, listener: TcpListener) {
         let acceptor = TlsAcceptor::from(self.tls.clone());
         while let Some((tcp, peer)) = system::accept(&listener, &self.stop).await {
+            // Shed before any TLS work: a reset, no handshake, no buffers.
+            let admitted = match self.admission.admit(peer.ip()) {
+                Ok(admitted) => admitted,
+                Err(reason) => {
+                    count_refusal(reason);
+                    warn_sampled!(%peer, reason, "tunnel peer shed: too many connections or handshakes");
+                    system::reset_on_close(&tcp);
+                    continue;
+                }
+            };
             let span = info_span!("tunnel", %peer);
             self.tracker.spawn(
                 self.clone()
-                    .serve_peer(acceptor.clone(), tcp, peer)
+                    .serve_peer(acceptor.clone(), tcp, peer, admitted)
                     .instrument(span),
             );
         }
     }
 
-    async fn serve_peer(self, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+    async fn serve_peer(
+        self,
+        acceptor: TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        admitted: Admitted,
+    ) {
+        let Admitted {
+            _connection,
+            handshake,
+        } = admitted;
         self.liveness.tune(&tcp);
-        let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        let handshaken = timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+        self.admission.handshake_done(handshake);
+        let tls = match handshaken {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return self.refuse(tls::failure_reason(&e), e),
             Err(_) => {
@@ -87,9 +188,17 @@ impl Inbound {
             return self.refuse("identity", "no SPIFFE ID after the handshake");
         };
         debug!(%caller, "tunnel peer accepted");
+        let streams = Arc::new(Mutex::new(Rate::new(STREAMS_PER_SECOND, STREAM_BURST)));
         let service = {
             let this = self.clone();
-            service_fn(move |request| this.clone().connect(request, caller.clone(), peer))
+            service_fn(move |request| {
+                let admitted = streams
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                this.clone()
+                    .connect(request, caller.clone(), peer, admitted)
+            })
         };
         let connection = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -133,18 +242,25 @@ impl Inbound {
         warn_sampled!(refused_total = total, "tunnel peer refused: {reason}");
     }
 
-    /// One CONNECT stream: dial the pod named by the authority, then copy both ways.
+    /// One CONNECT stream: dial the pod named by the authority, then copy both ways; unless
+    /// the stream is over its connection's rate (`admitted` false).
     async fn connect(
         self,
         request: Request<Incoming>,
         caller: SpiffeId,
         peer: SocketAddr,
+        admitted: bool,
     ) -> Result<Response<Empty<Bytes>>, Infallible> {
         let status = |code| {
             let mut response = Response::new(Empty::new());
             *response.status_mut() = code;
             Ok(response)
         };
+        if !admitted {
+            count_refusal("stream_rate");
+            warn_sampled!(%caller, "tunnel stream refused: over {STREAMS_PER_SECOND} new streams per second on its connection");
+            return status(StatusCode::TOO_MANY_REQUESTS);
+        }
         if request.method() != Method::CONNECT {
             count_refusal("not_connect");
             return status(StatusCode::METHOD_NOT_ALLOWED);

@@ -1,10 +1,12 @@
 //! Caps on how many of something (connections, handshakes) are open at once, in all and per
-//! source address: what one hostile pod or peer can hold of the agent.
+//! source address, and on how fast new ones come: what one hostile pod or peer can hold of the
+//! agent, and how much of its CPU it can spend.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 /// How many may be open at once.
@@ -99,9 +101,131 @@ impl Drop for Permit {
     }
 }
 
+/// A token bucket: `per_second` on average, `burst` at once.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    /// When `tokens` was last topped up.
+    at: Instant,
+}
+
+impl Rate {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        Self {
+            per_second: f64::from(per_second),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            at: Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn take(&mut self) -> bool {
+        self.take_at(Instant::now())
+    }
+
+    fn take_at(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether the bucket is full again (its owner has been quiet for a while).
+    fn is_full_at(&self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
+        self.tokens + earned >= self.burst
+    }
+}
+
+/// A [`Rate`] for each source address. Sources whose bucket is full again are forgotten, and
+/// at most [`RatePerSource::MAX_SOURCES`] are tracked: beyond, new sources are refused until
+/// some quiet down.
+pub struct RatePerSource {
+    rate: Rate,
+    buckets: Mutex<HashMap<IpAddr, Rate>>,
+}
+
+impl RatePerSource {
+    pub const MAX_SOURCES: usize = 4096;
+
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        Self {
+            rate: Rate::new(per_second, burst),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Takes a token of `source`'s bucket if there is one.
+    pub fn take(&self, source: IpAddr) -> bool {
+        self.take_at(source.to_canonical(), Instant::now())
+    }
+
+    fn take_at(&self, source: IpAddr, now: Instant) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= Self::MAX_SOURCES && !buckets.contains_key(&source) {
+            buckets.retain(|_, bucket| !bucket.is_full_at(now));
+            if buckets.len() >= Self::MAX_SOURCES {
+                return false;
+            }
+        }
+        buckets
+            .entry(source)
+            .or_insert_with(|| Rate {
+                at: now,
+                ..self.rate.clone()
+            })
+            .take_at(now)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn a_rate_allows_its_burst_then_its_pace() {
+        let mut rate = Rate::new(10, 5);
+        let t0 = rate.at;
+        assert_eq!((0..8).filter(|_| rate.take_at(t0)).count(), 5);
+        // 10 per second: one more every 100 ms.
+        assert!(!rate.take_at(t0 + Duration::from_millis(50)));
+        assert!(rate.take_at(t0 + Duration::from_millis(100)));
+        assert!(!rate.take_at(t0 + Duration::from_millis(100)));
+        // Never more than the burst, however long the pause.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..8).filter(|_| rate.take_at(later)).count(), 5);
+    }
+
+    #[test]
+    fn each_source_has_its_own_rate_and_quiet_ones_are_forgotten() {
+        let rates = RatePerSource::new(1, 2);
+        let t0 = Instant::now();
+        let a: IpAddr = "198.18.1.2".parse().unwrap();
+        let b: IpAddr = "198.18.1.3".parse().unwrap();
+        assert!(rates.take_at(a, t0) && rates.take_at(a, t0));
+        assert!(!rates.take_at(a, t0));
+        assert!(rates.take_at(b, t0));
+        // Fill the table with sources that used a token each.
+        for i in 0..RatePerSource::MAX_SOURCES {
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
+            rates.take_at(ip, t0);
+        }
+        let newcomer: IpAddr = "198.18.1.4".parse().unwrap();
+        assert!(!rates.take_at(newcomer, t0), "the table is full");
+        // A second later every bucket is full again: the quiet sources are forgotten.
+        assert!(rates.take_at(newcomer, t0 + Duration::from_secs(2)));
+        assert!(rates.buckets.lock().unwrap().len() < 10);
+    }
 
     #[test]
     fn caps_each_source_and_the_total() {

@@ -163,6 +163,8 @@ impl Tunnels {
         let mut conns = pool.lock().await;
         conns.retain(|c| !c.sender.is_closed());
         // The connection with the fewest streams, unless all are busy and the pool may grow.
+        // The one taken goes to the back, so that streams one after another take turns (the
+        // peer caps each connection's new streams per second).
         let limit = MAX_STREAMS_PER_CONNECTION as usize;
         let room = if conns.len() < SPREAD_CONNECTIONS {
             1
@@ -171,10 +173,16 @@ impl Tunnels {
         };
         let free = conns
             .iter()
-            .min_by_key(|c| c.streams.load(Ordering::Relaxed))
-            .filter(|c| c.streams.load(Ordering::Relaxed) < room);
+            .enumerate()
+            .min_by_key(|(_, c)| c.streams.load(Ordering::Relaxed))
+            .filter(|(_, c)| c.streams.load(Ordering::Relaxed) < room)
+            .map(|(i, _)| i);
         let conn = match free {
-            Some(conn) => conn,
+            Some(i) => {
+                let taken = conns.remove(i);
+                conns.push(taken);
+                &conns[conns.len() - 1]
+            }
             None => {
                 let config = self
                     .certificates

@@ -99,6 +99,26 @@ impl Lab {
     /// certificate of `cert` (none if `None`), and asks for `authority`: the output of
     /// `mesh-testpod probe` (`probe=status status=<code>` or `probe=refused error=...`).
     pub fn probe_node2(&self, cert: Option<ProbeCert>, authority: &str) -> Result<Output> {
+        self.probe_node2_args(cert, authority, &[])
+    }
+
+    /// Like [`Lab::probe_node2`] with a valid certificate and more `mesh-testpod probe`
+    /// arguments (`--streams N`, say).
+    pub fn probe_node2_with(
+        &self,
+        cert: ProbeCert,
+        authority: &str,
+        more: &[&str],
+    ) -> Result<Output> {
+        self.probe_node2_args(Some(cert), authority, more)
+    }
+
+    fn probe_node2_args(
+        &self,
+        cert: Option<ProbeCert>,
+        authority: &str,
+        more: &[&str],
+    ) -> Result<Output> {
         let mut args = vec![
             "probe".to_owned(),
             "--connect".into(),
@@ -115,6 +135,7 @@ impl Lab {
                 files.key.display().to_string(),
             ]);
         }
+        args.extend(more.iter().map(|a| (*a).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run_on_node(&self.spec.nodes[0], &args)
     }

@@ -18,15 +18,27 @@ fn two_nodes() -> LabSpec {
 
 /// The value of the series `name{labels}` on `node`'s agent (0 if it has none).
 fn metric(lab: &Lab, node: &str, series: &str) -> f64 {
-    let k = lab.spec.node_index(node).unwrap();
-    let reply = lab
-        .http(node, "GET", &format!("http://198.18.0.{k}:15020/metrics"))
-        .unwrap();
-    reply
-        .body
+    scrape(lab, node)
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The sum of the series of `node`'s agent that start with `prefix`.
+fn metric_sum(lab: &Lab, node: &str, prefix: &str) -> f64 {
+    scrape(lab, node)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// What `node`'s agent shows at /metrics.
+fn scrape(lab: &Lab, node: &str) -> String {
+    let k = lab.spec.node_index(node).unwrap();
+    lab.http(node, "GET", &format!("http://198.18.0.{k}:15020/metrics"))
+        .unwrap()
+        .body
 }
 
 #[test]
@@ -103,11 +115,7 @@ fn a_port_scan_makes_no_series() {
     let out = lab.run_program("client", "bash", &["-c", &scan]).unwrap();
     assert!(out.status.success(), "{}", out.stderr);
 
-    let k = lab.spec.node_index("n1").unwrap();
-    let scrape = lab
-        .http("n1", "GET", &format!("http://198.18.0.{k}:15020/metrics"))
-        .unwrap()
-        .body;
+    let scrape = scrape(&lab, "n1");
     let failures: Vec<&str> = scrape
         .lines()
         .filter(|l| l.starts_with("mesh_connect_failures_total"))
@@ -208,5 +216,136 @@ fn the_admin_api_shows_pods_only_metrics_and_probes_and_drops_idle_connections()
             "n1",
             "mesh_refusals_total{reason=\"admin_connections_per_source\"}"
         ) >= 1.0
+    );
+}
+
+/// Runs `script` with bash in `pod` to its end; its standard output.
+fn bash(lab: &Lab, pod: &str, script: &str) -> String {
+    let out = lab.run_program(pod, "bash", &["-c", script]).unwrap();
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    out.stdout
+}
+
+#[test]
+fn handshakes_are_capped_per_source_and_shed_at_once() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let (node2, _) = node_addrs(2);
+    // A pod opens 200 connections to n2's tunnel port and sends no ClientHello: 128 wait for
+    // their handshake, the rest are reset at once.
+    let script = format!(
+        "fds=(); for i in $(seq 1 200); do exec {{fd}}<>/dev/tcp/{node2}/15008; fds+=($fd); done; \
+         sleep 1; held=0; shed=0; \
+         for fd in \"${{fds[@]}}\"; do read -t 0.01 -u $fd; \
+           if [ $? -gt 128 ]; then held=$((held+1)); else shed=$((shed+1)); fi; done; \
+         echo held=$held shed=$shed"
+    );
+    let probed = bash(&lab, "client", &script);
+    assert!(probed.contains("held=128 shed=72"), "{probed}");
+    // Meanwhile the mesh works, its own handshakes coming from another address.
+    lab.run(
+        "client",
+        &[
+            "echo",
+            "--connect",
+            &format!("{VIP}:80"),
+            "--bytes",
+            "10000",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        metric(
+            &lab,
+            "n2",
+            "mesh_refusals_total{reason=\"handshakes_per_source\"}"
+        ),
+        72.0
+    );
+    let shed_lines = a2.log().matches("tunnel peer shed").count();
+    assert!(shed_lines <= 5, "{shed_lines} lines for 72 sheds");
+}
+
+#[test]
+fn handshakes_beyond_a_sources_rate_are_shed_and_logged_sparingly() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let a2 = lab.start_agent("n2", &[]).unwrap();
+    let (node2, _) = node_addrs(2);
+    // ab over TLS without a client certificate, as fast as it can: every handshake fails.
+    let started = std::time::Instant::now();
+    let out = lab
+        .run_program(
+            "client",
+            "ab",
+            &[
+                "-r",
+                "-n",
+                "3000",
+                "-c",
+                "8",
+                &format!("https://{node2}:15008/"),
+            ],
+        )
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let handshakes = metric_sum(
+        &lab,
+        "n2",
+        "mesh_tls_handshake_failures_total{side=\"inbound\"",
+    );
+    let shed = metric(&lab, "n2", "mesh_refusals_total{reason=\"handshake_rate\"}");
+    // A burst of 500, then 100 per second.
+    assert!(
+        handshakes <= 500.0 + 100.0 * (elapsed + 1.0),
+        "{handshakes} handshakes in {elapsed:.1} s\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(shed > 0.0, "nothing shed in {elapsed:.1} s: {}", out.stdout);
+    // Every connection ab made (3,000, and one to begin with) was one or the other.
+    assert!(handshakes + shed >= 3000.0, "{}", out.stdout);
+    // Thousands of refusals, a few lines.
+    let log = a2.log();
+    let windows = (elapsed / 10.0).ceil() + 1.0;
+    for line in ["tunnel peer refused", "tunnel peer shed"] {
+        let count = log.matches(line).count() as f64;
+        assert!(count <= 5.0 * windows, "{count} lines of {line:?}");
+    }
+}
+
+#[test]
+fn a_peers_new_streams_are_capped_per_connection() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    // A peer with a valid certificate opens 10,000 streams on one connection as fast as it
+    // can (50 at a time, each closed once answered).
+    let started = std::time::Instant::now();
+    let out = lab
+        .probe_node2_with(
+            ProbeCert::Valid,
+            &format!("{backend}:8080"),
+            &["--streams", "10000"],
+        )
+        .unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let admitted: f64 = out.field("status_200").parse().unwrap();
+    let refused: f64 = out.field("status_429").parse().unwrap();
+    assert_eq!(admitted + refused, 10000.0, "{}", out.stdout);
+    // A burst of 1,000, then 1,000 per second.
+    assert!(
+        admitted <= 1000.0 + 1000.0 * (elapsed + 1.0),
+        "{admitted} streams in {elapsed:.1} s"
+    );
+    assert_eq!(
+        metric(&lab, "n2", "mesh_refusals_total{reason=\"stream_rate\"}"),
+        refused
     );
 }

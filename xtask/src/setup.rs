@@ -22,6 +22,9 @@ const APT_PACKAGES: &[&str] = &[
     "haproxy",
     "skopeo",
     "iperf3",
+    "apache2-utils",
+    "nghttp2-client",
+    "curl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -97,8 +97,10 @@ enum Cmd {
         ports: String,
     },
     /// Opens a tunnel to an agent's inbound port as a peer agent would: TLS 1.3 with the given
-    /// client certificate (DER; none if not given), HTTP/2, one CONNECT to `authority`. Prints
-    /// `probe=status status=<code>` if the agent answered, `probe=refused error=...` if not.
+    /// client certificate (DER; none if not given), HTTP/2, CONNECTs to `authority`. Prints
+    /// `probe=status status=<code of the first>` and, for each status, `status_<code>=<count>`
+    /// (`status_error` for streams that got none) if the agent answered, `probe=refused
+    /// error=...` if not.
     Probe {
         #[arg(long)]
         connect: SocketAddr,
@@ -108,6 +110,14 @@ enum Cmd {
         key: Option<PathBuf>,
         #[arg(long)]
         authority: String,
+        /// CONNECTs to send on the one connection, up to 50 at a time.
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        /// Reset each stream this long after it is answered (as a hostile peer does to make
+        /// the agent dial and drop pods); without it, each answered stream is closed cleanly
+        /// (its end sent, the pod's answer read to its end).
+        #[arg(long)]
+        reset_after_ms: Option<u64>,
     },
     /// An HTTP/1.1 request (GET unless told) of `url` (`http://ip:port/path?query`): prints
     /// `status=<code> content_type=<type>` on the first line, then the body.
@@ -198,13 +208,28 @@ async fn run(cmd: Cmd) -> Result<()> {
             cert,
             key,
             authority,
+            streams,
+            reset_after_ms,
         } => {
             let client_cert = match (cert, key) {
                 (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
                 _ => None,
             };
-            match probe(connect, client_cert, &authority).await {
-                Ok(status) => println!("probe=status status={}", status.as_u16()),
+            let reset_after = reset_after_ms.map(Duration::from_millis);
+            match probe(connect, client_cert, &authority, streams, reset_after).await {
+                Ok(statuses) => {
+                    let first = statuses.first().map_or(0, |s| s.map_or(0, |s| s.as_u16()));
+                    let mut counts = std::collections::BTreeMap::new();
+                    for status in &statuses {
+                        let key = status.map_or("error".to_owned(), |s| s.as_u16().to_string());
+                        *counts.entry(key).or_insert(0) += 1;
+                    }
+                    let counts: Vec<String> = counts
+                        .iter()
+                        .map(|(k, n)| format!("status_{k}={n}"))
+                        .collect();
+                    println!("probe=status status={first} {}", counts.join(" "));
+                }
                 Err(e) => println!("probe=refused error={:?}", format!("{e:#}")),
             }
             Ok(())
@@ -610,13 +635,17 @@ fn parse_range(s: &str) -> Result<(u16, u16)> {
     Ok((a, b))
 }
 
-/// One CONNECT through an agent's inbound tunnel port; the agent's own certificate is not
-/// checked (the probe tests the agent's checks of its clients).
+/// CONNECTs through an agent's inbound tunnel port, `streams` of them on one connection (50 at
+/// a time), each reset `reset_after` it is answered or else closed cleanly; each one's status
+/// (`None` for a stream that got none). The agent's own certificate is not checked (the probe
+/// tests the agent's checks of its clients).
 async fn probe(
     agent: SocketAddr,
     client_cert: Option<(Vec<u8>, Vec<u8>)>,
     authority: &str,
-) -> Result<http::StatusCode> {
+    streams: usize,
+    reset_after: Option<Duration>,
+) -> Result<Vec<Option<http::StatusCode>>> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -635,19 +664,59 @@ async fn probe(
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::IpAddress(agent.ip().into()), tcp)
         .await?;
-    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+    let (sender, connection) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(tls),
     )
     .await?;
     let driver = tokio::spawn(connection);
-    let request = http::Request::builder()
-        .method(http::Method::CONNECT)
-        .uri(authority)
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-    let status = sender.send_request(request).await?.status();
+    let connect = move |mut sender: hyper::client::conn::http2::SendRequest<_>| {
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(http_body_util::Empty::<bytes::Bytes>::new());
+        async move {
+            let response = sender.send_request(request.ok()?).await.ok()?;
+            let status = response.status();
+            if status.is_success()
+                && let Ok(stream) = hyper::upgrade::on(response).await
+            {
+                let mut stream = hyper_util::rt::TokioIo::new(stream);
+                match reset_after {
+                    Some(after) => tokio::time::sleep(after).await,
+                    None => {
+                        let _ = stream.shutdown().await;
+                        let mut rest = Vec::new();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            stream.read_to_end(&mut rest),
+                        )
+                        .await;
+                    }
+                }
+            }
+            Some(status)
+        }
+    };
+    // The first answer says whether the connection is any good.
+    let first = connect(sender.clone())
+        .await
+        .context("the first CONNECT got no answer")?;
+    let mut statuses = vec![Some(first)];
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 1..streams {
+        if tasks.len() == 50
+            && let Some(done) = tasks.join_next().await
+        {
+            statuses.push(done?);
+        }
+        tasks.spawn(connect(sender.clone()));
+    }
+    while let Some(done) = tasks.join_next().await {
+        statuses.push(done?);
+    }
     driver.abort();
-    Ok(status)
+    Ok(statuses)
 }
 
 /// Accepts whatever certificate the server shows, checking only its signatures.

@@ -349,3 +349,34 @@ fn a_peers_new_streams_are_capped_per_connection() {
         refused
     );
 }
+
+#[test]
+fn a_peer_holds_at_most_256_tunnel_connections() {
+    let lab = Lab::new(two_nodes()).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let (backend, _) = lab.pod_addrs("backend").unwrap();
+    // A peer with a valid certificate opens 300 tunnels, each with a stream held open.
+    let out = lab
+        .probe_node2_with(
+            ProbeCert::Valid,
+            &format!("{backend}:8080"),
+            &["--tunnels", "300"],
+        )
+        .unwrap();
+    assert!(
+        out.stdout.contains("tunnels_ok=256 tunnels_failed=44"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        metric(
+            &lab,
+            "n2",
+            "mesh_refusals_total{reason=\"tunnel_connections_per_peer\"}"
+        ),
+        44.0
+    );
+}

@@ -113,6 +113,10 @@ enum Cmd {
         /// CONNECTs to send on the one connection, up to 50 at a time.
         #[arg(long, default_value_t = 1)]
         streams: usize,
+        /// Open this many tunnels one after another, each with one CONNECT held open, and
+        /// print `tunnels_ok=<n> tunnels_failed=<n>` (instead of sending `streams`).
+        #[arg(long)]
+        tunnels: Option<usize>,
         /// Reset each stream this long after it is answered (as a hostile peer does to make
         /// the agent dial and drop pods); without it, each answered stream is closed cleanly
         /// (its end sent, the pod's answer read to its end).
@@ -209,14 +213,30 @@ async fn run(cmd: Cmd) -> Result<()> {
             key,
             authority,
             streams,
+            tunnels,
             reset_after_ms,
         } => {
             let client_cert = match (cert, key) {
                 (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
                 _ => None,
             };
+            let config = probe_config(client_cert)?;
+            if let Some(tunnels) = tunnels {
+                let (mut ok, mut failed, mut held) = (0, 0, Vec::new());
+                for _ in 0..tunnels {
+                    match open_tunnel(connect, config.clone(), &authority).await {
+                        Ok(tunnel) => {
+                            ok += 1;
+                            held.push(tunnel);
+                        }
+                        Err(_) => failed += 1,
+                    }
+                }
+                println!("tunnels_ok={ok} tunnels_failed={failed}");
+                return Ok(());
+            }
             let reset_after = reset_after_ms.map(Duration::from_millis);
-            match probe(connect, client_cert, &authority, streams, reset_after).await {
+            match probe(connect, config, &authority, streams, reset_after).await {
                 Ok(statuses) => {
                     let first = statuses.first().map_or(0, |s| s.map_or(0, |s| s.as_u16()));
                     let mut counts = std::collections::BTreeMap::new();
@@ -641,34 +661,12 @@ fn parse_range(s: &str) -> Result<(u16, u16)> {
 /// tests the agent's checks of its clients).
 async fn probe(
     agent: SocketAddr,
-    client_cert: Option<(Vec<u8>, Vec<u8>)>,
+    config: Arc<rustls::ClientConfig>,
     authority: &str,
     streams: usize,
     reset_after: Option<Duration>,
 ) -> Result<Vec<Option<http::StatusCode>>> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
-    let mut config = match client_cert {
-        Some((cert, key)) => builder.with_client_auth_cert(
-            vec![CertificateDer::from(cert)],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        )?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = TcpStream::connect(agent).await?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::IpAddress(agent.ip().into()), tcp)
-        .await?;
-    let (sender, connection) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await?;
+    let (sender, connection) = tunnel_handshake(agent, config).await?;
     let driver = tokio::spawn(connection);
     let connect = move |mut sender: hyper::client::conn::http2::SendRequest<_>| {
         let request = http::Request::builder()
@@ -717,6 +715,70 @@ async fn probe(
     }
     driver.abort();
     Ok(statuses)
+}
+
+/// A client config with `client_cert` (DER certificate and PKCS#8 key; none if `None`) that
+/// accepts any server certificate.
+fn probe_config(client_cert: Option<(Vec<u8>, Vec<u8>)>) -> Result<Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
+    let mut config = match client_cert {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            vec![CertificateDer::from(cert)],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+type TunnelSender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// TLS and HTTP/2 with an agent's inbound port: the request sender and the connection to drive.
+async fn tunnel_handshake(
+    agent: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(
+    TunnelSender,
+    impl std::future::Future<Output = hyper::Result<()>> + Send + 'static,
+)> {
+    let tcp = TcpStream::connect(agent).await?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            rustls::pki_types::ServerName::IpAddress(agent.ip().into()),
+            tcp,
+        )
+        .await?;
+    Ok(hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await?)
+}
+
+/// A tunnel with one CONNECT to `authority` answered 2xx and held open (until dropped).
+async fn open_tunnel(
+    agent: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    authority: &str,
+) -> Result<(
+    tokio::task::JoinHandle<hyper::Result<()>>,
+    hyper::upgrade::Upgraded,
+)> {
+    let (mut sender, connection) = tunnel_handshake(agent, config).await?;
+    let driver = tokio::spawn(connection);
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(authority)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    ensure!(response.status().is_success(), "{}", response.status());
+    Ok((driver, hyper::upgrade::on(response).await?))
 }
 
 /// Accepts whatever certificate the server shows, checking only its signatures.

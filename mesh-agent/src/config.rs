@@ -57,6 +57,11 @@ pub struct Config {
     /// Meshed workloads (pods) running on this node.
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// Addresses of this node's pods that are not meshed: meshed pods of other nodes reach
+    /// them through the tunnel, which reaches no address the state does not know (workloads'
+    /// and endpoints' addresses count already).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmeshed_pods: Vec<IpAddr>,
     /// Services: addresses and ports the mesh owns, and their endpoints.
     #[serde(default)]
     pub services: Vec<Service>,
@@ -203,6 +208,14 @@ impl Config {
                 return Err((
                     vec![K("workloads"), I(i), K("cgroup")],
                     format!("cgroup {} belongs to another workload too", w.cgroup),
+                ));
+            }
+        }
+        for (i, a) in self.unmeshed_pods.iter().enumerate() {
+            if !self.node.pod_cidrs.iter().any(|net| net.contains(a)) {
+                return Err((
+                    vec![K("unmeshed_pods"), I(i)],
+                    format!("{a} is not in this node's pod CIDRs"),
                 ));
             }
         }
@@ -851,6 +864,10 @@ services:
             (
                 VALID.replace("name: node-2", "name: node-1"),
                 "node.yaml:5:11: peers[0].name: node node-1 is listed twice",
+            ),
+            (
+                format!("{VALID}unmeshed_pods: [198.18.1.3, 198.18.2.3]\n"),
+                "node.yaml:19:29: unmeshed_pods[1]: 198.18.2.3 is not in this node's pod CIDRs",
             ),
             (
                 VALID.replace("pod_cidrs: [198.18.2.0/24]", "pod_cidrs: [198.18.0.0/24]"),

@@ -176,6 +176,7 @@ impl Routes {
             .workloads
             .iter()
             .flat_map(|w| &w.addresses)
+            .chain(&config.unmeshed_pods)
             .chain(
                 config
                     .services
@@ -243,8 +244,8 @@ impl Routes {
         }
     }
 
-    /// Whether `addr` (IPv4-mapped or not) is a pod of this node the state knows: a workload's
-    /// or an endpoint's address in this node's pod CIDRs (which never hold the node's own
+    /// Whether `addr` (IPv4-mapped or not) is a pod of this node the state knows: a workload's,
+    /// an unmeshed pod's or an endpoint's address in this node's pod CIDRs (which never hold the node's own
     /// addresses; `system::within_this_host` checks the connection itself too). The only
     /// addresses inbound tunnels may reach, and pod addresses of this node dialled directly.
     pub fn is_local_pod(&self, addr: IpAddr) -> bool {

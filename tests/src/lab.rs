@@ -301,6 +301,11 @@ impl Lab {
                 self.cgroup_rel(&self.pod_cgroup(&pod.name)?)
             )?;
         }
+        writeln!(y, "unmeshed_pods:")?;
+        for pod in spec.pods.iter().filter(|p| p.node == node && !p.enrolled) {
+            let (a4, a6) = pod_addrs(&pod.name)?;
+            writeln!(y, "  - {a4}\n  - \"{a6}\"")?;
+        }
         writeln!(y, "services:")?;
         for s in &spec.services {
             let addrs: Vec<String> = s.addresses.iter().map(|a| format!("\"{a}\"")).collect();

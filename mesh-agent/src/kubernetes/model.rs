@@ -78,9 +78,10 @@ impl Cluster {
         nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let known: HashSet<&Name> = nodes.iter().chain([&this]).map(|n| &n.name).collect();
         let mut cgroups_pending = false;
-        let mut workloads =
-            self.workloads(&this.name, &cgroup_of, &mut skipped, &mut cgroups_pending);
+        let (mut workloads, mut unmeshed_pods) =
+            self.pods(&this.name, &cgroup_of, &mut skipped, &mut cgroups_pending);
         workloads.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        unmeshed_pods.sort();
         let slices = self.slices_by_service();
         let mut services: Vec<Service> = self
             .services
@@ -95,6 +96,7 @@ impl Cluster {
                 trust_domain: settings.trust_domain.clone(),
                 identity: settings.identity.clone(),
                 workloads,
+                unmeshed_pods,
                 services,
             },
             skipped,
@@ -102,13 +104,15 @@ impl Cluster {
         })
     }
 
-    fn workloads(
+    /// The running pods of `node` (not on its host network): the workloads of enrolled
+    /// namespaces, and the addresses of the others.
+    fn pods(
         &self,
         node: &Name,
         cgroup_of: &impl Fn(&str) -> Option<CgroupPath>,
         skipped: &mut Vec<String>,
         cgroups_pending: &mut bool,
-    ) -> Vec<Workload> {
+    ) -> (Vec<Workload>, Vec<IpAddr>) {
         let enrolled: HashSet<&str> = self
             .namespaces
             .iter()
@@ -122,6 +126,7 @@ impl Cluster {
             .filter_map(|ns| ns.metadata.name.as_deref())
             .collect();
         let mut workloads = Vec::new();
+        let mut unmeshed = Vec::new();
         for pod in &self.pods {
             let (Some(spec), Some(name), Some(namespace)) = (
                 pod.spec.as_ref(),
@@ -130,10 +135,7 @@ impl Cluster {
             ) else {
                 continue;
             };
-            if spec.node_name.as_deref() != Some(node.as_str())
-                || !enrolled.contains(namespace)
-                || spec.host_network == Some(true)
-            {
+            if spec.node_name.as_deref() != Some(node.as_str()) || spec.host_network == Some(true) {
                 continue;
             }
             let status = pod.status.as_ref();
@@ -149,6 +151,10 @@ impl Cluster {
                 .unwrap_or_default();
             if addresses.is_empty() {
                 continue; // Not started yet: it shows up again with its IP.
+            }
+            if !enrolled.contains(namespace) {
+                unmeshed.extend(addresses);
+                continue;
             }
             let Some(cgroup) = pod.metadata.uid.as_deref().and_then(cgroup_of) else {
                 skipped.push(format!(
@@ -169,7 +175,7 @@ impl Cluster {
                 _ => skipped.push(format!("pod {namespace}/{name}: not a valid name")),
             }
         }
-        workloads
+        (workloads, unmeshed)
     }
 
     /// The EndpointSlices (not FQDN) of each service, by (namespace, service name), in the
@@ -525,6 +531,12 @@ mod tests {
             "/kubepods/pod1f3a5c2e-7b4d-4e8f-9a01-2b3c4d5e6f70"
         );
         assert_eq!(d.config.workloads[1].service_account.as_str(), "default");
+        // The pod of the namespace not enrolled is known by its address (the tunnel may reach
+        // it), the one on the host network is not.
+        assert_eq!(
+            d.config.unmeshed_pods,
+            ["10.244.1.30".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]

@@ -77,6 +77,17 @@ impl LabSpec {
             .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
     }
 
+    /// Nodes `n1` and `n2`; an enrolled `client` on n1 and the `echo` service (at
+    /// 198.19.0.10) of `backend`, not enrolled, on n2.
+    pub fn client_and_echo_across_nodes() -> Self {
+        Self::default()
+            .node("n1")
+            .node("n2")
+            .pod("n1", "client", true)
+            .pod("n2", "backend", false)
+            .service(ServiceSpec::echo("echo", &["198.19.0.10"], &["backend"]))
+    }
+
     pub fn node(mut self, name: &str) -> Self {
         self.nodes.push(name.into());
         self

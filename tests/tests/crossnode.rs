@@ -7,16 +7,6 @@ use mesh_tests::{Lab, LabSpec, ProbeCert, ServiceSpec, frames};
 
 const VIP: &str = "198.19.0.10";
 
-/// Nodes `n1` and `n2`; an enrolled `client` on n1 and the `echo` service's `backend` on n2.
-fn two_nodes() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .node("n2")
-        .pod("n1", "client", true)
-        .pod("n2", "backend", false)
-        .service(ServiceSpec::echo("echo", &[VIP], &["backend"]))
-}
-
 /// The pattern every echo sends starts with these bytes (see `mesh-testpod`).
 fn pattern_start(len: u64) -> Vec<u8> {
     (0..len)
@@ -26,7 +16,7 @@ fn pattern_start(len: u64) -> Vec<u8> {
 
 #[test]
 fn cross_node_traffic_is_byte_exact_and_only_tls_on_the_wire() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a1 = lab.start_agent("n1", &[]).unwrap();
     let a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -134,7 +124,7 @@ fn cross_node_traffic_is_byte_exact_and_only_tls_on_the_wire() {
 
 #[test]
 fn bad_peers_are_refused_at_the_inbound_port() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
@@ -201,7 +191,7 @@ fn echo(lab: &Lab, bytes: u64, connections: usize) -> mesh_tests::Output {
 
 #[test]
 fn certificate_renewal_under_traffic_loses_nothing() {
-    let lab = Lab::new(two_nodes().certificate_ttl("4s")).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes().certificate_ttl("4s")).unwrap();
     let a1 = lab.start_agent("n1", &[]).unwrap();
     let a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -321,7 +311,7 @@ fn a_dying_endpoint_is_ejected_and_comes_back() {
 
 #[test]
 fn five_hundred_concurrent_cross_node_connections_are_byte_exact() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let a1 = lab.start_agent("n1", &[]).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -339,7 +329,7 @@ fn five_hundred_concurrent_cross_node_connections_are_byte_exact() {
 
 #[test]
 fn reload_adds_a_workload_that_calls_across_nodes_with_its_own_identity() {
-    let initial = two_nodes().pod("n1", "late", false);
+    let initial = LabSpec::client_and_echo_across_nodes().pod("n1", "late", false);
     let mut grown =
         initial
             .clone()

@@ -1,20 +1,10 @@
-//! End-to-end: hostile pods and peers, played by stock clients (curl, ab, h2load, openssl)
+//! End-to-end: hostile pods and peers, played by stock clients (curl, ab, bash's `/dev/tcp`)
 //! and by `mesh-testpod probe` with certificates of the lab's CA. Each test is a probe that
 //! once broke or strained the agent; it checks that the agent now refuses it cheaply.
 
-use mesh_tests::{Lab, LabSpec, ProbeCert, ServiceSpec, node_addrs, pod_addrs};
+use mesh_tests::{Lab, LabSpec, ProbeCert, node_addrs, pod_addrs};
 
 const VIP: &str = "198.19.0.10";
-
-/// Nodes `n1` and `n2`; an enrolled `client` on n1 and the `echo` service's `backend` on n2.
-fn two_nodes() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .node("n2")
-        .pod("n1", "client", true)
-        .pod("n2", "backend", false)
-        .service(ServiceSpec::echo("echo", &[VIP], &["backend"]))
-}
 
 /// The value of the series `name{labels}` on `node`'s agent (0 if it has none).
 fn metric(lab: &Lab, node: &str, series: &str) -> f64 {
@@ -43,7 +33,7 @@ fn scrape(lab: &Lab, node: &str) -> String {
 
 #[test]
 fn the_tunnel_never_reaches_the_node_itself() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a1 = lab.start_agent("n1", &[]).unwrap();
     let a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -101,7 +91,7 @@ fn the_tunnel_never_reaches_the_node_itself() {
 
 #[test]
 fn a_port_scan_makes_no_series() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a1 = lab.start_agent("n1", &[]).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let (backend, _) = lab.pod_addrs("backend").unwrap();
@@ -228,7 +218,7 @@ fn bash(lab: &Lab, pod: &str, script: &str) -> String {
 
 #[test]
 fn handshakes_are_capped_per_source_and_shed_at_once() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a1 = lab.start_agent("n1", &[]).unwrap();
     let a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -272,7 +262,7 @@ fn handshakes_are_capped_per_source_and_shed_at_once() {
 
 #[test]
 fn handshakes_beyond_a_sources_rate_are_shed_and_logged_sparingly() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let a2 = lab.start_agent("n2", &[]).unwrap();
     let (node2, _) = node_addrs(2);
     // ab over TLS without a client certificate, as fast as it can: every handshake fails.
@@ -319,7 +309,7 @@ fn handshakes_beyond_a_sources_rate_are_shed_and_logged_sparingly() {
 
 #[test]
 fn a_peers_new_streams_are_capped_per_connection() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
@@ -352,7 +342,7 @@ fn a_peers_new_streams_are_capped_per_connection() {
 
 #[test]
 fn a_peer_holds_at_most_256_tunnel_connections() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])

@@ -1,21 +1,12 @@
 //! End-to-end: a real Prometheus scrapes the agents of a two-node lab; what it stored must
 //! agree exactly with the traffic the test sent. The admin API answers for each node.
 
-use mesh_tests::{HttpReply, Lab, LabSpec, ProbeCert, ServiceSpec};
+use mesh_tests::{HttpReply, Lab, LabSpec, ProbeCert};
 
 const VIP: &str = "198.19.0.10";
 const CONNECTIONS: u64 = 7;
 const BYTES: u64 = 300_000;
 const CLIENT: &str = "spiffe://lab.mesh/ns/lab/sa/client";
-
-fn two_nodes() -> LabSpec {
-    LabSpec::default()
-        .node("n1")
-        .node("n2")
-        .pod("n1", "client", true)
-        .pod("n2", "backend", false)
-        .service(ServiceSpec::echo("echo", &[VIP], &["backend"]))
-}
 
 /// Every query of the Grafana dashboard in `deploy/`.
 fn dashboard_queries() -> Vec<String> {
@@ -38,7 +29,7 @@ fn admin(lab: &Lab, from: &str, k: u8, path: &str) -> HttpReply {
 
 #[test]
 fn prometheus_sees_exactly_the_traffic_sent() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let _a1 = lab.start_agent("n1", &[]).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -60,7 +51,8 @@ fn prometheus_sees_exactly_the_traffic_sent() {
             ],
         )
         .unwrap();
-    let banner: u64 = out.field("banner_bytes").parse().unwrap();
+    // Of all the connections' banners.
+    let banners: u64 = out.field("banner_bytes").parse().unwrap();
     // Refused peers at n2's tunnel port: one from another CA, one without a certificate; a
     // good one asking for a pod of another node.
     let (backend, _) = lab.pod_addrs("backend").unwrap();
@@ -75,7 +67,7 @@ fn prometheus_sees_exactly_the_traffic_sent() {
         format!("{{direction=\"{direction}\",source_identity=\"{CLIENT}\",hop=\"tunnel\"}}")
     };
     let sent = (CONNECTIONS * BYTES) as f64;
-    let received = (CONNECTIONS * (BYTES + banner)) as f64;
+    let received = (CONNECTIONS * BYTES + banners) as f64;
     for direction in ["outbound", "inbound"] {
         let labels = conn(direction);
         for (metric, expected) in [
@@ -169,7 +161,7 @@ fn prometheus_sees_exactly_the_traffic_sent() {
 
 #[test]
 fn the_admin_api_answers_on_every_node() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let a1 = lab.start_agent("n1", &[]).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab
@@ -253,7 +245,7 @@ fn the_admin_api_answers_on_every_node() {
 
 #[test]
 fn access_log_lines_are_json_when_asked() {
-    let lab = Lab::new(two_nodes()).unwrap();
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
     let a1 = lab.start_agent("n1", &["--log-format", "json"]).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
     let _backend = lab

@@ -451,8 +451,9 @@ async fn echo_back(mut stream: TcpStream, peer: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Runs `connections` echoes at once; prints the first one's banner, the bytes each echoed
-/// and the addresses of every server (`server_ips`) and agent (`agent_ips`) seen.
+/// Runs `connections` echoes at once; prints the first one's banner, the bytes of all the
+/// banners (their lengths differ with the ports in them), the bytes each echoed and the
+/// addresses of every server (`server_ips`) and agent (`agent_ips`) seen.
 async fn echo_all(
     addr: SocketAddr,
     bytes: u64,
@@ -502,7 +503,7 @@ async fn echo_all(
     let peer = words.next().unwrap_or_default();
     println!(
         "banner_{local} banner_{peer} banner_bytes={} echoed={bytes} connections={connections} server_ips={} agent_ips={}",
-        first.len(),
+        banners.iter().map(String::len).sum::<usize>(),
         ips(0),
         ips(1),
     );

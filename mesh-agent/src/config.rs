@@ -22,7 +22,7 @@ use serde::{
     de::{self, Visitor},
 };
 
-use crate::balance::Strategy;
+use crate::proxy::balance::Strategy;
 
 /// A configuration that could not be used, with where and why.
 #[derive(Debug, thiserror::Error)]

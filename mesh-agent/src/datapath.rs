@@ -25,7 +25,11 @@ use mesh_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{btf::Btf, config::Config, system::BPFFS};
+use crate::{config::Config, system::BPFFS};
+
+pub mod btf;
+
+use btf::Btf;
 
 /// The compiled eBPF programs (`cargo xtask build-ebpf`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));

@@ -1,5 +1,6 @@
 //! Workload identities: SPIFFE IDs, the certificate authority that vouches for them, and the
-//! trust bundle peers are checked against.
+//! trust bundle peers are checked against; the certificates held for local workloads and
+//! renewed (`certificates`), and the rustls configs and SPIFFE verifiers built on them (`tls`).
 
 use std::{
     fmt,
@@ -13,6 +14,9 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+
+pub mod certificates;
+pub mod tls;
 
 /// The service account the agents themselves run as (the DaemonSet's); peers expect it on
 /// port 15008.

@@ -1,26 +1,18 @@
 //! The mesh's per-node agent: loads the eBPF programs, recovers the original destinations of
 //! captured connections and forwards them.
+//!
+//! `app` is the composition root; `config` reads the YAML; `discovery` brings the mesh's
+//! state, `state` models it; `proxy` carries connections; `identity` holds SPIFFE IDs, the CA,
+//! certificates and TLS configs; `datapath` is the kernel side; `observability` is metrics,
+//! logs and the admin API.
 
-pub mod access;
-pub mod admin;
-pub mod agent;
-pub mod balance;
-pub mod btf;
-pub mod certificates;
+pub mod app;
 pub mod cli;
 pub mod config;
-pub mod copy;
 pub mod datapath;
+pub mod discovery;
 pub mod identity;
-pub mod inbound;
-pub mod kubernetes;
-pub mod limit;
-pub mod liveness;
-pub mod logs;
-pub mod metrics;
-pub mod outbound;
-pub mod reload;
-pub mod routing;
+pub mod observability;
+pub mod proxy;
+pub mod state;
 pub mod system;
-pub mod tls;
-pub mod tunnel;

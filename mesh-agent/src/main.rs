@@ -3,11 +3,11 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use anyhow::Result;
 use clap::Parser;
 use mesh_agent::{
-    agent::{self, Kubernetes, RunOptions},
+    app::{self, Kubernetes, RunOptions},
     cli::{Cli, Command, LogFormat},
     datapath::{self, Datapath},
     identity::FileCa,
-    liveness::Liveness,
+    proxy::liveness::Liveness,
     system,
 };
 use tracing::level_filters::LevelFilter;
@@ -47,7 +47,7 @@ fn run(cli: Cli) -> Result<()> {
             grace_period,
             tunnel_keepalive,
             no_sk_msg,
-        } => tokio::runtime::Runtime::new()?.block_on(agent::run(RunOptions {
+        } => tokio::runtime::Runtime::new()?.block_on(app::run(RunOptions {
             config,
             kubernetes: kubernetes_node.map(|node| Kubernetes {
                 node,

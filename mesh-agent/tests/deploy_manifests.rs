@@ -20,13 +20,13 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use mesh_agent::{
-    admin::ADMIN_PORT,
     cli::{Cli, Command},
     config::{ClusterSettings, Config},
     datapath::OUTBOUND_PORT,
+    discovery::kubernetes::watch::{RESOURCES, VERBS},
     identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT},
-    kubernetes::watch::{RESOURCES, VERBS},
-    routing::TUNNEL_PORT,
+    observability::admin::ADMIN_PORT,
+    state::routes::TUNNEL_PORT,
     system::BPFFS,
 };
 use serde::{Deserialize, de::DeserializeOwned};

@@ -12,7 +12,7 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 
-use mesh_agent::routing::TUNNEL_PORT;
+use mesh_agent::state::routes::TUNNEL_PORT;
 
 use crate::{Lab, Output, lab::TRUST_DOMAIN, topology};
 

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use mesh_agent::routing::TUNNEL_PORT;
+use mesh_agent::state::routes::TUNNEL_PORT;
 
 use crate::{Lab, netns::Placement, topology};
 

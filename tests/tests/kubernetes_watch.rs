@@ -10,7 +10,7 @@ use std::{
 
 use mesh_agent::{
     config::{ClusterSettings, Config},
-    kubernetes::watch::ClusterWatch,
+    discovery::kubernetes::watch::ClusterWatch,
 };
 use mesh_tests::ApiServer;
 use serde_json::{Value, json};

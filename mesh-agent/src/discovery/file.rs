@@ -1,26 +1,15 @@
-//! Keeps the running state in step with the config's source: every valid change is applied
-//! to the eBPF maps and the routes without a restart; an invalid one is logged and the
-//! running config stays.
+//! The YAML file as the source of the mesh's state: followed by polling, a change read once
+//! the file has settled, parsed away from the threads that carry traffic.
 
 use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{Duration, SystemTime},
 };
 
 use tokio::{sync::watch, time::Instant};
-use tracing::{info, warn};
 
-use crate::{
-    balance::EndpointStates,
-    certificates::Certificates,
-    config::Config,
-    datapath::{StateMaps, workload_cgroups},
-    metrics::{self, ResultLabels, metrics},
-    routing::Routes,
-    system,
-};
+use crate::{config::Config, state::reload::rejected, system};
 
 /// How often the file is looked at. Polling (rather than inotify) also follows a Kubernetes
 /// ConfigMap, whose files are swapped through symlinks.
@@ -28,81 +17,6 @@ const POLL: Duration = Duration::from_millis(500);
 /// How long a changed file must stay unchanged before it is read: a file being written in
 /// place is not applied half-written (replacing it with a rename is atomic and still best).
 pub const SETTLE: Duration = Duration::from_secs(1);
-
-/// What the agent runs with and keeps in step with its config.
-pub struct Running {
-    pub state: StateMaps,
-    /// Where the workloads' cgroup paths start.
-    pub cgroup_mount: PathBuf,
-    /// The routes, and the config they were built from (the running one).
-    pub routes: watch::Sender<Arc<Routes>>,
-    /// Endpoint load and health, kept across reloads.
-    pub states: Arc<EndpointStates>,
-    pub certificates: Arc<Certificates>,
-}
-
-impl Running {
-    /// Applies every config `updates` brings until it closes or the task is dropped.
-    pub async fn follow(mut self, mut updates: watch::Receiver<Option<Config>>) {
-        while updates.changed().await.is_ok() {
-            let new = updates.borrow_and_update().clone();
-            if let Some(new) = new {
-                self.apply(new);
-            }
-        }
-    }
-
-    /// Makes `new` the running config, unless it changes what cannot change while the agent
-    /// runs or its certificates cannot be issued.
-    fn apply(&mut self, new: Config) {
-        let started = std::time::Instant::now();
-        // The running config is the one the current routes were built from.
-        let routes = self.routes.borrow().clone();
-        let running = routes.config();
-        if new == *running {
-            return;
-        }
-        let fixed = [
-            (
-                new.node.name != running.node.name,
-                "node.name (the pins are named after it)",
-            ),
-            (new.trust_domain != running.trust_domain, "trust_domain"),
-            (new.identity != running.identity, "identity"),
-        ];
-        if let Some((_, what)) = fixed.iter().find(|(changed, _)| *changed) {
-            rejected(&format!(
-                "{what} cannot change while the agent runs; restart the agent"
-            ));
-            return;
-        }
-        let cgroups = workload_cgroups(&new, &self.cgroup_mount);
-        let routes = Routes::new(&new, &self.states, &cgroups);
-        if let Err(e) = self.certificates.hold(&routes.identities()) {
-            rejected(&format!("{e:#}"));
-            return;
-        }
-        if let Err(e) = self.state.sync(&new, &cgroups) {
-            warn!("config change only partly applied to the eBPF maps: {e:#}");
-        }
-        self.routes.send_replace(Arc::new(routes));
-        metrics::forget_removed(running, &new);
-        counted("applied");
-        info!(
-            workloads = new.workloads.len(),
-            services = new.services.len(),
-            endpoints = new
-                .services
-                .iter()
-                .map(|s| s.endpoints.len())
-                .sum::<usize>(),
-            applied_in_ms = started.elapsed().as_millis() as u64,
-            "config reloaded"
-        );
-        drop(new);
-        system::release_freed_memory();
-    }
-}
 
 /// Sends each change of `file` that parses as a [`Config`] to `configs`, once the file has
 /// stayed unchanged for [`SETTLE`], until the task is dropped; a change that does not parse is
@@ -133,19 +47,6 @@ pub async fn follow_file(file: PathBuf, configs: watch::Sender<Option<Config>>) 
         }
         system::release_freed_memory();
     }
-}
-
-/// Counts and logs a config change that is not applied.
-pub fn rejected(why: &dyn std::fmt::Display) {
-    counted("rejected");
-    warn!("config change rejected, the running config stays: {why}");
-}
-
-fn counted(result: &'static str) {
-    metrics()
-        .config_reloads
-        .get_or_create(&ResultLabels { result })
-        .inc();
 }
 
 /// What changes when the file does: modification time, size, inode.

@@ -28,15 +28,17 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    access::{Connection, Metered},
-    copy,
     identity::SpiffeId,
-    limit::{Limit, Permit, Rate, RatePerSource},
-    liveness::{Liveness, SilenceLimit},
-    metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
-    outbound::CONNECT_TIMEOUT,
-    routing::Routes,
-    system, tls, tunnel, warn_sampled,
+    identity::tls,
+    observability::access::{Connection, Metered},
+    observability::metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
+    proxy::copy,
+    proxy::limit::{Limit, Permit, Rate, RatePerSource},
+    proxy::liveness::{Liveness, SilenceLimit},
+    proxy::outbound::CONNECT_TIMEOUT,
+    proxy::tunnel,
+    state::routes::Routes,
+    system, warn_sampled,
 };
 
 /// How long a peer may take to finish the TLS handshake.

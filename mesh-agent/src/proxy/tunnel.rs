@@ -31,11 +31,11 @@ use tracing::debug;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::{
-    certificates::Certificates,
     identity::SpiffeId,
-    liveness::Liveness,
-    metrics::{HandshakeLabels, PeerLabels, metrics},
-    tls,
+    identity::certificates::Certificates,
+    identity::tls,
+    observability::metrics::{HandshakeLabels, PeerLabels, metrics},
+    proxy::liveness::Liveness,
 };
 
 /// Streams one TLS connection carries at most; the inbound side advertises the same limit.

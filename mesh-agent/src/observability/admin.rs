@@ -29,12 +29,12 @@ use tracing::{debug, info, warn};
 use tracing_subscriber::{EnvFilter, reload};
 
 use crate::{
-    balance::EndpointStates,
-    certificates::{Certificates, unix_seconds},
-    limit::Limit,
-    liveness::SilenceLimit,
-    metrics::count_refusal,
-    routing::Routes,
+    identity::certificates::{Certificates, unix_seconds},
+    observability::metrics::count_refusal,
+    proxy::balance::EndpointStates,
+    proxy::limit::Limit,
+    proxy::liveness::SilenceLimit,
+    state::routes::Routes,
     system, warn_sampled,
 };
 

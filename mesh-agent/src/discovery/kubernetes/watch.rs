@@ -31,7 +31,7 @@ use super::{
 };
 use crate::{
     config::{ClusterSettings, Config, Name},
-    reload,
+    state::reload,
 };
 
 /// How long a change waits for more before the config is built again: a burst of events

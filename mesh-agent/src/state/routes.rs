@@ -10,9 +10,9 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    balance::{Balancer, EndpointStates, Lease},
     config::Config,
     identity::SpiffeId,
+    proxy::balance::{Balancer, EndpointStates, Lease},
 };
 
 /// The port peer agents accept tunnels on.

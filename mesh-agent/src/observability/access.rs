@@ -12,7 +12,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::info;
 
-use crate::metrics::{ConnectionLabels, metrics};
+use crate::observability::metrics::{ConnectionLabels, metrics};
 
 /// An open connection, counted as opened; [`Connection::close`] counts the rest.
 pub struct Connection {

@@ -21,21 +21,22 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    admin::{ADMIN_PORT, Admin, LogFilter},
-    balance::EndpointStates,
-    certificates::Certificates,
     config::{ClusterSettings, Config, Name},
     datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT, workload_cgroups},
+    discovery::file,
+    discovery::kubernetes::watch::ClusterWatch,
     identity::FileCa,
-    inbound::Inbound,
-    kubernetes::watch::ClusterWatch,
-    liveness::Liveness,
-    metrics,
-    outbound::Outbound,
-    reload,
-    routing::{Routes, TUNNEL_PORT},
+    identity::certificates::Certificates,
+    observability::admin::{ADMIN_PORT, Admin, LogFilter},
+    observability::metrics,
+    proxy::balance::EndpointStates,
+    proxy::inbound::Inbound,
+    proxy::liveness::Liveness,
+    proxy::outbound::Outbound,
+    proxy::tunnel::Tunnels,
+    state::reload,
+    state::routes::{Routes, TUNNEL_PORT},
     system,
-    tunnel::Tunnels,
 };
 
 /// What `mesh-agent run` was told.
@@ -83,7 +84,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         None => {
             let config = Config::load(&opts.config)?;
             let (configs, updates) = watch::channel(None);
-            let following = tokio::spawn(reload::follow_file(opts.config.clone(), configs));
+            let following = tokio::spawn(file::follow_file(opts.config.clone(), configs));
             (config, (following, updates))
         }
         Some(kubernetes) => {

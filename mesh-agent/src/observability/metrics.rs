@@ -521,7 +521,7 @@ services:
     fn the_dashboard_draws_only_exported_metrics() {
         let text = encoded();
         let dashboard: serde_json::Value =
-            serde_json::from_str(include_str!("../../deploy/grafana/mesh-agents.json")).unwrap();
+            serde_json::from_str(include_str!("../../../deploy/grafana/mesh-agents.json")).unwrap();
         let exprs = dashboard["panels"]
             .as_array()
             .unwrap()

@@ -17,15 +17,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    access::{Connection, Metered},
-    balance::Lease,
-    copy,
     datapath::OrigDstTable,
-    metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
-    routing::{Hop, LocalWorkload, Route, Routes},
-    system,
-    tunnel::{TunnelStream, Tunnels},
-    warn_sampled,
+    observability::access::{Connection, Metered},
+    observability::metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
+    proxy::balance::Lease,
+    proxy::copy,
+    proxy::tunnel::{TunnelStream, Tunnels},
+    state::routes::{Hop, LocalWorkload, Route, Routes},
+    system, warn_sampled,
 };
 
 /// How long a connect may take, directly or through a tunnel, before the next endpoint is

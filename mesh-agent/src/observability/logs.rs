@@ -61,7 +61,7 @@ impl Sample {
 #[macro_export]
 macro_rules! warn_sampled {
     ($($arg:tt)+) => {{
-        static SAMPLE: $crate::logs::Sample = $crate::logs::Sample::new();
+        static SAMPLE: $crate::observability::logs::Sample = $crate::observability::logs::Sample::new();
         match SAMPLE.admit() {
             Some(0) => ::tracing::warn!($($arg)+),
             Some(held_back) => ::tracing::warn!(held_back, $($arg)+),

@@ -13,9 +13,9 @@ use rustls::{ClientConfig, ServerConfig};
 use tracing::{info, warn};
 
 use crate::{
+    identity::tls::{self, CertSlot},
     identity::{CertificateAuthority, SpiffeId},
-    metrics::{IdentityLabels, metrics},
-    tls::{self, CertSlot},
+    observability::metrics::{IdentityLabels, metrics},
 };
 
 /// Renewal happens at half the lifetime, give or take this share of it.

@@ -917,13 +917,8 @@ fn run_program_at(placement: Placement, program: &str, args: &[&str]) -> Result<
 
 /// Runs `cmd` to its end, at most [`EXIT_LIMIT`] (then it is killed and this fails).
 fn output(mut cmd: Command) -> Result<Output> {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let (status, stdout, stderr) = process::finish(child, EXIT_LIMIT)
-        .with_context(|| format!("{} did not finish", shown(&cmd)))?;
+    let (status, stdout, stderr) =
+        process::run(&mut cmd).with_context(|| format!("{} did not finish", shown(&cmd)))?;
     Ok(Output {
         status,
         stdout,
@@ -1015,11 +1010,17 @@ fn require_root() -> Result<()> {
 
 fn ensure_bpffs() -> Result<()> {
     if mesh_agent::system::require_bpffs().is_err() {
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf", mesh_agent::system::BPFFS])
-            .status()?;
+        let (status, _, stderr) = process::run(Command::new("mount").args([
+            "-t",
+            "bpf",
+            "bpf",
+            mesh_agent::system::BPFFS,
+        ]))?;
         if !status.success() {
-            bail!("cannot mount bpffs at {}", mesh_agent::system::BPFFS);
+            bail!(
+                "cannot mount bpffs at {}: {stderr}",
+                mesh_agent::system::BPFFS
+            );
         }
     }
     Ok(())

@@ -10,18 +10,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+use crate::process;
+
 /// Runs `ip` with `args`; fails with its error output.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
+    let (status, _, stderr) = process::run(Command::new("ip").args(args))
         .context("cannot run `ip` (install iproute2: cargo xtask setup)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    if !status.success() {
+        bail!("`ip {}` failed: {}", args.join(" "), stderr.trim());
     }
     Ok(())
 }
@@ -37,15 +33,11 @@ pub fn ip_in(netns: &str, args: &[&str]) -> Result<()> {
 /// inside `netns`.
 pub fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
     let script = format!("echo {value} > /proc/sys/{key}");
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "sh", "-c", &script])
-        .output()
-        .context("cannot run a shell in a network namespace")?;
-    if !out.status.success() {
-        bail!(
-            "{key}={value} in {netns} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    let (status, _, stderr) =
+        process::run(Command::new("ip").args(["netns", "exec", netns, "sh", "-c", &script]))
+            .context("cannot run a shell in a network namespace")?;
+    if !status.success() {
+        bail!("{key}={value} in {netns} failed: {}", stderr.trim());
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead, BufReader, Read},
-    process::{Child, ChildStdout, ExitStatus},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -67,6 +67,17 @@ pub fn finish(mut child: Child, limit: Duration) -> Result<(ExitStatus, String, 
             collect(stderr, DRAIN_LIMIT)
         )),
     }
+}
+
+/// Runs `cmd` (stdin empty, stdout and stderr piped) to its end, at most [`EXIT_LIMIT`]:
+/// its status and output.
+pub fn run(cmd: &mut Command) -> Result<(ExitStatus, String, String)> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    finish(child, EXIT_LIMIT)
 }
 
 /// Reads the first line of `stdout` within `limit`; the reader comes back for later reads.

@@ -10,7 +10,12 @@ use anyhow::{Context, Result, bail};
 
 use mesh_agent::state::routes::TUNNEL_PORT;
 
-use crate::{Lab, netns::Placement, topology};
+use crate::{
+    Lab,
+    netns::Placement,
+    process::{self, EXIT_LIMIT},
+    topology,
+};
 
 /// A closed port the capture's first packets go to (the discard port).
 pub const KNOCK_PORT: u16 = 9;
@@ -82,7 +87,7 @@ impl Capture {
     pub fn stop(mut self) -> Result<PathBuf> {
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.child.wait()?;
+        process::wait_within(&mut self.child, EXIT_LIMIT).context("tshark did not stop")?;
         Ok(self.file.clone())
     }
 }
@@ -110,15 +115,9 @@ pub fn frames(file: &PathBuf, filter: &str, fields: &[&str]) -> Result<Vec<Strin
     for f in fields {
         cmd.args(["-e", f]);
     }
-    let out = cmd.output().context("cannot run tshark")?;
-    if !out.status.success() {
-        bail!(
-            "tshark -Y {filter:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let (status, stdout, stderr) = process::run(&mut cmd).context("cannot run tshark")?;
+    if !status.success() {
+        bail!("tshark -Y {filter:?}: {stderr}");
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect())
+    Ok(stdout.lines().map(str::to_owned).collect())
 }

@@ -141,7 +141,7 @@ fn bad_peers_are_refused_at_the_inbound_port() {
     assert_eq!(elsewhere.field("status"), "403", "{}", elsewhere.stdout);
     assert!(
         a2.log()
-            .contains("tunnel stream refused: not a pod of this node")
+            .contains("tunnel stream refused: 198.18.1.2:8080 is not a pod of this node")
     );
 
     let refusals = [

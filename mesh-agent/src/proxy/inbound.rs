@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,6 +36,7 @@ use crate::{
     proxy::limit::{Limit, Permit, Rate, RatePerSource},
     proxy::liveness::{Liveness, SilenceLimit},
     proxy::outbound::CONNECT_TIMEOUT,
+    proxy::plan::{self, InboundPlan, Refusal},
     proxy::tunnel,
     state::routes::Routes,
     system, warn_sampled,
@@ -263,27 +264,25 @@ impl Inbound {
             warn_sampled!(%caller, "tunnel stream refused: over {STREAMS_PER_SECOND} new streams per second on its connection");
             return status(StatusCode::TOO_MANY_REQUESTS);
         }
-        if request.method() != Method::CONNECT {
-            count_refusal("not_connect");
-            return status(StatusCode::METHOD_NOT_ALLOWED);
-        }
-        let Some(target) = request
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
-        else {
-            count_refusal("bad_authority");
-            warn_sampled!(%caller, uri = %request.uri(), "tunnel stream refused: the authority is not ip:port");
-            return status(StatusCode::BAD_REQUEST);
-        };
-        let destination = {
-            let routes = self.routes.borrow();
-            if !routes.is_local_pod(target.ip()) {
-                count_refusal("not_local_pod");
-                warn_sampled!(%caller, %target, "tunnel stream refused: not a pod of this node");
-                return status(StatusCode::FORBIDDEN);
+        let planned = plan::inbound(
+            &self.routes.borrow(),
+            request.method(),
+            request.uri().authority().map(|a| a.as_str()),
+        );
+        let InboundPlan {
+            target,
+            destination,
+        } = match planned {
+            Ok(plan) => plan,
+            Err(refusal) => {
+                count_refusal(refusal.reason());
+                warn_sampled!(%caller, "tunnel stream refused: {refusal}");
+                return status(match refusal {
+                    Refusal::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,
+                    Refusal::BadAuthority(_) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::FORBIDDEN,
+                });
             }
-            routes.workload_at(target.ip()).cloned()
         };
         let mut pod = match timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(pod)) => pod,

@@ -22,6 +22,7 @@ use crate::{
     observability::metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
     proxy::balance::Lease,
     proxy::copy,
+    proxy::plan::{self, OutboundPlan, Refusal},
     proxy::tunnel::{TunnelStream, Tunnels},
     state::routes::{Hop, LocalWorkload, Route, Routes},
     system, warn_sampled,
@@ -55,24 +56,15 @@ impl Outbound {
                 continue;
             };
             let dst = captured.dst;
-            let (route, source) = {
-                let routes = self.routes.borrow();
-                (routes.route(dst), routes.caller(peer.ip(), captured.cgroup))
-            };
-            let source = match source {
-                Ok(source) => source,
-                Err(e) => {
-                    count_refusal("caller_mismatch");
-                    warn_sampled!(%peer, %dst, "closing a captured connection: {e}");
-                    system::reset_on_close(&client);
-                    continue;
-                }
-            };
-            let route = match route {
-                Ok(route) => route,
-                Err(e) => {
-                    count_refusal("no_route");
-                    warn_sampled!(%peer, %dst, "closing a captured connection: {e}");
+            let planned = plan::outbound(&self.routes.borrow(), peer.ip(), captured.cgroup, dst);
+            let OutboundPlan { source, route } = match planned {
+                Ok(plan) => plan,
+                Err(refusal) => {
+                    count_refusal(refusal.reason());
+                    warn_sampled!(%peer, %dst, "closing a captured connection: {refusal}");
+                    if matches!(refusal, Refusal::CallerMismatch(_)) {
+                        system::reset_on_close(&client);
+                    }
                     continue;
                 }
             };

@@ -23,19 +23,20 @@ use tracing::{info, warn};
 use crate::{
     config::{ClusterSettings, Config, Name},
     datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT, workload_cgroups},
-    discovery::file,
-    discovery::kubernetes::watch::ClusterWatch,
-    identity::FileCa,
-    identity::certificates::Certificates,
-    observability::admin::{ADMIN_PORT, Admin, LogFilter},
-    observability::metrics,
-    proxy::balance::EndpointStates,
-    proxy::inbound::Inbound,
-    proxy::liveness::Liveness,
-    proxy::outbound::Outbound,
-    proxy::tunnel::Tunnels,
-    state::reload,
-    state::routes::{Routes, TUNNEL_PORT},
+    discovery::{file, kubernetes::watch::ClusterWatch},
+    identity::{FileCa, certificates::Certificates},
+    observability::{
+        admin::{ADMIN_PORT, Admin, LogFilter},
+        metrics,
+    },
+    proxy::{
+        balance::EndpointStates, inbound::Inbound, liveness::Liveness, outbound::Outbound,
+        tunnel::Tunnels,
+    },
+    state::{
+        reload,
+        routes::{Routes, TUNNEL_PORT},
+    },
     system,
 };
 

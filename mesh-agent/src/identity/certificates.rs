@@ -13,8 +13,10 @@ use rustls::{ClientConfig, ServerConfig};
 use tracing::{info, warn};
 
 use crate::{
-    identity::tls::{self, CertSlot},
-    identity::{CertificateAuthority, SpiffeId},
+    identity::{
+        CertificateAuthority, SpiffeId,
+        tls::{self, CertSlot},
+    },
     observability::metrics::{IdentityLabels, metrics},
 };
 

@@ -31,9 +31,7 @@ use tracing_subscriber::{EnvFilter, reload};
 use crate::{
     identity::certificates::{Certificates, unix_seconds},
     observability::metrics::count_refusal,
-    proxy::balance::EndpointStates,
-    proxy::limit::Limit,
-    proxy::liveness::SilenceLimit,
+    proxy::{balance::EndpointStates, limit::Limit, liveness::SilenceLimit},
     state::routes::Routes,
     system, warn_sampled,
 };

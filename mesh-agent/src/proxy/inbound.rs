@@ -28,16 +28,19 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    identity::SpiffeId,
-    identity::tls,
-    observability::access::{Connection, Metered},
-    observability::metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
-    proxy::copy,
-    proxy::limit::{Limit, Permit, Rate, RatePerSource},
-    proxy::liveness::{Liveness, SilenceLimit},
-    proxy::outbound::CONNECT_TIMEOUT,
-    proxy::plan::{self, InboundPlan, Refusal},
-    proxy::tunnel,
+    identity::{SpiffeId, tls},
+    observability::{
+        access::{Connection, Metered},
+        metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
+    },
+    proxy::{
+        copy,
+        limit::{Limit, Permit, Rate, RatePerSource},
+        liveness::{Liveness, SilenceLimit},
+        outbound::CONNECT_TIMEOUT,
+        plan::{self, InboundPlan, Refusal},
+        tunnel,
+    },
     state::routes::Routes,
     system, warn_sampled,
 };

@@ -18,12 +18,16 @@ use tracing::{Instrument, debug, info_span};
 
 use crate::{
     datapath::OrigDstTable,
-    observability::access::{Connection, Metered},
-    observability::metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
-    proxy::balance::Lease,
-    proxy::copy,
-    proxy::plan::{self, OutboundPlan, Refusal},
-    proxy::tunnel::{TunnelStream, Tunnels},
+    observability::{
+        access::{Connection, Metered},
+        metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
+    },
+    proxy::{
+        balance::Lease,
+        copy,
+        plan::{self, OutboundPlan, Refusal},
+        tunnel::{TunnelStream, Tunnels},
+    },
     state::routes::{Hop, LocalWorkload, Route, Routes},
     system, warn_sampled,
 };

@@ -31,9 +31,7 @@ use tracing::debug;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::{
-    identity::SpiffeId,
-    identity::certificates::Certificates,
-    identity::tls,
+    identity::{SpiffeId, certificates::Certificates, tls},
     observability::metrics::{HandshakeLabels, PeerLabels, metrics},
     proxy::liveness::Liveness,
 };

@@ -210,9 +210,7 @@ fn the_admin_api_answers_on_every_node() {
 
     // The log level changes at run time, from the node itself only (at any of its addresses).
     let logging = |host: &str, method: &str| {
-        let url = format!(
-            "http://{host}:15020/logging?level=warn,mesh_agent::observability::access=info"
-        );
+        let url = format!("http://{host}:15020/logging?level=warn,mesh_agent::access=info");
         lab.http("n1", method, &url).unwrap()
     };
     let url = "http://198.18.0.1:15020/logging?level=trace";
@@ -224,13 +222,13 @@ fn the_admin_api_answers_on_every_node() {
     assert_eq!(logging("127.0.0.1", "PUT").status, 200);
     let now = logging("127.0.0.1", "GET");
     assert!(
-        now.body.contains("mesh_agent::observability::access=info") && now.body.contains("warn"),
+        now.body.contains("mesh_agent::access=info") && now.body.contains("warn"),
         "{}",
         now.body
     );
     let count = |text: &str| a1.log().matches(text).count();
     assert_eq!(
-        count("mesh_agent::observability::access"),
+        count("mesh_agent::access"),
         1,
         "one access line per connection"
     );
@@ -241,8 +239,7 @@ fn the_admin_api_answers_on_every_node() {
         &["echo", "--connect", &format!("{VIP}:80"), "--bytes", "1000"],
     )
     .unwrap();
-    a1.wait_for_log_times("mesh_agent::observability::access", 2)
-        .unwrap();
+    a1.wait_for_log_times("mesh_agent::access", 2).unwrap();
     assert_eq!(count("connected over mTLS"), 1, "{}", a1.log());
 }
 
@@ -261,12 +258,11 @@ fn access_log_lines_are_json_when_asked() {
         )
         .unwrap();
     let banner: u64 = out.field("banner_bytes").parse().unwrap();
-    a1.wait_for_log("mesh_agent::observability::access")
-        .unwrap();
+    a1.wait_for_log("mesh_agent::access").unwrap();
     let log = a1.log();
     let line = log
         .lines()
-        .find(|l| l.contains("mesh_agent::observability::access"))
+        .find(|l| l.contains("mesh_agent::access"))
         .unwrap();
     let entry: serde_json::Value = serde_json::from_str(line).unwrap();
     let fields = &entry["fields"];

@@ -170,7 +170,7 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Counts a connection or tunnel stream refused for identity or policy.
+/// Counts a connection, tunnel stream or handshake refused, by `reason` (its metric label).
 pub fn count_refusal(reason: &'static str) {
     metrics()
         .refusals
@@ -302,7 +302,7 @@ fn agent_registry() -> Registry {
     );
     r.register(
         "refusals",
-        "Connections or tunnel streams refused for identity or policy, by reason",
+        "Connections, tunnel streams and handshakes refused (identity, routing or limits), by reason",
         m.refusals.clone(),
     );
     r.register(

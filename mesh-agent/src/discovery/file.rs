@@ -22,8 +22,9 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// stayed unchanged for [`SETTLE`], until the task is dropped; a change that does not parse is
 /// counted and logged. The file is read and parsed on a blocking thread, away from traffic.
 pub async fn follow_file(file: PathBuf, configs: watch::Sender<Option<Config>>) {
-    let mut applied = stamp(&file);
-    let mut changing = applied;
+    // The file as last read (sent or refused), and as last seen changing.
+    let mut read = stamp(&file);
+    let mut changing = read;
     let mut unchanged_since = Instant::now();
     let mut tick = tokio::time::interval(POLL);
     loop {
@@ -33,12 +34,12 @@ pub async fn follow_file(file: PathBuf, configs: watch::Sender<Option<Config>>) 
             changing = now;
             unchanged_since = Instant::now();
         }
-        if changing == applied || unchanged_since.elapsed() < SETTLE {
+        if changing == read || unchanged_since.elapsed() < SETTLE {
             continue;
         }
-        applied = changing;
-        let read = file.clone();
-        match tokio::task::spawn_blocking(move || Config::load(&read)).await {
+        read = changing;
+        let path = file.clone();
+        match tokio::task::spawn_blocking(move || Config::load(&path)).await {
             Ok(Ok(config)) => {
                 configs.send_replace(Some(config));
             }

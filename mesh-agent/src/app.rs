@@ -20,21 +20,23 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
+use prometheus_client::registry::Registry;
+
 use crate::{
     config::{ClusterSettings, Config, Name},
     datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT, workload_cgroups},
-    discovery::{file, kubernetes::watch::ClusterWatch},
+    discovery::{Snapshot, file, kubernetes::watch::ClusterWatch},
     identity::{FileCa, certificates::Certificates},
     observability::{
         admin::{ADMIN_PORT, Admin, LogFilter},
-        metrics,
+        metrics::{self, Metrics},
     },
     proxy::{
-        balance::EndpointStates, inbound::Inbound, liveness::Liveness, outbound::Outbound,
-        tunnel::Tunnels,
+        balance::EndpointStates, dial::LocalDialer, inbound::Inbound, liveness::Liveness,
+        outbound::Outbound, tunnel::Tunnels,
     },
     state::{
-        reload,
+        reload::{self, Mirror},
         routes::{Routes, TUNNEL_PORT},
     },
     system,
@@ -80,17 +82,23 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     system::require_bpffs()?;
     let cgroup_mount = system::cgroup2_mount()?;
     let cgroup = system::cgroup_dir(&cgroup_mount, &opts.cgroup)?;
+    let mut registry = Registry::with_prefix("mesh");
+    let metrics = Arc::new(Metrics::new(&mut registry));
     // The first config, and the task that sends its changes.
     let (config, (source, updates)) = match &opts.kubernetes {
         None => {
-            let config = Config::load(&opts.config)?;
+            let config = Arc::new(Config::load(&opts.config)?);
             let (configs, updates) = watch::channel(None);
-            let following = tokio::spawn(file::follow_file(opts.config.clone(), configs));
+            let following = tokio::spawn(file::follow_file(
+                opts.config.clone(),
+                configs,
+                metrics.clone(),
+            ));
             (config, (following, updates))
         }
         Some(kubernetes) => {
             let (watching, mut updates) =
-                watch_cluster(&opts.config, kubernetes, &cgroup_mount).await?;
+                watch_cluster(&opts.config, kubernetes, &cgroup_mount, &metrics).await?;
             let Some(config) = first_config(&mut updates, &mut signals).await else {
                 return Ok(());
             };
@@ -104,11 +112,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Arc::new(load_ca(&config, &opts.config)?),
         config.trust_domain.as_str(),
         config.identity.certificate_ttl.0,
+        metrics.clone(),
     ));
     let server_tls = certificates.server_config()?;
     let states = Arc::new(EndpointStates::default());
     let cgroups = workload_cgroups(&config, &cgroup_mount);
-    let routes = Routes::new(&config, &states, &cgroups);
+    let routes = Routes::new(config.clone(), &states, &cgroups);
     certificates.hold(&routes.identities())?;
 
     let node = config.node.name.as_str();
@@ -119,7 +128,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         orig_dst,
     } = Datapath::load(node, &cgroup, opts.ebpf_log_level, opts.sk_msg)?;
     tokio::spawn(drain_ebpf_log(logger));
-    let registry = Arc::new(metrics::registry(Counters::open_pinned(node)?));
+    metrics::register_ebpf_counters(&mut registry, Counters::open_pinned(node)?);
+    let registry = Arc::new(registry);
     let ready = Arc::new(AtomicBool::new(false));
 
     let served = async {
@@ -131,12 +141,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             routes,
             states: states.clone(),
             certificates: certificates.clone(),
+            metrics: metrics.clone(),
         };
         let applying = tokio::spawn(running.follow(updates));
         let admin_stop = CancellationToken::new();
         let admin = tokio::spawn(
             Admin {
                 registry,
+                metrics: metrics.clone(),
                 ready: ready.clone(),
                 routes: routes_rx.clone(),
                 states,
@@ -150,7 +162,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let abort = CancellationToken::new();
         let outbound = Outbound {
             routes: routes_rx.clone(),
-            tunnels: Arc::new(Tunnels::new(certificates, opts.liveness)),
+            tunnels: Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone())),
+            local: LocalDialer::default(),
+            metrics: metrics.clone(),
             tracker: tracker.clone(),
             stop: stop.clone(),
             abort: abort.clone(),
@@ -164,6 +178,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             refused: Arc::default(),
             liveness: opts.liveness,
             admission: Arc::default(),
+            local: LocalDialer::default(),
+            metrics,
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
@@ -219,7 +235,8 @@ async fn watch_cluster(
     file: &Path,
     kubernetes: &Kubernetes,
     cgroup_mount: &Path,
-) -> Result<(JoinHandle<()>, watch::Receiver<Option<Config>>)> {
+    metrics: &Arc<Metrics>,
+) -> Result<(JoinHandle<()>, watch::Receiver<Option<Snapshot>>)> {
     let settings = ClusterSettings::load(file)?;
     let client = kube::Client::try_default().await.context(
         "cannot set up the Kubernetes API client: run in a pod with a service account, or \
@@ -233,6 +250,7 @@ async fn watch_cluster(
             settings,
             cgroup_mount: cgroup_mount.to_owned(),
             kubelet_cgroup_root: kubernetes.kubelet_cgroup_root.clone(),
+            metrics: metrics.clone(),
         }
         .run(configs),
     );
@@ -242,9 +260,9 @@ async fn watch_cluster(
 /// The first config the cluster makes (marked seen in `updates`), or `None` if a signal
 /// comes first.
 async fn first_config(
-    updates: &mut watch::Receiver<Option<Config>>,
+    updates: &mut watch::Receiver<Option<Snapshot>>,
     signals: &mut Signals,
-) -> Option<Config> {
+) -> Option<Snapshot> {
     info!("waiting for the cluster's state");
     tokio::select! {
         first = updates.wait_for(Option::is_some) => first.ok().and_then(|c| c.clone()),

@@ -25,7 +25,7 @@ use mesh_common::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{config::Config, system::BPFFS};
+use crate::{config::Config, proxy::outbound::Captures, state::reload::Mirror, system::BPFFS};
 
 pub mod btf;
 
@@ -273,10 +273,10 @@ pub struct StateMaps {
     agent: Array<MapData, AgentListener>,
 }
 
-impl StateMaps {
+impl Mirror for StateMaps {
     /// Makes the maps match `config`: adds what is new, removes what is gone.
     /// `cgroups` are the workloads' cgroup ids ([`workload_cgroups`]).
-    pub fn sync(&mut self, config: &Config, cgroups: &[Option<u64>]) -> Result<()> {
+    fn sync(&mut self, config: &Config, cgroups: &[Option<u64>]) -> Result<()> {
         let listener = AgentListener {
             ipv4: config.node.ipv4().map_or([0; 4], |a| a.octets()),
             ipv6: config.node.ipv6().map_or([0; 16], |a| a.octets()),
@@ -406,9 +406,8 @@ pub struct CapturedConnect {
 /// Captured connections, by the client's address.
 pub struct OrigDstTable(HashMap<MapData, SockAddr, Captured>);
 
-impl OrigDstTable {
-    /// Takes (returns and forgets) what was captured of the connection from `client`.
-    pub fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
+impl Captures for OrigDstTable {
+    fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
         let key = sock_addr(client);
         let captured = self.0.get(&key, 0).ok()?;
         if let Err(e) = self.0.remove(&key) {

@@ -1,6 +1,18 @@
 //! Where the mesh's state comes from: the YAML file (`file`) or the Kubernetes API
-//! (`kubernetes`). Each sends whole configs over a `watch` channel; `state::reload` applies
-//! them.
+//! (`kubernetes`). Each sends whole, immutable snapshots over a `watch` channel (the latest
+//! wins); `state::reload` applies them.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// One whole state of the mesh as a source saw it, checked: shared, never changed (a change
+/// is a new snapshot).
+pub type Snapshot = Arc<Config>;
+/// Where a source sends its snapshots; `None` until the first.
+pub type Snapshots = watch::Sender<Option<Snapshot>>;
 
 pub mod file;
 pub mod kubernetes;

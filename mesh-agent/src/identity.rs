@@ -161,19 +161,7 @@ impl FileCa {
     /// Makes a new self-signed CA for `trust_domain`, valid for ten years, and writes its
     /// certificate and key as `ca.crt` and `ca.key` (mode 0600) in `dir`.
     pub fn create(dir: &Path, trust_domain: &str) -> Result<CaFiles> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("mesh CA {trust_domain}"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
-        let cert = params.self_signed(&key)?;
-
+        let (cert, key) = self_signed(trust_domain)?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let files = CaFiles {
             cert: dir.join("ca.crt"),
@@ -184,6 +172,32 @@ impl FileCa {
         write_private(&files.key, &key.serialize_pem())?;
         Ok(files)
     }
+
+    /// A new self-signed CA for `trust_domain`, kept in memory (the in-process tests').
+    #[cfg(test)]
+    pub fn generate(trust_domain: &str) -> Result<Self> {
+        let (cert, key) = self_signed(trust_domain)?;
+        let bundle = vec![cert.der().clone()];
+        let issuer = Issuer::from_ca_cert_der(cert.der(), key)?;
+        Ok(Self { issuer, bundle })
+    }
+}
+
+/// A new self-signed CA certificate for `trust_domain`, valid for ten years, and its key.
+fn self_signed(trust_domain: &str) -> Result<(rcgen::Certificate, KeyPair)> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("mesh CA {trust_domain}"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
 }
 
 impl CertificateAuthority for FileCa {

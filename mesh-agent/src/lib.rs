@@ -16,3 +16,5 @@ pub mod observability;
 pub mod proxy;
 pub mod state;
 pub mod system;
+#[cfg(test)]
+pub mod testing;

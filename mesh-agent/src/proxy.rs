@@ -1,14 +1,16 @@
 //! The data path in user space: what to do with a connection, decided from the state alone
 //! (`plan`), carried out for captured connections (`outbound`) and peer agents' tunnels
 //! (`inbound`), the mTLS + HTTP/2 CONNECT tunnel between them (`tunnel`), endpoint choice
-//! and health (`balance`), the byte copy (`copy`), liveness of peers (`liveness`) and the caps
-//! on what a peer or pod may hold (`limit`).
+//! and health (`balance`), the byte copy (`copy`), dialling pods (`dial`), liveness of peers (`liveness`), the caps
+//! on what a peer or pod may hold (`limit`), and why a connection is refused (`refusal`).
 
 pub mod balance;
 pub mod copy;
+pub mod dial;
 pub mod inbound;
 pub mod limit;
 pub mod liveness;
 pub mod outbound;
 pub mod plan;
+pub mod refusal;
 pub mod tunnel;

@@ -5,14 +5,17 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use mesh_agent::{
     config::{ClusterSettings, Config},
-    discovery::kubernetes::watch::ClusterWatch,
+    discovery::{Snapshot, kubernetes::watch::ClusterWatch},
+    observability::metrics::Metrics,
 };
 use mesh_tests::ApiServer;
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -57,7 +60,7 @@ impl Drop for TempDir {
 /// An API server holding the fixtures and a cluster watch for worker-1 following it.
 struct Harness {
     api: ApiServer,
-    configs: watch::Receiver<Option<Config>>,
+    configs: watch::Receiver<Option<Snapshot>>,
     cgroups: TempDir,
     watching: tokio::task::JoinHandle<()>,
 }
@@ -101,6 +104,7 @@ async fn start(failing_node_lists: usize) -> Harness {
             settings,
             cgroup_mount: cgroups.0.clone(),
             kubelet_cgroup_root: "/".into(),
+            metrics: Arc::new(Metrics::new(&mut Registry::default())),
         }
         .run(tx),
     );
@@ -114,10 +118,10 @@ async fn start(failing_node_lists: usize) -> Harness {
 
 impl Harness {
     /// Waits for a config for which `wanted` holds, and returns it.
-    async fn config_where(&mut self, what: &str, wanted: impl Fn(&Config) -> bool) -> Config {
+    async fn config_where(&mut self, what: &str, wanted: impl Fn(&Config) -> bool) -> Snapshot {
         let found = tokio::time::timeout(
             PATIENCE,
-            self.configs.wait_for(|c| c.as_ref().is_some_and(&wanted)),
+            self.configs.wait_for(|c| c.as_deref().is_some_and(&wanted)),
         )
         .await
         .ok()

@@ -4,12 +4,16 @@
 use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 
-use crate::{config::Config, state::reload::rejected, system};
+use crate::{
+    config::Config, discovery::Snapshots, observability::metrics::Metrics, state::reload::rejected,
+    system,
+};
 
 /// How often the file is looked at. Polling (rather than inotify) also follows a Kubernetes
 /// ConfigMap, whose files are swapped through symlinks.
@@ -21,7 +25,7 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// Sends each change of `file` that parses as a [`Config`] to `configs`, once the file has
 /// stayed unchanged for [`SETTLE`], until the task is dropped; a change that does not parse is
 /// counted and logged. The file is read and parsed on a blocking thread, away from traffic.
-pub async fn follow_file(file: PathBuf, configs: watch::Sender<Option<Config>>) {
+pub async fn follow_file(file: PathBuf, configs: Snapshots, metrics: Arc<Metrics>) {
     // The file as last read (sent or refused), and as last seen changing.
     let mut read = stamp(&file);
     let mut changing = read;
@@ -41,10 +45,10 @@ pub async fn follow_file(file: PathBuf, configs: watch::Sender<Option<Config>>) 
         let path = file.clone();
         match tokio::task::spawn_blocking(move || Config::load(&path)).await {
             Ok(Ok(config)) => {
-                configs.send_replace(Some(config));
+                configs.send_replace(Some(Arc::new(config)));
             }
-            Ok(Err(e)) => rejected(&e),
-            Err(e) => rejected(&format!("reading the config failed: {e}")),
+            Ok(Err(e)) => rejected(&metrics, &e),
+            Err(e) => rejected(&metrics, &format!("reading the config failed: {e}")),
         }
         system::release_freed_memory();
     }
@@ -58,6 +62,8 @@ fn stamp(file: &Path) -> Option<(SystemTime, u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::watch;
+
     use super::*;
 
     const NODE: &str = "\
@@ -83,7 +89,8 @@ identity: { ca_cert: ca.crt, ca_key: ca.key }
         let file = dir.join("node.yaml");
         std::fs::write(&file, with_services(1)).unwrap();
         let (configs, mut updates) = watch::channel(None);
-        let follower = tokio::spawn(follow_file(file.clone(), configs));
+        let metrics = Arc::new(Metrics::new(&mut Default::default()));
+        let follower = tokio::spawn(follow_file(file.clone(), configs, metrics));
         tokio::time::sleep(POLL).await;
 
         let whole = with_services(3);

@@ -17,7 +17,7 @@ use crate::{
         CertificateAuthority, SpiffeId,
         tls::{self, CertSlot},
     },
-    observability::metrics::{IdentityLabels, metrics},
+    observability::metrics::{IdentityLabels, Metrics},
 };
 
 /// Renewal happens at half the lifetime, give or take this share of it.
@@ -33,20 +33,31 @@ pub struct Certificates {
     /// Tunnel client configurations by identity; each keeps its certificate slot alive
     /// (renewal holds only a weak reference).
     held: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
-    expiries: Expiries,
+    expiries: Arc<Expiries>,
 }
 
-/// When each held certificate expires, kept up to date by issuing and renewal.
-type Expiries = Arc<Mutex<BTreeMap<SpiffeId, SystemTime>>>;
+/// When each held certificate expires, kept up to date by issuing and renewal, and its gauge.
+struct Expiries {
+    by_id: Mutex<BTreeMap<SpiffeId, SystemTime>>,
+    metrics: Arc<Metrics>,
+}
 
 impl Certificates {
-    pub fn new(ca: Arc<dyn CertificateAuthority>, trust_domain: &str, ttl: Duration) -> Self {
+    pub fn new(
+        ca: Arc<dyn CertificateAuthority>,
+        trust_domain: &str,
+        ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             ca,
             trust_domain: trust_domain.to_owned(),
             ttl,
             held: Mutex::new(HashMap::new()),
-            expiries: Expiries::default(),
+            expiries: Arc::new(Expiries {
+                by_id: Mutex::default(),
+                metrics,
+            }),
         }
     }
 
@@ -79,7 +90,7 @@ impl Certificates {
         held.retain(|id, _| {
             let keep = ids.contains(id);
             if !keep {
-                forget_expiry(&self.expiries, id);
+                self.expiries.forget(id);
             }
             keep
         });
@@ -99,6 +110,7 @@ impl Certificates {
     /// Every held identity (the agent's too) and when its certificate expires.
     pub fn expiries(&self) -> BTreeMap<SpiffeId, SystemTime> {
         self.expiries
+            .by_id
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -116,7 +128,7 @@ impl Certificates {
             .issue(id, self.ttl)
             .with_context(|| format!("cannot get a certificate for {id}"))?;
         info!(%id, valid_for = ?self.ttl, "certificate issued");
-        record_expiry(&self.expiries, id, issued.not_after);
+        self.expiries.record(id, issued.not_after);
         CertSlot::new(issued)
     }
 }
@@ -127,7 +139,7 @@ async fn renew(
     id: SpiffeId,
     slot: Weak<CertSlot>,
     ttl: Duration,
-    expiries: Expiries,
+    expiries: Arc<Expiries>,
 ) {
     let mut wait = half_life_with_jitter(ttl);
     loop {
@@ -136,7 +148,7 @@ async fn renew(
         let renewed = ca.issue(&id, ttl).and_then(|issued| {
             let not_after = issued.not_after;
             slot.replace(issued).map(|()| {
-                record_expiry(&expiries, &id, not_after);
+                expiries.record(&id, not_after);
                 not_after
             })
         });
@@ -163,24 +175,26 @@ fn expiry_labels(id: &SpiffeId) -> IdentityLabels {
     }
 }
 
-/// Notes when `id`'s certificate expires, and sets its gauge.
-fn record_expiry(expiries: &Expiries, id: &SpiffeId, not_after: SystemTime) {
-    expiries
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(id.clone(), not_after);
-    metrics()
-        .certificate_expiry
-        .get_or_create(&expiry_labels(id))
-        .set(unix_seconds(not_after));
-}
+impl Expiries {
+    /// Notes when `id`'s certificate expires, and sets its gauge.
+    fn record(&self, id: &SpiffeId, not_after: SystemTime) {
+        self.by_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone(), not_after);
+        self.metrics
+            .certificate_expiry
+            .get_or_create(&expiry_labels(id))
+            .set(unix_seconds(not_after));
+    }
 
-fn forget_expiry(expiries: &Expiries, id: &SpiffeId) {
-    expiries
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .remove(id);
-    metrics().certificate_expiry.remove(&expiry_labels(id));
+    fn forget(&self, id: &SpiffeId) {
+        self.by_id
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        self.metrics.certificate_expiry.remove(&expiry_labels(id));
+    }
 }
 
 /// Seconds since the Unix epoch.

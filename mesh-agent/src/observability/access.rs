@@ -1,68 +1,189 @@
-//! One proxied connection's record: its metrics while it is open, and one access log line
-//! (target `mesh_agent::access`) when it closes.
+//! One record per proxied connection (a captured connection, or a tunnel stream to a pod):
+//! made when the connection is taken on, it writes the metrics and one access log line
+//! (target `mesh_agent::access`) however the connection ends: refused, its destination
+//! unreachable, copied to its end, cut, or dropped on any other path. Lines of refused
+//! connections and of unreachable destinations are sampled like
+//! [`warn_sampled!`](crate::warn_sampled) (a pod can repeat them at will); metrics count
+//! every refusal.
 
 use std::{
+    fmt::Display,
     io,
     net::SocketAddr,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
-    time::Instant,
 };
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tracing::info;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::Instant,
+};
+use tracing::{info, warn};
 
-use crate::observability::metrics::{ConnectionLabels, metrics};
+use crate::{
+    observability::{
+        logs::Sample,
+        metrics::{ConnectionLabels, Metrics},
+    },
+    proxy::{copy::Ended, refusal::Refusal},
+};
 
-/// An open connection, counted as opened; [`Connection::close`] counts the rest.
-pub struct Connection {
-    labels: ConnectionLabels,
+/// Which way a proxied connection goes through this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Captured from a pod of this node.
+    Outbound,
+    /// From a peer agent's tunnel to a pod of this node.
+    Inbound,
+}
+
+impl Direction {
+    /// Its metric label and log field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+/// How a proxied connection ended.
+#[derive(Debug)]
+enum Outcome {
+    /// Refused before any dial.
+    Refused(Refusal),
+    /// No destination could be reached.
+    Unreachable(String),
+    /// Connected, then copied until this.
+    Copied(Ended),
+    /// Dropped on a path that set no outcome (a task cancelled, say).
+    Abandoned,
+}
+
+/// One proxied connection, from when it is taken on until it is dropped.
+pub struct Record {
+    metrics: Arc<Metrics>,
+    direction: Direction,
     source: SocketAddr,
     destination: SocketAddr,
     started: Instant,
+    /// Set once connected: the connection is counted as opened under these.
+    labels: Option<ConnectionLabels>,
+    /// Bytes from the source, and back to it.
+    sent: u64,
+    received: u64,
+    outcome: Outcome,
 }
 
-impl Connection {
-    pub fn open(labels: ConnectionLabels, source: SocketAddr, destination: SocketAddr) -> Self {
-        metrics().connection_opened(&labels);
+impl Record {
+    /// A connection from `source` to `destination` (as the source asked for it).
+    pub fn new(
+        metrics: Arc<Metrics>,
+        direction: Direction,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Self {
         Self {
-            labels,
+            metrics,
+            direction,
             source,
             destination,
             started: Instant::now(),
+            labels: None,
+            sent: 0,
+            received: 0,
+            outcome: Outcome::Abandoned,
         }
     }
 
-    /// Counts the bytes and duration and writes the access log line; `outcome` says how the
-    /// connection ended (`ok`, or the error a user can act on).
-    pub fn close<S>(self, source_side: &Metered<S>, outcome: &str) {
-        let m = metrics();
-        let l = &self.labels;
+    /// Ends it refused, counted by the refusal's reason.
+    pub fn refuse(mut self, refusal: Refusal) {
+        self.metrics.refused(refusal.reason());
+        self.outcome = Outcome::Refused(refusal);
+    }
+
+    /// Ends it with nothing reached, for `why`.
+    pub fn unreachable(mut self, why: impl Display) {
+        self.outcome = Outcome::Unreachable(why.to_string());
+    }
+
+    /// Connected to `destination` (an endpoint, for a service): counted as opened.
+    pub fn connected(&mut self, labels: ConnectionLabels, destination: SocketAddr) {
+        self.metrics.connection_opened(&labels);
+        self.labels = Some(labels);
+        self.destination = destination;
+    }
+
+    /// Ends a connected one after its copy ended so; `source_side` counted the bytes.
+    pub fn copied<S>(mut self, source_side: &Metered<S>, ended: Ended) {
         // Read from the source side: what the source sent. Written to it: what came back.
-        let (sent, received) = (source_side.read, source_side.written);
+        (self.sent, self.received) = (source_side.read, source_side.written);
+        self.outcome = Outcome::Copied(ended);
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
         let duration = self.started.elapsed();
-        m.connections_closed.get_or_create(l).inc();
-        m.bytes_sent.get_or_create(l).inc_by(sent);
-        m.bytes_received.get_or_create(l).inc_by(received);
-        m.connection_duration
-            .get_or_create(l)
-            .observe(duration.as_secs_f64());
-        info!(
-            target: "mesh_agent::access",
-            direction = l.direction,
-            source = %self.source,
-            source_identity = l.source_identity,
-            source_workload = %workload(&l.source_namespace, &l.source_workload),
-            destination = %self.destination,
-            destination_service = l.destination_service,
-            destination_workload = %workload(&l.destination_namespace, &l.destination_workload),
-            hop = l.hop,
-            sent,
-            received,
-            duration_ms = duration.as_millis() as u64,
-            outcome,
-            "connection closed"
+        let (sent, received) = (self.sent, self.received);
+        let labels = self.labels.as_ref();
+        if let Some(l) = labels {
+            let m = &self.metrics;
+            m.connections_closed.get_or_create(l).inc();
+            m.bytes_sent.get_or_create(l).inc_by(sent);
+            m.bytes_received.get_or_create(l).inc_by(received);
+            m.connection_duration
+                .get_or_create(l)
+                .observe(duration.as_secs_f64());
+        }
+        let field = |f: fn(&ConnectionLabels) -> &str| labels.map_or("", f);
+        let source_workload = workload(
+            field(|l| &l.source_namespace),
+            field(|l| &l.source_workload),
         );
+        let destination_workload = workload(
+            field(|l| &l.destination_namespace),
+            field(|l| &l.destination_workload),
+        );
+        macro_rules! line {
+            ($level:ident, $outcome:expr, $message:literal $(, $extra:ident)*) => {
+                $level!(
+                    target: "mesh_agent::access",
+                    direction = self.direction.as_str(),
+                    source = %self.source,
+                    source_identity = field(|l| &l.source_identity),
+                    source_workload = %source_workload,
+                    destination = %self.destination,
+                    destination_service = field(|l| &l.destination_service),
+                    destination_workload = %destination_workload,
+                    hop = field(|l| l.hop),
+                    sent,
+                    received,
+                    duration_ms = duration.as_millis() as u64,
+                    outcome = %$outcome,
+                    $($extra,)*
+                    $message
+                )
+            };
+        }
+        static REFUSED: Sample = Sample::new();
+        static UNREACHABLE: Sample = Sample::new();
+        match &self.outcome {
+            Outcome::Refused(refusal) => {
+                if let Some(held_back) = REFUSED.admit() {
+                    let reason = refusal.reason();
+                    line!(warn, refusal, "connection refused", reason, held_back);
+                }
+            }
+            Outcome::Unreachable(why) => {
+                if let Some(held_back) = UNREACHABLE.admit() {
+                    line!(warn, why, "destination unreachable", held_back);
+                }
+            }
+            Outcome::Copied(ended) => line!(info, ended, "connection closed"),
+            Outcome::Abandoned => line!(info, "abandoned", "connection closed"),
+        }
     }
 }
 

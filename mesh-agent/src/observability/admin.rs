@@ -30,8 +30,13 @@ use tracing_subscriber::{EnvFilter, reload};
 
 use crate::{
     identity::certificates::{Certificates, unix_seconds},
-    observability::metrics::count_refusal,
-    proxy::{balance::EndpointStates, limit::Limit, liveness::SilenceLimit},
+    observability::metrics::Metrics,
+    proxy::{
+        balance::EndpointStates,
+        limit::Limit,
+        liveness::SilenceLimit,
+        refusal::{Cap, Refusal},
+    },
     state::routes::Routes,
     system, warn_sampled,
 };
@@ -55,6 +60,7 @@ pub type LogFilter = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 #[derive(Clone)]
 pub struct Admin {
     pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
     /// Set once the agent serves (programs attached, certificates issued, config applied);
     /// cleared when it starts shutting down.
     pub ready: Arc<AtomicBool>,
@@ -82,8 +88,11 @@ impl Admin {
             let permit = match limit.enter(peer.ip()) {
                 Ok(permit) => permit,
                 Err(full) => {
-                    count_refusal(full.pick("admin_connections", "admin_connections_per_source"));
-                    warn_sampled!(%peer, "admin connection refused: {} connections open", limit.open());
+                    let refusal = Refusal::Over(
+                        full.pick(Cap::AdminConnections, Cap::AdminConnectionsPerSource),
+                    );
+                    self.metrics.refused(refusal.reason());
+                    warn_sampled!(%peer, open = limit.open(), "admin connection refused: {refusal}");
                     continue;
                 }
             };

@@ -4,12 +4,7 @@
 //! the series of workloads, services, endpoints and peers that leave the state are dropped
 //! ([`forget_removed`]), so their number stays bounded.
 
-use std::{
-    collections::HashSet,
-    hash::Hash,
-    net::SocketAddr,
-    sync::{LazyLock, Mutex},
-};
+use std::{collections::HashSet, hash::Hash, net::SocketAddr, sync::Mutex};
 
 use mesh_common::Counter as EbpfCounter;
 use prometheus_client::{
@@ -134,11 +129,201 @@ impl<S: Clone + Eq + Hash> Series<S> {
 }
 
 impl Metrics {
+    /// Every metric, each registered in `registry` (whose prefix should be `mesh`).
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            connections_opened: Family::default(),
+            connections_closed: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            connection_duration: Family::new_with_constructor(duration_histogram),
+            tls_handshake_failures: Family::default(),
+            refusals: Family::default(),
+            connect_failures: Family::default(),
+            endpoint_ejections: Family::default(),
+            tunnel_connections: Family::default(),
+            tunnel_streams: Family::default(),
+            certificate_expiry: Family::default(),
+            config_reloads: Family::default(),
+            connection_series: Series::new(),
+            endpoint_series: Series::new(),
+        };
+        let r = registry;
+        r.register(
+            "connections_opened",
+            "Proxied connections opened",
+            m.connections_opened.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "Proxied connections closed",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "bytes_sent",
+            "Bytes from the source to the destination of proxied connections",
+            m.bytes_sent.clone(),
+        );
+        r.register(
+            "bytes_received",
+            "Bytes from the destination back to the source of proxied connections",
+            m.bytes_received.clone(),
+        );
+        r.register_with_unit(
+            "connection_duration",
+            "How long proxied connections lasted",
+            Unit::Seconds,
+            m.connection_duration.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Tunnel TLS handshakes that failed, by side and reason",
+            m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "refusals",
+            "Connections, tunnel streams and handshakes refused (identity, routing or limits), by reason",
+            m.refusals.clone(),
+        );
+        r.register(
+            "connect_failures",
+            "Connects to an endpoint that failed (each retried elsewhere)",
+            m.connect_failures.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected after consecutive connect failures",
+            m.endpoint_ejections.clone(),
+        );
+        r.register(
+            "tunnel_connections",
+            "Pooled TLS connections to peer agents",
+            m.tunnel_connections.clone(),
+        );
+        r.register(
+            "tunnel_streams",
+            "Open HTTP/2 CONNECT streams to peer agents",
+            m.tunnel_streams.clone(),
+        );
+        r.register_with_unit(
+            "certificate_expiry_timestamp",
+            "When each held certificate expires (Unix time)",
+            Unit::Seconds,
+            m.certificate_expiry.clone(),
+        );
+        r.register(
+            "config_reloads",
+            "Config changes applied or rejected",
+            m.config_reloads.clone(),
+        );
+        m
+    }
+
     /// Counts a proxied connection opened.
     pub fn connection_opened(&self, labels: &ConnectionLabels) {
         let known = self.connections_opened.get(labels).is_some();
         self.connection_series.note(labels, known);
         self.connections_opened.get_or_create(labels).inc();
+    }
+
+    /// Counts a connection, tunnel stream or handshake refused, by `reason` (its metric label).
+    pub fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Counts a TLS handshake with a peer agent that failed, on `side`, for `reason`.
+    pub fn handshake_failed(&self, side: &'static str, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&HandshakeLabels { side, reason })
+            .inc();
+    }
+
+    /// Counts a config change `applied` or `rejected`.
+    pub fn config_reload(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// Counts a failed connect to `endpoint` of `service`: the labels it was counted under. A
+    /// pod dialled directly (no service) is counted under empty labels: its address and port
+    /// are the caller's choice, and a port scan must not make a series per port.
+    pub fn connect_failed(&self, service: &str, endpoint: Option<SocketAddr>) -> EndpointLabels {
+        let labels = EndpointLabels {
+            service: service.to_owned(),
+            endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
+        };
+        let known = self.connect_failures.get(&labels).is_some();
+        self.endpoint_series.note(&labels, known);
+        self.connect_failures.get_or_create(&labels).inc();
+        labels
+    }
+
+    /// Drops the series of workloads, services, endpoints and peer nodes that `config` no
+    /// longer has (`running` is the config it replaces).
+    pub fn forget_removed(&self, running: &Config, config: &Config) {
+        let m = self;
+        let workloads: HashSet<(&str, &str)> = config
+            .workloads
+            .iter()
+            .map(|w| (w.namespace.as_str(), w.name.as_str()))
+            .collect();
+        let services: HashSet<String> = config
+            .services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .collect();
+        let endpoints: HashSet<(String, String)> = config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.ports.iter().flat_map(move |port| {
+                    s.endpoints.iter().map(move |e| {
+                        (
+                            format!("{}/{}", s.namespace, s.name),
+                            SocketAddr::new(e.address, e.target_port(port)).to_string(),
+                        )
+                    })
+                })
+            })
+            .collect();
+        let local =
+            |namespace: &str, name: &str| name.is_empty() || workloads.contains(&(namespace, name));
+        m.connection_series.retain(
+            |l| {
+                local(&l.source_namespace, &l.source_workload)
+                    && local(&l.destination_namespace, &l.destination_workload)
+                    && (l.destination_service.is_empty()
+                        || services.contains(&l.destination_service))
+            },
+            |l| {
+                m.connections_opened.remove(l);
+                m.connections_closed.remove(l);
+                m.bytes_sent.remove(l);
+                m.bytes_received.remove(l);
+                m.connection_duration.remove(l);
+            },
+        );
+        m.endpoint_series.retain(
+            |l| {
+                l.service.is_empty() || endpoints.contains(&(l.service.clone(), l.endpoint.clone()))
+            },
+            |l| {
+                m.connect_failures.remove(l);
+                m.endpoint_ejections.remove(l);
+            },
+        );
+        for gone in running
+            .peers
+            .iter()
+            .filter(|p| config.node_named(&p.name).is_none())
+        {
+            let labels = PeerLabels {
+                peer_node: gone.name.to_string(),
+            };
+            m.tunnel_connections.remove(&labels);
+            m.tunnel_streams.remove(&labels);
+        }
     }
 }
 
@@ -147,196 +332,9 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 4.0, 10))
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(|| Metrics {
-    connections_opened: Family::default(),
-    connections_closed: Family::default(),
-    bytes_sent: Family::default(),
-    bytes_received: Family::default(),
-    connection_duration: Family::new_with_constructor(duration_histogram),
-    tls_handshake_failures: Family::default(),
-    refusals: Family::default(),
-    connect_failures: Family::default(),
-    endpoint_ejections: Family::default(),
-    tunnel_connections: Family::default(),
-    tunnel_streams: Family::default(),
-    certificate_expiry: Family::default(),
-    config_reloads: Family::default(),
-    connection_series: Series::new(),
-    endpoint_series: Series::new(),
-});
-
-/// The agent's metrics.
-pub fn metrics() -> &'static Metrics {
-    &METRICS
-}
-
-/// Counts a connection, tunnel stream or handshake refused, by `reason` (its metric label).
-pub fn count_refusal(reason: &'static str) {
-    metrics()
-        .refusals
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
-}
-
-/// Counts a failed connect to `endpoint` of `service`: the labels it was counted under. A pod
-/// dialled directly (no service) is counted under empty labels: its address and port are the
-/// caller's choice, and a port scan must not make a series per port.
-pub fn count_connect_failure(service: &str, endpoint: Option<SocketAddr>) -> EndpointLabels {
-    let labels = EndpointLabels {
-        service: service.to_owned(),
-        endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
-    };
-    let m = metrics();
-    let known = m.connect_failures.get(&labels).is_some();
-    m.endpoint_series.note(&labels, known);
-    m.connect_failures.get_or_create(&labels).inc();
-    labels
-}
-
-/// Drops the series of workloads, services, endpoints and peer nodes that `config` no longer
-/// has (`running` is the config it replaces).
-pub fn forget_removed(running: &Config, config: &Config) {
-    let m = metrics();
-    let workloads: HashSet<(&str, &str)> = config
-        .workloads
-        .iter()
-        .map(|w| (w.namespace.as_str(), w.name.as_str()))
-        .collect();
-    let services: HashSet<String> = config
-        .services
-        .iter()
-        .map(|s| format!("{}/{}", s.namespace, s.name))
-        .collect();
-    let endpoints: HashSet<(String, String)> = config
-        .services
-        .iter()
-        .flat_map(|s| {
-            s.ports.iter().flat_map(move |port| {
-                s.endpoints.iter().map(move |e| {
-                    (
-                        format!("{}/{}", s.namespace, s.name),
-                        SocketAddr::new(e.address, e.target_port(port)).to_string(),
-                    )
-                })
-            })
-        })
-        .collect();
-    let local =
-        |namespace: &str, name: &str| name.is_empty() || workloads.contains(&(namespace, name));
-    m.connection_series.retain(
-        |l| {
-            local(&l.source_namespace, &l.source_workload)
-                && local(&l.destination_namespace, &l.destination_workload)
-                && (l.destination_service.is_empty() || services.contains(&l.destination_service))
-        },
-        |l| {
-            m.connections_opened.remove(l);
-            m.connections_closed.remove(l);
-            m.bytes_sent.remove(l);
-            m.bytes_received.remove(l);
-            m.connection_duration.remove(l);
-        },
-    );
-    m.endpoint_series.retain(
-        |l| l.service.is_empty() || endpoints.contains(&(l.service.clone(), l.endpoint.clone())),
-        |l| {
-            m.connect_failures.remove(l);
-            m.endpoint_ejections.remove(l);
-        },
-    );
-    for gone in running
-        .peers
-        .iter()
-        .filter(|p| config.node_named(&p.name).is_none())
-    {
-        let labels = PeerLabels {
-            peer_node: gone.name.to_string(),
-        };
-        m.tunnel_connections.remove(&labels);
-        m.tunnel_streams.remove(&labels);
-    }
-}
-
-/// A registry with every metric, and the eBPF programs' counters read from `counters` at each
-/// scrape.
-pub fn registry(counters: Counters) -> Registry {
-    let mut r = agent_registry();
-    r.register_collector(Box::new(EbpfCounters(counters)));
-    r
-}
-
-/// The agent's own metrics, without the eBPF counters.
-fn agent_registry() -> Registry {
-    let m = metrics();
-    let mut r = Registry::with_prefix("mesh");
-    r.register(
-        "connections_opened",
-        "Proxied connections opened",
-        m.connections_opened.clone(),
-    );
-    r.register(
-        "connections_closed",
-        "Proxied connections closed",
-        m.connections_closed.clone(),
-    );
-    r.register(
-        "bytes_sent",
-        "Bytes from the source to the destination of proxied connections",
-        m.bytes_sent.clone(),
-    );
-    r.register(
-        "bytes_received",
-        "Bytes from the destination back to the source of proxied connections",
-        m.bytes_received.clone(),
-    );
-    r.register_with_unit(
-        "connection_duration",
-        "How long proxied connections lasted",
-        Unit::Seconds,
-        m.connection_duration.clone(),
-    );
-    r.register(
-        "tls_handshake_failures",
-        "Tunnel TLS handshakes that failed, by side and reason",
-        m.tls_handshake_failures.clone(),
-    );
-    r.register(
-        "refusals",
-        "Connections, tunnel streams and handshakes refused (identity, routing or limits), by reason",
-        m.refusals.clone(),
-    );
-    r.register(
-        "connect_failures",
-        "Connects to an endpoint that failed (each retried elsewhere)",
-        m.connect_failures.clone(),
-    );
-    r.register(
-        "endpoint_ejections",
-        "Endpoints ejected after consecutive connect failures",
-        m.endpoint_ejections.clone(),
-    );
-    r.register(
-        "tunnel_connections",
-        "Pooled TLS connections to peer agents",
-        m.tunnel_connections.clone(),
-    );
-    r.register(
-        "tunnel_streams",
-        "Open HTTP/2 CONNECT streams to peer agents",
-        m.tunnel_streams.clone(),
-    );
-    r.register_with_unit(
-        "certificate_expiry_timestamp",
-        "When each held certificate expires (Unix time)",
-        Unit::Seconds,
-        m.certificate_expiry.clone(),
-    );
-    r.register(
-        "config_reloads",
-        "Config changes applied or rejected",
-        m.config_reloads.clone(),
-    );
-    r
+/// Adds the eBPF programs' counters to `registry`, read from `counters` at each scrape.
+pub fn register_ebpf_counters(registry: &mut Registry, counters: Counters) {
+    registry.register_collector(Box::new(EbpfCounters(counters)));
 }
 
 /// The eBPF programs' per-CPU counters, summed at each scrape.
@@ -373,9 +371,14 @@ impl Collector for EbpfCounters {
 mod tests {
     use super::*;
 
+    fn fresh() -> (Registry, Metrics) {
+        let mut registry = Registry::with_prefix("mesh");
+        let metrics = Metrics::new(&mut registry);
+        (registry, metrics)
+    }
+
     /// Gives every family one series, so that the encoding shows them all.
-    fn touch_all() {
-        let m = metrics();
+    fn touch_all(m: &Metrics) {
         let conn = ConnectionLabels {
             direction: "outbound",
             source_namespace: "shop".into(),
@@ -422,14 +425,16 @@ mod tests {
             .inc();
     }
 
+    /// Every family with one series, encoded.
     fn encoded() -> String {
-        touch_all();
-        encoded_without_touching()
+        let (registry, m) = fresh();
+        touch_all(&m);
+        encode(&registry)
     }
 
-    fn encoded_without_touching() -> String {
+    fn encode(registry: &Registry) -> String {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &agent_registry()).unwrap();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
         text
     }
 
@@ -457,7 +462,7 @@ services:
 
     #[test]
     fn series_of_what_left_the_state_are_dropped() {
-        let m = metrics();
+        let (registry, m) = fresh();
         let conn = |workload: &str| ConnectionLabels {
             direction: "outbound",
             source_namespace: "prune".into(),
@@ -470,11 +475,11 @@ services:
         };
         m.connection_opened(&conn("old-0"));
         m.connection_opened(&conn("new-0"));
-        count_connect_failure("prune/svc", Some("198.18.1.2:8080".parse().unwrap()));
-        count_connect_failure("prune/svc", Some("198.18.1.3:8080".parse().unwrap()));
+        m.connect_failed("prune/svc", Some("198.18.1.2:8080".parse().unwrap()));
+        m.connect_failed("prune/svc", Some("198.18.1.3:8080".parse().unwrap()));
         // A port scan of pods counts into one series.
         for _ in 0..1000 {
-            count_connect_failure("", None);
+            m.connect_failed("", None);
         }
         let peer = |name: &str| PeerLabels {
             peer_node: name.into(),
@@ -486,11 +491,11 @@ services:
             .get_or_create(&peer("prune-new"))
             .set(1);
 
-        forget_removed(
+        m.forget_removed(
             &config("old-0", "198.18.1.2", "prune-old"),
             &config("new-0", "198.18.1.3", "prune-new"),
         );
-        let text = encoded_without_touching();
+        let text = encode(&registry);
         for gone in ["old-0", "198.18.1.2:8080", "prune-old"] {
             assert!(!text.contains(gone), "{gone} is still in:\n{text}");
         }

@@ -30,15 +30,16 @@ use tracing::{Instrument, debug, info_span};
 use crate::{
     identity::{SpiffeId, tls},
     observability::{
-        access::{Connection, Metered},
-        metrics::{ConnectionLabels, HandshakeLabels, count_refusal, metrics},
+        access::{Direction, Metered, Record},
+        metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
         copy,
+        dial::{DialError, LocalDialer},
         limit::{Limit, Permit, Rate, RatePerSource},
         liveness::{Liveness, SilenceLimit},
-        outbound::CONNECT_TIMEOUT,
-        plan::{self, InboundPlan, Refusal},
+        plan::{self, InboundPlan},
+        refusal::{Cap, Refusal},
         tunnel,
     },
     state::routes::Routes,
@@ -82,6 +83,8 @@ pub struct Inbound {
     pub refused: Arc<AtomicU64>,
     pub liveness: Liveness,
     pub admission: Arc<Admission>,
+    pub local: LocalDialer,
+    pub metrics: Arc<Metrics>,
 }
 
 /// What a peer may hold of the agent before its handshake: connections, handshakes in
@@ -112,19 +115,19 @@ struct Admitted {
 }
 
 impl Admission {
-    /// Places for a new connection from `peer`, or the reason (a metric label) there are none.
-    fn admit(&self, peer: IpAddr) -> Result<Admitted, &'static str> {
+    /// Places for a new connection from `peer`, or the cap that leaves none.
+    fn admit(&self, peer: IpAddr) -> Result<Admitted, Cap> {
         let connection = self
             .connections
             .enter(peer)
-            .map_err(|full| full.pick("tunnel_connections", "tunnel_connections_per_peer"))?;
+            .map_err(|full| full.pick(Cap::TunnelConnections, Cap::TunnelConnectionsPerPeer))?;
         if !self.handshake_rate.take(peer) {
-            return Err("handshake_rate");
+            return Err(Cap::HandshakeRate);
         }
         let handshake = self
             .handshakes
             .enter(peer)
-            .map_err(|full| full.pick("handshakes", "handshakes_per_source"))?;
+            .map_err(|full| full.pick(Cap::Handshakes, Cap::HandshakesPerSource))?;
         if self.handshakes.open() >= HANDSHAKE_BURST_TO_TRIM {
             self.burst.store(true, Ordering::Relaxed);
         }
@@ -151,9 +154,10 @@ impl Inbound {
             // Shed before any TLS work: a reset, no handshake, no buffers.
             let admitted = match self.admission.admit(peer.ip()) {
                 Ok(admitted) => admitted,
-                Err(reason) => {
-                    count_refusal(reason);
-                    warn_sampled!(%peer, reason, "tunnel peer shed: too many connections or handshakes");
+                Err(cap) => {
+                    let refusal = Refusal::Over(cap);
+                    self.metrics.refused(refusal.reason());
+                    warn_sampled!(%peer, reason = refusal.reason(), "tunnel peer shed: {refusal}");
                     system::reset_on_close(&tcp);
                     continue;
                 }
@@ -194,6 +198,7 @@ impl Inbound {
             return self.refuse("identity", "no SPIFFE ID after the handshake");
         };
         debug!(%caller, "tunnel peer accepted");
+        let local = tls.get_ref().0.local_addr().unwrap_or(peer);
         let streams = Arc::new(Mutex::new(Rate::new(STREAMS_PER_SECOND, STREAM_BURST)));
         let service = {
             let this = self.clone();
@@ -202,8 +207,9 @@ impl Inbound {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
+                let record = Record::new(this.metrics.clone(), Direction::Inbound, peer, local);
                 this.clone()
-                    .connect(request, caller.clone(), peer, admitted)
+                    .connect(request, caller.clone(), record, admitted)
             })
         };
         let connection = http2::Builder::new(TokioExecutor::new())
@@ -237,13 +243,7 @@ impl Inbound {
 
     /// Counts and logs a peer whose handshake failed; `kind` is the metric's reason label.
     fn refuse(&self, kind: &'static str, reason: impl Display) {
-        metrics()
-            .tls_handshake_failures
-            .get_or_create(&HandshakeLabels {
-                side: "inbound",
-                reason: kind,
-            })
-            .inc();
+        self.metrics.handshake_failed("inbound", kind);
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
         warn_sampled!(refused_total = total, "tunnel peer refused: {reason}");
     }
@@ -254,7 +254,7 @@ impl Inbound {
         self,
         request: Request<Incoming>,
         caller: SpiffeId,
-        peer: SocketAddr,
+        mut record: Record,
         admitted: bool,
     ) -> Result<Response<Empty<Bytes>>, Infallible> {
         let status = |code| {
@@ -263,8 +263,7 @@ impl Inbound {
             Ok(response)
         };
         if !admitted {
-            count_refusal("stream_rate");
-            warn_sampled!(%caller, "tunnel stream refused: over {STREAMS_PER_SECOND} new streams per second on its connection");
+            record.refuse(Refusal::Over(Cap::StreamRate));
             return status(StatusCode::TOO_MANY_REQUESTS);
         }
         let planned = plan::inbound(
@@ -278,37 +277,32 @@ impl Inbound {
         } = match planned {
             Ok(plan) => plan,
             Err(refusal) => {
-                count_refusal(refusal.reason());
-                warn_sampled!(%caller, "tunnel stream refused: {refusal}");
-                return status(match refusal {
+                let code = match refusal {
                     Refusal::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,
                     Refusal::BadAuthority(_) => StatusCode::BAD_REQUEST,
                     _ => StatusCode::FORBIDDEN,
-                });
+                };
+                record.refuse(refusal);
+                return status(code);
             }
         };
-        let mut pod = match timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-            Ok(Ok(pod)) => pod,
-            Ok(Err(e)) => {
-                debug!(%caller, %target, "cannot reach the pod: {e}");
-                return status(StatusCode::SERVICE_UNAVAILABLE);
+        let mut pod = match self.local.pod(target).await {
+            Ok(pod) => pod,
+            Err(DialError::OnHost(target)) => {
+                record.refuse(Refusal::NodeAddress(target));
+                return status(StatusCode::FORBIDDEN);
             }
-            Err(_) => {
-                debug!(%caller, %target, "cannot reach the pod: no answer within {CONNECT_TIMEOUT:?}");
-                return status(StatusCode::GATEWAY_TIMEOUT);
+            Err(e) => {
+                let code = match e {
+                    DialError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                record.unreachable(format!("cannot reach the pod {target}: {e}"));
+                return status(code);
             }
         };
-        if system::within_this_host(&pod) {
-            count_refusal("node_address");
-            warn_sampled!(%caller, %target, "tunnel stream refused: the address is this node's own");
-            system::reset_on_close(&pod);
-            return status(StatusCode::FORBIDDEN);
-        }
-        if let Err(e) = pod.set_nodelay(true) {
-            debug!("cannot set TCP_NODELAY: {e}");
-        }
         let labels = ConnectionLabels {
-            direction: "inbound",
+            direction: Direction::Inbound.as_str(),
             source_namespace: caller.namespace().to_owned(),
             source_workload: String::new(),
             source_identity: caller.to_string(),
@@ -331,12 +325,12 @@ impl Inbound {
                         return;
                     }
                 };
-                let record = Connection::open(labels, peer, target);
-                let outcome = copy::until_done(&mut tunnel, &mut pod, &abort).await;
-                if !outcome.is_complete() {
+                record.connected(labels, target);
+                let ended = copy::until_done(&mut tunnel, &mut pod, &abort).await;
+                if !ended.is_complete() {
                     system::reset_on_close(&pod);
                 }
-                record.close(&tunnel, &outcome.to_string());
+                record.copied(&tunnel, ended);
             }
             .instrument(span),
         );

@@ -32,8 +32,8 @@ pub enum Full {
 }
 
 impl Full {
-    /// `total` or `source`, as the case is (metric labels, say).
-    pub fn pick(self, total: &'static str, source: &'static str) -> &'static str {
+    /// `total` or `source`, as the case is.
+    pub fn pick<T>(self, total: T, source: T) -> T {
         match self {
             Full::Total => total,
             Full::Source => source,

@@ -2,11 +2,7 @@
 //! an endpoint and connects to it: directly on this node, through a tunnel to another node's
 //! agent otherwise. A failed connect is retried on another endpoint.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{
     net::{TcpListener, TcpStream},
@@ -17,32 +13,40 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    datapath::OrigDstTable,
+    datapath::CapturedConnect,
     observability::{
-        access::{Connection, Metered},
-        metrics::{ConnectionLabels, count_connect_failure, count_refusal, metrics},
+        access::{Direction, Metered, Record},
+        metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
         balance::Lease,
         copy,
-        plan::{self, OutboundPlan, Refusal},
+        dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
+        plan::{self, OutboundPlan},
+        refusal::Refusal,
         tunnel::{TunnelStream, Tunnels},
     },
     state::routes::{Hop, LocalWorkload, Route, Routes},
     system, warn_sampled,
 };
 
-/// How long a connect may take, directly or through a tunnel, before the next endpoint is
-/// tried.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Endpoints tried for one connection at most.
 const MAX_ATTEMPTS: usize = 3;
+
+/// Where captured connections were going, by the client's address: the kernel's table
+/// (`datapath::OrigDstTable`), or one the in-process tests fill.
+pub trait Captures: Send + 'static {
+    /// Takes (returns and forgets) what was captured of the connection from `client`.
+    fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect>;
+}
 
 /// What every outbound connection needs.
 #[derive(Clone)]
 pub struct Outbound {
     pub routes: watch::Receiver<Arc<Routes>>,
     pub tunnels: Arc<Tunnels>,
+    pub local: LocalDialer,
+    pub metrics: Arc<Metrics>,
     pub tracker: TaskTracker,
     /// Cancelled to stop accepting.
     pub stop: CancellationToken,
@@ -52,23 +56,23 @@ pub struct Outbound {
 
 impl Outbound {
     /// Accepts captured connections until `stop` is cancelled.
-    pub async fn serve(self, listener: TcpListener, mut orig_dst: OrigDstTable) {
+    pub async fn serve(self, listener: TcpListener, mut captures: impl Captures) {
         while let Some((client, peer)) = system::accept(&listener, &self.stop).await {
-            let Some(captured) = orig_dst.take(peer) else {
-                count_refusal("not_captured");
-                warn_sampled!(%peer, "closing a connection that was not captured (no original destination)");
+            let Some(captured) = captures.take(peer) else {
+                let here = client.local_addr().unwrap_or(peer);
+                self.record(peer, here).refuse(Refusal::NotCaptured);
                 continue;
             };
             let dst = captured.dst;
+            let record = self.record(peer, dst);
             let planned = plan::outbound(&self.routes.borrow(), peer.ip(), captured.cgroup, dst);
             let OutboundPlan { source, route } = match planned {
                 Ok(plan) => plan,
                 Err(refusal) => {
-                    count_refusal(refusal.reason());
-                    warn_sampled!(%peer, %dst, "closing a captured connection: {refusal}");
                     if matches!(refusal, Refusal::CallerMismatch(_)) {
                         system::reset_on_close(&client);
                     }
+                    record.refuse(refusal);
                     continue;
                 }
             };
@@ -77,14 +81,28 @@ impl Outbound {
                 addr: peer,
                 workload: source,
             };
-            self.tracker
-                .spawn(self.clone().forward(client, route, caller).instrument(span));
+            self.tracker.spawn(
+                self.clone()
+                    .forward(client, route, caller, record)
+                    .instrument(span),
+            );
         }
     }
 
-    async fn forward(self, client: TcpStream, route: Route, caller: Caller) {
-        let Some(connected) = self.connect(&route, &caller).await else {
-            return;
+    fn record(&self, source: SocketAddr, destination: SocketAddr) -> Record {
+        Record::new(
+            self.metrics.clone(),
+            Direction::Outbound,
+            source,
+            destination,
+        )
+    }
+
+    async fn forward(self, client: TcpStream, route: Route, caller: Caller, mut record: Record) {
+        let connected = match self.connect(&route, &caller).await {
+            Ok(connected) => connected,
+            Err(NotConnected::Refused(refusal)) => return record.refuse(refusal),
+            Err(NotConnected::Unreachable(why)) => return record.unreachable(why),
         };
         if let Err(e) = client.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
@@ -98,7 +116,7 @@ impl Outbound {
         };
         let source = caller.workload.as_deref();
         let labels = ConnectionLabels {
-            direction: "outbound",
+            direction: Direction::Outbound.as_str(),
             source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
             source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
             source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
@@ -115,91 +133,83 @@ impl Outbound {
                 .unwrap_or_default(),
             hop,
         };
-        let record = Connection::open(labels, caller.addr, connected.target);
+        record.connected(labels, connected.target);
         let mut client = Metered::new(client);
-        let outcome = match connected.upstream {
+        let ended = match connected.upstream {
             Upstream::Direct(mut pod) => {
-                if let Err(e) = pod.set_nodelay(true) {
-                    debug!("cannot set TCP_NODELAY: {e}");
-                }
-                let outcome = copy::until_done(&mut client, &mut pod, &self.abort).await;
-                if !outcome.is_complete() {
+                let ended = copy::until_done(&mut client, &mut pod, &self.abort).await;
+                if !ended.is_complete() {
                     system::reset_on_close(&pod);
                 }
-                outcome
+                ended
             }
             // A tunnel stream dropped before its end is reset (RST_STREAM) by HTTP/2 itself.
             Upstream::Tunnel(mut tunnel) => {
                 copy::until_done(&mut client, &mut tunnel, &self.abort).await
             }
         };
-        if !outcome.is_complete() {
+        if !ended.is_complete() {
             system::reset_on_close(client.get_ref());
         }
-        record.close(&client, &outcome.to_string());
+        record.copied(&client, ended);
     }
 
     /// Connects to the route's destination; for a service, tries up to [`MAX_ATTEMPTS`]
     /// endpoints. The lease keeps the endpoint's connection counted while it is open.
-    async fn connect(&self, route: &Route, caller: &Caller) -> Option<Connected> {
+    async fn connect(&self, route: &Route, caller: &Caller) -> Result<Connected, NotConnected> {
         let port = match route {
             Route::Pod { target, hop } => {
-                return match self.dial(*target, hop, caller).await {
-                    Ok(Upstream::Direct(pod)) if system::within_this_host(&pod) => {
-                        count_refusal("node_address");
-                        warn_sampled!(%target, "closing a captured connection: the address is this node's own");
-                        system::reset_on_close(&pod);
-                        None
+                let upstream = match self.dial(*target, hop, caller, Dialled::Pod).await {
+                    Ok(upstream) => upstream,
+                    Err(Failed::Dial(e @ (DialError::Timeout | DialError::Failed(_)))) => {
+                        self.metrics.connect_failed("", None);
+                        return Err(NotConnected::Unreachable(e.to_string()));
                     }
-                    Ok(upstream) => Some(Connected {
-                        upstream,
-                        target: *target,
-                        _lease: None,
-                    }),
-                    Err(e) => {
-                        count_connect_failure("", None);
-                        warn_sampled!(%target, "cannot reach the destination: {e}");
-                        None
-                    }
+                    Err(failed) => return Err(failed.into()),
                 };
+                return Ok(Connected {
+                    upstream,
+                    target: *target,
+                    _lease: None,
+                });
             }
             Route::Service(port) => port,
         };
         let mut tried = Vec::new();
         while tried.len() < MAX_ATTEMPTS {
-            let (lease, hop) = port.pick(&tried)?;
+            let Some((lease, hop)) = port.pick(&tried) else {
+                break;
+            };
             let target = lease.endpoint().addr;
-            match self.dial(target, &hop, caller).await {
+            match self.dial(target, &hop, caller, Dialled::Endpoint).await {
                 Ok(upstream) => {
                     lease.endpoint().succeeded();
-                    return Some(Connected {
+                    return Ok(Connected {
                         upstream,
                         target,
                         _lease: Some(lease),
                     });
                 }
-                Err(DialError::OutOfResources(e)) => {
-                    // This node's fault, not the endpoint's: no ejection, no other endpoint.
-                    warn_sampled!(service = %port.service, "cannot connect: {e}");
-                    return None;
-                }
-                Err(DialError::NoIdentity(addr)) => {
-                    count_refusal("no_identity");
-                    warn_sampled!(service = %port.service, "cannot leave the node: {}", DialError::NoIdentity(addr));
-                    return None;
-                }
-                Err(e) => {
-                    let labels = count_connect_failure(&port.service, Some(target));
+                Err(Failed::Dial(e @ (DialError::Timeout | DialError::Failed(_)))) => {
+                    let labels = self.metrics.connect_failed(&port.service, Some(target));
                     if lease.endpoint().failed() {
-                        metrics().endpoint_ejections.get_or_create(&labels).inc();
+                        self.metrics.endpoint_ejections.get_or_create(&labels).inc();
                     }
                     warn_sampled!(service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
                     tried.push(target);
                 }
+                // This node's fault, or the caller's, not the endpoint's: no ejection, no
+                // other endpoint.
+                Err(failed) => return Err(failed.into()),
             }
         }
-        warn_sampled!(service = %port.service, attempts = tried.len(), "no endpoint could be reached");
-        None
+        Err(NotConnected::Unreachable(match tried.len() {
+            0 => format!("service {} has no endpoint left to try", port.service),
+            n => format!(
+                "service {}: no endpoint answered in {n} tries",
+                port.service
+            ),
+        }))
     }
 
     async fn dial(
@@ -207,21 +217,22 @@ impl Outbound {
         target: SocketAddr,
         hop: &Hop,
         caller: &Caller,
-    ) -> Result<Upstream, DialError> {
+        dialled: Dialled,
+    ) -> Result<Upstream, Failed> {
         match hop {
             Hop::Local => {
-                let pod = timeout(CONNECT_TIMEOUT, TcpStream::connect(target))
-                    .await
-                    .map_err(|_| DialError::Timeout)?
-                    .map_err(DialError::from_io)?;
+                let stream = match dialled {
+                    Dialled::Pod => self.local.pod(target).await?,
+                    Dialled::Endpoint => self.local.endpoint(target).await?,
+                };
                 debug!(%target, "connected on this node");
-                Ok(Upstream::Direct(pod))
+                Ok(Upstream::Direct(stream))
             }
             Hop::Tunnel { node, agent } => {
                 let source = &caller
                     .workload
                     .as_ref()
-                    .ok_or(DialError::NoIdentity(caller.addr.ip().to_canonical()))?
+                    .ok_or(Refusal::NoIdentity(caller.addr.ip().to_canonical()))?
                     .id;
                 let tunnel = timeout(
                     CONNECT_TIMEOUT,
@@ -244,6 +255,13 @@ struct Caller {
     workload: Option<Arc<LocalWorkload>>,
 }
 
+/// What is dialled: an endpoint the state names, or an address the caller chose.
+#[derive(Clone, Copy)]
+enum Dialled {
+    Endpoint,
+    Pod,
+}
+
 /// A connection made: to what, and how.
 struct Connected {
     upstream: Upstream,
@@ -257,27 +275,201 @@ enum Upstream {
     Tunnel(TunnelStream),
 }
 
+/// Why one dial failed.
 #[derive(Debug, thiserror::Error)]
-enum DialError {
-    #[error("no workload of this node has the address {0}, so it has no identity to present")]
-    NoIdentity(IpAddr),
-    #[error("no answer within {CONNECT_TIMEOUT:?}")]
-    Timeout,
-    #[error("the agent is out of file descriptors or memory: {0}")]
-    OutOfResources(std::io::Error),
-    #[error("{0}")]
-    Failed(String),
+enum Failed {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Dial(#[from] DialError),
 }
 
-impl DialError {
-    /// A failed connect: this node's shortage (out of descriptors or memory), or the
-    /// endpoint's failure.
-    fn from_io(e: std::io::Error) -> Self {
-        match e.raw_os_error() {
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
-                Self::OutOfResources(e)
+/// Why no connection was made.
+enum NotConnected {
+    Refused(Refusal),
+    Unreachable(String),
+}
+
+impl From<Failed> for NotConnected {
+    fn from(failed: Failed) -> Self {
+        match failed {
+            Failed::Refused(refusal) => NotConnected::Refused(refusal),
+            Failed::Dial(DialError::OnHost(target)) => {
+                NotConnected::Refused(Refusal::NodeAddress(target))
             }
-            _ => Self::Failed(e.to_string()),
+            Failed::Dial(e) => NotConnected::Unreachable(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::ErrorKind;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::testing::{
+        Agent, Loopback, Mesh, cgroup_of, echo_pod, read_all, round_trip, sample, sample_reaches,
+        test_ca,
+    };
+
+    const VIP: [u8; 4] = [198, 19, 0, 10];
+
+    fn vip(port: u16) -> SocketAddr {
+        SocketAddr::from((VIP, port))
+    }
+
+    #[tokio::test]
+    async fn a_service_connection_reaches_a_local_endpoint_and_is_recorded_once() {
+        let net = Loopback::reserve();
+        let (web, cart) = (net.pod(1, 9), net.pod(1, 2));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .workload("shop", "cart-0", "cart", cart)
+            .service("shop", "cart", VIP.into(), (80, 8080), &[(cart, "n1")])
+            .build();
+        let _pod = echo_pod((cart, 8080).into()).await;
+        let agent = Agent::start(state, test_ca()).await;
+
+        let conn = agent.connect(web, cgroup_of(0), vip(80)).await;
+        assert_eq!(
+            round_trip(conn, b"hello cart").await.unwrap(),
+            b"hello cart"
+        );
+
+        let series = "mesh_connections_closed_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",destination_namespace=\"shop\",destination_workload=\"cart-0\",hop=\"local\"}";
+        sample_reaches(&agent.registry, series, 1.0).await;
+        let r = &agent.registry;
+        assert_eq!(sample(r, "mesh_connections_opened_total"), 1.0);
+        assert_eq!(sample(r, "mesh_bytes_sent_total"), 10.0);
+        assert_eq!(sample(r, "mesh_bytes_received_total"), 10.0);
+        assert_eq!(sample(r, "mesh_refusals_total"), 0.0);
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_refuses_is_counted_and_the_next_one_tried() {
+        let net = Loopback::reserve();
+        let (web, dead, alive) = (net.pod(1, 9), net.pod(1, 2), net.pod(1, 3));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service(
+                "shop",
+                "cart",
+                VIP.into(),
+                (80, 8080),
+                &[(dead, "n1"), (alive, "n1")],
+            )
+            .round_robin()
+            .build();
+        let _pod = echo_pod((alive, 8080).into()).await;
+        let agent = Agent::start(state, test_ca()).await;
+
+        // Round robin tries the dead endpoint first, then the live one.
+        let conn = agent.connect(web, cgroup_of(0), vip(80)).await;
+        assert_eq!(round_trip(conn, b"x").await.unwrap(), b"x");
+        let failures = format!(
+            "mesh_connect_failures_total{{service=\"shop/cart\",endpoint=\"{dead}:8080\"}}"
+        );
+        assert_eq!(sample(&agent.registry, &failures), 1.0);
+        assert_eq!(
+            sample(&agent.registry, "mesh_endpoint_ejections_total"),
+            0.0
+        );
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_service_whose_endpoints_all_refuse_is_unreachable_and_ejects_them() {
+        let net = Loopback::reserve();
+        let web = net.pod(1, 9);
+        let dead = [net.pod(1, 2), net.pod(1, 3)];
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service(
+                "shop",
+                "cart",
+                VIP.into(),
+                (80, 8080),
+                &[(dead[0], "n1"), (dead[1], "n1")],
+            )
+            .build();
+        let agent = Agent::start(state, test_ca()).await;
+        for _ in 0..3 {
+            let conn = agent.connect(web, cgroup_of(0), vip(80)).await;
+            // Nothing to copy: the client sees its connection closed at once.
+            assert_eq!(read_all(conn).await.unwrap(), b"");
+        }
+        // Two endpoints per connection, three connections: three failures in a row each.
+        let r = &agent.registry;
+        sample_reaches(r, "mesh_connect_failures_total", 6.0).await;
+        assert_eq!(sample(r, "mesh_endpoint_ejections_total"), 2.0);
+        assert_eq!(sample(r, "mesh_connections_opened_total"), 0.0);
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_pod_using_another_workloads_address_is_reset() {
+        let net = Loopback::reserve();
+        let (web, cart) = (net.pod(1, 9), net.pod(1, 2));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .workload("shop", "cart-0", "cart", cart)
+            .build();
+        let _pod = echo_pod((cart, 8080).into()).await;
+        let agent = Agent::start(state, test_ca()).await;
+
+        // From web-0's address but cart-0's cgroup.
+        let mut conn = agent.connect(web, cgroup_of(1), (cart, 8080).into()).await;
+        let mut buf = [0; 1];
+        let read = conn.read(&mut buf).await;
+        assert_eq!(read.map_err(|e| e.kind()), Err(ErrorKind::ConnectionReset));
+        sample_reaches(
+            &agent.registry,
+            "mesh_refusals_total{reason=\"caller_mismatch\"}",
+            1.0,
+        )
+        .await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn refusals_without_a_dial() {
+        let net = Loopback::reserve();
+        let web = net.pod(1, 9);
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .peer("n2", net.node(2), &net.pod_cidr(2))
+            .workload("shop", "web-0", "web", web)
+            .build();
+        let agent = Agent::start(state, test_ca()).await;
+        let stranger = net.pod(1, 50);
+        let cases = [
+            // (source, cgroup, original destination, refusal)
+            (web, cgroup_of(0), net.pod(1, 77), "no_route"),
+            (web, cgroup_of(0), "198.19.9.9".parse().unwrap(), "no_route"),
+            // Not meshed, so no identity to present on another node.
+            (stranger, 7, net.pod(2, 5), "no_identity"),
+        ];
+        for (i, (source, cgroup, dst, reason)) in cases.into_iter().enumerate() {
+            let conn = agent.connect(source, cgroup, (dst, 80).into()).await;
+            assert_eq!(read_all(conn).await.unwrap(), b"", "{dst}");
+            sample_reaches(&agent.registry, "mesh_refusals_total", (i + 1) as f64).await;
+            let series = format!("mesh_refusals_total{{reason=\"{reason}\"}}");
+            assert!(
+                sample(&agent.registry, &series) >= 1.0,
+                "{dst}: not {reason}"
+            );
+        }
+        // Not captured at all: no original destination.
+        let conn = TcpStream::connect(agent.outbound).await.unwrap();
+        assert_eq!(read_all(conn).await.unwrap(), b"");
+        sample_reaches(
+            &agent.registry,
+            "mesh_refusals_total{reason=\"not_captured\"}",
+            1.0,
+        )
+        .await;
+        agent.stop().await;
     }
 }

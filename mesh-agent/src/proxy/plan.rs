@@ -9,7 +9,10 @@ use std::{
 
 use http::Method;
 
-use crate::state::routes::{CallerMismatch, LocalWorkload, NoRoute, Route, Routes};
+use crate::{
+    proxy::refusal::Refusal,
+    state::routes::{LocalWorkload, Route, Routes},
+};
 
 /// What the outbound path does with a captured connection: carry it along `route` as
 /// `source` (a local workload, or nobody the mesh knows).
@@ -24,34 +27,6 @@ pub struct OutboundPlan {
 pub struct InboundPlan {
     pub target: SocketAddr,
     pub destination: Option<Arc<LocalWorkload>>,
-}
-
-/// Why a captured connection or a tunnel stream is refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum Refusal {
-    #[error(transparent)]
-    CallerMismatch(#[from] CallerMismatch),
-    #[error(transparent)]
-    NoRoute(#[from] NoRoute),
-    #[error("the method is {0}, not CONNECT")]
-    NotConnect(Method),
-    #[error("the authority {0:?} is not ip:port")]
-    BadAuthority(String),
-    #[error("{0} is not a pod of this node")]
-    NotLocalPod(SocketAddr),
-}
-
-impl Refusal {
-    /// Its metric label (`mesh_refusals_total{reason}`).
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::CallerMismatch(_) => "caller_mismatch",
-            Refusal::NoRoute(_) => "no_route",
-            Refusal::NotConnect(_) => "not_connect",
-            Refusal::BadAuthority(_) => "bad_authority",
-            Refusal::NotLocalPod(_) => "not_local_pod",
-        }
-    }
 }
 
 /// The plan for a connection captured from `caller` in the enrolled cgroup `cgroup`, whose
@@ -122,7 +97,11 @@ services:
 ",
         )
         .unwrap();
-        Routes::new(&config, &EndpointStates::default(), &[Some(WEB_CGROUP)])
+        Routes::new(
+            Arc::new(config),
+            &EndpointStates::default(),
+            &[Some(WEB_CGROUP)],
+        )
     }
 
     /// An outbound plan in a word: `service shop/cart as web-0`, `pod local as -`, ...

@@ -32,7 +32,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::{
     identity::{SpiffeId, certificates::Certificates, tls},
-    observability::metrics::{HandshakeLabels, PeerLabels, metrics},
+    observability::metrics::{Metrics, PeerLabels},
     proxy::liveness::Liveness,
 };
 
@@ -98,14 +98,16 @@ type Pool = Arc<tokio::sync::Mutex<Vec<Pooled>>>;
 pub struct Tunnels {
     certificates: Arc<Certificates>,
     liveness: Liveness,
+    metrics: Arc<Metrics>,
     pools: Mutex<HashMap<(SpiffeId, SocketAddr), Pool>>,
 }
 
 impl Tunnels {
-    pub fn new(certificates: Arc<Certificates>, liveness: Liveness) -> Self {
+    pub fn new(certificates: Arc<Certificates>, liveness: Liveness, metrics: Arc<Metrics>) -> Self {
         Self {
             certificates,
             liveness,
+            metrics,
             pools: Mutex::new(HashMap::new()),
         }
     }
@@ -186,7 +188,7 @@ impl Tunnels {
                     .certificates
                     .client_config(source)
                     .ok_or_else(|| TunnelError::NoCertificate(source.clone()))?;
-                let sender = dial(config, agent, peer, self.liveness).await?;
+                let sender = dial(config, agent, peer, self.liveness, &self.metrics).await?;
                 debug!(%source, %agent, pooled = conns.len() + 1, "tunnel connection opened");
                 conns.push(Pooled {
                     sender,
@@ -196,7 +198,7 @@ impl Tunnels {
             }
         };
         conn.streams.fetch_add(1, Ordering::Relaxed);
-        let gauge = metrics().tunnel_streams.get_or_create_owned(peer);
+        let gauge = self.metrics.tunnel_streams.get_or_create_owned(peer);
         gauge.inc();
         Ok((
             conn.sender.clone(),
@@ -213,6 +215,7 @@ async fn dial(
     agent: SocketAddr,
     peer: &PeerLabels,
     liveness: Liveness,
+    metrics: &Metrics,
 ) -> Result<Sender, TunnelError> {
     let tcp = TcpStream::connect(agent)
         .await
@@ -222,14 +225,7 @@ async fn dial(
         .connect(ServerName::IpAddress(agent.ip().into()), tcp)
         .await
         .map_err(|source| {
-            let labels = HandshakeLabels {
-                side: "outbound",
-                reason: tls::failure_reason(&source),
-            };
-            metrics()
-                .tls_handshake_failures
-                .get_or_create(&labels)
-                .inc();
+            metrics.handshake_failed("outbound", tls::failure_reason(&source));
             TunnelError::Tls { agent, source }
         })?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
@@ -244,7 +240,7 @@ async fn dial(
         .handshake(TokioIo::new(tls))
         .await
         .map_err(|source| TunnelError::Http { agent, source })?;
-    let pooled = metrics().tunnel_connections.get_or_create_owned(peer);
+    let pooled = metrics.tunnel_connections.get_or_create_owned(peer);
     pooled.inc();
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use crate::{
     config::Config,
+    discovery::Snapshot,
     identity::SpiffeId,
     proxy::balance::{Balancer, EndpointStates, Lease},
 };
@@ -30,7 +31,7 @@ pub struct Routes {
     /// Local workloads by cgroup id: who is calling.
     by_cgroup: HashMap<u64, Arc<LocalWorkload>>,
     /// What the table was built from.
-    config: Config,
+    config: Snapshot,
 }
 
 /// A meshed workload of this node.
@@ -111,7 +112,7 @@ pub enum NoRoute {
 impl Routes {
     /// The table of `config`; endpoints keep their load and health from `states`; `cgroups`
     /// are the workloads' cgroup ids, in order (see `datapath::workload_cgroups`).
-    pub fn new(config: &Config, states: &EndpointStates, cgroups: &[Option<u64>]) -> Self {
+    pub fn new(config: Snapshot, states: &EndpointStates, cgroups: &[Option<u64>]) -> Self {
         // One per node, shared by its endpoints and pod CIDRs.
         let node_hops: HashMap<&str, Hop> = std::iter::once(&config.node)
             .chain(&config.peers)
@@ -201,7 +202,7 @@ impl Routes {
                 .collect(),
             workloads,
             by_cgroup,
-            config: config.clone(),
+            config,
         }
     }
 
@@ -317,7 +318,11 @@ services:
 ",
         )
         .unwrap();
-        Routes::new(&config, &EndpointStates::default(), &[Some(WEB_CGROUP)])
+        Routes::new(
+            Arc::new(config),
+            &EndpointStates::default(),
+            &[Some(WEB_CGROUP)],
+        )
     }
 
     const WEB_CGROUP: u64 = 4242;

@@ -6,7 +6,7 @@
 //! for a relist) is logged and retried by the watcher; meanwhile the last config sent stays
 //! in force. Nothing is sent until every kind has been listed once.
 
-use std::{collections::HashSet, fmt::Debug, path::PathBuf, time::Duration};
+use std::{collections::HashSet, fmt::Debug, path::PathBuf, sync::Arc, time::Duration};
 
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
@@ -22,7 +22,7 @@ use kube::{
     },
 };
 use serde::de::DeserializeOwned;
-use tokio::{sync::watch, time::Instant};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -30,7 +30,9 @@ use super::{
     model::{Cluster, ENROLL_LABEL},
 };
 use crate::{
-    config::{ClusterSettings, Config, Name},
+    config::{ClusterSettings, Name},
+    discovery::Snapshots,
+    observability::metrics::Metrics,
     state::reload,
 };
 
@@ -66,6 +68,7 @@ pub struct ClusterWatch {
     pub cgroup_mount: PathBuf,
     /// The kubelet's `--cgroup-root`, relative to the mount: its pods' cgroups are below.
     pub kubelet_cgroup_root: String,
+    pub metrics: Arc<Metrics>,
 }
 
 /// One item of a kind's watch: listed in full (`true`) or changed, or how the watch failed.
@@ -73,7 +76,7 @@ type Seen = Result<(&'static str, bool), (&'static str, watcher::Error)>;
 
 impl ClusterWatch {
     /// Sends each new valid config until the task is dropped.
-    pub async fn run(self, configs: watch::Sender<Option<Config>>) {
+    pub async fn run(self, configs: Snapshots) {
         let client = &self.client;
         let (namespaces, namespace_events) = watched::<Namespace>(
             Api::all(client.clone()),
@@ -140,7 +143,7 @@ impl ClusterWatch {
 
     /// Builds the config and sends it if valid and new; says whether a pod waits for its
     /// cgroup (worth building again even without a change).
-    fn build(&self, cluster: &Cluster, configs: &watch::Sender<Option<Config>>) -> bool {
+    fn build(&self, cluster: &Cluster, configs: &Snapshots) -> bool {
         let cgroup_of = |uid: &str| pod_cgroup(&self.cgroup_mount, &self.kubelet_cgroup_root, uid);
         let Some(discovered) = cluster.config(&self.node, &self.settings, cgroup_of) else {
             warn!(node = %self.node, "this node is not among the cluster's Nodes yet");
@@ -154,9 +157,9 @@ impl ClusterWatch {
             Ok(()) => {
                 let (workloads, services) = (config.workloads.len(), config.services.len());
                 let sent = configs.send_if_modified(|running| {
-                    let new = running.as_ref() != Some(&config);
+                    let new = running.as_deref() != Some(&config);
                     if new {
-                        *running = Some(config);
+                        *running = Some(Arc::new(config));
                     }
                     new
                 });
@@ -169,9 +172,10 @@ impl ClusterWatch {
                     );
                 }
             }
-            Err(e) => reload::rejected(&format_args!(
-                "the cluster's state makes an invalid config: {e}"
-            )),
+            Err(e) => reload::rejected(
+                &self.metrics,
+                &format_args!("the cluster's state makes an invalid config: {e}"),
+            ),
         }
         discovered.cgroups_pending
     }

@@ -51,7 +51,7 @@ fn name(s: &str) -> Name {
 }
 
 /// The cgroup id the in-process tests give the `i`th workload of a state.
-pub fn cgroup_of(i: usize) -> u64 {
+pub const fn cgroup_of(i: usize) -> u64 {
     1000 + i as u64
 }
 
@@ -264,6 +264,7 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub certificates: Arc<Certificates>,
     pub outbound: SocketAddr,
+    tunnels: Arc<Tunnels>,
     captures: TestCaptures,
     stop: CancellationToken,
     tracker: TaskTracker,
@@ -287,13 +288,14 @@ impl Agent {
         let stop = CancellationToken::new();
         let liveness = Liveness::every(Duration::from_secs(10));
         let local = LocalDialer { allow_host: true };
+        let tunnels = Arc::new(Tunnels::new(
+            certificates.clone(),
+            liveness,
+            metrics.clone(),
+        ));
         let outbound = Outbound {
             routes: routes_rx.clone(),
-            tunnels: Arc::new(Tunnels::new(
-                certificates.clone(),
-                liveness,
-                metrics.clone(),
-            )),
+            tunnels: tunnels.clone(),
             local,
             metrics: metrics.clone(),
             tracker: tracker.clone(),
@@ -324,6 +326,7 @@ impl Agent {
             metrics,
             certificates,
             outbound: outbound_addr,
+            tunnels,
             captures,
             stop,
             tracker,
@@ -342,6 +345,11 @@ impl Agent {
             .unwrap()
             .insert(client, CapturedConnect { dst, cgroup });
         socket.connect(self.outbound).await.unwrap()
+    }
+
+    /// The agent's tunnel client (its pool of connections to peer agents).
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     /// Stops accepting and closes what is open.

@@ -212,6 +212,73 @@ fn half_life_with_jitter(ttl: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use rustls::pki_types::CertificateDer;
+
+    use crate::{identity::Issued, testing};
+
+    /// The test CA, failing while `down` is set.
+    struct FlakyCa {
+        ca: Arc<dyn CertificateAuthority>,
+        down: AtomicBool,
+    }
+
+    impl CertificateAuthority for FlakyCa {
+        fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Issued> {
+            if self.down.load(Ordering::Relaxed) {
+                anyhow::bail!("the CA is down");
+            }
+            self.ca.issue(id, ttl)
+        }
+
+        fn trust_bundle(&self) -> &[CertificateDer<'static>] {
+            self.ca.trust_bundle()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn certificates_are_renewed_at_half_life_and_retried_while_the_ca_fails() {
+        let ca = Arc::new(FlakyCa {
+            ca: testing::test_ca(),
+            down: AtomicBool::new(false),
+        });
+        let (registry, metrics) = testing::metrics();
+        let ttl = Duration::from_secs(100);
+        let certificates = Certificates::new(ca.clone(), "cluster.local", ttl, metrics);
+        let web = SpiffeId::workload("cluster.local", "shop", "web");
+        certificates.hold(&BTreeSet::from([web.clone()])).unwrap();
+        let expiry = || certificates.expiries()[&web];
+        let first = expiry();
+        let gauge = "mesh_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/web\"}";
+        assert_eq!(
+            testing::sample(&registry, gauge),
+            unix_seconds(first) as f64
+        );
+
+        // Before the earliest renewal (half-life less the jitter), nothing changes.
+        tokio::time::sleep(ttl.mul_f64(0.5 - JITTER) - Duration::from_secs(1)).await;
+        assert_eq!(expiry(), first);
+        // After the latest, it has been renewed.
+        tokio::time::sleep(ttl.mul_f64(2.0 * JITTER) + Duration::from_secs(2)).await;
+        let renewed = expiry();
+        assert!(renewed > first);
+
+        // With the CA down, the certificate stays, and renewal is tried again every 5 s.
+        ca.down.store(true, Ordering::Relaxed);
+        tokio::time::sleep(ttl.mul_f64(0.5 + JITTER) + Duration::from_secs(1)).await;
+        assert_eq!(expiry(), renewed);
+        assert!(certificates.client_config(&web).is_some());
+        ca.down.store(false, Ordering::Relaxed);
+        tokio::time::sleep(ttl / 20 + Duration::from_secs(1)).await;
+        assert!(expiry() > renewed);
+
+        // An identity no longer held is forgotten, and its gauge with it.
+        certificates.hold(&BTreeSet::new()).unwrap();
+        assert!(certificates.expiries().is_empty());
+        assert_eq!(testing::sample(&registry, gauge), 0.0);
+    }
+
     #[test]
     fn renewal_comes_near_half_life() {
         let ttl = Duration::from_secs(100);

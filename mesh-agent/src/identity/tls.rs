@@ -295,3 +295,130 @@ impl ClientCertVerifier for WorkloadVerifier {
         self.webpki.supported_verify_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::identity::{CertificateAuthority, FileCa};
+
+    const DOMAIN: &str = "cluster.local";
+
+    fn ca() -> FileCa {
+        FileCa::generate(DOMAIN).unwrap()
+    }
+
+    fn slot(ca: &FileCa, id: &SpiffeId) -> Arc<CertSlot> {
+        let issued = ca.issue(id, Duration::from_secs(3600)).unwrap();
+        Arc::new(CertSlot::new(issued).unwrap())
+    }
+
+    fn web() -> SpiffeId {
+        SpiffeId::workload(DOMAIN, "shop", "web")
+    }
+
+    /// A tunnel client presenting `client` to a server presenting `server`, both trusting
+    /// `trusted`: what the server saw of the client (its SPIFFE ID) or why it refused, and
+    /// whether the client accepted the server or why not.
+    async fn handshake(
+        trusted: &FileCa,
+        client: Option<Arc<CertSlot>>,
+        server: Arc<CertSlot>,
+    ) -> (Result<SpiffeId, &'static str>, Result<(), &'static str>) {
+        let bundle = trusted.trust_bundle();
+        let client_config = match client {
+            Some(slot) => client_config(bundle, DOMAIN, slot).unwrap(),
+            None => {
+                let provider = provider();
+                let verifier = Arc::new(PeerAgentVerifier {
+                    roots: roots(bundle).unwrap(),
+                    expected: SpiffeId::agent(DOMAIN),
+                    algorithms: provider.signature_verification_algorithms,
+                });
+                let mut config = ClientConfig::builder_with_provider(provider)
+                    .with_protocol_versions(&[&rustls::version::TLS13])
+                    .unwrap()
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+                    .with_no_client_auth();
+                config.alpn_protocols = vec![ALPN_H2.to_vec()];
+                Arc::new(config)
+            }
+        };
+        let server_config = server_config(bundle, DOMAIN, server).unwrap();
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let name = ServerName::try_from("198.18.0.2").unwrap();
+        let (client, server) = tokio::join!(
+            TlsConnector::from(client_config).connect(name, a),
+            TlsAcceptor::from(server_config).accept(b),
+        );
+        let seen = server
+            .map(|tls| peer_id(tls.get_ref().1.peer_certificates()).unwrap())
+            .map_err(|e| failure_reason(&e));
+        (seen, client.map(drop).map_err(|e| failure_reason(&e)))
+    }
+
+    #[tokio::test]
+    async fn a_workload_and_a_node_agent_of_one_ca_agree() {
+        let ca = ca();
+        let agent = slot(&ca, &SpiffeId::agent(DOMAIN));
+        let (seen, accepted) = handshake(&ca, Some(slot(&ca, &web())), agent).await;
+        assert_eq!(seen, Ok(web()));
+        assert_eq!(accepted, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn the_server_refuses_clients_it_cannot_trust() {
+        let (ca, other) = (ca(), ca());
+        let agent = || slot(&ca, &SpiffeId::agent(DOMAIN));
+        let cases = [
+            // (client certificate, the server's reason)
+            (Some(slot(&other, &web())), "untrusted"),
+            (
+                Some(slot(
+                    &ca,
+                    &SpiffeId::workload("other.domain", "shop", "web"),
+                )),
+                "identity",
+            ),
+            (None, "no_certificate"),
+        ];
+        for (client, reason) in cases {
+            let (seen, _) = handshake(&ca, client, agent()).await;
+            assert_eq!(seen, Err(reason));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_client_accepts_only_a_node_agent_of_its_trust_bundle() {
+        let (ca, other) = (ca(), ca());
+        let cases = [
+            // (server certificate, the client's reason)
+            (slot(&other, &SpiffeId::agent(DOMAIN)), "untrusted"),
+            // A workload's certificate is no node agent's, though the CA is the same.
+            (slot(&ca, &web()), "identity"),
+        ];
+        for (server, reason) in cases {
+            let (_, accepted) = handshake(&ca, Some(slot(&ca, &web())), server).await;
+            assert_eq!(accepted, Err(reason));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewed_certificate_takes_the_old_ones_place_and_verifies() {
+        let ca = ca();
+        let client = slot(&ca, &web());
+        let agent = slot(&ca, &SpiffeId::agent(DOMAIN));
+        let serial = |slot: &CertSlot| slot.get().cert[0].clone();
+        let before = serial(&client);
+        client
+            .replace(ca.issue(&web(), Duration::from_secs(3600)).unwrap())
+            .unwrap();
+        assert_ne!(serial(&client), before);
+        let (seen, accepted) = handshake(&ca, Some(client), agent).await;
+        assert_eq!((seen, accepted), (Ok(web()), Ok(())));
+    }
+}

@@ -179,7 +179,7 @@ impl Admin {
             .map(|(id, not_after)| json!({ "identity": id.as_str(), "expires_unix": unix_seconds(not_after) }))
             .collect();
         let state = json!({
-            "config": routes.config(),
+            "config": &**routes.config(),
             "endpoints": self.states.snapshot(),
             "certificates": certificates,
             "ready": self.ready.load(Ordering::Relaxed),

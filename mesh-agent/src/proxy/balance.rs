@@ -1,6 +1,9 @@
 //! Load balancing over a service port's endpoints: power of two choices over least
 //! outstanding connections, or round robin; endpoints that keep failing to connect are
 //! ejected for a backoff that grows each time, and come back on their first success.
+//!
+//! Time is tokio's clock and chance is `fastrand`'s generator of the thread, so tests run
+//! ejections on a paused clock and choices from a seed (`fastrand::seed`).
 
 use std::{
     collections::HashMap,
@@ -9,9 +12,10 @@ use std::{
         Arc, Mutex, PoisonError, Weak,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// Consecutive connect failures that eject an endpoint.
@@ -302,6 +306,40 @@ mod tests {
         bad.succeeded();
         assert!(!bad.ejected(Instant::now()));
         assert_eq!(bad.health().ejections, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_ends_after_its_backoff_on_tokios_clock() {
+        let (_states, b) = balancer(Strategy::RoundRobin, 2);
+        let bad = b.endpoints[0].clone();
+        for _ in 0..EJECT_AFTER {
+            bad.failed();
+        }
+        assert!(bad.ejected(Instant::now()));
+        tokio::time::advance(BASE_EJECTION - Duration::from_millis(1)).await;
+        assert!(bad.ejected(Instant::now()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!bad.ejected(Instant::now()));
+        // Back in the rotation, though not yet healthy: the next failure ejects it again,
+        // for twice as long.
+        assert_eq!(b.pick(&[]).unwrap().endpoint().addr, bad.addr);
+        for _ in 0..EJECT_AFTER {
+            bad.failed();
+        }
+        let until = bad.health().ejected_until.unwrap();
+        assert_eq!(until - Instant::now(), 2 * BASE_EJECTION);
+    }
+
+    #[test]
+    fn least_outstanding_choices_repeat_from_a_seed() {
+        let (_states, b) = balancer(Strategy::LeastOutstanding, 8);
+        let picks = || -> Vec<u16> {
+            fastrand::seed(7);
+            (0..20)
+                .map(|_| b.pick(&[]).unwrap().endpoint().addr.port())
+                .collect()
+        };
+        assert_eq!(picks(), picks());
     }
 
     #[test]

@@ -337,3 +337,134 @@ impl Inbound {
         status(StatusCode::OK)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{
+        Agent, Loopback, Mesh, cgroup_of, echo_pod, round_trip, sample, sample_reaches, test_ca,
+    };
+
+    /// Node 1 runs web-0; node 2 runs cart-0 (meshed) and db (not meshed).
+    struct TwoNodes {
+        net: Loopback,
+        one: Agent,
+        two: Agent,
+    }
+
+    async fn two_nodes() -> TwoNodes {
+        let net = Loopback::reserve();
+        let ca = test_ca();
+        let (web, cart, db) = (net.pod(1, 9), net.pod(2, 2), net.pod(2, 3));
+        let cart_service = |mesh: Mesh| {
+            mesh.service(
+                "shop",
+                "cart",
+                [198, 19, 0, 10].into(),
+                (80, 8080),
+                &[(cart, "n2")],
+            )
+        };
+        let one = cart_service(
+            Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+                .peer("n2", net.node(2), &net.pod_cidr(2))
+                .workload("shop", "web-0", "web", web),
+        )
+        .build();
+        let two = cart_service(
+            Mesh::node("n2", net.node(2), &net.pod_cidr(2))
+                .peer("n1", net.node(1), &net.pod_cidr(1))
+                .workload("shop", "cart-0", "cart", cart)
+                .unmeshed(db),
+        )
+        .build();
+        echo_pod((cart, 8080).into()).await;
+        echo_pod((db, 5432).into()).await;
+        TwoNodes {
+            one: Agent::start(one, ca.clone()).await,
+            two: Agent::start(two, ca).await,
+            net,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_crosses_nodes_with_the_callers_identity() {
+        let TwoNodes { net, one, two } = two_nodes().await;
+        let web = net.pod(1, 9);
+        let to_service = one
+            .connect(web, cgroup_of(0), ([198, 19, 0, 10], 80).into())
+            .await;
+        assert_eq!(round_trip(to_service, b"cart?").await.unwrap(), b"cart?");
+        let to_db = one
+            .connect(web, cgroup_of(0), (net.pod(2, 3), 5432).into())
+            .await;
+        assert_eq!(round_trip(to_db, b"db?").await.unwrap(), b"db?");
+
+        let web_id = "source_identity=\"spiffe://cluster.local/ns/shop/sa/web\"";
+        let inbound = format!(
+            "mesh_connections_closed_total{{direction=\"inbound\",source_namespace=\"shop\",source_workload=\"\",{web_id},destination_service=\"\",destination_namespace=\"shop\",destination_workload=\"cart-0\",hop=\"tunnel\"}}"
+        );
+        sample_reaches(&two.registry, &inbound, 1.0).await;
+        sample_reaches(&two.registry, "mesh_connections_closed_total", 2.0).await;
+        sample_reaches(&one.registry, "mesh_connections_closed_total", 2.0).await;
+        let outbound = format!(
+            "mesh_connections_opened_total{{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",{web_id},destination_service=\"shop/cart\",destination_namespace=\"\",destination_workload=\"\",hop=\"tunnel\"}}"
+        );
+        assert_eq!(sample(&one.registry, &outbound), 1.0);
+        assert_eq!(sample(&two.registry, "mesh_bytes_sent_total"), 8.0);
+        // Both streams share the one pooled connection, or one each: never more.
+        let pooled = sample(&one.registry, "mesh_tunnel_connections{peer_node=\"n2\"}");
+        assert!((1.0..=2.0).contains(&pooled), "{pooled} tunnel connections");
+        assert_eq!(
+            sample(&one.registry, "mesh_tls_handshake_failures_total"),
+            0.0
+        );
+        one.stop().await;
+        two.stop().await;
+    }
+
+    #[tokio::test]
+    async fn streams_to_what_is_not_a_pod_of_the_node_are_refused() {
+        let TwoNodes { net, one, two } = two_nodes().await;
+        let id = SpiffeId::workload("cluster.local", "shop", "web");
+        let agent = SocketAddr::new(net.node(2), tunnel_port());
+        let cases = [
+            // (target, status, refusal)
+            (net.pod(1, 9), StatusCode::FORBIDDEN, "not_local_pod"),
+            (net.pod(2, 77), StatusCode::FORBIDDEN, "not_local_pod"),
+            (net.node(2), StatusCode::FORBIDDEN, "not_local_pod"),
+        ];
+        for (target, expected, reason) in cases {
+            let opened = one
+                .tunnels()
+                .open(&id, "n2", agent, (target, 8080).into())
+                .await;
+            match opened {
+                Err(tunnel::TunnelError::Refused { status, .. }) => {
+                    assert_eq!(status, expected, "{target}")
+                }
+                Err(e) => panic!("{target}: {e}"),
+                Ok(_) => panic!("{target}: the stream was opened"),
+            }
+            let series = format!("mesh_refusals_total{{reason=\"{reason}\"}}");
+            assert!(sample(&two.registry, &series) >= 1.0, "{target}");
+        }
+        // A pod of the node that is down: the stream is answered, not refused.
+        let down = one
+            .tunnels()
+            .open(&id, "n2", agent, (net.pod(2, 2), 9).into())
+            .await;
+        assert!(
+            matches!(down, Err(tunnel::TunnelError::Refused { status, .. }) if status == StatusCode::SERVICE_UNAVAILABLE),
+            "{:?}",
+            down.err()
+        );
+        assert_eq!(sample(&two.registry, "mesh_connections_opened_total"), 0.0);
+        one.stop().await;
+        two.stop().await;
+    }
+
+    fn tunnel_port() -> u16 {
+        crate::state::routes::TUNNEL_PORT
+    }
+}

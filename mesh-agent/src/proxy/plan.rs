@@ -67,40 +67,33 @@ pub fn inbound(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
-    use crate::{config::Config, proxy::balance::EndpointStates, state::routes::Hop};
+    use crate::{
+        state::routes::Hop,
+        testing::{self, Mesh, cgroup_of},
+    };
 
-    const WEB_CGROUP: u64 = 4242;
+    const WEB_CGROUP: u64 = cgroup_of(0);
+
+    fn ip(a: &str) -> IpAddr {
+        a.parse().unwrap()
+    }
 
     fn routes() -> Routes {
-        let config = Config::parse(
-            Path::new("t.yaml"),
-            "\
-node: { name: n1, addresses: [198.18.0.1], pod_cidrs: [198.18.1.0/24] }
-peers: [{ name: n2, addresses: [198.18.0.2], pod_cidrs: [198.18.2.0/24] }]
-identity: { ca_cert: ca.crt, ca_key: ca.key }
-workloads:
-  - { name: web-0, namespace: shop, service_account: web, addresses: [198.18.1.9], cgroup: /w }
-unmeshed_pods: [198.18.1.20]
-services:
-  - name: cart
-    namespace: shop
-    addresses: [198.19.0.10]
-    ports: [{ port: 80, target_port: 8080 }]
-    endpoints: [{ address: 198.18.1.2, node: n1 }, { address: 198.18.2.3, node: n2 }]
-  - name: empty
-    namespace: shop
-    addresses: [198.19.0.11]
-    ports: [{ port: 80 }]
-",
-        )
-        .unwrap();
-        Routes::new(
-            Arc::new(config),
-            &EndpointStates::default(),
-            &[Some(WEB_CGROUP)],
+        testing::routes(
+            Mesh::node("n1", ip("198.18.0.1"), "198.18.1.0/24")
+                .peer("n2", ip("198.18.0.2"), "198.18.2.0/24")
+                .workload("shop", "web-0", "web", ip("198.18.1.9"))
+                .unmeshed(ip("198.18.1.20"))
+                .service(
+                    "shop",
+                    "cart",
+                    ip("198.19.0.10"),
+                    (80, 8080),
+                    &[(ip("198.18.1.2"), "n1"), (ip("198.18.2.3"), "n2")],
+                )
+                .service("shop", "empty", ip("198.19.0.11"), (80, 80), &[])
+                .build(),
         )
     }
 

@@ -51,7 +51,7 @@ impl<M: Mirror> Running<M> {
         // The running config is the one the current routes were built from.
         let current = self.routes.borrow().clone();
         let running = current.config();
-        if *new == *running {
+        if *new == **running {
             return;
         }
         let fixed = [
@@ -101,4 +101,134 @@ impl<M: Mirror> Running<M> {
 pub fn rejected(metrics: &Metrics, why: &dyn std::fmt::Display) {
     metrics.config_reload("rejected");
     warn!("config change rejected, the running config stays: {why}");
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::{
+        identity::SpiffeId,
+        testing::{Loopback, Mesh, metrics, routes, sample, test_ca},
+    };
+
+    /// The kernel's side, as the agent last synced it: the workloads' names.
+    #[derive(Default)]
+    struct Synced(Arc<std::sync::Mutex<Vec<String>>>);
+
+    impl Mirror for Synced {
+        fn sync(&mut self, config: &Config, _: &[Option<u64>]) -> anyhow::Result<()> {
+            *self.0.lock().unwrap() = config
+                .workloads
+                .iter()
+                .map(|w| w.name.to_string())
+                .collect();
+            Ok(())
+        }
+    }
+
+    struct Reload {
+        running: Running<Synced>,
+        synced: Arc<std::sync::Mutex<Vec<String>>>,
+        routes: watch::Receiver<Arc<Routes>>,
+        registry: Registry,
+    }
+
+    fn base(net: &Loopback) -> Mesh {
+        Mesh::node("n1", net.node(1), &net.pod_cidr(1)).workload(
+            "shop",
+            "web-0",
+            "web",
+            net.pod(1, 9),
+        )
+    }
+
+    fn reload(first: Snapshot) -> Reload {
+        let (registry, metrics) = metrics();
+        let certificates = Arc::new(Certificates::new(
+            test_ca(),
+            first.trust_domain.as_str(),
+            first.identity.certificate_ttl.0,
+            metrics.clone(),
+        ));
+        let (sender, routes_rx) = watch::channel(Arc::new(routes(first)));
+        let synced = Synced::default();
+        Reload {
+            synced: synced.0.clone(),
+            running: Running {
+                state: synced,
+                cgroup_mount: "/nonexistent".into(),
+                routes: sender,
+                states: Arc::default(),
+                certificates,
+                metrics,
+            },
+            routes: routes_rx,
+            registry,
+        }
+    }
+
+    const APPLIED: &str = "mesh_config_reloads_total{result=\"applied\"}";
+    const REJECTED: &str = "mesh_config_reloads_total{result=\"rejected\"}";
+
+    #[tokio::test]
+    async fn a_valid_change_replaces_routes_maps_and_certificates() {
+        let net = Loopback::reserve();
+        let mut r = reload(base(&net).build());
+        let changed = base(&net)
+            .workload("shop", "cart-0", "cart", net.pod(1, 2))
+            .build();
+        r.running.apply(changed.clone());
+        assert!(Arc::ptr_eq(r.routes.borrow().config(), &changed));
+        assert_eq!(*r.synced.lock().unwrap(), ["web-0", "cart-0"]);
+        let cart = SpiffeId::workload("cluster.local", "shop", "cart");
+        assert!(r.running.certificates.client_config(&cart).is_some());
+        assert_eq!(sample(&r.registry, APPLIED), 1.0);
+
+        // The same state again changes nothing and counts nothing.
+        r.running.apply(Arc::new((*changed).clone()));
+        assert_eq!(sample(&r.registry, APPLIED), 1.0);
+        assert!(Arc::ptr_eq(r.routes.borrow().config(), &changed));
+    }
+
+    #[tokio::test]
+    async fn a_change_of_what_is_fixed_at_start_is_rejected_and_the_running_state_stays() {
+        let net = Loopback::reserve();
+        let first = base(&net).build();
+        let mut r = reload(first.clone());
+        r.running.apply(
+            base(&net)
+                .trust_domain("other.domain")
+                .workload("shop", "cart-0", "cart", net.pod(1, 2))
+                .build(),
+        );
+        assert_eq!(sample(&r.registry, REJECTED), 1.0);
+        assert_eq!(sample(&r.registry, APPLIED), 0.0);
+        assert!(Arc::ptr_eq(r.routes.borrow().config(), &first));
+        assert!(
+            r.synced.lock().unwrap().is_empty(),
+            "the maps were not touched"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_latest_snapshot_sent_is_applied() {
+        let net = Loopback::reserve();
+        let r = reload(base(&net).build());
+        let (snapshots, updates) = watch::channel(None);
+        let mut routes = r.routes.clone();
+        let following = tokio::spawn(r.running.follow(updates));
+        let last = base(&net).unmeshed(net.pod(1, 30)).build();
+        snapshots.send_replace(Some(base(&net).unmeshed(net.pod(1, 20)).build()));
+        snapshots.send_replace(Some(last.clone()));
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            routes.wait_for(|r| Arc::ptr_eq(r.config(), &last)),
+        )
+        .await
+        .expect("the last snapshot was not applied within 10 s")
+        .unwrap();
+        following.abort();
+    }
 }

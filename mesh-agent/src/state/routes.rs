@@ -10,7 +10,6 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    config::Config,
     discovery::Snapshot,
     identity::SpiffeId,
     proxy::balance::{Balancer, EndpointStates, Lease},
@@ -19,7 +18,7 @@ use crate::{
 /// The port peer agents accept tunnels on.
 pub const TUNNEL_PORT: u16 = 15008;
 
-/// The routing table built from a [`Config`].
+/// The routing table built from a config ([`Snapshot`]).
 pub struct Routes {
     services: HashMap<SocketAddr, Arc<ServicePort>>,
     local_pod_cidrs: Vec<IpNet>,
@@ -206,8 +205,8 @@ impl Routes {
         }
     }
 
-    /// The configuration the table was built from.
-    pub fn config(&self) -> &Config {
+    /// The snapshot the table was built from.
+    pub fn config(&self) -> &Snapshot {
         &self.config
     }
 
@@ -290,6 +289,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::config::Config;
 
     fn routes() -> Routes {
         let config = Config::parse(

@@ -33,7 +33,7 @@ use crate::{
     },
     proxy::{
         balance::EndpointStates, dial::LocalDialer, inbound::Inbound, liveness::Liveness,
-        outbound::Outbound, tunnel::Tunnels,
+        open::OpenConnections, outbound::Outbound, tunnel::Tunnels,
     },
     state::{
         reload::{self, Mirror},
@@ -41,6 +41,9 @@ use crate::{
     },
     system,
 };
+
+/// How many of the connections a shutdown cuts are named in its log, oldest first.
+const MAX_NAMED_AT_SHUTDOWN: usize = 10;
 
 /// What `mesh-agent run` was told.
 pub struct RunOptions {
@@ -116,6 +119,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     ));
     let server_tls = certificates.server_config()?;
     let states = Arc::new(EndpointStates::default());
+    let open = Arc::new(OpenConnections::default());
     let cgroups = workload_cgroups(&config, &cgroup_mount);
     let routes = Routes::new(config.clone(), &states, &cgroups);
     certificates.hold(&routes.identities())?;
@@ -149,6 +153,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Admin {
                 registry,
                 metrics: metrics.clone(),
+                open: open.clone(),
                 ready: ready.clone(),
                 routes: routes_rx.clone(),
                 states,
@@ -165,6 +170,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tunnels: Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone())),
             local: LocalDialer::default(),
             metrics: metrics.clone(),
+            open: open.clone(),
             tracker: tracker.clone(),
             stop: stop.clone(),
             abort: abort.clone(),
@@ -180,6 +186,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             admission: Arc::default(),
             local: LocalDialer::default(),
             metrics,
+            open: open.clone(),
         };
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
@@ -208,10 +215,22 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             .await
             .is_err()
         {
+            let remaining = open.list();
             warn!(
-                connections = tracker.len(),
+                connections = remaining.len(),
                 "grace period over: closing the remaining connections"
             );
+            for c in remaining.iter().take(MAX_NAMED_AT_SHUTDOWN) {
+                warn!(
+                    direction = c.direction,
+                    source = %c.source,
+                    source_identity = c.source_identity,
+                    destination = %c.destination,
+                    destination_service = c.destination_service,
+                    opened_unix = c.opened_unix,
+                    "closing a connection still open"
+                );
+            }
             abort.cancel();
             tracker.wait().await;
         }

@@ -10,6 +10,7 @@ pub mod dial;
 pub mod inbound;
 pub mod limit;
 pub mod liveness;
+pub mod open;
 pub mod outbound;
 pub mod plan;
 pub mod refusal;

@@ -40,6 +40,7 @@ use crate::{
         dial::LocalDialer,
         inbound::Inbound,
         liveness::Liveness,
+        open::OpenConnections,
         outbound::{Captures, Outbound},
         tunnel::Tunnels,
     },
@@ -264,6 +265,7 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub certificates: Arc<Certificates>,
     pub outbound: SocketAddr,
+    pub open: Arc<OpenConnections>,
     tunnels: Arc<Tunnels>,
     captures: TestCaptures,
     stop: CancellationToken,
@@ -288,6 +290,7 @@ impl Agent {
         let stop = CancellationToken::new();
         let liveness = Liveness::every(Duration::from_secs(10));
         let local = LocalDialer { allow_host: true };
+        let open = Arc::new(OpenConnections::default());
         let tunnels = Arc::new(Tunnels::new(
             certificates.clone(),
             liveness,
@@ -298,6 +301,7 @@ impl Agent {
             tunnels: tunnels.clone(),
             local,
             metrics: metrics.clone(),
+            open: open.clone(),
             tracker: tracker.clone(),
             stop: stop.clone(),
             abort: stop.clone(),
@@ -313,6 +317,7 @@ impl Agent {
             admission: Arc::default(),
             local,
             metrics: metrics.clone(),
+            open: open.clone(),
         };
         let outbound_listener = TcpListener::bind((node, 0)).await.unwrap();
         let outbound_addr = outbound_listener.local_addr().unwrap();
@@ -326,6 +331,7 @@ impl Agent {
             metrics,
             certificates,
             outbound: outbound_addr,
+            open,
             tunnels,
             captures,
             stop,

@@ -26,7 +26,11 @@ use crate::{
         logs::Sample,
         metrics::{ConnectionLabels, Metrics},
     },
-    proxy::{copy::Ended, refusal::Refusal},
+    proxy::{
+        copy::Ended,
+        open::{OpenConnection, OpenConnections, Registration},
+        refusal::Refusal,
+    },
 };
 
 /// Which way a proxied connection goes through this agent.
@@ -64,6 +68,9 @@ enum Outcome {
 /// One proxied connection, from when it is taken on until it is dropped.
 pub struct Record {
     metrics: Arc<Metrics>,
+    open: Arc<OpenConnections>,
+    /// Its place among the open connections, once connected.
+    registration: Option<Registration>,
     direction: Direction,
     source: SocketAddr,
     destination: SocketAddr,
@@ -80,12 +87,15 @@ impl Record {
     /// A connection from `source` to `destination` (as the source asked for it).
     pub fn new(
         metrics: Arc<Metrics>,
+        open: Arc<OpenConnections>,
         direction: Direction,
         source: SocketAddr,
         destination: SocketAddr,
     ) -> Self {
         Self {
             metrics,
+            open,
+            registration: None,
             direction,
             source,
             destination,
@@ -108,9 +118,12 @@ impl Record {
         self.outcome = Outcome::Unreachable(why.to_string());
     }
 
-    /// Connected to `destination` (an endpoint, for a service): counted as opened.
+    /// Connected to `destination` (an endpoint, for a service): counted as opened, and
+    /// listed among the open connections.
     pub fn connected(&mut self, labels: ConnectionLabels, destination: SocketAddr) {
         self.metrics.connection_opened(&labels);
+        let open = OpenConnection::new(&labels, self.source, destination);
+        self.registration = Some(self.open.register(open));
         self.labels = Some(labels);
         self.destination = destination;
     }

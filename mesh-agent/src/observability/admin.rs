@@ -1,7 +1,7 @@
 //! The admin API on port 15020: `/metrics` (OpenMetrics), `/healthz` and `/ready` for anyone
 //! who can reach the port (Prometheus, the kubelet's probes); `/config` (the effective config
-//! and state as JSON: the whole topology) and `/logging` (the log filter, changeable at run
-//! time) only from the node itself.
+//! and state as JSON: the whole topology), `/connections` (the proxied connections open now,
+//! as JSON) and `/logging` (the log filter, changeable at run time) only from the node itself.
 //!
 //! A connection must send its request's headers within [`HEADER_READ_TIMEOUT`] and is closed
 //! after [`IDLE_TIMEOUT`] of silence; the node itself and everyone else each have their own
@@ -35,6 +35,7 @@ use crate::{
         balance::EndpointStates,
         limit::Limit,
         liveness::SilenceLimit,
+        open::OpenConnections,
         refusal::{Cap, Refusal},
     },
     state::routes::Routes,
@@ -61,6 +62,7 @@ pub type LogFilter = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 pub struct Admin {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub open: Arc<OpenConnections>,
     /// Set once the agent serves (programs attached, certificates issued, config applied);
     /// cleared when it starts shutting down.
     pub ready: Arc<AtomicBool>,
@@ -118,7 +120,7 @@ impl Admin {
 
     fn answer(&self, request: Request<Incoming>, caller: Caller) -> Response<Full<Bytes>> {
         let path = request.uri().path();
-        if caller == Caller::Other && matches!(path, "/config" | "/logging") {
+        if caller == Caller::Other && matches!(path, "/config" | "/connections" | "/logging") {
             return text(
                 StatusCode::FORBIDDEN,
                 "only from the node itself (its own addresses or loopback)\n",
@@ -135,6 +137,7 @@ impl Admin {
                 }
             }
             (&Method::GET, "/config") => self.config(),
+            (&Method::GET, "/connections") => json_response(&self.open.list()),
             (&Method::GET, "/logging") => self.log_filter(),
             (&Method::PUT | &Method::POST, "/logging") => {
                 let level = request.uri().query().and_then(|q| {
@@ -144,12 +147,12 @@ impl Admin {
                 });
                 self.set_log_filter(level)
             }
-            (_, "/metrics" | "/healthz" | "/ready" | "/config" | "/logging") => {
+            (_, "/metrics" | "/healthz" | "/ready" | "/config" | "/connections" | "/logging") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /metrics, /healthz, /ready, /config or /logging\n",
+                "not found; try /metrics, /healthz, /ready, /config, /connections or /logging\n",
             ),
         }
     }
@@ -184,10 +187,7 @@ impl Admin {
             "certificates": certificates,
             "ready": self.ready.load(Ordering::Relaxed),
         });
-        match serde_json::to_string_pretty(&state) {
-            Ok(body) => response(StatusCode::OK, "application/json", body + "\n"),
-            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
-        }
+        json_response(&state)
     }
 
     fn log_filter(&self) -> Response<Full<Bytes>> {
@@ -222,6 +222,14 @@ impl Admin {
 enum Caller {
     Node,
     Other,
+}
+
+/// `value` as pretty JSON.
+fn json_response(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => response(StatusCode::OK, "application/json", body + "\n"),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+    }
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

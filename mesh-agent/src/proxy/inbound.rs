@@ -38,6 +38,7 @@ use crate::{
         dial::{DialError, LocalDialer},
         limit::{Limit, Permit, Rate, RatePerSource},
         liveness::{Liveness, SilenceLimit},
+        open::OpenConnections,
         plan::{self, InboundPlan},
         refusal::{Cap, Refusal},
         tunnel,
@@ -85,6 +86,7 @@ pub struct Inbound {
     pub admission: Arc<Admission>,
     pub local: LocalDialer,
     pub metrics: Arc<Metrics>,
+    pub open: Arc<OpenConnections>,
 }
 
 /// What a peer may hold of the agent before its handshake: connections, handshakes in
@@ -207,7 +209,13 @@ impl Inbound {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .take();
-                let record = Record::new(this.metrics.clone(), Direction::Inbound, peer, local);
+                let record = Record::new(
+                    this.metrics.clone(),
+                    this.open.clone(),
+                    Direction::Inbound,
+                    peer,
+                    local,
+                );
                 this.clone()
                     .connect(request, caller.clone(), record, admitted)
             })

@@ -22,6 +22,7 @@ use crate::{
         balance::Lease,
         copy,
         dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
+        open::OpenConnections,
         plan::{self, OutboundPlan},
         refusal::Refusal,
         tunnel::{TunnelStream, Tunnels},
@@ -47,6 +48,7 @@ pub struct Outbound {
     pub tunnels: Arc<Tunnels>,
     pub local: LocalDialer,
     pub metrics: Arc<Metrics>,
+    pub open: Arc<OpenConnections>,
     pub tracker: TaskTracker,
     /// Cancelled to stop accepting.
     pub stop: CancellationToken,
@@ -92,6 +94,7 @@ impl Outbound {
     fn record(&self, source: SocketAddr, destination: SocketAddr) -> Record {
         Record::new(
             self.metrics.clone(),
+            self.open.clone(),
             Direction::Outbound,
             source,
             destination,
@@ -306,7 +309,7 @@ impl From<Failed> for NotConnected {
 mod tests {
     use std::io::ErrorKind;
 
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::testing::{
@@ -332,11 +335,21 @@ mod tests {
         let _pod = echo_pod((cart, 8080).into()).await;
         let agent = Agent::start(state, test_ca()).await;
 
-        let conn = agent.connect(web, cgroup_of(0), vip(80)).await;
+        let mut conn = agent.connect(web, cgroup_of(0), vip(80)).await;
+        // Open, it is listed with who calls and where it went.
+        conn.write_all(b"hello").await.unwrap();
+        let mut hello = [0; 5];
+        conn.read_exact(&mut hello).await.unwrap();
+        let open = agent.open.list();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].source.ip(), web);
         assert_eq!(
-            round_trip(conn, b"hello cart").await.unwrap(),
-            b"hello cart"
+            open[0].source_identity,
+            "spiffe://cluster.local/ns/shop/sa/web"
         );
+        assert_eq!(open[0].destination, SocketAddr::from((cart, 8080)));
+        assert_eq!(open[0].destination_service, "shop/cart");
+        assert_eq!(round_trip(conn, b" cart").await.unwrap(), b" cart");
 
         let series = "mesh_connections_closed_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",destination_namespace=\"shop\",destination_workload=\"cart-0\",hop=\"local\"}";
         sample_reaches(&agent.registry, series, 1.0).await;
@@ -345,6 +358,7 @@ mod tests {
         assert_eq!(sample(r, "mesh_bytes_sent_total"), 10.0);
         assert_eq!(sample(r, "mesh_bytes_received_total"), 10.0);
         assert_eq!(sample(r, "mesh_refusals_total"), 0.0);
+        assert!(agent.open.list().is_empty());
         agent.stop().await;
     }
 

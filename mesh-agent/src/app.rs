@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use prometheus_client::registry::Registry;
 
 use crate::{
-    config::{ClusterSettings, Config, Name},
+    config::{Config, Name, Settings},
     datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT, workload_cgroups},
     discovery::{Snapshot, file, kubernetes::watch::ClusterWatch},
     identity::{FileCa, certificates::Certificates},
@@ -113,8 +113,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let admin_listener = system::listen(ADMIN_PORT, "admin")?;
     let certificates = Arc::new(Certificates::new(
         Arc::new(load_ca(&config, &opts.config)?),
-        config.trust_domain.as_str(),
-        config.identity.certificate_ttl.0,
+        config.settings.trust_domain.as_str(),
+        config.settings.identity.certificate_ttl.0,
         metrics.clone(),
     ));
     let server_tls = certificates.server_config()?;
@@ -256,7 +256,7 @@ async fn watch_cluster(
     cgroup_mount: &Path,
     metrics: &Arc<Metrics>,
 ) -> Result<(JoinHandle<()>, watch::Receiver<Option<Snapshot>>)> {
-    let settings = ClusterSettings::load(file)?;
+    let settings = Settings::load(file)?;
     let client = kube::Client::try_default().await.context(
         "cannot set up the Kubernetes API client: run in a pod with a service account, or \
          point KUBECONFIG at a kubeconfig",
@@ -292,7 +292,7 @@ async fn first_config(
 /// The file-based CA named by `config`; relative paths start at the config file's directory.
 fn load_ca(config: &Config, config_file: &Path) -> Result<FileCa> {
     let base = config_file.parent().unwrap_or(Path::new("."));
-    let identity = &config.identity;
+    let identity = &config.settings.identity;
     FileCa::load(
         &base.join(&identity.ca_cert),
         &base.join(&identity.ca_key),

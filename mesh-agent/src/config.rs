@@ -1,5 +1,6 @@
-//! The agent's YAML configuration: what this node is, which local workloads are meshed, and
-//! the services the mesh knows.
+//! The agent's YAML configuration: its settings (trust domain, where certificates come from),
+//! fixed while it runs, and the mesh as this node sees it (the node, its peers, the meshed
+//! local workloads, the services), which the file or the cluster may change at any time.
 //!
 //! An error names the file, the line, the column and the field
 //! (`config.yaml:12:7: services[1].ports[0].port: ...`); nothing half-read is ever used.
@@ -43,28 +44,82 @@ pub enum ConfigError {
     },
 }
 
-/// The whole configuration of one node's agent.
+/// The whole configuration of one node's agent: its [`Settings`], fixed while it runs, and the
+/// mesh as this node sees it, which a reload may change. The YAML has them side by side.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "ConfigFile", into = "ConfigFile")]
 pub struct Config {
+    pub settings: Settings,
     pub node: Node,
     /// The other nodes of the mesh: where their agents listen and which pods they run.
-    #[serde(default)]
     pub peers: Vec<Node>,
-    #[serde(default = "default_trust_domain")]
-    pub trust_domain: Name,
-    pub identity: Identity,
     /// Meshed workloads (pods) running on this node.
-    #[serde(default)]
     pub workloads: Vec<Workload>,
     /// Addresses of this node's pods that are not meshed: meshed pods of other nodes reach
     /// them through the tunnel, which reaches no address the state does not know (workloads'
     /// and endpoints' addresses count already).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unmeshed_pods: Vec<IpAddr>,
     /// Services: addresses and ports the mesh owns, and their endpoints.
-    #[serde(default)]
     pub services: Vec<Service>,
+}
+
+/// What the agent is told rather than discovers, fixed while it runs (a change is rejected
+/// until a restart): the trust domain and where certificates come from. With `run
+/// --kubernetes`, the whole of its file; the cluster gives the rest.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: Name,
+    pub identity: Identity,
+}
+
+/// A config file's shape: settings and mesh in one mapping.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    node: Node,
+    #[serde(default)]
+    peers: Vec<Node>,
+    #[serde(default = "default_trust_domain")]
+    trust_domain: Name,
+    identity: Identity,
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    unmeshed_pods: Vec<IpAddr>,
+    #[serde(default)]
+    services: Vec<Service>,
+}
+
+impl From<ConfigFile> for Config {
+    fn from(f: ConfigFile) -> Self {
+        Self {
+            settings: Settings {
+                trust_domain: f.trust_domain,
+                identity: f.identity,
+            },
+            node: f.node,
+            peers: f.peers,
+            workloads: f.workloads,
+            unmeshed_pods: f.unmeshed_pods,
+            services: f.services,
+        }
+    }
+}
+
+impl From<Config> for ConfigFile {
+    fn from(c: Config) -> Self {
+        Self {
+            node: c.node,
+            peers: c.peers,
+            trust_domain: c.settings.trust_domain,
+            identity: c.settings.identity,
+            workloads: c.workloads,
+            unmeshed_pods: c.unmeshed_pods,
+            services: c.services,
+        }
+    }
 }
 
 fn default_trust_domain() -> Name {
@@ -193,7 +248,7 @@ impl Config {
                 }
             }
         }
-        self.identity.validate()?;
+        self.settings.identity.validate()?;
 
         let mut workloads = HashSet::new();
         let mut cgroups = HashSet::new();
@@ -273,16 +328,7 @@ impl Config {
     }
 }
 
-/// What `run --kubernetes` takes from its file; the cluster gives the rest.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterSettings {
-    #[serde(default = "default_trust_domain")]
-    pub trust_domain: Name,
-    pub identity: Identity,
-}
-
-impl ClusterSettings {
+impl Settings {
     /// Reads `file`.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = read_limited(file)?;
@@ -773,12 +819,12 @@ services:
     fn valid_config_is_read_whole() {
         let c = parse(VALID).unwrap();
         assert_eq!(c.node.name.as_str(), "node-1");
-        assert_eq!(c.trust_domain.as_str(), "cluster.local");
+        assert_eq!(c.settings.trust_domain.as_str(), "cluster.local");
         assert_eq!(c.node.ipv4(), Some("198.18.0.1".parse().unwrap()));
         assert_eq!(c.node.ipv6(), Some("2001:2::1".parse().unwrap()));
         assert_eq!(c.pod_cidrs().count(), 3);
         assert_eq!(
-            c.identity.certificate_ttl,
+            c.settings.identity.certificate_ttl,
             Lifetime(Duration::from_secs(3600))
         );
         assert_eq!(c.workloads[0].cgroup.to_string(), "/mesh-lab/node-1/cart-0");

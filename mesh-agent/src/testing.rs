@@ -29,7 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{
         CgroupPath, Config, Endpoint, Identity, Lifetime, Name, Node, Protocol, Service,
-        ServicePort, Workload,
+        ServicePort, Settings, Workload,
     },
     datapath::CapturedConnect,
     discovery::Snapshot,
@@ -65,12 +65,14 @@ impl Mesh {
         Self(Config {
             node: node(name_, address, pod_cidr),
             peers: Vec::new(),
-            trust_domain: name("cluster.local"),
-            identity: Identity {
-                ca_cert: "ca.crt".into(),
-                ca_key: "ca.key".into(),
-                trust_bundle: None,
-                certificate_ttl: Lifetime(Duration::from_secs(3600)),
+            settings: Settings {
+                trust_domain: name("cluster.local"),
+                identity: Identity {
+                    ca_cert: "ca.crt".into(),
+                    ca_key: "ca.key".into(),
+                    trust_bundle: None,
+                    certificate_ttl: Lifetime(Duration::from_secs(3600)),
+                },
             },
             workloads: Vec::new(),
             unmeshed_pods: Vec::new(),
@@ -151,7 +153,7 @@ impl Mesh {
 
     /// Changes the trust domain.
     pub fn trust_domain(mut self, trust_domain: &str) -> Self {
-        self.0.trust_domain = name(trust_domain);
+        self.0.settings.trust_domain = name(trust_domain);
         self
     }
 
@@ -279,8 +281,8 @@ impl Agent {
         let node = snapshot.node.addresses[0];
         let certificates = Arc::new(Certificates::new(
             ca,
-            snapshot.trust_domain.as_str(),
-            snapshot.identity.certificate_ttl.0,
+            snapshot.settings.trust_domain.as_str(),
+            snapshot.settings.identity.certificate_ttl.0,
             metrics.clone(),
         ));
         let routes = routes(snapshot);

@@ -21,7 +21,7 @@ use k8s_openapi::{
 };
 use mesh_agent::{
     cli::{Cli, Command},
-    config::{ClusterSettings, Config},
+    config::{Config, Settings},
     datapath::OUTBOUND_PORT,
     discovery::kubernetes::watch::{RESOURCES, VERBS},
     identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT},
@@ -369,7 +369,7 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
     let settings_file =
         std::env::temp_dir().join(format!("mesh-settings-{}.yaml", std::process::id()));
     std::fs::write(&settings_file, &cm.data.unwrap()[key]).unwrap();
-    let settings = ClusterSettings::load(&settings_file);
+    let settings = Settings::load(&settings_file);
     std::fs::remove_file(&settings_file).unwrap();
     let settings = settings.unwrap();
     for file in [&settings.identity.ca_cert, &settings.identity.ca_key] {

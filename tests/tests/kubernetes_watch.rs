@@ -10,7 +10,7 @@ use std::{
 };
 
 use mesh_agent::{
-    config::{ClusterSettings, Config},
+    config::{Config, Settings},
     discovery::{Snapshot, kubernetes::watch::ClusterWatch},
     observability::metrics::Metrics,
 };
@@ -93,7 +93,7 @@ async fn start(failing_node_lists: usize) -> Harness {
         .await
         .unwrap();
     let client = kube::Client::try_from(config).unwrap();
-    let settings: ClusterSettings =
+    let settings: Settings =
         serde_yaml::from_str("identity: {ca_cert: ca.crt, ca_key: ca.key, certificate_ttl: 1h}")
             .unwrap();
     let (tx, configs) = watch::channel(None);

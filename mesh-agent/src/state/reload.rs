@@ -59,8 +59,10 @@ impl<M: Mirror> Running<M> {
                 new.node.name != running.node.name,
                 "node.name (the pins are named after it)",
             ),
-            (new.trust_domain != running.trust_domain, "trust_domain"),
-            (new.identity != running.identity, "identity"),
+            (
+                new.settings != running.settings,
+                "trust_domain and identity (the settings)",
+            ),
         ];
         if let Some((_, what)) = fixed.iter().find(|(changed, _)| *changed) {
             rejected(
@@ -148,8 +150,8 @@ mod tests {
         let (registry, metrics) = metrics();
         let certificates = Arc::new(Certificates::new(
             test_ca(),
-            first.trust_domain.as_str(),
-            first.identity.certificate_ttl.0,
+            first.settings.trust_domain.as_str(),
+            first.settings.identity.certificate_ttl.0,
             metrics.clone(),
         ));
         let (sender, routes_rx) = watch::channel(Arc::new(routes(first)));

@@ -159,7 +159,7 @@ impl Routes {
                 name: w.name.to_string(),
                 namespace: w.namespace.to_string(),
                 id: SpiffeId::workload(
-                    config.trust_domain.as_str(),
+                    config.settings.trust_domain.as_str(),
                     w.namespace.as_str(),
                     w.service_account.as_str(),
                 ),

@@ -24,7 +24,7 @@ use k8s_openapi::api::{
 };
 
 use crate::config::{
-    CgroupPath, ClusterSettings, Config, Endpoint, Name, Node, Service, ServicePort, Workload,
+    CgroupPath, Config, Endpoint, Name, Node, Service, ServicePort, Settings, Workload,
 };
 
 /// The namespace label that enrolls a namespace's pods, with the value `true`.
@@ -60,7 +60,7 @@ impl Cluster {
     pub fn config(
         &self,
         this_node: &Name,
-        settings: &ClusterSettings,
+        settings: &Settings,
         cgroup_of: impl Fn(&str) -> Option<CgroupPath>,
     ) -> Option<Discovered> {
         let mut skipped = Vec::new();
@@ -93,8 +93,7 @@ impl Cluster {
             config: Config {
                 node: this,
                 peers: nodes,
-                trust_domain: settings.trust_domain.clone(),
-                identity: settings.identity.clone(),
+                settings: settings.clone(),
                 workloads,
                 unmeshed_pods,
                 services,
@@ -450,8 +449,8 @@ mod tests {
         }
     }
 
-    fn settings() -> ClusterSettings {
-        ClusterSettings {
+    fn settings() -> Settings {
+        Settings {
             trust_domain: "cluster.local".parse().unwrap(),
             identity: Identity {
                 ca_cert: "ca.pem".into(),

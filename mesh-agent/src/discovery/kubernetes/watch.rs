@@ -30,7 +30,7 @@ use super::{
     model::{Cluster, ENROLL_LABEL},
 };
 use crate::{
-    config::{ClusterSettings, Name},
+    config::{Name, Settings},
     discovery::Snapshots,
     observability::metrics::Metrics,
     state::reload,
@@ -63,7 +63,7 @@ pub struct ClusterWatch {
     pub client: Client,
     /// This node's name (from the downward API).
     pub node: Name,
-    pub settings: ClusterSettings,
+    pub settings: Settings,
     /// The cgroup v2 mount.
     pub cgroup_mount: PathBuf,
     /// The kubelet's `--cgroup-root`, relative to the mount: its pods' cgroups are below.

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 
 use crate::{
     config::{Config, Name, Settings},
-    datapath::{Counters, Datapath, Loaded, OUTBOUND_PORT, workload_cgroups},
+    datapath::{Datapath, Loaded, OUTBOUND_PORT, counters::Counters, maps::workload_cgroups},
     discovery::{Snapshot, file, kubernetes::watch::ClusterWatch},
     identity::{FileCa, certificates::Certificates},
     observability::{

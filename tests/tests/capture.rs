@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_agent::datapath::Counters;
+use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
 use mesh_tests::{Lab, LabSpec, ServiceSpec};
 

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_agent::datapath::{Counters, pin_dir};
+use mesh_agent::datapath::{counters::Counters, pin_dir};
 use mesh_common::Counter;
 use mesh_tests::{Lab, LabSpec, Running};
 

@@ -19,7 +19,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{config::Config, datapath::Counters};
+use crate::{config::Config, datapath::counters::Counters};
 
 /// Who talked to whom over one proxied connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

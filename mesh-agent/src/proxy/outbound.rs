@@ -13,7 +13,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    datapath::CapturedConnect,
     observability::{
         access::{Direction, Metered, Record},
         metrics::{ConnectionLabels, Metrics},
@@ -34,8 +33,17 @@ use crate::{
 /// Endpoints tried for one connection at most.
 const MAX_ATTEMPTS: usize = 3;
 
+/// What the kernel recorded of a captured connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapturedConnect {
+    /// Where its app meant to go.
+    pub dst: SocketAddr,
+    /// The enrolled cgroup it came from.
+    pub cgroup: u64,
+}
+
 /// Where captured connections were going, by the client's address: the kernel's table
-/// (`datapath::OrigDstTable`), or one the in-process tests fill.
+/// (`datapath::maps::OrigDstTable`), or one the in-process tests fill.
 pub trait Captures: Send + 'static {
     /// Takes (returns and forgets) what was captured of the connection from `client`.
     fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect>;

@@ -8,13 +8,13 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    config::Config, datapath::workload_cgroups, discovery::Snapshot,
+    config::Config, datapath::maps::workload_cgroups, discovery::Snapshot,
     identity::certificates::Certificates, observability::metrics::Metrics,
     proxy::balance::EndpointStates, state::routes::Routes, system,
 };
 
 /// Where the running state is mirrored for the kernel: the eBPF maps
-/// (`datapath::StateMaps`), or nowhere (the in-process tests).
+/// (`datapath::maps::StateMaps`), or nowhere (the in-process tests).
 pub trait Mirror: Send + 'static {
     /// Makes the mirror hold `config`'s workloads (their cgroup ids `cgroups`, in order).
     fn sync(&mut self, config: &Config, cgroups: &[Option<u64>]) -> anyhow::Result<()>;

@@ -110,7 +110,7 @@ pub enum NoRoute {
 
 impl Routes {
     /// The table of `config`; endpoints keep their load and health from `states`; `cgroups`
-    /// are the workloads' cgroup ids, in order (see `datapath::workload_cgroups`).
+    /// are the workloads' cgroup ids, in order (see `datapath::maps::workload_cgroups`).
     pub fn new(config: Snapshot, states: &EndpointStates, cgroups: &[Option<u64>]) -> Self {
         // One per node, shared by its endpoints and pod CIDRs.
         let node_hops: HashMap<&str, Hop> = std::iter::once(&config.node)

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use mesh_agent::datapath::Counters;
+use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
 use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted};
 

@@ -1,0 +1,26 @@
+//! The programs' event counters, readable from any process through their pin.
+
+use anyhow::{Context, Result};
+use aya::maps::{Map, MapData, PerCpuArray};
+use mesh_common::Counter;
+
+use super::pin_dir;
+
+/// The programs' per-CPU event counters.
+pub struct Counters(PerCpuArray<MapData, u64>);
+
+impl Counters {
+    /// Opens the counters pinned for `node`, from any process.
+    pub fn open_pinned(node: &str) -> Result<Self> {
+        let path = pin_dir(node).join("COUNTERS");
+        let data = MapData::from_pin(&path)
+            .with_context(|| format!("cannot open the pinned map {}", path.display()))?;
+        Ok(Self(PerCpuArray::try_from(Map::PerCpuArray(data))?))
+    }
+
+    /// The counter summed over all CPUs.
+    pub fn get(&self, counter: Counter) -> Result<u64> {
+        let values = self.0.get(&(counter as u32), 0)?;
+        Ok(values.iter().sum())
+    }
+}

@@ -1,0 +1,191 @@
+//! The maps the agent keeps in step with its state (the listener, enrolled cgroups, owned
+//! destinations) and the one it reads: where captured connections were going.
+
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, Pod,
+    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+};
+use mesh_common::{
+    Addr, AgentListener, Captured, SET_MEMBER, SockAddr, ipv4_mapped, ipv4_unmapped,
+};
+use tracing::{info, warn};
+
+use super::{OUTBOUND_PORT, take_map};
+use crate::{
+    config::Config,
+    proxy::outbound::{CapturedConnect, Captures},
+    state::reload::Mirror,
+};
+
+/// The maps that mirror the agent's state: the listener, enrolled cgroups, owned destinations.
+pub struct StateMaps {
+    enrolled: HashMap<MapData, u64, u8>,
+    owned_services: HashMap<MapData, SockAddr, u8>,
+    owned_cidrs: LpmTrie<MapData, Addr, u8>,
+    agent: Array<MapData, AgentListener>,
+}
+
+impl StateMaps {
+    /// Takes the state maps out of the loaded object.
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            enrolled: take_map(ebpf, "ENROLLED")?,
+            owned_services: take_map(ebpf, "OWNED_SERVICES")?,
+            owned_cidrs: take_map(ebpf, "OWNED_CIDRS")?,
+            agent: take_map(ebpf, "AGENT")?,
+        })
+    }
+}
+
+impl Mirror for StateMaps {
+    /// Makes the maps match `config`: adds what is new, removes what is gone.
+    /// `cgroups` are the workloads' cgroup ids ([`workload_cgroups`]).
+    fn sync(&mut self, config: &Config, cgroups: &[Option<u64>]) -> Result<()> {
+        let listener = AgentListener {
+            ipv4: config.node.ipv4().map_or([0; 4], |a| a.octets()),
+            ipv6: config.node.ipv6().map_or([0; 16], |a| a.octets()),
+            port: OUTBOUND_PORT,
+            has_ipv4: config.node.ipv4().is_some().into(),
+            has_ipv6: config.node.ipv6().is_some().into(),
+        };
+        self.agent.set(0, listener, 0).context("cannot set AGENT")?;
+
+        let enrolled: HashSet<u64> = cgroups.iter().flatten().copied().collect();
+        sync_set(&mut self.enrolled, &enrolled, "ENROLLED")?;
+
+        let services: HashSet<SockAddr> = config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.addresses.iter().flat_map(|a| {
+                    s.ports
+                        .iter()
+                        .map(|p| sock_addr(SocketAddr::new(*a, p.port)))
+                })
+            })
+            .collect();
+        sync_set(&mut self.owned_services, &services, "OWNED_SERVICES")?;
+
+        let cidrs: HashSet<(u32, Addr)> = config
+            .pod_cidrs()
+            .map(|net| match net {
+                ipnet::IpNet::V4(n) => (
+                    96 + u32::from(n.prefix_len()),
+                    ipv4_mapped(n.network().octets()),
+                ),
+                ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+            })
+            .collect();
+        let present: Vec<Key<Addr>> = self.owned_cidrs.keys().collect::<Result<_, _>>()?;
+        for key in &present {
+            if !cidrs.contains(&(key.prefix_len(), key.data())) {
+                self.owned_cidrs.remove(key)?;
+            }
+        }
+        for (prefix_len, addr) in &cidrs {
+            self.owned_cidrs
+                .insert(&Key::new(*prefix_len, *addr), SET_MEMBER, 0)
+                .context("cannot fill OWNED_CIDRS")?;
+        }
+        info!(
+            enrolled = enrolled.len(),
+            service_ports = services.len(),
+            cidrs = cidrs.len(),
+            "eBPF maps synced"
+        );
+        Ok(())
+    }
+}
+
+fn sync_set<K: Pod + Eq + Hash>(
+    map: &mut HashMap<MapData, K, u8>,
+    want: &HashSet<K>,
+    name: &str,
+) -> Result<()> {
+    let present: Vec<K> = map.keys().collect::<Result<_, _>>()?;
+    for key in present.iter().filter(|k| !want.contains(k)) {
+        map.remove(key)?;
+    }
+    for key in want {
+        map.insert(key, SET_MEMBER, 0)
+            .with_context(|| format!("cannot fill {name}"))?;
+    }
+    Ok(())
+}
+
+/// The cgroup id of each of `config`'s workloads, in order; `None` (logged) for a workload
+/// whose cgroup is not there: it is not enrolled. `cgroup_mount` is where their paths start.
+pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>> {
+    config
+        .workloads
+        .iter()
+        .map(|w| {
+            let dir = w.cgroup.under(cgroup_mount);
+            cgroup_id(&dir)
+                .inspect_err(|e| {
+                    warn!(
+                        workload = %format!("{}/{}", w.namespace, w.name),
+                        cgroup = %dir.display(),
+                        "not enrolled: {e}"
+                    );
+                })
+                .ok()
+        })
+        .collect()
+}
+
+/// The id the kernel gives a cgroup v2 directory: its inode number.
+fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| m.ino())
+}
+
+/// A socket address in the maps' form.
+fn sock_addr(addr: SocketAddr) -> SockAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    SockAddr::new(ip, addr.port())
+}
+
+/// A socket address from the maps' form, IPv4-mapped addresses as IPv4.
+fn socket_addr(addr: &SockAddr) -> SocketAddr {
+    let ip = match ipv4_unmapped(&addr.addr) {
+        Some(v4) => IpAddr::from(v4),
+        None => IpAddr::from(addr.addr),
+    };
+    SocketAddr::new(ip, addr.port)
+}
+
+/// Captured connections, by the client's address.
+pub struct OrigDstTable(HashMap<MapData, SockAddr, Captured>);
+
+impl OrigDstTable {
+    /// Takes the table out of the loaded object.
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self(take_map(ebpf, "CAPTURED_BY_CLIENT")?))
+    }
+}
+
+impl Captures for OrigDstTable {
+    fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
+        let key = sock_addr(client);
+        let captured = self.0.get(&key, 0).ok()?;
+        if let Err(e) = self.0.remove(&key) {
+            warn!(%client, "cannot forget an original destination: {e}");
+        }
+        Some(CapturedConnect {
+            dst: socket_addr(&captured.dst),
+            cgroup: captured.cgroup,
+        })
+    }
+}

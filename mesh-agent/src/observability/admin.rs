@@ -244,3 +244,93 @@ fn response(status: StatusCode, content_type: &str, body: String) -> Response<Fu
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+
+    use super::*;
+    use crate::testing::{self, Loopback, Mesh};
+
+    /// An admin API over loopback (so the caller is the node itself) with the state of one node.
+    async fn admin() -> (SocketAddr, Arc<OpenConnections>, CancellationToken) {
+        let net = Loopback::reserve();
+        let (registry, metrics) = testing::metrics();
+        let snapshot = Mesh::node("n1", net.node(1), &net.pod_cidr(1)).build();
+        let certificates = Arc::new(Certificates::new(
+            testing::test_ca(),
+            "cluster.local",
+            Duration::from_secs(3600),
+            metrics.clone(),
+        ));
+        let (_, log_filter) = reload::Layer::new(EnvFilter::new("info"));
+        let open = Arc::new(OpenConnections::default());
+        let admin = Admin {
+            registry: Arc::new(registry),
+            metrics,
+            open: open.clone(),
+            ready: Arc::new(AtomicBool::new(true)),
+            routes: watch::channel(Arc::new(testing::routes(snapshot))).1,
+            states: Arc::default(),
+            certificates,
+            log_filter,
+        };
+        let listener = TcpListener::bind((net.node(1), 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(admin.serve(listener, stop.clone()));
+        (addr, open, stop)
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut response))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn the_open_connections_are_listed_for_the_node() {
+        let (addr, open, stop) = admin().await;
+        assert!(get(addr, "/connections").await.ends_with("\r\n[]\n"));
+        let labels = crate::observability::metrics::ConnectionLabels {
+            direction: "outbound",
+            source_namespace: "shop".into(),
+            source_workload: "web-0".into(),
+            source_identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+            destination_service: "shop/cart".into(),
+            destination_namespace: "shop".into(),
+            destination_workload: "cart-0".into(),
+            hop: "local",
+        };
+        let source = "198.18.1.9:40000".parse().unwrap();
+        let registration = open.register(crate::proxy::open::OpenConnection::new(
+            &labels,
+            source,
+            "198.18.1.2:8080".parse().unwrap(),
+        ));
+        let listed = get(addr, "/connections").await;
+        let body = listed.split_once("\r\n\r\n").unwrap().1;
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json[0]["source"], "198.18.1.9:40000");
+        assert_eq!(
+            json[0]["source_identity"],
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(json[0]["destination_service"], "shop/cart");
+        drop(registration);
+        assert!(get(addr, "/connections").await.ends_with("\r\n[]\n"));
+        assert!(get(addr, "/nowhere").await.contains("/connections"));
+        stop.cancel();
+    }
+}

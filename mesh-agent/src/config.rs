@@ -25,6 +25,10 @@ use serde::{
 
 use crate::proxy::balance::Strategy;
 
+pub mod http;
+
+use http::HttpRoute;
+
 /// A configuration that could not be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -129,7 +133,7 @@ fn default_trust_domain() -> Name {
 /// The largest config file read: four times a Kubernetes ConfigMap's limit. A larger one is
 /// refused before it is read (parsing costs about 25 times the text's size in memory).
 pub const MAX_BYTES: u64 = 4 << 20;
-/// How deep mappings and sequences may nest (the config itself needs 5): checked before the
+/// How deep mappings and sequences may nest (the config itself needs 11): checked before the
 /// text is deserialized, whose cost grows much faster than the depth.
 const MAX_DEPTH: usize = 16;
 /// The longest reason an error gives: a reason may quote the input, which is never echoed
@@ -301,6 +305,22 @@ impl Config {
                         format!("port {} is listed twice", p.port),
                     ));
                 }
+                if p.protocol == Protocol::Tcp && !p.routes.is_empty() {
+                    return Err((
+                        at(&[K("ports"), I(j), K("routes")]),
+                        "routes are for HTTP: give the port a protocol (http, http2, grpc or auto)"
+                            .into(),
+                    ));
+                }
+                let has_service_port = |name: &str, port: u16| {
+                    self.services.iter().any(|other| {
+                        format!("{}/{}", other.namespace, other.name) == name
+                            && other.ports.iter().any(|q| q.port == port)
+                    })
+                };
+                http::validate(&p.routes, has_service_port, p.port).map_err(|(path, reason)| {
+                    (at(&[&[K("ports"), I(j)], &path[..]].concat()), reason)
+                })?;
             }
             for (k, e) in s.endpoints.iter().enumerate() {
                 if self.node_named(&e.node).is_none() {
@@ -547,7 +567,7 @@ pub struct Identity {
     pub trust_bundle: Option<PathBuf>,
     /// How long a workload certificate lives, like `24h`, `30m` or `90s`; renewed at half-life.
     #[serde(default = "default_certificate_ttl")]
-    pub certificate_ttl: Lifetime,
+    pub certificate_ttl: Period,
 }
 
 impl Identity {
@@ -565,46 +585,50 @@ impl Identity {
 /// The shortest certificate lifetime accepted: renewal must not turn into a busy loop.
 const MIN_CERTIFICATE_TTL: Duration = Duration::from_secs(2);
 
-fn default_certificate_ttl() -> Lifetime {
-    Lifetime(Duration::from_secs(24 * 3600))
+fn default_certificate_ttl() -> Period {
+    Period(Duration::from_secs(24 * 3600))
 }
 
-/// A length of time written as a number and a unit: `90s`, `30m`, `24h`.
+/// A length of time written as a number and a unit: `250ms`, `90s`, `30m`, `24h`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lifetime(pub Duration);
+pub struct Period(pub Duration);
 
-impl FromStr for Lifetime {
+impl FromStr for Period {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let seconds = s.char_indices().last().and_then(|(i, unit)| {
-            let unit = match unit {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                _ => return None,
-            };
-            s[..i].parse::<u64>().ok()?.checked_mul(unit)
-        });
-        seconds
-            .map(|n| Lifetime(Duration::from_secs(n)))
-            .ok_or_else(|| format!("{s:?} is not a duration like 90s, 30m or 24h"))
+        let (number, millis) = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
+            .iter()
+            .find_map(|(unit, millis)| Some((s.strip_suffix(unit)?, *millis)))
+            .unwrap_or((s, 0));
+        number
+            .parse::<u64>()
+            .ok()
+            .filter(|_| millis > 0)
+            .and_then(|n| n.checked_mul(millis))
+            .map(|ms| Period(Duration::from_millis(ms)))
+            .ok_or_else(|| format!("{s:?} is not a duration like 250ms, 90s, 30m or 24h"))
     }
 }
 
-impl fmt::Display for Lifetime {
+impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}s", self.0.as_secs())
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
     }
 }
 
-impl Serialize for Lifetime {
+impl Serialize for Period {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
 }
 
-impl<'de> Deserialize<'de> for Lifetime {
+impl<'de> Deserialize<'de> for Period {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_str(ParsedStr(PhantomData))
     }
@@ -636,7 +660,7 @@ pub struct Service {
 }
 
 /// One port of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
     pub port: u16,
@@ -647,6 +671,9 @@ pub struct ServicePort {
     pub protocol: Protocol,
     #[serde(default)]
     pub load_balancing: Strategy,
+    /// HTTP routes (not on a `tcp` port); none sends every request to the port's endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<HttpRoute>,
 }
 
 impl ServicePort {
@@ -660,9 +687,17 @@ impl ServicePort {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Opaque bytes.
     #[default]
     Tcp,
+    /// HTTP/1.1 to the endpoints (clients may speak HTTP/1.1 or HTTP/2).
     Http,
+    /// HTTP/2 without TLS (h2c) to the endpoints.
+    Http2,
+    /// gRPC: HTTP/2 to the endpoints.
+    Grpc,
+    /// HTTP/1.1 or HTTP/2 if the client's first bytes say so, else opaque bytes.
+    Auto,
 }
 
 /// A backend of a service.
@@ -825,10 +860,10 @@ services:
         assert_eq!(c.pod_cidrs().count(), 3);
         assert_eq!(
             c.settings.identity.certificate_ttl,
-            Lifetime(Duration::from_secs(3600))
+            Period(Duration::from_secs(3600))
         );
         assert_eq!(c.workloads[0].cgroup.to_string(), "/mesh-lab/node-1/cart-0");
-        let port = c.services[0].ports[0];
+        let port = &c.services[0].ports[0];
         assert_eq!((port.port, port.target_port()), (80, 8080));
         assert_eq!(port.protocol, Protocol::Tcp);
         assert_eq!(port.load_balancing, Strategy::LeastOutstanding);
@@ -925,7 +960,7 @@ services:
             ),
             (
                 VALID.replace("certificate_ttl: 1h", "certificate_ttl: 1d"),
-                "node.yaml:6:63: identity.certificate_ttl: \"1d\" is not a duration like 90s, 30m or 24h",
+                "node.yaml:6:63: identity.certificate_ttl: \"1d\" is not a duration like 250ms, 90s, 30m or 24h",
             ),
             (
                 VALID.replace("[198.19.0.10]", "[198.19.0.300]"),
@@ -938,6 +973,117 @@ services:
                 e.starts_with(expected),
                 "{e}\nshould start with\n{expected}"
             );
+        }
+    }
+
+    /// VALID with one HTTP port and `routes` (YAML, indented for a port) on it.
+    fn with_routes(routes: &str) -> String {
+        VALID.replace(
+            "ports: [{ port: 80, target_port: 8080 }]",
+            &format!("ports:\n      - port: 80\n        protocol: http\n        routes:\n{routes}"),
+        )
+    }
+
+    #[test]
+    fn http_routes_are_read_and_checked() {
+        let c = parse(&with_routes(
+            "          - name: canary
+            matches: [{ path: { prefix: /api }, method: GET, headers: [{ name: x-canary, value: \"1\" }] }]
+            backends: [{ subset: { version: v1 }, weight: 90 }, { subset: { version: v2 }, weight: 10 }]
+            timeout: 2s
+            retry: { attempts: 3, per_try_timeout: 500ms, on: [5xx, \"409\", grpc-unavailable] }
+            request_headers: { set: { x-mesh: \"yes\" }, remove: [x-debug] }
+          - name: rest
+",
+        ))
+        .unwrap();
+        let routes = &c.services[0].ports[0].routes;
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[0].backends[1].weight, 10);
+        let retry = routes[0].retry.as_ref().unwrap();
+        assert_eq!(
+            retry.on,
+            [
+                http::RetryOn::ServerError,
+                http::RetryOn::Status(409),
+                http::RetryOn::Grpc(14)
+            ]
+        );
+        assert_eq!(
+            retry.per_try_timeout,
+            Some(Period(Duration::from_millis(500)))
+        );
+        assert_eq!(retry.budget_percent, 20);
+
+        let route = |yaml: &str| format!("          - name: r\n            {yaml}\n");
+        let cases = [
+            (
+                route("matches: [{ path: { regex: \"(\" } }]"),
+                "services[0].ports[0].routes[0].matches[0].path: not a regex",
+            ),
+            (
+                route("matches: [{ path: { prefix: api } }]"),
+                "services[0].ports[0].routes[0].matches[0].path: \"api\" does not start with /",
+            ),
+            (
+                route("matches: [{ method: get }]"),
+                "services[0].ports[0].routes[0].matches[0].method: \"get\" is not an upper-case",
+            ),
+            (
+                route("matches: [{ headers: [{ name: x, value: a, regex: b }] }]"),
+                "services[0].ports[0].routes[0].matches[0].headers[0]: give either value or regex",
+            ),
+            (
+                route("backends: [{ service: shop/nowhere }]"),
+                "services[0].ports[0].routes[0].backends[0].service: no service shop/nowhere with port 80",
+            ),
+            (
+                route("backends: [{ weight: 0 }]"),
+                "services[0].ports[0].routes[0].backends: every weight is 0",
+            ),
+            (
+                route("retry: { attempts: 0 }"),
+                "services[0].ports[0].routes[0].retry.attempts: attempts are 1 to 10",
+            ),
+            (
+                route("retry: { on: [sometimes] }"),
+                "\"sometimes\" is not connect-failure, reset, 5xx",
+            ),
+            (
+                route("timeout: 0s"),
+                "services[0].ports[0].routes[0].timeout: a timeout of 0",
+            ),
+            (
+                format!("{}{}", route("timeout: 1s"), route("timeout: 2s")),
+                "services[0].ports[0].routes[1].name: route r is listed twice",
+            ),
+        ];
+        for (routes, expected) in cases {
+            let e = parse(&with_routes(&routes)).unwrap_err();
+            assert!(e.contains(expected), "{e}\nshould contain\n{expected}");
+        }
+        let tcp = with_routes(&route("timeout: 1s")).replace("protocol: http", "protocol: tcp");
+        assert!(
+            parse(&tcp)
+                .unwrap_err()
+                .contains("services[0].ports[0].routes: routes are for HTTP")
+        );
+    }
+
+    #[test]
+    fn periods_take_milliseconds_to_hours() {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("90s", 90_000),
+            ("30m", 1_800_000),
+            ("2h", 7_200_000),
+        ] {
+            let period: Period = text.parse().unwrap();
+            assert_eq!(period.0, Duration::from_millis(ms));
+            assert_eq!(period.to_string().parse::<Period>().unwrap(), period);
+        }
+        for bad in ["", "ms", "5", "1d", "-1s", "1.5s"] {
+            assert!(bad.parse::<Period>().is_err(), "{bad}");
         }
     }
 

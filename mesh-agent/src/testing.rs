@@ -28,8 +28,8 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{
-        CgroupPath, Config, Endpoint, Identity, Lifetime, Name, Node, Protocol, Service,
-        ServicePort, Settings, Workload,
+        CgroupPath, Config, Endpoint, Identity, Name, Node, Period, Protocol, Service, ServicePort,
+        Settings, Workload,
     },
     discovery::Snapshot,
     identity::{CertificateAuthority, FileCa, certificates::Certificates},
@@ -70,7 +70,7 @@ impl Mesh {
                     ca_cert: "ca.crt".into(),
                     ca_key: "ca.key".into(),
                     trust_bundle: None,
-                    certificate_ttl: Lifetime(Duration::from_secs(3600)),
+                    certificate_ttl: Period(Duration::from_secs(3600)),
                 },
             },
             workloads: Vec::new(),
@@ -126,6 +126,7 @@ impl Mesh {
                 target_port: Some(target_port),
                 protocol: Protocol::Tcp,
                 load_balancing: Strategy::default(),
+                routes: Vec::new(),
             }],
             endpoints: endpoints
                 .iter()

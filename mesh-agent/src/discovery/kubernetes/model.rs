@@ -24,7 +24,7 @@ use k8s_openapi::api::{
 };
 
 use crate::config::{
-    CgroupPath, Config, Endpoint, Name, Node, Service, ServicePort, Settings, Workload,
+    CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Settings, Workload,
 };
 
 /// The namespace label that enrolls a namespace's pods, with the value `true`.
@@ -279,8 +279,9 @@ fn service(
         ports.push(ServicePort {
             port: service_port,
             target_port: Some(target_port.unwrap_or(service_port)),
-            protocol: Default::default(),
+            protocol: protocol_of(port.app_protocol.as_deref(), port.name.as_deref()),
             load_balancing: Default::default(),
+            routes: Vec::new(),
         });
     }
     if ports.is_empty() {
@@ -413,6 +414,31 @@ fn node(node: &KubeNode) -> Result<Node, String> {
     })
 }
 
+/// What a Service port speaks: its `appProtocol` (`http`, `kubernetes.io/h2c`, `grpc`), else
+/// its name's prefix (`http-`, `http2-`, `grpc-`, or the bare word), else opaque TCP.
+fn protocol_of(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
+    let declared = match app_protocol {
+        Some("http") => Some(Protocol::Http),
+        Some("kubernetes.io/h2c" | "http2") => Some(Protocol::Http2),
+        Some("grpc") => Some(Protocol::Grpc),
+        Some(_) => Some(Protocol::Tcp),
+        None => None,
+    };
+    declared.unwrap_or_else(|| {
+        let prefix = name
+            .unwrap_or_default()
+            .split('-')
+            .next()
+            .unwrap_or_default();
+        match prefix {
+            "http" => Protocol::Http,
+            "http2" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            _ => Protocol::Tcp,
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::{collections::HashMap, path::PathBuf};
@@ -420,7 +446,7 @@ mod tests {
     use serde::de::DeserializeOwned;
 
     use super::*;
-    use crate::config::{Identity, Lifetime};
+    use crate::config::{Identity, Period};
 
     fn fixture<T: DeserializeOwned>(name: &str) -> Vec<Arc<T>> {
         #[derive(serde::Deserialize)]
@@ -456,7 +482,7 @@ mod tests {
                 ca_cert: "ca.pem".into(),
                 ca_key: "ca-key.pem".into(),
                 trust_bundle: None,
-                certificate_ttl: Lifetime(std::time::Duration::from_secs(3600)),
+                certificate_ttl: Period(std::time::Duration::from_secs(3600)),
             },
         }
     }
@@ -644,5 +670,30 @@ mod tests {
             "{:?}",
             d.skipped
         );
+    }
+
+    #[test]
+    fn a_ports_protocol_comes_from_its_app_protocol_then_its_name() {
+        let rows = [
+            // (appProtocol, name, protocol)
+            (Some("http"), Some("tcp-x"), Protocol::Http),
+            (Some("kubernetes.io/h2c"), None, Protocol::Http2),
+            (Some("grpc"), Some("web"), Protocol::Grpc),
+            (Some("mysql"), Some("http"), Protocol::Tcp),
+            (None, Some("http-web"), Protocol::Http),
+            (None, Some("http"), Protocol::Http),
+            (None, Some("http2-api"), Protocol::Http2),
+            (None, Some("grpc-orders"), Protocol::Grpc),
+            (None, Some("https-web"), Protocol::Tcp),
+            (None, Some("web"), Protocol::Tcp),
+            (None, None, Protocol::Tcp),
+        ];
+        for (app_protocol, name, expected) in rows {
+            assert_eq!(
+                protocol_of(app_protocol, name),
+                expected,
+                "{app_protocol:?} {name:?}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod copy;
 pub mod dial;
+pub mod http;
 pub mod inbound;
 pub mod limit;
 pub mod liveness;

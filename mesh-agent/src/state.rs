@@ -2,5 +2,6 @@
 //! (services, endpoints, local workloads and pods, peer nodes), and how a new config replaces
 //! the running one.
 
+pub mod http;
 pub mod reload;
 pub mod routes;

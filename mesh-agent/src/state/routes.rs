@@ -10,9 +10,11 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
+    config::{self, Protocol},
     discovery::Snapshot,
     identity::SpiffeId,
     proxy::balance::{Balancer, EndpointStates, Lease},
+    state::http::HttpPort,
 };
 
 /// The port peer agents accept tunnels on.
@@ -50,13 +52,18 @@ pub enum Hop {
     Tunnel { node: Arc<str>, agent: SocketAddr },
 }
 
-/// One port of one service: its endpoints and how to reach each.
+/// One port of one service: its endpoints and how to reach each; for an HTTP port, its
+/// routes.
+#[derive(Debug)]
 pub struct ServicePort {
     pub service: String,
     balancer: Balancer,
     hops: HashMap<SocketAddr, Hop>,
     /// The endpoints' port.
     target_port: u16,
+    /// Set on ports that speak HTTP (`auto` ones included).
+    pub http: Option<HttpPort>,
+    pub protocol: Protocol,
 }
 
 impl ServicePort {
@@ -127,24 +134,60 @@ impl Routes {
                 (node.name.as_str(), hop)
             })
             .collect();
+        // Every port's endpoints first, so that HTTP routes can send to other services'.
+        let port_of = |s: &config::Service,
+                       port: &config::ServicePort,
+                       keep: &dyn Fn(&config::Endpoint) -> bool| {
+            let mut hops = HashMap::new();
+            let mut endpoints = Vec::new();
+            for e in s.endpoints.iter().filter(|e| keep(e)) {
+                let addr = SocketAddr::new(e.address, e.target_port(port));
+                if let Some(hop) = node_hops.get(e.node.as_str()) {
+                    hops.insert(addr, hop.clone());
+                    endpoints.push(states.get(addr));
+                }
+            }
+            ServicePort {
+                service: format!("{}/{}", s.namespace, s.name),
+                balancer: Balancer::new(port.load_balancing, endpoints),
+                hops,
+                target_port: port.target_port(),
+                http: None,
+                protocol: port.protocol,
+            }
+        };
+        let base: HashMap<(String, u16), Arc<ServicePort>> = config
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(move |port| (s, port)))
+            .map(|(s, port)| {
+                let name = format!("{}/{}", s.namespace, s.name);
+                ((name, port.port), Arc::new(port_of(s, port, &|_| true)))
+            })
+            .collect();
         let mut services = HashMap::new();
         for s in &config.services {
             for port in &s.ports {
-                let mut hops = HashMap::new();
-                let mut endpoints = Vec::new();
-                for e in &s.endpoints {
-                    let addr = SocketAddr::new(e.address, e.target_port(port));
-                    if let Some(hop) = node_hops.get(e.node.as_str()) {
-                        hops.insert(addr, hop.clone());
-                        endpoints.push(states.get(addr));
-                    }
-                }
-                let service_port = Arc::new(ServicePort {
-                    service: format!("{}/{}", s.namespace, s.name),
-                    balancer: Balancer::new(port.load_balancing, endpoints),
-                    hops,
-                    target_port: port.target_port(),
-                });
+                let this = &base[&(format!("{}/{}", s.namespace, s.name), port.port)];
+                let service_port = if port.protocol == Protocol::Tcp {
+                    this.clone()
+                } else {
+                    let http = HttpPort::new(
+                        port.protocol,
+                        port,
+                        this,
+                        |name, number| base.get(&(name.to_owned(), number)).cloned(),
+                        |subset| {
+                            Arc::new(port_of(s, port, &|e| {
+                                subset.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+                            }))
+                        },
+                    );
+                    Arc::new(ServicePort {
+                        http: Some(http),
+                        ..port_of(s, port, &|_| true)
+                    })
+                };
                 for addr in &s.addresses {
                     services.insert(SocketAddr::new(*addr, port.port), service_port.clone());
                 }
@@ -213,7 +256,8 @@ impl Routes {
     /// Where a connection whose original destination was `dst` may go.
     pub fn route(&self, dst: SocketAddr) -> Result<Route, NoRoute> {
         if let Some(port) = self.services.get(&dst) {
-            if port.endpoint_count() == 0 {
+            // An HTTP port's routes may send elsewhere: its requests are answered 503 there.
+            if port.endpoint_count() == 0 && port.http.is_none() {
                 return Err(NoRoute::NoEndpoints(port.service.clone()));
             }
             return Ok(Route::Service(port.clone()));

@@ -32,8 +32,14 @@ use crate::{
         metrics::{self, Metrics},
     },
     proxy::{
-        balance::EndpointStates, dial::LocalDialer, inbound::Inbound, liveness::Liveness,
-        open::OpenConnections, outbound::Outbound, tunnel::Tunnels,
+        balance::EndpointStates,
+        dial::LocalDialer,
+        http::{serve::HttpProxy, upstream::Upstreams},
+        inbound::Inbound,
+        liveness::Liveness,
+        open::OpenConnections,
+        outbound::Outbound,
+        tunnel::Tunnels,
     },
     state::{
         reload::{self, Mirror},
@@ -165,9 +171,19 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
+        let tunnels = Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone()));
+        let http = Arc::new(HttpProxy {
+            upstreams: Arc::new(Upstreams::new(
+                routes_rx.clone(),
+                tunnels.clone(),
+                LocalDialer::default(),
+            )),
+            metrics: metrics.clone(),
+        });
         let outbound = Outbound {
             routes: routes_rx.clone(),
-            tunnels: Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone())),
+            tunnels,
+            http,
             local: LocalDialer::default(),
             metrics: metrics.clone(),
             open: open.clone(),

@@ -76,6 +76,24 @@ pub struct Settings {
     #[serde(default = "default_trust_domain")]
     pub trust_domain: Name,
     pub identity: Identity,
+    /// How long an `auto` port waits for a client's first bytes before it treats the
+    /// connection as opaque TCP (a server-first protocol, say).
+    #[serde(default = "default_detection_timeout")]
+    pub protocol_detection_timeout: Period,
+    /// Ports an `auto` service port treats as opaque TCP without waiting: server-first
+    /// protocols (SMTP, MySQL, ...).
+    #[serde(default = "default_opaque_ports")]
+    pub opaque_ports: Vec<u16>,
+}
+
+fn default_detection_timeout() -> Period {
+    Period(Duration::from_secs(1))
+}
+
+/// SMTP, submission, MySQL, the Galera SST port, PostgreSQL, Redis, Elasticsearch transport
+/// and memcached: the server speaks first, or the client may wait long before it does.
+fn default_opaque_ports() -> Vec<u16> {
+    vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]
 }
 
 /// A config file's shape: settings and mesh in one mapping.
@@ -88,6 +106,10 @@ struct ConfigFile {
     #[serde(default = "default_trust_domain")]
     trust_domain: Name,
     identity: Identity,
+    #[serde(default = "default_detection_timeout")]
+    protocol_detection_timeout: Period,
+    #[serde(default = "default_opaque_ports")]
+    opaque_ports: Vec<u16>,
     #[serde(default)]
     workloads: Vec<Workload>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -102,6 +124,8 @@ impl From<ConfigFile> for Config {
             settings: Settings {
                 trust_domain: f.trust_domain,
                 identity: f.identity,
+                protocol_detection_timeout: f.protocol_detection_timeout,
+                opaque_ports: f.opaque_ports,
             },
             node: f.node,
             peers: f.peers,
@@ -119,6 +143,8 @@ impl From<Config> for ConfigFile {
             peers: c.peers,
             trust_domain: c.settings.trust_domain,
             identity: c.settings.identity,
+            protocol_detection_timeout: c.settings.protocol_detection_timeout,
+            opaque_ports: c.settings.opaque_ports,
             workloads: c.workloads,
             unmeshed_pods: c.unmeshed_pods,
             services: c.services,

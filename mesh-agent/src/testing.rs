@@ -27,16 +27,14 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::{
-        CgroupPath, Config, Endpoint, Identity, Name, Node, Period, Protocol, Service, ServicePort,
-        Settings, Workload,
-    },
+    config::{CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Workload},
     discovery::Snapshot,
     identity::{CertificateAuthority, FileCa, certificates::Certificates},
     observability::metrics::Metrics,
     proxy::{
         balance::{EndpointStates, Strategy},
         dial::LocalDialer,
+        http::{serve::HttpProxy, upstream::Upstreams},
         inbound::Inbound,
         liveness::Liveness,
         open::OpenConnections,
@@ -64,15 +62,10 @@ impl Mesh {
         Self(Config {
             node: node(name_, address, pod_cidr),
             peers: Vec::new(),
-            settings: Settings {
-                trust_domain: name("cluster.local"),
-                identity: Identity {
-                    ca_cert: "ca.crt".into(),
-                    ca_key: "ca.key".into(),
-                    trust_bundle: None,
-                    certificate_ttl: Period(Duration::from_secs(3600)),
-                },
-            },
+            settings: serde_yaml::from_str(
+                "identity: { ca_cert: ca.crt, ca_key: ca.key, certificate_ttl: 1h }",
+            )
+            .unwrap(),
             workloads: Vec::new(),
             unmeshed_pods: Vec::new(),
             services: Vec::new(),
@@ -147,6 +140,32 @@ impl Mesh {
             for port in &mut service.ports {
                 port.load_balancing = Strategy::RoundRobin;
             }
+        }
+        self
+    }
+
+    /// The last service's ports speak `protocol`, with `routes` (YAML, a list of routes as
+    /// in a config file).
+    pub fn http(mut self, protocol: Protocol, routes: &str) -> Self {
+        let routes: Vec<crate::config::http::HttpRoute> = serde_yaml::from_str(routes).unwrap();
+        if let Some(service) = self.0.services.last_mut() {
+            for port in &mut service.ports {
+                port.protocol = protocol;
+                port.routes = routes.clone();
+            }
+        }
+        self
+    }
+
+    /// Labels the last service's endpoint at `address` with `key: value`.
+    pub fn label(mut self, address: IpAddr, key: &str, value: &str) -> Self {
+        let endpoint = self
+            .0
+            .services
+            .last_mut()
+            .and_then(|s| s.endpoints.iter_mut().find(|e| e.address == address));
+        if let Some(endpoint) = endpoint {
+            endpoint.labels.insert(key.into(), value.into());
         }
         self
     }
@@ -298,9 +317,14 @@ impl Agent {
             liveness,
             metrics.clone(),
         ));
+        let http = Arc::new(HttpProxy {
+            upstreams: Arc::new(Upstreams::new(routes_rx.clone(), tunnels.clone(), local)),
+            metrics: metrics.clone(),
+        });
         let outbound = Outbound {
             routes: routes_rx.clone(),
             tunnels: tunnels.clone(),
+            http,
             local,
             metrics: metrics.clone(),
             open: open.clone(),
@@ -397,4 +421,144 @@ pub async fn read_all(mut conn: TcpStream) -> std::io::Result<Vec<u8>> {
         .await
         .map_err(|_| std::io::Error::other("nothing came back within 10 s"))??;
     Ok(back)
+}
+
+/// What an [`http_pod`] saw.
+#[derive(Debug, Default)]
+pub struct PodLog {
+    /// Requests received.
+    pub requests: std::sync::atomic::AtomicU32,
+    /// Requests whose answer the client stopped waiting for.
+    pub cancelled: std::sync::atomic::AtomicU32,
+    /// Requests still to be answered 503 before the pod answers normally.
+    pub failures_left: std::sync::atomic::AtomicU32,
+}
+
+/// An HTTP pod at `addr` (HTTP/1.1 and h2c): answers `x-pod: name`, the request's `host` as
+/// `x-host` and its body back; `/status/N` answers N; `/sleep/MS` answers after MS
+/// milliseconds; an `upgrade: echo` request switches to echoing bytes. While
+/// `failures_left` is above 0 it answers 503 and counts down.
+pub async fn http_pod(addr: SocketAddr, name: &'static str) -> Arc<PodLog> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::{Request, Response, StatusCode};
+
+    let log = Arc::new(PodLog::default());
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let served = log.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let log = served.clone();
+            let service =
+                hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        log.requests.fetch_add(1, Ordering::Relaxed);
+                        let mut response = Response::new(Full::new(bytes::Bytes::new()));
+                        response
+                            .headers_mut()
+                            .insert("x-pod", name.parse().unwrap());
+                        if let Some(host) = request.headers().get("host") {
+                            response.headers_mut().insert("x-host", host.clone());
+                        }
+                        let path = request.uri().path().to_owned();
+                        let failing = log
+                            .failures_left
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                                n.checked_sub(1)
+                            })
+                            .is_ok();
+                        if failing {
+                            *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        } else if let Some(code) = path.strip_prefix("/status/") {
+                            *response.status_mut() =
+                                StatusCode::from_u16(code.parse().unwrap()).unwrap();
+                        } else if let Some(ms) = path.strip_prefix("/sleep/") {
+                            struct Cancelled(Arc<PodLog>, bool);
+                            impl Drop for Cancelled {
+                                fn drop(&mut self) {
+                                    if !self.1 {
+                                        self.0.cancelled.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                            let mut guard = Cancelled(log.clone(), false);
+                            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+                            guard.1 = true;
+                        } else if request
+                            .headers()
+                            .get("upgrade")
+                            .is_some_and(|u| u == "echo")
+                        {
+                            let upgrade = hyper::upgrade::on(&mut request);
+                            tokio::spawn(async move {
+                                if let Ok(upgraded) = upgrade.await {
+                                    let (mut r, mut w) =
+                                        tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+                                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                                }
+                            });
+                            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                            response
+                                .headers_mut()
+                                .insert("upgrade", "echo".parse().unwrap());
+                            response
+                                .headers_mut()
+                                .insert("connection", "upgrade".parse().unwrap());
+                        } else {
+                            let body = request
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            *response.body_mut() = Full::new(body);
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                let _ = builder
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+    log
+}
+
+/// An HTTP/1.1 client on a connection captured from `source` in `cgroup` to `dst`.
+pub async fn http1_client(
+    agent: &Agent,
+    source: IpAddr,
+    cgroup: u64,
+    dst: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let conn = agent.connect(source, cgroup, dst).await;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(conn))
+            .await
+            .unwrap();
+    tokio::spawn(connection.with_upgrades());
+    sender
+}
+
+/// An HTTP/2 (h2c) client on a connection captured from `source` in `cgroup` to `dst`.
+pub async fn http2_client(
+    agent: &Agent,
+    source: IpAddr,
+    cgroup: u64,
+    dst: SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    let conn = agent.connect(source, cgroup, dst).await;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(conn),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
 }

@@ -1,7 +1,10 @@
-//! One record per proxied connection (a captured connection, or a tunnel stream to a pod):
-//! made when the connection is taken on, it writes the metrics and one access log line
-//! (target `mesh_agent::access`) however the connection ends: refused, its destination
-//! unreachable, copied to its end, cut, or dropped on any other path. Lines of refused
+//! One record per proxied connection (a captured connection, or a tunnel stream to a pod),
+//! and one per HTTP request ([`RequestRecord`]), each writing its metrics and access line
+//! when dropped.
+//!
+//! A connection's record is made when the connection is taken on; it writes the metrics and
+//! one access log line (target `mesh_agent::access`) however the connection ends: refused, its
+//! destination unreachable, copied to its end, cut, or dropped on any other path. Lines of refused
 //! connections and of unreachable destinations are sampled like
 //! [`warn_sampled!`](crate::warn_sampled) (a pod can repeat them at will); metrics count
 //! every refusal.
@@ -11,7 +14,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -24,7 +30,7 @@ use tracing::{info, warn};
 use crate::{
     observability::{
         logs::Sample,
-        metrics::{ConnectionLabels, Metrics},
+        metrics::{ConnectionLabels, Metrics, RequestLabels, RetryLabels, RouteLabels},
     },
     proxy::{
         copy::Ended,
@@ -128,10 +134,12 @@ impl Record {
         self.destination = destination;
     }
 
-    /// Ends a connected one after its copy ended so; `source_side` counted the bytes.
-    pub fn copied<S>(mut self, source_side: &Metered<S>, ended: Ended) {
+    /// Ends a connected one after its copy ended so; `source_side` is what the source side's
+    /// [`Metered`] counted.
+    pub fn copied(mut self, source_side: &Traffic, ended: Ended) {
         // Read from the source side: what the source sent. Written to it: what came back.
-        (self.sent, self.received) = (source_side.read, source_side.written);
+        self.sent = source_side.read.load(Ordering::Relaxed);
+        self.received = source_side.written.load(Ordering::Relaxed);
         self.outcome = Outcome::Copied(ended);
     }
 }
@@ -212,22 +220,32 @@ fn workload(namespace: &str, name: &str) -> String {
 /// A stream that counts the bytes read from it and written to it.
 pub struct Metered<S> {
     inner: S,
-    read: u64,
-    written: u64,
+    traffic: Arc<Traffic>,
+}
+
+/// The bytes a [`Metered`] stream read and wrote so far; it outlives the stream.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    read: AtomicU64,
+    written: AtomicU64,
 }
 
 impl<S> Metered<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            read: 0,
-            written: 0,
+            traffic: Arc::default(),
         }
     }
 
     /// The metered stream.
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Its counts, also once the stream is handed on.
+    pub fn traffic(&self) -> Arc<Traffic> {
+        self.traffic.clone()
     }
 }
 
@@ -239,7 +257,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let read = (buf.filled().len() - before) as u64;
+        self.traffic.read.fetch_add(read, Ordering::Relaxed);
         polled
     }
 }
@@ -252,7 +271,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            self.written += n as u64;
+            self.traffic.written.fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }
@@ -265,3 +284,143 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// The longest path an access line quotes.
+const MAX_LOGGED_PATH: usize = 256;
+
+/// One HTTP request's record: written (metrics and one access line) when dropped, once its
+/// response has been sent, cut, or replaced by the agent's own answer.
+pub struct RequestRecord {
+    metrics: Arc<Metrics>,
+    labels: RouteLabels,
+    started: Instant,
+    authority: String,
+    path: String,
+    /// Until the response's headers.
+    headers_after: Option<std::time::Duration>,
+    status: u16,
+    grpc_status: Option<u32>,
+    endpoint: Option<SocketAddr>,
+    attempts: u32,
+    /// Why the agent answered itself, if it did: `no_route`, `no_endpoint`, ...
+    flag: Option<&'static str>,
+    /// Request body bytes, counted as the body is read.
+    pub request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+}
+
+impl RequestRecord {
+    pub fn new(metrics: Arc<Metrics>, labels: RouteLabels, authority: &str, path: &str) -> Self {
+        let mut path = path.to_owned();
+        if let Some((cut, _)) = path.char_indices().nth(MAX_LOGGED_PATH) {
+            path.truncate(cut);
+        }
+        Self {
+            metrics,
+            labels,
+            started: Instant::now(),
+            authority: authority.to_owned(),
+            path,
+            headers_after: None,
+            status: 0,
+            grpc_status: None,
+            endpoint: None,
+            attempts: 0,
+            flag: None,
+            request_bytes: Arc::default(),
+            response_bytes: 0,
+        }
+    }
+
+    /// The route the request took (set once a route took it).
+    pub fn routed(&mut self, route: &str) {
+        self.labels.route = route.to_owned();
+    }
+
+    /// A try was sent to `endpoint`.
+    pub fn tried(&mut self, endpoint: SocketAddr) {
+        self.attempts += 1;
+        self.endpoint = Some(endpoint);
+    }
+
+    /// Counts a retry for `reason`.
+    pub fn retried(&self, reason: &'static str) {
+        let labels = RetryLabels {
+            route: self.labels.clone(),
+            reason,
+        };
+        self.metrics.request_retries.get_or_create(&labels).inc();
+    }
+
+    /// The response's headers: its status and `grpc-status`, and `flag` if the agent answered
+    /// itself.
+    pub fn answered(&mut self, status: u16, grpc_status: Option<u32>, flag: Option<&'static str>) {
+        self.headers_after = Some(self.started.elapsed());
+        self.status = status;
+        self.grpc_status = grpc_status;
+        self.flag = flag;
+        if flag == Some("timeout") {
+            self.metrics
+                .request_timeouts
+                .get_or_create(&self.labels)
+                .inc();
+        }
+    }
+
+    /// Response body bytes sent; a `grpc-status` found in the trailers.
+    pub fn sent(&mut self, bytes: u64, grpc_status: Option<u32>) {
+        self.response_bytes += bytes;
+        if grpc_status.is_some() {
+            self.grpc_status = grpc_status;
+        }
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let headers_after = self.headers_after.unwrap_or_else(|| self.started.elapsed());
+        let grpc_status = match self.grpc_status {
+            None => "",
+            Some(code) => GRPC_STATUSES.get(code as usize).copied().unwrap_or("other"),
+        };
+        let labels = RequestLabels {
+            route: self.labels.clone(),
+            code: self.status,
+            grpc_status,
+        };
+        m.request_answered(&labels, headers_after);
+        m.request_bytes
+            .get_or_create(&self.labels)
+            .inc_by(request_bytes);
+        m.response_bytes
+            .get_or_create(&self.labels)
+            .inc_by(self.response_bytes);
+        let l = &self.labels;
+        info!(
+            target: "mesh_agent::access",
+            source_identity = l.source_identity,
+            source_workload = %workload(&l.source_namespace, &l.source_workload),
+            destination_service = l.destination_service,
+            route = l.route,
+            method = l.method,
+            authority = self.authority,
+            path = self.path,
+            status = self.status,
+            grpc_status,
+            endpoint = %self.endpoint.map_or("-".to_owned(), |e| e.to_string()),
+            attempts = self.attempts,
+            flag = self.flag.unwrap_or("-"),
+            request_bytes,
+            response_bytes = self.response_bytes,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
+}
+
+/// `grpc-status` label values by code.
+const GRPC_STATUSES: [&str; 17] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];

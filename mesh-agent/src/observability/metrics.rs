@@ -37,6 +37,39 @@ pub struct ConnectionLabels {
     pub hop: &'static str,
 }
 
+/// Who called which route of which service, with what method (HTTP requests).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub direction: &'static str,
+    pub source_namespace: String,
+    pub source_workload: String,
+    pub source_identity: String,
+    /// `namespace/name` of the service called.
+    pub destination_service: String,
+    /// The route's name (`default` on a port without routes).
+    pub route: String,
+    /// One of the standard methods, or `other`.
+    pub method: &'static str,
+}
+
+/// A route's requests by how they were answered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+    pub code: u16,
+    /// The response's `grpc-status` (0 to 16, `other`), empty if it has none.
+    pub grpc_status: &'static str,
+}
+
+/// A route's retries by what called for them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RetryLabels {
+    #[prometheus(flatten)]
+    pub route: RouteLabels,
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct HandshakeLabels {
     /// `inbound` (a peer agent's client certificate) or `outbound` (a peer agent's server
@@ -72,6 +105,7 @@ pub struct ResultLabels {
 }
 
 type Durations = Family<ConnectionLabels, Histogram, fn() -> Histogram>;
+type RequestDurations = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
 /// Every metric the agent keeps.
 pub struct Metrics {
@@ -90,8 +124,17 @@ pub struct Metrics {
     pub tunnel_streams: Family<PeerLabels, Gauge>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
-    /// The label sets of the connection families, and of the endpoint families.
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: RequestDurations,
+    /// Request bodies, from the source; response bodies, back to it.
+    pub request_bytes: Family<RouteLabels, Counter>,
+    pub response_bytes: Family<RouteLabels, Counter>,
+    pub request_retries: Family<RetryLabels, Counter>,
+    pub request_timeouts: Family<RouteLabels, Counter>,
+    /// The label sets of the connection families, of the request families, and of the
+    /// endpoint families.
     connection_series: Series<ConnectionLabels>,
+    request_series: Series<RequestLabels>,
     endpoint_series: Series<EndpointLabels>,
 }
 
@@ -145,7 +188,14 @@ impl Metrics {
             tunnel_streams: Family::default(),
             certificate_expiry: Family::default(),
             config_reloads: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            request_retries: Family::default(),
+            request_timeouts: Family::default(),
             connection_series: Series::new(),
+            request_series: Series::new(),
             endpoint_series: Series::new(),
         };
         let r = registry;
@@ -216,7 +266,48 @@ impl Metrics {
             "Config changes applied or rejected",
             m.config_reloads.clone(),
         );
+        r.register(
+            "requests",
+            "HTTP requests answered, by route, method, status and gRPC status",
+            m.requests.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "How long HTTP requests took, from the request to the response's headers",
+            Unit::Seconds,
+            m.request_duration.clone(),
+        );
+        r.register(
+            "request_bytes",
+            "Bytes of HTTP request bodies",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "response_bytes",
+            "Bytes of HTTP response bodies",
+            m.response_bytes.clone(),
+        );
+        r.register(
+            "request_retries",
+            "HTTP requests tried again, by what called for it",
+            m.request_retries.clone(),
+        );
+        r.register(
+            "request_timeouts",
+            "HTTP requests that ran out of time (answered 504)",
+            m.request_timeouts.clone(),
+        );
         m
+    }
+
+    /// Counts a request answered with `labels`, and its duration.
+    pub fn request_answered(&self, labels: &RequestLabels, duration: std::time::Duration) {
+        let known = self.requests.get(labels).is_some();
+        self.request_series.note(labels, known);
+        self.requests.get_or_create(labels).inc();
+        self.request_duration
+            .get_or_create(labels)
+            .observe(duration.as_secs_f64());
     }
 
     /// Counts a proxied connection opened.
@@ -304,6 +395,26 @@ impl Metrics {
                 m.connection_duration.remove(l);
             },
         );
+        m.request_series.retain(
+            |l| {
+                let r = &l.route;
+                local(&r.source_namespace, &r.source_workload)
+                    && services.contains(&r.destination_service)
+            },
+            |l| {
+                m.requests.remove(l);
+                m.request_duration.remove(l);
+                m.request_bytes.remove(&l.route);
+                m.response_bytes.remove(&l.route);
+                m.request_timeouts.remove(&l.route);
+                for reason in RETRY_REASONS {
+                    m.request_retries.remove(&RetryLabels {
+                        route: l.route.clone(),
+                        reason,
+                    });
+                }
+            },
+        );
         m.endpoint_series.retain(
             |l| {
                 l.service.is_empty() || endpoints.contains(&(l.service.clone(), l.endpoint.clone()))
@@ -326,6 +437,9 @@ impl Metrics {
         }
     }
 }
+
+/// Every reason label of `mesh_request_retries_total`.
+const RETRY_REASONS: [&str; 4] = ["connect_failure", "reset", "status", "grpc_status"];
 
 fn duration_histogram() -> Histogram {
     // 1 ms to about 4.5 min.

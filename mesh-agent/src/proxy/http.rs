@@ -1,4 +1,10 @@
-//! HTTP on the calling side: a captured connection to an HTTP port is served as HTTP/1.1 or
-//! HTTP/2 and each request routed, balanced, timed and retried on its own (`retry`).
+//! HTTP on the calling side: a captured connection to an HTTP port (or to an `auto` one whose
+//! client's first bytes are HTTP: `detect`) is served as HTTP/1.1 or HTTP/2 (`serve`), each
+//! request routed, balanced, timed and retried on its own (`retry`), over pooled connections
+//! to the endpoints (`upstream`); bodies pass through counted (`body`).
 
+pub mod body;
+pub mod detect;
 pub mod retry;
+pub mod serve;
+pub mod upstream;

@@ -338,7 +338,7 @@ impl Inbound {
                 if !ended.is_complete() {
                     system::reset_on_close(&pod);
                 }
-                record.copied(&tunnel, ended);
+                record.copied(&tunnel.traffic(), ended);
             }
             .instrument(span),
         );

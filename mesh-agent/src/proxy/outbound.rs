@@ -13,6 +13,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
+    config::Protocol,
     observability::{
         access::{Direction, Metered, Record},
         metrics::{ConnectionLabels, Metrics},
@@ -21,12 +22,16 @@ use crate::{
         balance::Lease,
         copy,
         dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
+        http::{
+            detect,
+            serve::{Calling, HttpProxy},
+        },
         open::OpenConnections,
         plan::{self, OutboundPlan},
         refusal::Refusal,
         tunnel::{TunnelStream, Tunnels},
     },
-    state::routes::{Hop, LocalWorkload, Route, Routes},
+    state::routes::{Hop, LocalWorkload, Route, Routes, ServicePort},
     system, warn_sampled,
 };
 
@@ -54,6 +59,7 @@ pub trait Captures: Send + 'static {
 pub struct Outbound {
     pub routes: watch::Receiver<Arc<Routes>>,
     pub tunnels: Arc<Tunnels>,
+    pub http: Arc<HttpProxy>,
     pub local: LocalDialer,
     pub metrics: Arc<Metrics>,
     pub open: Arc<OpenConnections>,
@@ -90,6 +96,7 @@ impl Outbound {
             let caller = Caller {
                 addr: peer,
                 workload: source,
+                dst,
             };
             self.tracker.spawn(
                 self.clone()
@@ -110,6 +117,11 @@ impl Outbound {
     }
 
     async fn forward(self, client: TcpStream, route: Route, caller: Caller, mut record: Record) {
+        if let Route::Service(port) = &route
+            && self.speaks_http(&client, port, caller.dst).await
+        {
+            return self.serve_http(client, port.clone(), caller, record).await;
+        }
         let connected = match self.connect(&route, &caller).await {
             Ok(connected) => connected,
             Err(NotConnected::Refused(refusal)) => return record.refuse(refusal),
@@ -162,7 +174,61 @@ impl Outbound {
         if !ended.is_complete() {
             system::reset_on_close(client.get_ref());
         }
-        record.copied(&client, ended);
+        record.copied(&client.traffic(), ended);
+    }
+
+    /// Whether a connection to `port` (at `dst`) is served as HTTP: by its protocol, or for
+    /// an `auto` port by what the client sends first (unless the port is one of the opaque
+    /// ones).
+    async fn speaks_http(&self, client: &TcpStream, port: &ServicePort, dst: SocketAddr) -> bool {
+        match port.protocol {
+            Protocol::Tcp => false,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => true,
+            Protocol::Auto => {
+                let (wait, opaque) = {
+                    let routes = self.routes.borrow();
+                    let settings = &routes.config().settings;
+                    (
+                        settings.protocol_detection_timeout.0,
+                        settings.opaque_ports.contains(&dst.port()),
+                    )
+                };
+                !opaque && detect::speaks_http(client, wait).await
+            }
+        }
+    }
+
+    /// Serves an HTTP connection: each request is routed on its own (`proxy::http`).
+    async fn serve_http(
+        self,
+        client: TcpStream,
+        port: Arc<ServicePort>,
+        caller: Caller,
+        mut record: Record,
+    ) {
+        if let Err(e) = client.set_nodelay(true) {
+            debug!("cannot set TCP_NODELAY: {e}");
+        }
+        let source = caller.workload.as_deref();
+        let labels = ConnectionLabels {
+            direction: Direction::Outbound.as_str(),
+            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
+            source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
+            destination_service: port.service.clone(),
+            destination_namespace: String::new(),
+            destination_workload: String::new(),
+            hop: "http",
+        };
+        record.connected(labels, caller.dst);
+        let client = Metered::new(client);
+        let traffic = client.traffic();
+        let calling = Arc::new(Calling {
+            source: caller.workload,
+            port,
+        });
+        let ended = self.http.clone().serve(client, calling, &self.abort).await;
+        record.copied(&traffic, ended);
     }
 
     /// Connects to the route's destination; for a service, tries up to [`MAX_ATTEMPTS`]
@@ -259,11 +325,13 @@ impl Outbound {
     }
 }
 
-/// The local workload behind a captured connection.
+/// The local workload behind a captured connection, and where it was going.
 struct Caller {
     addr: SocketAddr,
     /// The workload of this node with the address, if any.
     workload: Option<Arc<LocalWorkload>>,
+    /// The original destination.
+    dst: SocketAddr,
 }
 
 /// What is dialled: an endpoint the state names, or an address the caller chose.

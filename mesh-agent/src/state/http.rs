@@ -17,7 +17,7 @@ use crate::{
 };
 
 /// What the endpoints of an HTTP port speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Upstream {
     Http1,
     /// HTTP/2 without TLS (h2c), gRPC included.

@@ -23,6 +23,8 @@ pub const TUNNEL_PORT: u16 = 15008;
 /// The routing table built from a config ([`Snapshot`]).
 pub struct Routes {
     services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// Every service endpoint and the hop to it.
+    endpoint_hops: HashMap<SocketAddr, Hop>,
     local_pod_cidrs: Vec<IpNet>,
     /// The pods of this node the state knows (see [`Routes::is_local_pod`]).
     local_pods: HashSet<IpAddr>,
@@ -165,6 +167,10 @@ impl Routes {
                 ((name, port.port), Arc::new(port_of(s, port, &|_| true)))
             })
             .collect();
+        let endpoint_hops = base
+            .values()
+            .flat_map(|port| port.hops.iter().map(|(addr, hop)| (*addr, hop.clone())))
+            .collect();
         let mut services = HashMap::new();
         for s in &config.services {
             for port in &s.ports {
@@ -234,6 +240,7 @@ impl Routes {
             .collect();
         Self {
             services,
+            endpoint_hops,
             local_pod_cidrs: node.pod_cidrs.clone(),
             local_pods,
             peer_pods: config
@@ -286,6 +293,11 @@ impl Routes {
             }),
             None => Err(NoRoute::NotOwned(dst)),
         }
+    }
+
+    /// The hop to `endpoint`, an endpoint of some service.
+    pub fn endpoint_hop(&self, endpoint: SocketAddr) -> Option<&Hop> {
+        self.endpoint_hops.get(&endpoint)
     }
 
     /// Whether `addr` (IPv4-mapped or not) is a pod of this node the state knows: a workload's,

@@ -446,7 +446,6 @@ mod tests {
     use serde::de::DeserializeOwned;
 
     use super::*;
-    use crate::config::{Identity, Period};
 
     fn fixture<T: DeserializeOwned>(name: &str) -> Vec<Arc<T>> {
         #[derive(serde::Deserialize)]
@@ -476,15 +475,10 @@ mod tests {
     }
 
     fn settings() -> Settings {
-        Settings {
-            trust_domain: "cluster.local".parse().unwrap(),
-            identity: Identity {
-                ca_cert: "ca.pem".into(),
-                ca_key: "ca-key.pem".into(),
-                trust_bundle: None,
-                certificate_ttl: Period(std::time::Duration::from_secs(3600)),
-            },
-        }
+        serde_yaml::from_str(
+            "identity: { ca_cert: ca.pem, ca_key: ca-key.pem, certificate_ttl: 1h }",
+        )
+        .unwrap()
     }
 
     /// Every pod has a cgroup, named after its UID.

@@ -1,0 +1,722 @@
+//! Serves HTTP/1.1 and HTTP/2 (h2c) on a captured connection to an HTTP port, each request on
+//! its own: the port's first route that takes it, a backend by weight, an endpoint per try
+//! (balanced over requests outstanding), the route's timeout and retries. Upgrades (WebSocket)
+//! and CONNECT pass through untouched once the endpoint agrees. When the agent answers itself
+//! (no route, no endpoint, a timeout), the reply says why in a short body, or in
+//! `grpc-status` for a gRPC client.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header, request::Parts,
+};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, service::service_fn, upgrade::OnUpgrade};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::timeout,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{
+    observability::{access::RequestRecord, metrics::Metrics, metrics::RouteLabels},
+    proxy::{
+        balance::Lease,
+        copy::Ended,
+        http::{
+            body::{Counted, Recorded},
+            retry::Tried,
+            upstream::{Body, Upstreams},
+        },
+    },
+    state::{
+        http::{HttpRoute, Upstream},
+        routes::{LocalWorkload, ServicePort},
+    },
+};
+
+/// The largest request body kept to be sent again on a retry; a larger one is streamed and
+/// not retried.
+const MAX_REPLAY: u64 = 64 << 10;
+
+/// What every HTTP request needs.
+pub struct HttpProxy {
+    pub upstreams: Arc<Upstreams>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Who calls which port: the same for every request of a connection.
+pub struct Calling {
+    pub source: Option<Arc<LocalWorkload>>,
+    pub port: Arc<ServicePort>,
+}
+
+/// Why the agent answers a request itself.
+#[derive(Debug)]
+enum Answer {
+    NoRoute,
+    NoEndpoint,
+    ConnectFailed(String),
+    Reset(String),
+    Timeout,
+    BadRequest(String),
+}
+
+impl Answer {
+    /// The HTTP status, the gRPC status, the access log's flag and the reply's text.
+    fn parts(&self, service: &str) -> (StatusCode, u32, &'static str, String) {
+        match self {
+            Answer::NoRoute => (
+                StatusCode::NOT_FOUND,
+                12,
+                "no_route",
+                format!("no route of {service} takes this request"),
+            ),
+            Answer::NoEndpoint => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "no_endpoint",
+                format!("{service} has no endpoint to send this request to"),
+            ),
+            Answer::ConnectFailed(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "connect_failure",
+                format!("no endpoint of {service} could be reached: {e}"),
+            ),
+            Answer::Reset(e) => (
+                StatusCode::BAD_GATEWAY,
+                14,
+                "reset",
+                format!("the endpoint of {service} broke off: {e}"),
+            ),
+            Answer::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                4,
+                "timeout",
+                format!("{service} did not answer in time"),
+            ),
+            Answer::BadRequest(e) => (
+                StatusCode::BAD_REQUEST,
+                3,
+                "bad_request",
+                format!("the request could not be read: {e}"),
+            ),
+        }
+    }
+}
+
+impl HttpProxy {
+    /// Serves the connection `io` until its client is done or `abort` is cancelled.
+    pub async fn serve<I>(
+        self: Arc<Self>,
+        io: I,
+        calling: Arc<Calling>,
+        abort: &CancellationToken,
+    ) -> Ended
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = service_fn(move |request| {
+            let (this, calling) = (self.clone(), calling.clone());
+            async move { Ok::<_, Infallible>(this.handle(request, &calling).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        builder.http2().timer(TokioTimer::new());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::select! {
+            served = connection => match served {
+                Ok(()) => Ended::Done,
+                Err(e) => Ended::Failed(std::io::Error::other(e)),
+            },
+            () = abort.cancelled() => Ended::Aborted,
+        }
+    }
+
+    async fn handle(&self, mut request: Request<Incoming>, calling: &Calling) -> Response<Body> {
+        let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+        let port = &calling.port;
+        let source = calling.source.as_deref();
+        let labels = RouteLabels {
+            direction: "outbound",
+            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
+            source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
+            destination_service: port.service.clone(),
+            route: String::new(),
+            method: method_label(&parts.method),
+        };
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+            .unwrap_or_default();
+        let mut record =
+            RequestRecord::new(self.metrics.clone(), labels, authority, parts.uri.path());
+        let grpc = is_grpc(&parts.headers);
+        let Some(route) = port.http.as_ref().and_then(|h| h.route(&parts)) else {
+            return answer(record, Answer::NoRoute, &port.service, grpc, parts.version);
+        };
+        record.routed(&route.name);
+        route.retry.requested();
+        let upstream = port.http.as_ref().map_or(Upstream::Http1, |h| h.upstream);
+        let version = parts.version;
+        let forwarded = self.forward(parts, body, upgrade, route, upstream, calling, &mut record);
+        let forwarded = match route.timeout {
+            Some(limit) => timeout(limit, forwarded)
+                .await
+                .unwrap_or(Err(Answer::Timeout)),
+            None => forwarded.await,
+        };
+        match forwarded {
+            Ok((mut response, lease)) => {
+                route.response_headers.apply(response.headers_mut());
+                *response.version_mut() = version;
+                let grpc_status = grpc_status(response.headers());
+                record.answered(response.status().as_u16(), grpc_status, None);
+                response.map(|body| Recorded::new(body, record, lease).boxed_unsync())
+            }
+            Err(why) => answer(record, why, &port.service, grpc, version),
+        }
+    }
+
+    /// Sends the request to the route's backend, trying again as its policy says.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        upgrade: Option<OnUpgrade>,
+        route: &HttpRoute,
+        upstream: Upstream,
+        calling: &Calling,
+        record: &mut RequestRecord,
+    ) -> Result<(Response<Incoming>, Option<Lease>), Answer> {
+        let backend = route.backend().ok_or(Answer::NoEndpoint)?;
+        let source = calling.source.as_ref().map(|w| &w.id);
+        let client = self.upstreams.client(source, upstream);
+        let body = Counted::new(body, record.request_bytes.clone());
+        // Kept to be sent again if it may be retried and is small; streamed otherwise.
+        let small = hyper::body::Body::size_hint(&body)
+            .exact()
+            .is_some_and(|n| n <= MAX_REPLAY);
+        let (replay, mut streamed) = if upgrade.is_none() && route.retry.attempts > 1 && small {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| Answer::BadRequest(e.to_string()))?
+                .to_bytes();
+            (Some(bytes), None)
+        } else {
+            (None, Some(body))
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (lease, _) = backend
+                .pick(&tried)
+                .or_else(|| backend.pick(&[]))
+                .ok_or(Answer::NoEndpoint)?;
+            let endpoint = lease.endpoint().addr;
+            record.tried(endpoint);
+            let body = match (&replay, streamed.take()) {
+                (Some(bytes), _) => Full::new(bytes.clone())
+                    .map_err(|never: Infallible| -> hyper::Error { match never {} })
+                    .boxed_unsync(),
+                (None, Some(body)) => body.boxed_unsync(),
+                (None, None) => return Err(Answer::Reset("the request body was spent".into())),
+            };
+            let request =
+                upstream_request(&parts, endpoint, upstream, body, route, upgrade.is_some());
+            let sent = client.request(request);
+            let outcome = match route.retry.per_try_timeout {
+                Some(limit) => timeout(limit, sent).await.ok(),
+                None => Some(sent.await),
+            };
+            let (tried_now, failed) = match outcome {
+                Some(Ok(mut response)) => {
+                    lease.endpoint().succeeded();
+                    let now = Tried::Answered(response.status(), grpc_status(response.headers()));
+                    if !route
+                        .retry
+                        .again(&parts.method, replay.is_some(), attempt, now)
+                    {
+                        if let Some(upgrade) = upgrade {
+                            splice(upgrade, &mut response, &parts.method);
+                        }
+                        return Ok((response, Some(lease)));
+                    }
+                    (now, None)
+                }
+                Some(Err(e)) if e.is_connect() => {
+                    let labels = self
+                        .metrics
+                        .connect_failed(&backend.service, Some(endpoint));
+                    if lease.endpoint().failed() {
+                        self.metrics.endpoint_ejections.get_or_create(&labels).inc();
+                    }
+                    let why =
+                        std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
+                    (Tried::ConnectFailed, Some(Answer::ConnectFailed(why)))
+                }
+                Some(Err(e)) => (Tried::Reset, Some(Answer::Reset(e.to_string()))),
+                None => (Tried::Reset, Some(Answer::Timeout)),
+            };
+            if let Some(failed) = failed
+                && !route
+                    .retry
+                    .again(&parts.method, replay.is_some(), attempt, tried_now)
+            {
+                return Err(failed);
+            }
+            debug!(%endpoint, attempt, ?tried_now, "trying the request again");
+            record.retried(tried_now.reason());
+            tried.push(endpoint);
+            tokio::time::sleep(route.retry.backoff(attempt)).await;
+        }
+    }
+}
+
+/// The request as sent to `endpoint`: its URI names the endpoint (the pool's key), the
+/// original authority stays in `Host`; hop-by-hop headers are dropped unless it upgrades, and
+/// the route's header edits are applied.
+fn upstream_request(
+    parts: &Parts,
+    endpoint: SocketAddr,
+    upstream: Upstream,
+    body: Body,
+    route: &HttpRoute,
+    upgrade: bool,
+) -> Request<Body> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    // An endpoint's address and a path from a parsed request always make a URI.
+    *request.uri_mut() = format!("http://{endpoint}{path}")
+        .parse()
+        .unwrap_or_default();
+    let mut headers = parts.headers.clone();
+    if !upgrade {
+        strip_hop_by_hop(&mut headers);
+    }
+    match upstream {
+        Upstream::Http1 => {
+            *request.version_mut() = Version::HTTP_11;
+            if !headers.contains_key(header::HOST)
+                && let Some(authority) = parts.uri.authority()
+                && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            {
+                headers.insert(header::HOST, host);
+            }
+        }
+        Upstream::Http2 => {
+            *request.version_mut() = Version::HTTP_2;
+            headers.remove(header::HOST);
+        }
+    }
+    route.request_headers.apply(&mut headers);
+    *request.headers_mut() = headers;
+    request
+}
+
+/// Drops the headers that belong to one connection, not to the request (RFC 9110 7.6.1);
+/// `te: trailers` stays (gRPC needs it).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| te.as_bytes() != b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+}
+
+/// Whether the request asks to switch protocols (WebSocket) or to tunnel (CONNECT).
+fn wants_upgrade(request: &Request<Incoming>) -> bool {
+    request.method() == Method::CONNECT
+        || (request.version() == Version::HTTP_11
+            && request.headers().contains_key(header::UPGRADE))
+}
+
+/// Once the endpoint has agreed to an upgrade, joins the client's upgraded connection to the
+/// endpoint's and copies both ways in the background.
+fn splice(client: OnUpgrade, response: &mut Response<Incoming>, method: &Method) {
+    let agreed = response.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (method == Method::CONNECT && response.status().is_success());
+    if !agreed {
+        return;
+    }
+    let endpoint = hyper::upgrade::on(response);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, endpoint) {
+            Ok((client, endpoint)) => {
+                let (mut client, mut endpoint) = (TokioIo::new(client), TokioIo::new(endpoint));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await {
+                    debug!("an upgraded connection ended: {e}");
+                }
+            }
+            Err(e) => debug!("an upgrade did not complete: {e}"),
+        }
+    });
+}
+
+/// The agent's own answer to a request.
+fn answer(
+    mut record: RequestRecord,
+    why: Answer,
+    service: &str,
+    grpc: bool,
+    version: Version,
+) -> Response<Body> {
+    let (status, grpc_code, flag, text) = why.parts(service);
+    let mut response = Response::new(Body::default());
+    *response.version_mut() = version;
+    let headers = response.headers_mut();
+    let body = if grpc {
+        // A trailers-only gRPC response: the status in the headers.
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(grpc_code));
+        if let Ok(message) = HeaderValue::from_str(&text) {
+            headers.insert("grpc-message", message);
+        }
+        record.answered(StatusCode::OK.as_u16(), Some(grpc_code), Some(flag));
+        Bytes::new()
+    } else {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        record.answered(status.as_u16(), None, Some(flag));
+        *response.status_mut() = status;
+        Bytes::from(text + "\n")
+    };
+    let body = Full::new(body).map_err(|never: Infallible| -> hyper::Error { match never {} });
+    response.map(|_| Recorded::new(body, record, None).boxed_unsync())
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A response's `grpc-status` header (a trailers-only gRPC response).
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// The method's metric label: a standard method's name, or `other`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::atomic::Ordering, time::Duration};
+
+    use http_body_util::Full;
+
+    use super::*;
+    use crate::{
+        config::Protocol,
+        testing::{
+            Agent, Loopback, Mesh, cgroup_of, http_pod, http1_client, http2_client, sample,
+            sample_reaches, test_ca,
+        },
+    };
+
+    const VIP: [u8; 4] = [198, 19, 0, 10];
+
+    fn vip() -> SocketAddr {
+        SocketAddr::from((VIP, 80))
+    }
+
+    fn get(path: &str) -> Request<Full<Bytes>> {
+        Request::builder()
+            .uri(path)
+            .header("host", "cart.shop")
+            .body(Full::default())
+            .unwrap()
+    }
+
+    fn pod_of<B>(response: &Response<B>) -> String {
+        response.headers()["x-pod"].to_str().unwrap().to_owned()
+    }
+
+    /// web-0 on node 1 calls shop/cart, whose endpoints `cart-1`, `cart-2` (labelled v1, v2)
+    /// run on node 1; the port speaks `protocol` with `routes`.
+    async fn cart(
+        protocol: Protocol,
+        routes: &str,
+    ) -> (Loopback, Agent, [Arc<crate::testing::PodLog>; 2]) {
+        let net = Loopback::reserve();
+        let (web, one, two) = (net.pod(1, 9), net.pod(1, 2), net.pod(1, 3));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service(
+                "shop",
+                "cart",
+                VIP.into(),
+                (80, 8080),
+                &[(one, "n1"), (two, "n1")],
+            )
+            .http(protocol, routes)
+            .label(one, "version", "v1")
+            .label(two, "version", "v2")
+            .build();
+        let pods = [
+            http_pod((one, 8080).into(), "cart-1").await,
+            http_pod((two, 8080).into(), "cart-2").await,
+        ];
+        let agent = Agent::start(state, test_ca()).await;
+        (net, agent, pods)
+    }
+
+    #[tokio::test]
+    async fn requests_take_the_first_matching_route_and_are_recorded_each() {
+        let routes = "
+- name: canary
+  matches: [{ headers: [{ name: x-canary, value: \"1\" }] }]
+  backends: [{ subset: { version: v2 } }]
+  request_headers: { set: { x-mesh: routed } }
+  response_headers: { add: { x-route: canary } }
+- name: stable
+  matches: [{ path: { prefix: /api } }]
+  backends: [{ subset: { version: v1 } }]
+";
+        let (net, agent, _pods) = cart(Protocol::Http, routes).await;
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        // Keep-alive: every request on the one connection.
+        for _ in 0..5 {
+            let stable = client.send_request(get("/api/items")).await.unwrap();
+            assert_eq!(stable.status(), StatusCode::OK);
+            assert_eq!(pod_of(&stable), "cart-1");
+            // The original authority reaches the endpoint.
+            assert_eq!(stable.headers()["x-host"], "cart.shop");
+            let mut canary = get("/api/items");
+            canary
+                .headers_mut()
+                .insert("x-canary", HeaderValue::from_static("1"));
+            let canary = client.send_request(canary).await.unwrap();
+            assert_eq!(pod_of(&canary), "cart-2");
+            assert_eq!(canary.headers()["x-route"], "canary");
+        }
+        let none = client.send_request(get("/other")).await.unwrap();
+        assert_eq!(none.status(), StatusCode::NOT_FOUND);
+        let text = none.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(text, "no route of shop/cart takes this request\n");
+
+        let r = &agent.registry;
+        let series = |route: &str, code: u16| {
+            format!(
+                "mesh_requests_total{{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",route=\"{route}\",method=\"GET\",code=\"{code}\",grpc_status=\"\"}}"
+            )
+        };
+        sample_reaches(r, &series("stable", 200), 5.0).await;
+        sample_reaches(r, &series("canary", 200), 5.0).await;
+        sample_reaches(r, &series("", 404), 1.0).await;
+        // One connection, recorded as HTTP.
+        assert_eq!(
+            sample(
+                r,
+                "mesh_connections_opened_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",destination_namespace=\"\",destination_workload=\"\",hop=\"http\"}"
+            ),
+            1.0
+        );
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn keep_alive_requests_spread_over_endpoints_and_split_by_weight() {
+        let routes = "
+- name: split
+  backends: [{ subset: { version: v1 }, weight: 90 }, { subset: { version: v2 }, weight: 10 }]
+";
+        let (net, agent, _pods) = cart(Protocol::Http, routes).await;
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let mut counts = BTreeMap::<String, u32>::new();
+        let n = 2000;
+        for _ in 0..n {
+            let response = client.send_request(get("/")).await.unwrap();
+            *counts.entry(pod_of(&response)).or_default() += 1;
+        }
+        // Binomial(2000, 0.1): mean 200, standard deviation about 13.4; 5 of them either way.
+        let canary = counts.get("cart-2").copied().unwrap_or(0);
+        assert!((133..=267).contains(&canary), "{counts:?}");
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn retries_hide_a_failing_try_but_not_for_a_post() {
+        let routes = "
+- name: all
+  backends: [{ subset: { version: v1 } }]
+  retry: { attempts: 3, on: [gateway-error], backoff: 1ms }
+";
+        let (net, agent, pods) = cart(Protocol::Http, routes).await;
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        pods[0].failures_left.store(2, Ordering::Relaxed);
+        let response = client.send_request(get("/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(pods[0].requests.load(Ordering::Relaxed), 3);
+
+        pods[0].failures_left.store(1, Ordering::Relaxed);
+        let post = Request::post("/orders")
+            .header("host", "cart.shop")
+            .body(Full::new(Bytes::from_static(b"order")))
+            .unwrap();
+        let response = client.send_request(post).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(pods[0].requests.load(Ordering::Relaxed), 4);
+        sample_reaches(
+            &agent.registry,
+            "mesh_request_retries_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",route=\"all\",method=\"GET\",reason=\"status\"}",
+            2.0,
+        )
+        .await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_request_out_of_time_gets_504_and_the_endpoint_sees_it_cancelled() {
+        let routes = "
+- name: slow
+  timeout: 100ms
+";
+        let (net, agent, pods) = cart(Protocol::Http, routes).await;
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let response = client.send_request(get("/sleep/5000")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let cancelled = || {
+            pods.iter()
+                .map(|p| p.cancelled.load(Ordering::Relaxed))
+                .sum::<u32>()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while cancelled() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the endpoint never saw the cancellation"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        sample_reaches(&agent.registry, "mesh_request_timeouts_total", 1.0).await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bodies_pass_whole_both_ways_over_http2() {
+        let (net, agent, _pods) = cart(Protocol::Http2, "[]").await;
+        let mut client = http2_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let body: Bytes = (0..4 << 20)
+            .map(|i: u32| (i % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into();
+        let request = Request::post("http://cart.shop/echo")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let back = response.into_body().collect().await.unwrap().to_bytes();
+        assert!(
+            back == body,
+            "{} bytes came back of {}",
+            back.len(),
+            body.len()
+        );
+        let len = body.len() as f64;
+        sample_reaches(&agent.registry, "mesh_request_bytes_total", len).await;
+        sample_reaches(&agent.registry, "mesh_response_bytes_total", len).await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_passes_through() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (net, agent, _pods) = cart(Protocol::Http, "[]").await;
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let mut request = get("/ws");
+        request
+            .headers_mut()
+            .insert("upgrade", HeaderValue::from_static("echo"));
+        request
+            .headers_mut()
+            .insert("connection", HeaderValue::from_static("upgrade"));
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut upgraded = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+        upgraded.write_all(b"ping").await.unwrap();
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(10), upgraded.read_exact(&mut pong))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&pong, b"ping");
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_port_without_endpoints_answers_503_and_grpc_clients_get_a_grpc_status() {
+        let net = Loopback::reserve();
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", net.pod(1, 9))
+            .service("shop", "cart", VIP.into(), (80, 8080), &[])
+            .http(Protocol::Grpc, "[]")
+            .build();
+        let agent = Agent::start(state, test_ca()).await;
+        let mut client = http2_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let plain = client.send_request(get("http://cart.shop/")).await.unwrap();
+        assert_eq!(plain.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let mut grpc = get("http://cart.shop/shop.Cart/Get");
+        grpc.headers_mut()
+            .insert("content-type", HeaderValue::from_static("application/grpc"));
+        let grpc = client.send_request(grpc).await.unwrap();
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(grpc.headers()["grpc-status"], "14");
+        sample_reaches(&agent.registry, "mesh_requests_total", 2.0).await;
+        agent.stop().await;
+    }
+}

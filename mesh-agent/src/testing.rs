@@ -170,6 +170,12 @@ impl Mesh {
         self
     }
 
+    /// How long `auto` ports wait for a client's first bytes.
+    pub fn detection_timeout(mut self, wait: Duration) -> Self {
+        self.0.settings.protocol_detection_timeout = crate::config::Period(wait);
+        self
+    }
+
     /// Changes the trust domain.
     pub fn trust_domain(mut self, trust_domain: &str) -> Self {
         self.0.settings.trust_domain = name(trust_domain);

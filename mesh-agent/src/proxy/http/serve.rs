@@ -720,3 +720,159 @@ mod tests {
         agent.stop().await;
     }
 }
+
+/// Requests across nodes, detection on `auto` ports, a dead endpoint without a retry policy.
+#[cfg(test)]
+mod paths {
+    use std::{sync::atomic::Ordering, time::Duration};
+
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::{
+        config::Protocol,
+        testing::{
+            Agent, Loopback, Mesh, cgroup_of, http_pod, http1_client, sample, sample_reaches,
+            test_ca,
+        },
+    };
+
+    const VIP: [u8; 4] = [198, 19, 0, 10];
+
+    #[tokio::test]
+    async fn requests_to_another_nodes_endpoint_go_through_the_tunnel_as_the_caller() {
+        let net = Loopback::reserve();
+        let ca = test_ca();
+        let (web, cart) = (net.pod(1, 9), net.pod(2, 2));
+        let service = |mesh: Mesh| {
+            mesh.service("shop", "cart", VIP.into(), (80, 8080), &[(cart, "n2")])
+                .http(Protocol::Http, "[]")
+        };
+        let one = service(
+            Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+                .peer("n2", net.node(2), &net.pod_cidr(2))
+                .workload("shop", "web-0", "web", web),
+        )
+        .build();
+        let two = service(
+            Mesh::node("n2", net.node(2), &net.pod_cidr(2))
+                .peer("n1", net.node(1), &net.pod_cidr(1))
+                .workload("shop", "cart-0", "cart", cart),
+        )
+        .build();
+        let pod = http_pod((cart, 8080).into(), "cart-0").await;
+        let (one, two) = (
+            Agent::start(one, ca.clone()).await,
+            Agent::start(two, ca).await,
+        );
+        let mut client = http1_client(&one, web, cgroup_of(0), (VIP, 80).into()).await;
+        for _ in 0..10 {
+            let request = Request::get("/")
+                .header("host", "cart")
+                .body(Full::default())
+                .unwrap();
+            let response = client.send_request(request).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        assert_eq!(pod.requests.load(Ordering::Relaxed), 10);
+        // Ten requests over one pooled upstream connection: one tunnel stream on node 2,
+        // opened as web.
+        sample_reaches(
+            &two.registry,
+            "mesh_connections_opened_total{direction=\"inbound\",source_namespace=\"shop\",source_workload=\"\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\"",
+            1.0,
+        )
+        .await;
+        sample_reaches(&one.registry, "mesh_requests_total", 10.0).await;
+        one.stop().await;
+        two.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_auto_port_serves_http_clients_as_http_and_server_first_protocols_as_tcp() {
+        let net = Loopback::reserve();
+        let (web, db) = (net.pod(1, 9), net.pod(1, 2));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service("shop", "db", VIP.into(), (80, 8080), &[(db, "n1")])
+            .http(Protocol::Auto, "[]")
+            .detection_timeout(Duration::from_millis(50))
+            .build();
+        // A pod that greets first, then speaks HTTP: a server-first client waits for the
+        // greeting, an HTTP client just sends.
+        let listener = tokio::net::TcpListener::bind((db, 8080)).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let _ = conn.write_all(b"220 ready\r\n").await;
+                    let mut request = [0u8; 1024];
+                    if let Ok(n) = conn.read(&mut request).await
+                        && request[..n].starts_with(b"GET")
+                    {
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                });
+            }
+        });
+        let agent = Agent::start(state, test_ca()).await;
+        // Server first: nothing is sent, the greeting comes once detection gives up.
+        let mut conn = agent.connect(web, cgroup_of(0), (VIP, 80).into()).await;
+        let mut greeting = [0u8; 11];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut greeting))
+            .await
+            .expect("no greeting within 10 s")
+            .unwrap();
+        assert_eq!(&greeting, b"220 ready\r\n");
+        drop(conn);
+        assert_eq!(sample(&agent.registry, "mesh_requests_total"), 0.0);
+        // An HTTP client on the same port is served as HTTP (the greeting, not HTTP, makes
+        // the endpoint's answer a bad one: a 502 the agent records).
+        let mut client = http1_client(&agent, web, cgroup_of(0), (VIP, 80).into()).await;
+        let request = Request::get("/")
+            .header("host", "db")
+            .body(Full::default())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        sample_reaches(&agent.registry, "mesh_requests_total", 1.0).await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn without_a_retry_policy_a_dead_endpoint_is_passed_over() {
+        let net = Loopback::reserve();
+        let (web, dead, alive) = (net.pod(1, 9), net.pod(1, 2), net.pod(1, 3));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service(
+                "shop",
+                "cart",
+                VIP.into(),
+                (80, 8080),
+                &[(dead, "n1"), (alive, "n1")],
+            )
+            .http(Protocol::Http, "[]")
+            .build();
+        http_pod((alive, 8080).into(), "alive").await;
+        let agent = Agent::start(state, test_ca()).await;
+        let mut client = http1_client(&agent, web, cgroup_of(0), (VIP, 80).into()).await;
+        for _ in 0..20 {
+            let request = Request::get("/")
+                .header("host", "cart")
+                .body(Full::default())
+                .unwrap();
+            assert_eq!(
+                client.send_request(request).await.unwrap().status(),
+                StatusCode::OK
+            );
+        }
+        let failures = format!(
+            "mesh_connect_failures_total{{service=\"shop/cart\",endpoint=\"{dead}:8080\"}}"
+        );
+        assert!(sample(&agent.registry, &failures) >= 1.0);
+        agent.stop().await;
+    }
+}

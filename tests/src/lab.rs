@@ -310,13 +310,18 @@ impl Lab {
         for s in &spec.services {
             let addrs: Vec<String> = s.addresses.iter().map(|a| format!("\"{a}\"")).collect();
             let v6_only = s.addresses.iter().all(IpAddr::is_ipv6);
+            let mut port = format!("port: {}, target_port: {}", s.port, s.target_port);
+            if let Some(protocol) = &s.protocol {
+                write!(port, ", protocol: {protocol}")?;
+            }
+            if let Some(routes) = &s.routes {
+                write!(port, ", routes: {routes}")?;
+            }
             writeln!(
                 y,
-                "  - name: {}\n    namespace: lab\n    addresses: [{}]\n    ports: [{{ port: {}, target_port: {} }}]\n    endpoints:",
+                "  - name: {}\n    namespace: lab\n    addresses: [{}]\n    ports: [{{ {port} }}]\n    endpoints:",
                 s.name,
                 addrs.join(", "),
-                s.port,
-                s.target_port
             )?;
             for e in &s.endpoints {
                 let (a4, a6) = pod_addrs(e)?;
@@ -326,9 +331,14 @@ impl Lab {
                     a4.to_string()
                 };
                 let pod = spec.pod_spec(e).context("endpoint pod")?;
+                let labels = s
+                    .labels
+                    .iter()
+                    .find(|(p, _)| p == e)
+                    .map_or(String::new(), |(_, l)| format!(", labels: {l}"));
                 writeln!(
                     y,
-                    "      - {{ address: \"{addr}\", node: {} }}",
+                    "      - {{ address: \"{addr}\", node: {}{labels} }}",
                     self.agent_node_name(&pod.node)
                 )?;
             }

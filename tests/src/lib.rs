@@ -8,6 +8,7 @@ mod apiserver;
 mod certs;
 mod interrupt;
 mod lab;
+mod metrics;
 mod netns;
 mod process;
 mod prometheus;
@@ -21,6 +22,7 @@ pub use lab::{
     Agent, Daemon, ENROLLED_NAMESPACE, Footprint, HttpReply, Lab, Output, Running, alive,
     says_reset,
 };
+pub use metrics::sum;
 pub use prometheus::{Prometheus, Sample};
 pub use topology::{LabSpec, PodSpec, ServiceSpec, node_addrs, pod_addrs};
 pub use wire::{Capture, frames};

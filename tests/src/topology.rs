@@ -48,6 +48,11 @@ pub struct ServiceSpec {
     pub target_port: u16,
     /// Names of the pods that serve it.
     pub endpoints: Vec<String>,
+    /// The port's protocol (`tcp` if not given) and its routes (a YAML flow list).
+    pub protocol: Option<String>,
+    pub routes: Option<String>,
+    /// Endpoint labels by pod name (a YAML flow mapping, like `{ version: v1 }`).
+    pub labels: Vec<(String, String)>,
 }
 
 impl ServiceSpec {
@@ -62,7 +67,23 @@ impl ServiceSpec {
             port: 80,
             target_port: 8080,
             endpoints: endpoints.iter().map(|e| (*e).into()).collect(),
+            protocol: None,
+            routes: None,
+            labels: Vec::new(),
         }
+    }
+
+    /// The port speaks `protocol`, with `routes` (a YAML flow list) if given.
+    pub fn http(mut self, protocol: &str, routes: Option<&str>) -> Self {
+        self.protocol = Some(protocol.into());
+        self.routes = routes.map(String::from);
+        self
+    }
+
+    /// Labels the endpoint `pod` with `labels` (a YAML flow mapping).
+    pub fn label(mut self, pod: &str, labels: &str) -> Self {
+        self.labels.push((pod.into(), labels.into()));
+        self
     }
 }
 

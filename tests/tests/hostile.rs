@@ -2,13 +2,13 @@
 //! and by `mesh-testpod probe` with certificates of the lab's CA. Each test is a probe that
 //! once broke or strained the agent; it checks that the agent now refuses it cheaply.
 
-use mesh_tests::{Lab, LabSpec, ProbeCert, node_addrs, pod_addrs};
+use mesh_tests::{Lab, LabSpec, ProbeCert, node_addrs, pod_addrs, sum};
 
 const VIP: &str = "198.19.0.10";
 
 /// The value of the series `name{labels}` on `node`'s agent (0 if it has none).
 fn metric(lab: &Lab, node: &str, series: &str) -> f64 {
-    value(&scrape(lab, node), series)
+    value(&lab.scrape(node), series)
 }
 
 /// The value of `series` in `scrape` (0 if it has none).
@@ -17,40 +17,6 @@ fn value(scrape: &str, series: &str) -> f64 {
         .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
-}
-
-/// The sum of the series in `scrape` that start with `prefix`.
-fn sum(scrape: &str, prefix: &str) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
-/// `node`'s metrics once `done` holds for them: the agent counts a connection when it is done
-/// with it, which may be after the client has gone. Fails after a minute with the last scrape.
-fn settled(lab: &Lab, node: &str, done: impl Fn(&str) -> bool) -> String {
-    let started = std::time::Instant::now();
-    loop {
-        let text = scrape(lab, node);
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "the agent of {node} never counted what was expected:\n{text}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-/// What `node`'s agent shows at /metrics.
-fn scrape(lab: &Lab, node: &str) -> String {
-    let k = lab.spec.node_index(node).unwrap();
-    lab.http(node, "GET", &format!("http://198.18.0.{k}:15020/metrics"))
-        .unwrap()
-        .body
 }
 
 #[test]
@@ -128,7 +94,7 @@ fn a_port_scan_makes_no_series() {
     assert!(out.status.success(), "{}", out.stderr);
 
     let failures = "mesh_connect_failures_total";
-    let scrape = settled(&lab, "n1", |s| sum(s, failures) >= 600.0);
+    let scrape = lab.metrics_when("n1", |s| sum(s, failures) >= 600.0);
     let failures: Vec<&str> = scrape
         .lines()
         .filter(|l| l.starts_with("mesh_connect_failures_total"))
@@ -258,7 +224,7 @@ fn handshakes_are_capped_per_source_and_shed_at_once() {
         .start_in_pod("client", "prober", "bash", &["-c", &script])
         .unwrap();
     let shed = "mesh_refusals_total{reason=\"handshakes_per_source\"}";
-    let scrape = settled(&lab, "n2", |s| value(s, shed) >= 72.0);
+    let scrape = lab.metrics_when("n2", |s| value(s, shed) >= 72.0);
     assert_eq!(value(&scrape, shed), 72.0);
     std::fs::write(&go, "").unwrap();
     let status = prober
@@ -308,7 +274,7 @@ fn handshakes_beyond_a_sources_rate_are_shed_and_logged_sparingly() {
     // Every connection ab made (3,000, and one to begin with) is one or the other.
     let failed = |s: &str| sum(s, "mesh_tls_handshake_failures_total{side=\"inbound\"");
     let shed = |s: &str| value(s, "mesh_refusals_total{reason=\"handshake_rate\"}");
-    let scrape = settled(&lab, "n2", |s| failed(s) + shed(s) >= 3000.0);
+    let scrape = lab.metrics_when("n2", |s| failed(s) + shed(s) >= 3000.0);
     let (handshakes, shed) = (failed(&scrape), shed(&scrape));
     // A burst of 500, then 100 per second.
     assert!(
@@ -382,6 +348,6 @@ fn a_peer_holds_at_most_256_tunnel_connections() {
         out.stdout
     );
     let refused = "mesh_refusals_total{reason=\"tunnel_connections_per_peer\"}";
-    let scrape = settled(&lab, "n2", |s| value(s, refused) >= 44.0);
+    let scrape = lab.metrics_when("n2", |s| value(s, refused) >= 44.0);
     assert_eq!(value(&scrape, refused), 44.0);
 }

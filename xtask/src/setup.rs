@@ -10,8 +10,8 @@ use crate::shell::{self, Step, human};
 /// `-Z build-std=core`), LLVM 22 (bpf-linker links against it), iproute2 (the tests' and the
 /// lab's network namespaces), tshark (the tests' wire captures between nodes), prometheus
 /// (the tests run their own, inside a lab namespace), haproxy (the benchmark's peer), skopeo
-/// (CI reads the agent's container image back with it), iperf3, ab and curl (stock clients
-/// the tests drive the mesh and probe the agent with).
+/// (CI reads the agent's container image back with it), iperf3, ab, h2load and curl (stock
+/// clients the tests drive the mesh and probe the agent with).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "skopeo",
     "iperf3",
     "apache2-utils",
+    "nghttp2-client",
     "curl",
 ];
 

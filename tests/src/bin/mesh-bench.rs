@@ -83,6 +83,9 @@ fn spec() -> LabSpec {
         port: 80,
         target_port: port,
         endpoints: vec![pod.into()],
+        protocol: None,
+        routes: None,
+        labels: Vec::new(),
     };
     // The agents log as deployed (info: an access log line per connection, no debug lines).
     LabSpec::default()

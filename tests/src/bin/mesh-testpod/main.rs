@@ -51,6 +51,16 @@ enum Cmd {
         /// Also a holder on these: accept and keep each connection open, never reading.
         #[arg(long)]
         hold: Vec<String>,
+        /// Also an HTTP server (HTTP/1.1 and h2c) on these: answers with `x-pod: <name>` and
+        /// the request's body; `/status/N` answers N, `/sleep/MS` answers after MS ms.
+        #[arg(long)]
+        http: Vec<String>,
+        /// The name the HTTP server answers with.
+        #[arg(long, default_value = "pod")]
+        name: String,
+        /// The HTTP server answers every request with this status (a failing pod).
+        #[arg(long)]
+        always_status: Option<u16>,
     },
     /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
     /// reading, then reads and checks every byte: `received=<bytes>`.
@@ -161,14 +171,26 @@ fn main() -> ExitCode {
             sink,
             source,
             hold,
+            http,
+            name,
+            always_status,
         } = &cli.command
         {
+            let name: &'static str = Box::leak(name.clone().into_boxed_str());
+            let always_status = *always_status;
             // Servers run until the test stops them.
             return serve(&[
                 (listen, Role::Echo),
                 (sink, Role::Sink),
                 (source, Role::Source),
                 (hold, Role::Hold),
+                (
+                    http,
+                    Role::Http {
+                        name,
+                        always_status,
+                    },
+                ),
             ])
             .await;
         }
@@ -278,6 +300,11 @@ enum Role {
     Sink,
     Source,
     Hold,
+    /// An HTTP server answering as this pod; with every request answered this status, if set.
+    Http {
+        name: &'static str,
+        always_status: Option<u16>,
+    },
 }
 
 /// Fills `buf` with the pattern's bytes from `offset` on.
@@ -348,12 +375,44 @@ async fn accept_loop(listener: TcpListener, role: Role) -> Result<()> {
                 Role::Sink => sink_back(stream).await,
                 Role::Source => source(stream).await,
                 Role::Hold => hold(stream).await,
+                Role::Http {
+                    name,
+                    always_status,
+                } => serve_http(stream, name, always_status).await,
             };
             if let Err(e) = served {
                 eprintln!("mesh-testpod serve: {peer}: {e:#}");
             }
         });
     }
+}
+
+/// Serves HTTP/1.1 or h2c on `stream` (see `serve --http`).
+async fn serve_http(stream: TcpStream, name: &'static str, always: Option<u16>) -> Result<()> {
+    use http_body_util::{BodyExt, Full};
+    let service = hyper::service::service_fn(
+        move |request: http::Request<hyper::body::Incoming>| async move {
+            let path = request.uri().path().to_owned();
+            let mut response = http::Response::new(Full::new(bytes::Bytes::new()));
+            response
+                .headers_mut()
+                .insert("x-pod", http::HeaderValue::from_static(name));
+            let status = always.or_else(|| path.strip_prefix("/status/")?.parse().ok());
+            if let Some(code) = status {
+                *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
+            } else if let Some(ms) = path.strip_prefix("/sleep/") {
+                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            } else {
+                let body = request.into_body().collect().await?.to_bytes();
+                *response.body_mut() = Full::new(body);
+            }
+            Ok::<_, hyper::Error>(response)
+        },
+    );
+    hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Sends as many pattern bytes as the client asks for, then closes.

@@ -1,0 +1,290 @@
+//! End-to-end: HTTP through the agents, driven by stock clients (curl over HTTP/1.1 and h2c,
+//! h2load, ab, bash's `/dev/tcp`) from an enrolled pod, to `mesh-testpod serve --http` pods on
+//! this node and the next. The in-process tests cover the rules one by one; these check that
+//! real clients and the real capture path get them.
+
+use mesh_tests::{Lab, LabSpec, Running, ServiceSpec, sum};
+
+/// `cart` (HTTP, at 198.19.0.20): `cart-v1` on n1, `cart-v2` on n2. Requests with
+/// `x-canary: 1` go to v2, `/sleep/...` must answer within 300 ms, the rest split 50/50.
+const CART: &str = "198.19.0.20";
+/// `flaky` (HTTP, at 198.19.0.21): `ok` answers, `broken` always answers 503; the route
+/// retries gateway errors, with a budget as large as the requests (the default, a fifth,
+/// would let some 503s through when half the endpoints fail, as it is meant to).
+const FLAKY: &str = "198.19.0.21";
+/// `greeter` (auto, at 198.19.0.22): the echo server, which speaks first.
+const GREETER: &str = "198.19.0.22";
+
+fn spec() -> LabSpec {
+    let cart_routes = "[\
+        { name: canary, matches: [{ headers: [{ name: x-canary, value: \"1\" }] }], backends: [{ subset: { version: v2 } }] }, \
+        { name: slow, matches: [{ path: { prefix: /sleep } }], timeout: 300ms }, \
+        { name: split, backends: [{ subset: { version: v1 }, weight: 1 }, { subset: { version: v2 }, weight: 1 }] }]";
+    let flaky_routes = "[{ name: retried, retry: { attempts: 3, on: [gateway-error], backoff: 5ms, budget_percent: 100 } }]";
+    LabSpec::default()
+        .node("n1")
+        .node("n2")
+        .pod("n1", "client", true)
+        .pod("n1", "cart-v1", false)
+        .pod("n2", "cart-v2", false)
+        .pod("n1", "ok", false)
+        .pod("n1", "broken", false)
+        .pod("n1", "greeter", false)
+        .service(
+            ServiceSpec::echo("cart", &[CART], &["cart-v1", "cart-v2"])
+                .http("http", Some(cart_routes))
+                .label("cart-v1", "{ version: v1 }")
+                .label("cart-v2", "{ version: v2 }"),
+        )
+        .service(
+            ServiceSpec::echo("flaky", &[FLAKY], &["ok", "broken"])
+                .http("http", Some(flaky_routes)),
+        )
+        .service(ServiceSpec::echo("greeter", &[GREETER], &["greeter"]).http("auto", None))
+}
+
+/// The HTTP pods of [`spec`], serving on 8080.
+fn serve(lab: &Lab) -> Vec<Running> {
+    let http = |pod: &str, extra: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "[::]:9",
+            "--http",
+            "[::]:8080",
+            "--name",
+            pod,
+        ];
+        args.extend(extra);
+        lab.spawn(pod, &args).unwrap()
+    };
+    vec![
+        http("cart-v1", &[]),
+        http("cart-v2", &[]),
+        http("ok", &[]),
+        http("broken", &["--always-status", "503"]),
+        lab.spawn("greeter", &["serve", "--listen", "[::]:8080"])
+            .unwrap(),
+    ]
+}
+
+/// `curl` in the client pod: its output (`-w` formats included).
+fn curl(lab: &Lab, args: &[&str]) -> String {
+    let mut all = vec!["-sS", "-m", "20"];
+    all.extend(args);
+    let out = lab.run_program("client", "curl", &all).unwrap();
+    assert!(out.status.success(), "curl {args:?}: {}", out.stderr);
+    out.stdout
+}
+
+#[test]
+fn curl_gets_routes_splits_timeouts_and_whole_bodies_over_http1_and_h2c() {
+    let lab = Lab::new(spec()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _pods = serve(&lab);
+    let cart = format!("http://{CART}/");
+
+    // The canary header goes to v2, on the other node, over HTTP/1.1 and h2c alike.
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let headers = curl(
+            &lab,
+            &[
+                version,
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "-H",
+                "x-canary: 1",
+                &cart,
+            ],
+        );
+        assert!(headers.contains("x-pod: cart-v2"), "{version}: {headers}");
+    }
+    // The rest splits between both.
+    let pods: Vec<String> = (0..40)
+        .map(|_| curl(&lab, &["-D", "-", "-o", "/dev/null", &cart]))
+        .collect();
+    for pod in ["x-pod: cart-v1", "x-pod: cart-v2"] {
+        assert!(
+            pods.iter().any(|h| h.contains(pod)),
+            "no {pod} in 40 answers"
+        );
+    }
+    // Out of time: 504, and the agent says why.
+    let slow = curl(
+        &lab,
+        &["-w", "%{http_code}", &format!("http://{CART}/sleep/5000")],
+    );
+    assert_eq!(slow, "lab/cart did not answer in time\n504");
+    // 16 MiB each way, byte for byte.
+    let sent = lab.scratch_path("body.bin");
+    let body: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&sent, &body).unwrap();
+    let back = lab.scratch_path("back.bin");
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        curl(
+            &lab,
+            &[
+                version,
+                "--data-binary",
+                &format!("@{}", sent.display()),
+                "-o",
+                &back.display().to_string(),
+                &format!("http://{CART}/echo"),
+            ],
+        );
+        assert!(
+            std::fs::read(&back).unwrap() == body,
+            "{version}: the body came back changed"
+        );
+    }
+
+    let series = |route: &str, method: &str, code: &str| {
+        format!(
+            "mesh_requests_total{{direction=\"outbound\",source_namespace=\"lab\",source_workload=\"client\",source_identity=\"spiffe://lab.mesh/ns/lab/sa/client\",destination_service=\"lab/cart\",route=\"{route}\",method=\"{method}\",code=\"{code}\""
+        )
+    };
+    let metrics = lab.metrics_when("n1", |m| sum(m, "mesh_requests_total") >= 45.0);
+    assert_eq!(
+        sum(&metrics, &series("canary", "GET", "200")),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sum(&metrics, &series("split", "GET", "200")),
+        40.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sum(&metrics, &series("slow", "GET", "504")),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sum(&metrics, &series("split", "POST", "200")),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sum(&metrics, "mesh_request_timeouts_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(sum(&metrics, "mesh_request_bytes_total") >= (32u32 << 20) as f64);
+}
+
+#[test]
+fn load_from_h2load_and_ab_is_answered_whole_and_retries_hide_a_broken_endpoint() {
+    let lab = Lab::new(spec()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _pods = serve(&lab);
+
+    // h2load: HTTP/2 (prior knowledge), many streams on few connections, across nodes too.
+    let out = lab
+        .run_program(
+            "client",
+            "h2load",
+            &[
+                "-n",
+                "2000",
+                "-c",
+                "8",
+                "-m",
+                "8",
+                &format!("http://{CART}/"),
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.stdout.contains("2000 succeeded, 0 failed, 0 errored"),
+        "{}\n{}",
+        out.stdout,
+        out.stderr
+    );
+    // ab: HTTP/1.0 keep-alive; half the endpoints always fail, the route's retries hide it.
+    let out = lab
+        .run_program(
+            "client",
+            "ab",
+            &["-n", "400", "-c", "4", "-k", &format!("http://{FLAKY}/")],
+        )
+        .unwrap();
+    assert!(
+        out.stdout.contains("Complete requests:      400"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("Failed requests:        0"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("Non-2xx responses"), "{}", out.stdout);
+    // A POST is not retried: some of 20 reach the broken endpoint and fail.
+    let codes: Vec<String> = (0..20)
+        .map(|_| {
+            curl(
+                &lab,
+                &[
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-d",
+                    "order",
+                    &format!("http://{FLAKY}/"),
+                ],
+            )
+        })
+        .collect();
+    assert!(codes.iter().any(|c| c == "503"), "{codes:?}");
+    assert!(codes.iter().any(|c| c == "200"), "{codes:?}");
+
+    let metrics = lab.metrics_when("n1", |m| sum(m, "mesh_requests_total") >= 2420.0);
+    let retries = sum(&metrics, "mesh_request_retries_total");
+    assert!(retries >= 1.0, "{metrics}");
+    assert_eq!(
+        sum(
+            &metrics,
+            "mesh_requests_total{direction=\"outbound\",source_namespace=\"lab\",source_workload=\"client\",source_identity=\"spiffe://lab.mesh/ns/lab/sa/client\",destination_service=\"lab/flaky\",route=\"retried\",method=\"GET\",code=\"200\""
+        ),
+        400.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_server_first_protocol_works_on_an_auto_port_and_bad_http_gets_400() {
+    let lab = Lab::new(spec()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _pods = serve(&lab);
+
+    // The client sends nothing and waits for the server's greeting: the port waits for HTTP
+    // as long as protocol_detection_timeout (1 s), then carries the bytes as they are.
+    let greeted = format!("exec 3<>/dev/tcp/{GREETER}/80 && read -t 10 line <&3 && echo \"$line\"");
+    let out = lab
+        .run_program("client", "bash", &["-c", &greeted])
+        .unwrap();
+    assert!(
+        out.stdout.starts_with("local="),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+
+    // A header line without a colon is no HTTP: 400 from the agent's HTTP server.
+    let bad = format!(
+        "exec 3<>/dev/tcp/{CART}/80 && printf 'GET / HTTP/1.1\\r\\nHost: cart\\r\\nno colon here\\r\\n\\r\\n' >&3 && read -t 10 line <&3 && echo \"$line\""
+    );
+    let out = lab.run_program("client", "bash", &["-c", &bad]).unwrap();
+    assert!(
+        out.stdout.starts_with("HTTP/1.1 400"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
+}

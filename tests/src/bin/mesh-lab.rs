@@ -17,12 +17,24 @@ const SERVICES: [(&str, &str, &[&str]); 3] = [
     ("catalog", "198.19.0.12", &["catalog-0"]),
 ];
 /// Where each backend pod runs.
-const PODS: [(&str, &str); 4] = [
+const PODS: [(&str, &str); 6] = [
     ("cart-0", "n1"),
     ("catalog-0", "n1"),
+    ("payments-0", "n1"),
     ("cart-1", "n2"),
     ("orders-0", "n2"),
+    ("payments-1", "n2"),
 ];
+/// The HTTP services (every pod also serves HTTP on 8081): `cart-api` over cart-0 (v1) and
+/// cart-1 (v2), split 90/10, `/slow/...` within 200 ms; `payments` over payments-0 and
+/// payments-1, which always fails, behind retries.
+const CART_API: &str = "198.19.0.20";
+const PAYMENTS: &str = "198.19.0.21";
+const CART_API_ROUTES: &str = "[\
+    { name: slow, matches: [{ path: { prefix: /sleep } }], timeout: 200ms }, \
+    { name: browse, backends: [{ subset: { version: v1 }, weight: 90 }, { subset: { version: v2 }, weight: 10 }] }]";
+const PAYMENTS_ROUTES: &str = "[{ name: pay, retry: { attempts: 3, on: [gateway-error], backoff: 5ms, budget_percent: 100 } }]";
+const HTTP_REQUESTS: usize = 200;
 /// Where n1's agent dials n1's pods from; n2's agent comes from n2's bridge.
 const N1_POD_BRIDGE: &str = "198.18.1.1";
 const CONNECTIONS_PER_SERVICE: usize = 20;
@@ -81,7 +93,21 @@ fn shop() -> LabSpec {
     for (name, vip, endpoints) in SERVICES {
         spec = spec.service(ServiceSpec::echo(name, &[vip], endpoints));
     }
-    spec
+    let http = |name: &str, vip: &str, endpoints: &[&str], routes: &str| ServiceSpec {
+        target_port: 8081,
+        ..ServiceSpec::echo(name, &[vip], endpoints).http("http", Some(routes))
+    };
+    spec.service(
+        http("cart-api", CART_API, &["cart-0", "cart-1"], CART_API_ROUTES)
+            .label("cart-0", "{ version: v1 }")
+            .label("cart-1", "{ version: v2 }"),
+    )
+    .service(http(
+        "payments",
+        PAYMENTS,
+        &["payments-0", "payments-1"],
+        PAYMENTS_ROUTES,
+    ))
 }
 
 /// A started shop: the agents of n1 and n2 and the backends' servers.
@@ -100,13 +126,20 @@ fn start(lab: &Lab) -> Result<Shop> {
     }
     let servers = PODS
         .iter()
-        .map(|(pod, _)| lab.spawn(pod, &["serve", "--listen", "[::]:8080"]))
+        .map(|(pod, _)| {
+            let mut args = vec!["serve", "--listen", "[::]:8080", "--http", "[::]:8081"];
+            args.extend(["--name", pod]);
+            if *pod == "payments-1" {
+                args.extend(["--always-status", "503"]);
+            }
+            lab.spawn(pod, &args)
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok(Shop { agents, servers })
 }
 
-const LAB_TITLE: &str = "lab: nodes n1 and n2 with a CA; web (meshed), cart-0, catalog-0 on n1; \
-                         cart-1, orders-0 on n2";
+const LAB_TITLE: &str = "lab: nodes n1 and n2 with a CA; web (meshed), cart-0, catalog-0, \
+                         payments-0 on n1; cart-1, orders-0, payments-1 on n2";
 
 fn demo() -> Result<()> {
     catch_interrupt();
@@ -221,6 +254,7 @@ fn demo() -> Result<()> {
         }
     }
     println!();
+    http_demo(&lab)?;
     println!("What the eBPF programs of n1 counted:");
     let delta = |c: Counter| after[c as usize] - before[c as usize];
     let redirected_mib = delta(Counter::BytesRedirected) as f64 / f64::from(1 << 20);
@@ -267,6 +301,146 @@ fn demo() -> Result<()> {
     )
 }
 
+/// web calls the HTTP services: the split, the retries, the timeout, then the per-route table.
+fn http_demo(lab: &Lab) -> Result<()> {
+    let title = format!(
+        "HTTP: web sends {HTTP_REQUESTS} requests each to cart-api and payments, and one that is too slow"
+    );
+    let (split, payments, slow) = step(&title, || {
+        let curl_loop = |url: &str, write_out: &str| -> Result<BTreeMap<String, usize>> {
+            let script = format!(
+                "for i in $(seq {HTTP_REQUESTS}); do curl -s -o /dev/null -m 10 -w '{write_out}\\n' {url}; done"
+            );
+            let out = lab.run_program("web", "bash", &["-c", &script])?;
+            if interrupted() {
+                bail!("interrupted; the lab is removed");
+            }
+            let mut counts = BTreeMap::new();
+            for line in out.stdout.lines() {
+                *counts.entry(line.to_owned()).or_default() += 1;
+            }
+            Ok(counts)
+        };
+        let split = curl_loop(&format!("http://{CART_API}/items"), "%header{x-pod}")?;
+        let payments = curl_loop(&format!("http://{PAYMENTS}/pay"), "%{http_code}")?;
+        let slow = lab.run_program(
+            "web",
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "10",
+                "-w",
+                " (%{http_code})",
+                &format!("http://{CART_API}/sleep/1000"),
+            ],
+        )?;
+        Ok((split, payments, slow.stdout))
+    })?;
+    println!();
+    println!("HTTP, routed per request by n1's agent (no extra proxy hop):");
+    println!("  cart-api, route browse, split 90/10 by endpoint label version:");
+    for (pod, count) in &split {
+        let version = if pod == "cart-0" { "v1, n1" } else { "v2, n2" };
+        println!("    {count:>4} x {pod} ({version})");
+    }
+    println!("  payments, route pay: payments-1 always answers 503, retries on gateway errors:");
+    for (code, count) in &payments {
+        println!("    {count:>4} x status {code}");
+    }
+    println!(
+        "  cart-api, route slow (timeout 200ms), GET /sleep/1000: {}",
+        slow.trim()
+    );
+    let metrics = lab
+        .http("n1", "GET", "http://198.18.0.1:15020/metrics")?
+        .body;
+    println!();
+    println!("Per route, from n1's /metrics:");
+    println!(
+        "  {:<10} {:<7} {:>4} {:>9} {:>12} {:>8}",
+        "service", "route", "code", "requests", "mean (ms)", "retries"
+    );
+    for row in route_table(&metrics) {
+        println!(
+            "  {:<10} {:<7} {:>4} {:>9} {:>12.2} {:>8}",
+            row.service.trim_start_matches("lab/"),
+            row.route,
+            row.code,
+            row.requests,
+            row.mean_ms,
+            row.retries
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// One row of the per-route table.
+struct RouteRow {
+    service: String,
+    route: String,
+    code: String,
+    requests: u64,
+    mean_ms: f64,
+    retries: u64,
+}
+
+/// Requests, mean duration and retries by service, route and status code.
+fn route_table(metrics: &str) -> Vec<RouteRow> {
+    let mut sums: BTreeMap<(String, String, String), (u64, f64, f64)> = BTreeMap::new();
+    let mut retries: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let label = |key: &str| {
+            labels
+                .split(&format!(",{key}=\""))
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let key = (label("destination_service"), label("route"), label("code"));
+        match name {
+            "mesh_requests_total" => sums.entry(key).or_default().0 += value as u64,
+            "mesh_request_duration_seconds_sum" => sums.entry(key).or_default().1 += value,
+            "mesh_request_duration_seconds_count" => sums.entry(key).or_default().2 += value,
+            "mesh_request_retries_total" => {
+                *retries.entry((key.0, key.1)).or_default() += value as u64
+            }
+            _ => {}
+        }
+    }
+    sums.into_iter()
+        .filter(|(_, (requests, ..))| *requests > 0)
+        .map(
+            |((service, route, code), (requests, seconds, count))| RouteRow {
+                retries: retries
+                    .get(&(service.clone(), route.clone()))
+                    .copied()
+                    .unwrap_or(0),
+                mean_ms: if count > 0.0 {
+                    seconds / count * 1000.0
+                } else {
+                    0.0
+                },
+                service,
+                route,
+                code,
+                requests,
+            },
+        )
+        .collect()
+}
+
 fn up() -> Result<()> {
     // A session of its own: what the lab runs must not get the terminal's signals.
     // SAFETY: setsid has no memory-safety preconditions.
@@ -285,7 +459,7 @@ fn up() -> Result<()> {
     let testpod = std::env::current_exe()?.with_file_name("mesh-testpod");
     println!();
     println!(
-        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80."
+        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80 (TCP); cart-api {CART_API}:80, payments {PAYMENTS}:80 (HTTP)."
     );
     println!("Call one from web (its netns and cgroup, so the mesh captures it):");
     println!(

@@ -350,7 +350,7 @@ fn http_demo(lab: &Lab) -> Result<()> {
     }
     println!(
         "  cart-api, route slow (timeout 200ms), GET /sleep/1000: {}",
-        slow.trim()
+        slow.replace('\n', "")
     );
     let metrics = lab
         .http("n1", "GET", "http://198.18.0.1:15020/metrics")?

@@ -13,7 +13,10 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::{observability::access::RequestRecord, proxy::balance::Lease};
+use crate::{
+    observability::access::RequestRecord,
+    proxy::{balance::Lease, http::upstream::BoxError},
+};
 
 /// A body whose data bytes are added to a counter as they are read.
 pub struct Counted<B> {
@@ -98,5 +101,147 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Recorded<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body that can be sent again: each [`Replay`] of it sends what earlier tries read
+/// (kept up to a limit) and then reads on from the client. Once more than the limit has been
+/// read, it can no longer be replayed. Like linkerd2-proxy's `ReplayBody`: a try that ends
+/// before it read the whole body leaves the rest for the next.
+pub struct Replay {
+    shared: Arc<std::sync::Mutex<Recording>>,
+    /// The client's body, while this replay reads it.
+    rest: Option<Counted<hyper::body::Incoming>>,
+    /// How many of the recorded chunks this replay has sent.
+    sent: usize,
+    trailers_sent: bool,
+}
+
+struct Recording {
+    /// The client's body, between tries (a try takes it when it needs it and gives it back
+    /// when dropped).
+    rest: Option<Counted<hyper::body::Incoming>>,
+    chunks: Vec<Bytes>,
+    size: u64,
+    limit: u64,
+    /// More than `limit` was read: nothing is kept, and no replay can start.
+    overflowed: bool,
+    ended: bool,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Replay {
+    /// The first try's body, keeping up to `limit` bytes for the next.
+    pub fn new(body: Counted<hyper::body::Incoming>, limit: u64) -> Self {
+        Self {
+            shared: Arc::new(std::sync::Mutex::new(Recording {
+                rest: Some(body),
+                chunks: Vec::new(),
+                size: 0,
+                limit,
+                overflowed: false,
+                ended: false,
+                trailers: None,
+            })),
+            rest: None,
+            sent: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// The body for another try, unless more than the limit has been read already.
+    pub fn again(&self) -> Option<Self> {
+        let recording = self.lock();
+        (!recording.overflowed).then(|| Self {
+            shared: self.shared.clone(),
+            rest: None,
+            sent: 0,
+            trailers_sent: false,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let mut recording = this
+            .shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if this.sent < recording.chunks.len() {
+            this.sent += 1;
+            return Poll::Ready(Some(Ok(Frame::data(
+                recording.chunks[this.sent - 1].clone(),
+            ))));
+        }
+        if recording.ended {
+            if !this.trailers_sent
+                && let Some(trailers) = recording.trailers.clone()
+            {
+                this.trailers_sent = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            return Poll::Ready(None);
+        }
+        if this.rest.is_none() {
+            this.rest = recording.rest.take();
+        }
+        let Some(rest) = this.rest.as_mut() else {
+            // An earlier try still holds the client's body: this one fails rather than send
+            // a body cut short.
+            return Poll::Ready(Some(Err(
+                "the request body is still being sent on an earlier try".into(),
+            )));
+        };
+        let polled = Pin::new(rest).poll_frame(cx).map_err(BoxError::from);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if !recording.overflowed {
+                        recording.size += data.len() as u64;
+                        if recording.size > recording.limit {
+                            recording.overflowed = true;
+                            recording.chunks = Vec::new();
+                        } else {
+                            recording.chunks.push(data.clone());
+                            this.sent = recording.chunks.len();
+                        }
+                    }
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    recording.trailers = Some(trailers.clone());
+                    this.trailers_sent = true;
+                }
+            }
+            Poll::Ready(None) => recording.ended = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let recording = self.lock();
+        recording.ended
+            && self.sent >= recording.chunks.len()
+            && (self.trailers_sent || recording.trailers.is_none())
+    }
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        if let Some(rest) = self.rest.take() {
+            self.lock().rest = Some(rest);
+        }
     }
 }

@@ -86,13 +86,14 @@ impl RetryPolicy {
     /// request whose body can be sent again (`replayable`); if so it is taken from the budget.
     pub fn again(&self, method: &Method, replayable: bool, attempt: u32, tried: Tried) -> bool {
         let idempotent = !matches!(*method, Method::POST | Method::PATCH) || self.non_idempotent;
-        // A request never sent may go again whatever it is, if its body can.
-        let safe = idempotent || tried == Tried::ConnectFailed;
-        attempt < self.attempts
-            && replayable
-            && safe
-            && self.on.iter().any(|on| matches(*on, tried))
-            && self.budget.withdraw()
+        let matched = self.on.iter().find(|on| matches(**on, tried));
+        // A request never sent may go again whatever it is, if its body can; so may a gRPC
+        // call on a status the route lists (gRPC's own retry policy: every call is a POST,
+        // and the listed codes are the user's word that it may).
+        let safe = idempotent
+            || tried == Tried::ConnectFailed
+            || matches!(matched, Some(RetryOn::Grpc(_)));
+        attempt < self.attempts && replayable && safe && matched.is_some() && self.budget.withdraw()
     }
 
     /// How long to wait before try number `attempt` + 1: a random share of the base backoff
@@ -264,6 +265,13 @@ mod tests {
             ),
             (&get, true, 1, Tried::Reset, false),
             (&Method::POST, true, 1, UNAVAILABLE, false),
+            (
+                &Method::POST,
+                true,
+                1,
+                Tried::Answered(StatusCode::OK, Some(14)),
+                true,
+            ),
             (&Method::PUT, true, 1, UNAVAILABLE, true),
         ];
         for (method, replayable, attempt, tried, again) in rows {

@@ -30,9 +30,9 @@ use crate::{
         balance::Lease,
         copy::Ended,
         http::{
-            body::{Counted, Recorded},
+            body::{Counted, Recorded, Replay},
             retry::Tried,
-            upstream::{Body, Upstreams},
+            upstream::{Body, BoxError, Upstreams},
         },
     },
     state::{
@@ -41,8 +41,8 @@ use crate::{
     },
 };
 
-/// The largest request body kept to be sent again on a retry; a larger one is streamed and
-/// not retried.
+/// The most of a request body kept to be sent again on a retry: a request whose body runs
+/// longer is not retried.
 const MAX_REPLAY: u64 = 64 << 10;
 
 /// What every HTTP request needs.
@@ -65,7 +65,6 @@ enum Answer {
     ConnectFailed(String),
     Reset(String),
     Timeout,
-    BadRequest(String),
 }
 
 impl Answer {
@@ -101,12 +100,6 @@ impl Answer {
                 4,
                 "timeout",
                 format!("{service} did not answer in time"),
-            ),
-            Answer::BadRequest(e) => (
-                StatusCode::BAD_REQUEST,
-                3,
-                "bad_request",
-                format!("the request could not be read: {e}"),
             ),
         }
     }
@@ -183,7 +176,9 @@ impl HttpProxy {
                 *response.version_mut() = version;
                 let grpc_status = grpc_status(response.headers());
                 record.answered(response.status().as_u16(), grpc_status, None);
-                response.map(|body| Recorded::new(body, record, lease).boxed_unsync())
+                response.map(|body| {
+                    Recorded::new(body.map_err(BoxError::from), record, lease).boxed_unsync()
+                })
             }
             Err(why) => answer(record, why, &port.service, grpc, version),
         }
@@ -205,20 +200,13 @@ impl HttpProxy {
         let source = calling.source.as_ref().map(|w| &w.id);
         let client = self.upstreams.client(source, upstream);
         let body = Counted::new(body, record.request_bytes.clone());
-        // Kept to be sent again if it may be retried and is small; streamed otherwise.
-        let small = hyper::body::Body::size_hint(&body)
-            .exact()
-            .is_some_and(|n| n <= MAX_REPLAY);
-        let (replay, mut streamed) = if upgrade.is_none() && route.retry.attempts > 1 && small {
-            let bytes = body
-                .collect()
-                .await
-                .map_err(|e| Answer::BadRequest(e.to_string()))?
-                .to_bytes();
-            (Some(bytes), None)
+        // What is read of the body is kept for another try, up to a limit; an upgrade's is not.
+        let limit = if upgrade.is_none() && route.retry.attempts > 1 {
+            MAX_REPLAY
         } else {
-            (None, Some(body))
+            0
         };
+        let body = Replay::new(body, limit);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0;
         loop {
@@ -229,15 +217,19 @@ impl HttpProxy {
                 .ok_or(Answer::NoEndpoint)?;
             let endpoint = lease.endpoint().addr;
             record.tried(endpoint);
-            let body = match (&replay, streamed.take()) {
-                (Some(bytes), _) => Full::new(bytes.clone())
-                    .map_err(|never: Infallible| -> hyper::Error { match never {} })
-                    .boxed_unsync(),
-                (None, Some(body)) => body.boxed_unsync(),
-                (None, None) => return Err(Answer::Reset("the request body was spent".into())),
+            let Some(this_try) = body.again() else {
+                return Err(Answer::Reset(
+                    "the request body cannot be sent again".into(),
+                ));
             };
-            let request =
-                upstream_request(&parts, endpoint, upstream, body, route, upgrade.is_some());
+            let request = upstream_request(
+                &parts,
+                endpoint,
+                upstream,
+                this_try.boxed_unsync(),
+                route,
+                upgrade.is_some(),
+            );
             let sent = client.request(request);
             let outcome = match route.retry.per_try_timeout {
                 Some(limit) => timeout(limit, sent).await.ok(),
@@ -249,7 +241,7 @@ impl HttpProxy {
                     let now = Tried::Answered(response.status(), grpc_status(response.headers()));
                     if !route
                         .retry
-                        .again(&parts.method, replay.is_some(), attempt, now)
+                        .again(&parts.method, body.again().is_some(), attempt, now)
                     {
                         if let Some(upgrade) = upgrade {
                             splice(upgrade, &mut response, &parts.method);
@@ -275,7 +267,7 @@ impl HttpProxy {
             if let Some(failed) = failed
                 && !route
                     .retry
-                    .again(&parts.method, replay.is_some(), attempt, tried_now)
+                    .again(&parts.method, body.again().is_some(), attempt, tried_now)
             {
                 return Err(failed);
             }
@@ -422,7 +414,7 @@ fn answer(
         *response.status_mut() = status;
         Bytes::from(text + "\n")
     };
-    let body = Full::new(body).map_err(|never: Infallible| -> hyper::Error { match never {} });
+    let body = Full::new(body).map_err(|never: Infallible| -> BoxError { match never {} });
     response.map(|_| Recorded::new(body, record, None).boxed_unsync())
 }
 
@@ -873,6 +865,230 @@ mod paths {
             "mesh_connect_failures_total{{service=\"shop/cart\",endpoint=\"{dead}:8080\"}}"
         );
         assert!(sample(&agent.registry, &failures) >= 1.0);
+        agent.stop().await;
+    }
+}
+
+/// gRPC through the agent with tonic's client and server (unary and server streaming): the
+/// messages derive prost's `Message`, the services are written as tonic's generated code
+/// would be.
+#[cfg(test)]
+mod grpc {
+    use std::{
+        future::Future,
+        pin::Pin,
+        sync::atomic::{AtomicU32, Ordering},
+        task::{Context, Poll},
+    };
+
+    use http::uri::PathAndQuery;
+    use tonic::{Status, codec::Streaming, server::UnaryService};
+    use tonic_prost::ProstCodec;
+
+    use super::*;
+    use crate::{
+        config::Protocol,
+        testing::{Agent, Loopback, Mesh, cgroup_of, sample_reaches, test_ca},
+    };
+
+    const VIP: [u8; 4] = [198, 19, 0, 10];
+    const UNARY: &str = "/shop.Cart/Get";
+    const STREAM: &str = "/shop.Cart/List";
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Item {
+        #[prost(string, tag = "1")]
+        name: String,
+        #[prost(uint32, tag = "2")]
+        count: u32,
+    }
+
+    /// Answers `Get` with the item it was given (or UNAVAILABLE while `failures` lasts), and
+    /// `List` with `count` items.
+    #[derive(Clone)]
+    struct Cart {
+        failures: Arc<AtomicU32>,
+    }
+
+    impl UnaryService<Item> for Cart {
+        type Response = Item;
+        type Future = Pin<Box<dyn Future<Output = Result<tonic::Response<Item>, Status>> + Send>>;
+
+        fn call(&mut self, request: tonic::Request<Item>) -> Self::Future {
+            let failing = self
+                .failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            Box::pin(async move {
+                if failing {
+                    return Err(Status::unavailable("not yet"));
+                }
+                Ok(tonic::Response::new(request.into_inner()))
+            })
+        }
+    }
+
+    struct List;
+
+    impl tonic::server::ServerStreamingService<Item> for List {
+        type Response = Item;
+        type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<Item, Status>> + Send>>;
+        type Future = Pin<
+            Box<dyn Future<Output = Result<tonic::Response<Self::ResponseStream>, Status>> + Send>,
+        >;
+
+        fn call(&mut self, request: tonic::Request<Item>) -> Self::Future {
+            let asked = request.into_inner();
+            Box::pin(async move {
+                let items = (0..asked.count).map(move |i| {
+                    Ok(Item {
+                        name: format!("{}-{i}", asked.name),
+                        count: i,
+                    })
+                });
+                let stream: Self::ResponseStream = Box::pin(futures::stream::iter(items));
+                Ok(tonic::Response::new(stream))
+            })
+        }
+    }
+
+    /// A gRPC pod at `addr` (h2c) serving [`Cart`] and [`List`].
+    async fn grpc_pod(addr: SocketAddr, cart: Cart) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let cart = cart.clone();
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let cart = cart.clone();
+                    async move {
+                        let codec = ProstCodec::<Item, Item>::default();
+                        let mut grpc = tonic::server::Grpc::new(codec);
+                        let response = match request.uri().path() {
+                            UNARY => grpc.unary(cart, request).await,
+                            STREAM => grpc.server_streaming(List, request).await,
+                            _ => Status::unimplemented("no such method").into_http(),
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(conn), service),
+                );
+            }
+        });
+    }
+
+    /// A tonic client over an HTTP/2 connection (a captured one).
+    #[derive(Clone)]
+    struct Channel(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+    impl tower_service::Service<Request<tonic::body::Body>> for Channel {
+        type Response = Response<Incoming>;
+        type Error = hyper::Error;
+        type Future =
+            Pin<Box<dyn Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+            self.0.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+            Box::pin(self.0.send_request(request))
+        }
+    }
+
+    async fn client(agent: &Agent, source: std::net::IpAddr) -> tonic::client::Grpc<Channel> {
+        let conn = agent
+            .connect(source, cgroup_of(0), (VIP, 50051).into())
+            .await;
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(conn))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let origin: http::Uri = "http://cart.shop:50051".parse().unwrap();
+        tonic::client::Grpc::with_origin(Channel(sender), origin)
+    }
+
+    #[tokio::test]
+    async fn unary_and_streaming_calls_pass_and_unavailable_is_retried() {
+        let net = Loopback::reserve();
+        let (web, pod) = (net.pod(1, 9), net.pod(1, 2));
+        let routes = "
+- name: get
+  matches: [{ path: { exact: /shop.Cart/Get } }]
+  retry: { attempts: 3, on: [grpc-unavailable], backoff: 1ms }
+- name: list
+";
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service("shop", "cart", VIP.into(), (50051, 50051), &[(pod, "n1")])
+            .http(Protocol::Grpc, routes)
+            .build();
+        let failures = Arc::new(AtomicU32::new(2));
+        grpc_pod(
+            (pod, 50051).into(),
+            Cart {
+                failures: failures.clone(),
+            },
+        )
+        .await;
+        let agent = Agent::start(state, test_ca()).await;
+        let mut grpc = client(&agent, web).await;
+
+        // Unary: UNAVAILABLE twice (trailers-only answers), retried, then the answer.
+        let item = Item {
+            name: "apple".into(),
+            count: 3,
+        };
+        grpc.ready().await.unwrap();
+        let answer: tonic::Response<Item> = grpc
+            .unary(
+                tonic::Request::new(item.clone()),
+                PathAndQuery::from_static(UNARY),
+                ProstCodec::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.into_inner(), item);
+        assert_eq!(failures.load(Ordering::Relaxed), 0);
+
+        // Server streaming: every message, then the status in the trailers.
+        grpc.ready().await.unwrap();
+        let asked = Item {
+            name: "pear".into(),
+            count: 100,
+        };
+        let mut stream: Streaming<Item> = grpc
+            .server_streaming(
+                tonic::Request::new(asked),
+                PathAndQuery::from_static(STREAM),
+                ProstCodec::default(),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(item) = stream.message().await.unwrap() {
+            got.push(item.count);
+        }
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+
+        let series = |route: &str, grpc_status: &str| {
+            format!(
+                "mesh_requests_total{{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",route=\"{route}\",method=\"POST\",code=\"200\",grpc_status=\"{grpc_status}\"}}"
+            )
+        };
+        // The status of a streamed answer comes in its trailers.
+        sample_reaches(&agent.registry, &series("get", "0"), 1.0).await;
+        sample_reaches(&agent.registry, &series("list", "0"), 1.0).await;
+        sample_reaches(
+            &agent.registry,
+            "mesh_request_retries_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",route=\"get\",method=\"POST\",reason=\"grpc_status\"}",
+            2.0,
+        )
+        .await;
         agent.stop().await;
     }
 }

@@ -39,8 +39,10 @@ use crate::{
     },
 };
 
-/// A request body as the agent sends it upstream: the client's, streamed, or a buffered copy.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+/// A body as the agent passes it on: a request's to an endpoint, a response's to the client.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+/// Any error a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long an idle pooled connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -21,13 +21,24 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 /// The kinds the agent watches, by the path it lists and watches them at.
-pub const KINDS: [(&str, &str); 5] = [
+pub const KINDS: [(&str, &str); 7] = [
     ("namespaces", "/api/v1/namespaces"),
     ("nodes", "/api/v1/nodes"),
     ("pods", "/api/v1/pods"),
     ("services", "/api/v1/services"),
     ("endpointslices", "/apis/discovery.k8s.io/v1/endpointslices"),
+    (
+        "httproutes",
+        "/apis/gateway.networking.k8s.io/v1/httproutes",
+    ),
+    (
+        "grpcroutes",
+        "/apis/gateway.networking.k8s.io/v1/grpcroutes",
+    ),
 ];
+/// The kinds of a CRD: served (their CRD installed) only once an object of theirs is applied;
+/// until then their paths answer 404, as a cluster without the Gateway API's CRDs does.
+const CRD_KINDS: [&str; 2] = ["httproutes", "grpcroutes"];
 
 /// The service account token the API server wants.
 const TOKEN: &str = "mesh-agent-test-token";
@@ -131,7 +142,7 @@ impl ApiServer {
         };
         {
             let mut state = api.state();
-            for (kind, _) in KINDS {
+            for (kind, _) in KINDS.iter().filter(|(k, _)| !CRD_KINDS.contains(k)) {
                 state.kinds.insert(kind, Kind::default());
             }
         }
@@ -187,6 +198,12 @@ impl ApiServer {
     fn kind<R>(&self, kind: &str, f: impl FnOnce(&mut Kind, &mut u64) -> R) -> R {
         let mut state = self.state();
         let State { version, kinds } = &mut *state;
+        if CRD_KINDS.contains(&kind) {
+            let kind = KINDS.iter().find(|(k, _)| *k == kind).map(|(k, _)| *k);
+            kinds
+                .entry(kind.expect("a kind the agent watches"))
+                .or_default();
+        }
         f(
             kinds.get_mut(kind).expect("a kind the agent watches"),
             version,

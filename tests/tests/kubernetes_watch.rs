@@ -273,3 +273,54 @@ async fn a_pod_whose_cgroup_comes_late_is_enrolled_when_it_does() {
     h.config_where("cart-4 is a workload", |c| workloads(c).contains(&"cart-4"))
         .await;
 }
+
+#[tokio::test]
+async fn gateway_api_routes_are_followed_once_their_crds_are_served() {
+    let mut h = start(0).await;
+    // No Gateway API CRDs yet (their paths answer 404): the config comes all the same.
+    let first = h
+        .config_where("the fixtures are listed", |c| services(c).contains(&"cart"))
+        .await;
+    assert!(
+        first
+            .services
+            .iter()
+            .all(|s| s.ports.iter().all(|p| p.routes.is_empty()))
+    );
+
+    h.api.apply(
+        "httproutes",
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "cart-split", "namespace": "shop", "uid": "r1"},
+            "spec": {
+                "parentRefs": [{"kind": "Service", "name": "cart", "port": 80}],
+                "rules": [{
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                    "backendRefs": [
+                        {"name": "cart", "port": 80, "weight": 90},
+                        {"name": "orders", "port": 80, "weight": 10}
+                    ],
+                    "timeouts": {"request": "2s"}
+                }]
+            }
+        }),
+    );
+    let routed = h
+        .config_where("cart's port has the route", |c| {
+            c.services
+                .iter()
+                .any(|s| s.name.as_str() == "cart" && s.ports.iter().any(|p| !p.routes.is_empty()))
+        })
+        .await;
+    let cart = routed
+        .services
+        .iter()
+        .find(|s| s.name.as_str() == "cart")
+        .unwrap();
+    let port = cart.ports.iter().find(|p| p.port == 80).unwrap();
+    assert_eq!(port.routes[0].name.as_str(), "cart-split-r0");
+    assert_eq!(port.routes[0].backends.len(), 2);
+    routed.check().unwrap();
+}

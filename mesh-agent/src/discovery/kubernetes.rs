@@ -1,6 +1,8 @@
 //! The Kubernetes source of the mesh's state: the cluster's objects turned into the same
-//! config the YAML file describes, and where the kubelet keeps each pod's cgroup.
+//! config the YAML file describes (`model`, with the Gateway API's routes: `gateway`), where
+//! the kubelet keeps each pod's cgroup (`cgroups`), and the watch that follows them (`watch`).
 
 pub mod cgroups;
+pub mod gateway;
 pub mod model;
 pub mod watch;

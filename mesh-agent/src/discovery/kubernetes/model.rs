@@ -23,6 +23,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use super::gateway::{AnyRoute, GRPCRoute, HTTPRoute, routes_of};
 use crate::config::{
     CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Settings, Workload,
 };
@@ -42,6 +43,8 @@ pub struct Cluster {
     pub pods: Vec<Arc<Pod>>,
     pub services: Vec<Arc<KubeService>>,
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub http_routes: Vec<Arc<HTTPRoute>>,
+    pub grpc_routes: Vec<Arc<GRPCRoute>>,
 }
 
 /// What the cluster's objects make for one node: the config, and what was left out and why.
@@ -89,6 +92,7 @@ impl Cluster {
             .filter_map(|s| service(s, &slices, &known, &mut skipped))
             .collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        self.attach_routes(&mut services, &mut skipped);
         Some(Discovered {
             config: Config {
                 node: this,
@@ -101,6 +105,47 @@ impl Cluster {
             skipped,
             cgroups_pending,
         })
+    }
+
+    /// Gives each service port the Gateway API routes attached to it; a TCP port with routes
+    /// becomes HTTP (gRPC if a GRPCRoute attaches).
+    fn attach_routes(&self, services: &mut [Service], skipped: &mut Vec<String>) {
+        let routes: Vec<AnyRoute<'_>> = self
+            .http_routes
+            .iter()
+            .map(|r| AnyRoute::from(&**r))
+            .chain(self.grpc_routes.iter().map(|r| AnyRoute::from(&**r)))
+            .collect();
+        if routes.is_empty() {
+            return;
+        }
+        let ports: HashSet<(String, u16)> = services
+            .iter()
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .map(move |p| (format!("{}/{}", s.namespace, s.name), p.port))
+            })
+            .collect();
+        for service in services.iter_mut() {
+            let (namespace, name) = (service.namespace.to_string(), service.name.to_string());
+            for port in &mut service.ports {
+                let has_port =
+                    |service: &str, number: u16| ports.contains(&(service.to_owned(), number));
+                let attached =
+                    routes_of(&routes, (&namespace, &name, port.port), has_port, skipped);
+                if attached.is_empty() {
+                    continue;
+                }
+                if port.protocol == Protocol::Tcp {
+                    let grpc = routes
+                        .iter()
+                        .any(|r| r.grpc && r.attaches_to(&namespace, &name, port.port));
+                    port.protocol = if grpc { Protocol::Grpc } else { Protocol::Http };
+                }
+                port.routes = attached;
+            }
+        }
     }
 
     /// The running pods of `node` (not on its host network): the workloads of enrolled
@@ -471,6 +516,8 @@ mod tests {
             pods: fixture("pods.yaml"),
             services: fixture("services.yaml"),
             endpoint_slices: fixture("endpointslices.yaml"),
+            http_routes: Vec::new(),
+            grpc_routes: Vec::new(),
         }
     }
 
@@ -689,5 +736,100 @@ mod tests {
                 "{app_protocol:?} {name:?}"
             );
         }
+    }
+
+    #[test]
+    fn gateway_api_routes_attached_to_a_service_become_its_ports_routes() {
+        let http_route: HTTPRoute = serde_yaml::from_str(
+            "
+metadata: { name: cart-routes, namespace: shop }
+spec:
+  parentRefs: [{ kind: Service, name: cart, port: 80 }]
+  rules:
+    - matches: [{ path: { type: PathPrefix, value: /api } }]
+      backendRefs: [{ name: cart, port: 80 }]
+      timeouts: { request: 2s, backendRequest: 500ms }
+      retry: { codes: [503], attempts: 2, backoff: 10ms }
+    - matches: [{ headers: [{ name: X-Canary, value: \"1\" }] }, { path: { type: Exact, value: /new } }]
+      backendRefs: [{ name: cart, port: 80, weight: 90 }, { name: orders, port: 80, weight: 10 }]
+      filters:
+        - { type: RequestHeaderModifier, requestHeaderModifier: { set: [{ name: X-Mesh, value: yes }] } }
+    - backendRefs: [{ name: nowhere, port: 80 }]
+",
+        )
+        .unwrap();
+        let elsewhere: HTTPRoute = serde_yaml::from_str(
+            "
+metadata: { name: theirs, namespace: other }
+spec:
+  parentRefs: [{ kind: Service, name: cart, namespace: shop }]
+  rules: [{ backendRefs: [{ name: cart, namespace: shop, port: 80 }] }]
+",
+        )
+        .unwrap();
+        let grpc_route: GRPCRoute = serde_yaml::from_str(
+            "
+metadata: { name: orders-rpc, namespace: shop }
+spec:
+  parentRefs: [{ kind: Service, name: orders }]
+  rules: [{ matches: [{ method: { service: shop.Orders, method: Place } }], backendRefs: [{ name: orders, port: 80 }] }]
+",
+        )
+        .unwrap();
+        let mut cluster = cluster();
+        cluster.http_routes = vec![Arc::new(http_route), Arc::new(elsewhere)];
+        cluster.grpc_routes = vec![Arc::new(grpc_route)];
+        let d = cluster
+            .config(&"worker-1".parse().unwrap(), &settings(), cgroup)
+            .unwrap();
+        d.config.check().unwrap();
+        let port = |service: &str| {
+            let s = d
+                .config
+                .services
+                .iter()
+                .find(|s| s.name.as_str() == service)
+                .unwrap();
+            s.ports.iter().find(|p| p.port == 80).unwrap().clone()
+        };
+        let cart = port("cart");
+        let names: Vec<&str> = cart.routes.iter().map(|r| r.name.as_str()).collect();
+        // By precedence: the exact path, then the prefix, then the header match.
+        assert_eq!(
+            names,
+            ["cart-routes-r1-m1", "cart-routes-r0", "cart-routes-r1-m0"]
+        );
+        let api = &cart.routes[1];
+        assert_eq!(
+            api.timeout,
+            Some(crate::config::Period(std::time::Duration::from_secs(2)))
+        );
+        let retry = api.retry.as_ref().unwrap();
+        assert_eq!(retry.attempts, 3);
+        assert!(
+            retry
+                .on
+                .contains(&crate::config::http::RetryOn::Status(503))
+        );
+        let canary = &cart.routes[2];
+        assert_eq!(canary.matches[0].headers[0].name, "x-canary");
+        assert_eq!(canary.backends.len(), 2);
+        assert_eq!(canary.backends[1].service.as_deref(), Some("shop/orders"));
+        assert_eq!(canary.request_headers.set["x-mesh"], "yes");
+        assert!(
+            d.skipped
+                .iter()
+                .any(|s| s.contains("HTTPRoute shop/cart-routes rule 2")),
+            "{:?}",
+            d.skipped
+        );
+        let orders = port("orders");
+        assert_eq!(orders.protocol, Protocol::Http, "named http: stays HTTP");
+        assert_eq!(
+            orders.routes[0].matches[0].path,
+            Some(crate::config::http::PathMatch::Exact(
+                "/shop.Orders/Place".into()
+            ))
+        );
     }
 }

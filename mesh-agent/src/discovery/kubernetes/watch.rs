@@ -1,5 +1,6 @@
-//! Watches the cluster — enrolled Namespaces, Nodes, this node's Pods, Services and
-//! EndpointSlices — and sends the config they make whenever it changes.
+//! Watches the cluster — enrolled Namespaces, Nodes, this node's Pods, Services,
+//! EndpointSlices, and the Gateway API's HTTPRoutes and GRPCRoutes (if the cluster has their
+//! CRDs) — and sends the config they make whenever it changes.
 //!
 //! Each kind has a kube-rs watcher (with client-go's backoff) feeding a reflector store. A
 //! watch that fails (the API server unreachable, a dropped connection, a 410 Gone that calls
@@ -27,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     cgroups::pod_cgroup,
+    gateway::{GRPCRoute, HTTPRoute},
     model::{Cluster, ENROLL_LABEL},
 };
 use crate::{
@@ -44,12 +46,14 @@ const SETTLE: Duration = Duration::from_millis(100);
 const CGROUP_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// What the agent reads from the API, as RBAC names it: (API group, resource). It does
 /// [`VERBS`] on each and nothing else (`deploy/rbac.yaml` grants exactly that).
-pub const RESOURCES: [(&str, &str); 5] = [
+pub const RESOURCES: [(&str, &str); 7] = [
     resource::<Namespace>(),
     resource::<Node>(),
     resource::<Pod>(),
     resource::<Service>(),
     resource::<EndpointSlice>(),
+    resource::<HTTPRoute>(),
+    resource::<GRPCRoute>(),
 ];
 /// The API verbs of a watch.
 pub const VERBS: [&str; 2] = ["list", "watch"];
@@ -91,12 +95,18 @@ impl ClusterWatch {
             watched::<Service>(Api::all(client.clone()), Default::default());
         let (endpoint_slices, slice_events) =
             watched::<EndpointSlice>(Api::all(client.clone()), Default::default());
+        let (http_routes, http_route_events) =
+            watched::<HTTPRoute>(Api::all(client.clone()), Default::default());
+        let (grpc_routes, grpc_route_events) =
+            watched::<GRPCRoute>(Api::all(client.clone()), Default::default());
         let mut events = futures::stream::select_all([
             namespace_events,
             node_events,
             pod_events,
             service_events,
             slice_events,
+            http_route_events,
+            grpc_route_events,
         ]);
 
         let mut listed = HashSet::new();
@@ -128,6 +138,8 @@ impl ClusterWatch {
                         pods: pods.state(),
                         services: services.state(),
                         endpoint_slices: endpoint_slices.state(),
+                        http_routes: http_routes.state(),
+                        grpc_routes: grpc_routes.state(),
                     };
                     if self.build(&cluster, &configs) {
                         build_at = Some(Instant::now() + cgroup_retry);
@@ -200,6 +212,13 @@ where
         .map(move |item| match item {
             Ok(Event::InitDone) => Ok((kind, true)),
             Ok(_) => Ok((kind, false)),
+            // A kind the cluster does not serve (the Gateway API's CRDs not installed) has no
+            // objects: listed, and looked for again with the watcher's backoff.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() =>
+            {
+                Ok((kind, true))
+            }
             Err(e) => Err((kind, e)),
         })
         .boxed();

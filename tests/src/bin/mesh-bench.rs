@@ -36,9 +36,10 @@ struct Path {
     /// The direct path this one is compared with (itself for a direct path).
     baseline: &'static str,
     client: &'static str,
-    /// The echo server, and the sink, as the client dials them.
+    /// The echo server, the sink and the HTTP server, as the client dials them.
     echo: String,
     sink: String,
+    http: String,
     /// The proxies on the way, whose CPU time counts.
     proxies: Vec<u32>,
 }
@@ -64,6 +65,8 @@ enum CpuPer {
     /// second one core of proxy can open, whatever the load generator sharing the machine
     /// costs.
     Connection,
+    /// HTTP request answered: `proxy_cpu_us_per_request`.
+    Request,
 }
 
 fn main() -> ExitCode {
@@ -78,14 +81,15 @@ fn main() -> ExitCode {
 
 fn spec() -> LabSpec {
     let service = |name: &str, addr: &str, port: u16, pod: &str| ServiceSpec {
-        name: name.into(),
-        addresses: vec![addr.parse().unwrap_or_else(|e| panic!("{addr}: {e}"))],
-        port: 80,
         target_port: port,
-        endpoints: vec![pod.into()],
-        protocol: None,
-        routes: None,
-        labels: Vec::new(),
+        ..ServiceSpec::echo(name, &[addr], &[pod])
+    };
+    let http = |name: &str, addr: &str, pod: &str| {
+        ServiceSpec {
+            target_port: 8081,
+            ..ServiceSpec::echo(name, &[addr], &[pod])
+        }
+        .http("http", None)
     };
     // The agents log as deployed (info: an access log line per connection, no debug lines).
     LabSpec::default()
@@ -100,12 +104,16 @@ fn spec() -> LabSpec {
         .service(service("same-sink", "198.19.0.2", 9090, "server-1"))
         .service(service("cross", "198.19.0.3", 8080, "server-2"))
         .service(service("cross-sink", "198.19.0.4", 9090, "server-2"))
+        .service(http("same-http", "198.19.0.5", "server-1"))
+        .service(http("cross-http", "198.19.0.6", "server-2"))
 }
 
 /// The round trips that share their path with a bulk transfer; compared with the same round
 /// trips idle (`rr 64 B, 1 connection`) as well as with the direct path.
 const UNDER_LOAD: &str = "rr 64 B, 1 connection, bulk transfer alongside";
 const IDLE: &str = "rr 64 B, 1 connection";
+/// HTTP/1.1 keep-alive, 1 KiB each way, at a fixed concurrency (to `serve --http`).
+const HTTP: &str = "http/1.1 1 KiB, 16 connections";
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
     let (requests, bulk) = if quick {
@@ -165,6 +173,25 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             ..rr(UNDER_LOAD, 64, 1, requests / 4)
         },
         Scenario {
+            name: HTTP,
+            args: [
+                "--mode",
+                "http",
+                "--size",
+                "1024",
+                "--connections",
+                "16",
+                "--requests",
+            ]
+            .map(String::from)
+            .into_iter()
+            .chain([(requests / 16).to_string()])
+            .collect(),
+            figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
+            cpu_per: Some(CpuPer::Request),
+            under_load: false,
+        },
+        Scenario {
             name: "paused reader",
             args: vec![
                 "--mode".into(),
@@ -190,11 +217,27 @@ fn run(cli: Cli) -> Result<()> {
     let _servers = [
         lab.spawn(
             "server-1",
-            &["serve", "--listen", "[::]:8080", "--sink", "[::]:9090"],
+            &[
+                "serve",
+                "--listen",
+                "[::]:8080",
+                "--sink",
+                "[::]:9090",
+                "--http",
+                "[::]:8081",
+            ],
         )?,
         lab.spawn(
             "server-2",
-            &["serve", "--listen", "[::]:8080", "--sink", "[::]:9090"],
+            &[
+                "serve",
+                "--listen",
+                "[::]:8080",
+                "--sink",
+                "[::]:9090",
+                "--http",
+                "[::]:8081",
+            ],
         )?,
     ];
     let pod = |name: &str| lab.pod_addrs(name).map(|(v4, _)| v4);
@@ -209,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "plain",
             echo: format!("{s1}:8080"),
             sink: format!("{s1}:9090"),
+            http: format!("{s1}:8081"),
             proxies: Vec::new(),
         },
         Path {
@@ -217,6 +261,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "meshed",
             echo: "198.19.0.1:80".into(),
             sink: "198.19.0.2:80".into(),
+            http: "198.19.0.5:80".into(),
             proxies: agent_pids.clone(),
         },
         Path {
@@ -225,6 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "plain",
             echo: format!("{s2}:8080"),
             sink: format!("{s2}:9090"),
+            http: format!("{s2}:8081"),
             proxies: Vec::new(),
         },
         Path {
@@ -233,6 +279,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "meshed",
             echo: "198.19.0.3:80".into(),
             sink: "198.19.0.4:80".into(),
+            http: "198.19.0.6:80".into(),
             proxies: agent_pids.clone(),
         },
         Path {
@@ -241,6 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             client: "plain",
             echo: format!("198.18.0.1:{HAPROXY_ECHO}"),
             sink: format!("198.18.0.1:{HAPROXY_SINK}"),
+            http: format!("198.18.0.1:{HAPROXY_HTTP}"),
             proxies: haproxies.iter().map(Daemon::pid).collect(),
         },
     ];
@@ -273,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
         client: "meshed",
         echo: "198.19.0.1:80".into(),
         sink: "198.19.0.2:80".into(),
+        http: "198.19.0.5:80".into(),
         proxies: vec![n1.pid()],
     };
     for scenario in &scenarios {
@@ -452,10 +501,10 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
     if interrupted() {
         bail!("interrupted; the lab is removed");
     }
-    let target = if scenario.name == "bulk one way" {
-        &path.sink
-    } else {
-        &path.echo
+    let target = match scenario.name {
+        "bulk one way" => &path.sink,
+        HTTP => &path.http,
+        _ => &path.echo,
     };
     let cpu_before = cpu_seconds(&path.proxies)?;
     let mut args = vec!["bench", "--connect", target.as_str()];
@@ -481,6 +530,14 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
             figures.push((
                 "proxy_cpu_us_per_connection".into(),
                 cpu * 1e6 / connections,
+                false,
+            ));
+        }
+        Some(CpuPer::Request) => {
+            let requests = field(&out, "requests")?;
+            figures.push((
+                "proxy_cpu_us_per_request".into(),
+                cpu * 1e6 / requests,
                 false,
             ));
         }
@@ -687,6 +744,8 @@ fn field(out: &Output, key: &str) -> Result<f64> {
 /// Where the HAProxy on n1 takes the clients' connections, for the echo and the sink.
 const HAPROXY_ECHO: u16 = 16001;
 const HAPROXY_SINK: u16 = 16011;
+/// HAProxy in HTTP mode on both ends (to the server's HTTP port, 8081).
+const HAPROXY_HTTP: u16 = 16021;
 
 /// HAProxy on n1 (plain TCP in, TLS 1.3 with a client certificate out) and on n2 (TLS in,
 /// client certificate verified, plain TCP to the server pod at `server`).
@@ -698,14 +757,18 @@ fn start_haproxies(lab: &Lab, server: &str) -> Result<[Daemon; 2]> {
                   defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n";
     let mut n1 = common.to_owned();
     let mut n2 = common.to_owned();
-    for (name, front, port) in [("echo", HAPROXY_ECHO, 8080), ("sink", HAPROXY_SINK, 9090)] {
+    for (name, front, port, mode) in [
+        ("echo", HAPROXY_ECHO, 8080, "tcp"),
+        ("sink", HAPROXY_SINK, 9090, "tcp"),
+        ("http", HAPROXY_HTTP, 8081, "http"),
+    ] {
         let tunnel = front + 1;
         n1 += &format!(
-            "listen {name}\n  bind 198.18.0.1:{front}\n  server n2 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n",
+            "listen {name}\n  mode {mode}\n  bind 198.18.0.1:{front}\n  server n2 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n",
             n1_pem.display()
         );
         n2 += &format!(
-            "listen {name}\n  bind 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n  server pod {server}:{port}\n",
+            "listen {name}\n  mode {mode}\n  bind 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n  server pod {server}:{port}\n",
             n2_pem.display()
         );
     }

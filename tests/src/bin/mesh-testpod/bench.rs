@@ -28,6 +28,9 @@ pub enum Mode {
     /// `bytes` bytes to an echo server while not reading for `pause_ms`, then everything
     /// back: `held_mib` is how much the host's TCP memory grew meanwhile (a slow reader).
     PausedEcho,
+    /// HTTP/1.1 keep-alive requests to a `serve --http` server: a POST of `size` bytes, the
+    /// same back.
+    Http,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,7 +63,7 @@ pub struct Bench {
 impl Bench {
     pub async fn run(self) -> Result<()> {
         match self.mode {
-            Mode::Rr | Mode::Connect => {
+            Mode::Rr | Mode::Connect | Mode::Http => {
                 let load = self.load.map(Load::start).transpose()?;
                 let measured = self.requests().await;
                 if let Some(load) = load {
@@ -108,6 +111,7 @@ impl Bench {
             tasks.spawn(async move {
                 match mode {
                     Mode::Rr => rr(addr, size, requests).await,
+                    Mode::Http => http(addr, size, requests).await,
                     _ => connects(addr, size, requests).await,
                 }
             });
@@ -265,6 +269,39 @@ async fn rr(addr: SocketAddr, size: usize, requests: usize) -> Result<Vec<Durati
         let t = Instant::now();
         wr.write_all(&out).await?;
         rd.read_exact(&mut back).await?;
+        latencies.push(t.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// `requests` HTTP/1.1 requests on one keep-alive connection; the latency of each to the end
+/// of its response.
+async fn http(addr: SocketAddr, size: usize, requests: usize) -> Result<Vec<Duration>> {
+    use http_body_util::{BodyExt, Full};
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let body = bytes::Bytes::from(vec![0x5au8; size]);
+    let mut latencies = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let t = Instant::now();
+        let request = http::Request::post("/echo")
+            .header(http::header::HOST, "bench")
+            .body(Full::new(body.clone()))?;
+        let response = sender.send_request(request).await?;
+        ensure!(
+            response.status().is_success(),
+            "answered {}",
+            response.status()
+        );
+        let back = response.into_body().collect().await?.to_bytes();
+        ensure!(
+            back.len() == size,
+            "{} of {size} bytes came back",
+            back.len()
+        );
         latencies.push(t.elapsed());
     }
     Ok(latencies)

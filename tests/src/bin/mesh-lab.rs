@@ -390,24 +390,8 @@ struct RouteRow {
 fn route_table(metrics: &str) -> Vec<RouteRow> {
     let mut sums: BTreeMap<(String, String, String), (u64, f64, f64)> = BTreeMap::new();
     let mut retries: BTreeMap<(String, String), u64> = BTreeMap::new();
-    for line in metrics.lines() {
-        let Some((name, rest)) = line.split_once('{') else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let label = |key: &str| {
-            labels
-                .split(&format!(",{key}=\""))
-                .nth(1)
-                .and_then(|v| v.split('"').next())
-                .unwrap_or_default()
-                .to_owned()
-        };
+    for (name, labels, value) in samples(metrics) {
+        let label = |key: &str| label(labels, key);
         let key = (label("destination_service"), label("route"), label("code"));
         match name {
             "mesh_requests_total" => sums.entry(key).or_default().0 += value as u64,
@@ -512,24 +496,8 @@ struct ServiceRow {
 /// Sums an agent's connection metrics (OpenMetrics text) by direction, service and hop.
 fn service_table(metrics: &str) -> Vec<ServiceRow> {
     let mut rows: BTreeMap<(String, String, String), ServiceRow> = BTreeMap::new();
-    for line in metrics.lines() {
-        let Some((name, rest)) = line.split_once('{') else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let label = |key: &str| {
-            labels
-                .split(&format!("{key}=\""))
-                .nth(1)
-                .and_then(|v| v.split('"').next())
-                .unwrap_or_default()
-                .to_owned()
-        };
+    for (name, labels, value) in samples(metrics) {
+        let label = |key: &str| label(labels, key);
         let key = (
             label("direction"),
             label("destination_service"),
@@ -549,6 +517,26 @@ fn service_table(metrics: &str) -> Vec<ServiceRow> {
         }
     }
     rows.into_values().filter(|r| r.connections > 0).collect()
+}
+
+/// The samples of an agent's metrics (OpenMetrics text) that have labels: (name, labels,
+/// value).
+fn samples(metrics: &str) -> impl Iterator<Item = (&str, &str, f64)> {
+    metrics.lines().filter_map(|line| {
+        let (name, rest) = line.split_once('{')?;
+        let (labels, value) = rest.rsplit_once("} ")?;
+        Some((name, labels, value.parse().ok()?))
+    })
+}
+
+/// The value of the label `key` in `labels` (`a="1",b="2"`), empty if it has none.
+fn label(labels: &str, key: &str) -> String {
+    labels
+        .split(',')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix("=\""))
+        .and_then(|v| v.split('"').next())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// The name of the shop pod at `ip`.

@@ -288,8 +288,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 /// The longest path an access line quotes.
 const MAX_LOGGED_PATH: usize = 256;
 
-/// One HTTP request's record: written (metrics and one access line) when dropped, once its
-/// response has been sent, cut, or replaced by the agent's own answer.
+/// One HTTP request's record: written (metrics and one access line, target
+/// `mesh_agent::access::request`, off by default) when dropped, once its response has been
+/// sent, cut, or replaced by the agent's own answer.
 pub struct RequestRecord {
     metrics: Arc<Metrics>,
     labels: RouteLabels,
@@ -399,7 +400,7 @@ impl Drop for RequestRecord {
             .inc_by(self.response_bytes);
         let l = &self.labels;
         info!(
-            target: "mesh_agent::access",
+            target: "mesh_agent::access::request",
             source_identity = l.source_identity,
             source_workload = %workload(&l.source_namespace, &l.source_workload),
             destination_service = l.destination_service,

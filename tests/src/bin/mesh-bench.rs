@@ -91,9 +91,10 @@ fn spec() -> LabSpec {
         }
         .http("http", None)
     };
-    // The agents log as deployed (info: an access log line per connection, no debug lines).
+    // The agents log as deployed (an access log line per connection, none per HTTP request,
+    // no debug lines).
     LabSpec::default()
-        .agent_log_level("info")
+        .agent_log_level(mesh_agent::cli::DEFAULT_LOG_LEVEL)
         .node("n1")
         .node("n2")
         .pod("n1", "meshed", true)

@@ -395,11 +395,25 @@ impl Metrics {
                 m.connection_duration.remove(l);
             },
         );
+        // Requests take a configured route, the default one (a port without routes) or none
+        // (answered 404): the series of a route that left its port go too.
+        let routes: HashSet<(String, &str)> = config
+            .services
+            .iter()
+            .flat_map(|s| {
+                let service = format!("{}/{}", s.namespace, s.name);
+                s.ports
+                    .iter()
+                    .flat_map(|p| p.routes.iter().map(|r| r.name.as_str()))
+                    .chain(["default", ""])
+                    .map(move |route| (service.clone(), route))
+            })
+            .collect();
         m.request_series.retain(
             |l| {
                 let r = &l.route;
                 local(&r.source_namespace, &r.source_workload)
-                    && services.contains(&r.destination_service)
+                    && routes.contains(&(r.destination_service.clone(), r.route.as_str()))
             },
             |l| {
                 m.requests.remove(l);
@@ -621,6 +635,50 @@ services:
             .filter(|l| l.starts_with("mesh_connect_failures_total{service=\"\",endpoint=\"\"}"))
             .count();
         assert_eq!(pods, 1);
+    }
+
+    #[test]
+    fn request_series_of_a_route_that_left_its_port_are_dropped() {
+        use crate::{config::Protocol, testing::Mesh};
+        let (registry, m) = fresh();
+        let state = |routes: &str| {
+            let pod = "127.1.101.2".parse().unwrap();
+            Mesh::node("n1", "127.1.1.1".parse().unwrap(), "127.1.101.0/24")
+                .workload("shop", "web-0", "web", "127.1.101.9".parse().unwrap())
+                .service(
+                    "shop",
+                    "cart",
+                    "198.19.0.10".parse().unwrap(),
+                    (80, 8080),
+                    &[(pod, "n1")],
+                )
+                .http(Protocol::Http, routes)
+                .build()
+        };
+        let request = |route: &str| RequestLabels {
+            route: RouteLabels {
+                direction: "outbound",
+                source_namespace: "shop".into(),
+                source_workload: "web-0".into(),
+                source_identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
+                destination_service: "shop/cart".into(),
+                route: route.into(),
+                method: "GET",
+            },
+            code: 200,
+            grpc_status: "",
+        };
+        for route in ["kept", "dropped", ""] {
+            m.request_answered(&request(route), std::time::Duration::from_millis(1));
+        }
+        m.forget_removed(
+            &state("[{ name: kept }, { name: dropped }]"),
+            &state("[{ name: kept }]"),
+        );
+        let text = encode(&registry);
+        assert!(text.contains("route=\"kept\""), "{text}");
+        assert!(text.contains("route=\"\""), "{text}");
+        assert!(!text.contains("route=\"dropped\""), "{text}");
     }
 
     #[test]

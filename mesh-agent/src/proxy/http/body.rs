@@ -108,19 +108,19 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Recorded<B> {
 /// (kept up to a limit) and then reads on from the client. Once more than the limit has been
 /// read, it can no longer be replayed. Like linkerd2-proxy's `ReplayBody`: a try that ends
 /// before it read the whole body leaves the rest for the next.
-pub struct Replay {
-    shared: Arc<std::sync::Mutex<Recording>>,
+pub struct Replay<B = Counted<hyper::body::Incoming>> {
+    shared: Arc<std::sync::Mutex<Recording<B>>>,
     /// The client's body, while this replay reads it.
-    rest: Option<Counted<hyper::body::Incoming>>,
+    rest: Option<B>,
     /// How many of the recorded chunks this replay has sent.
     sent: usize,
     trailers_sent: bool,
 }
 
-struct Recording {
+struct Recording<B> {
     /// The client's body, between tries (a try takes it when it needs it and gives it back
     /// when dropped).
-    rest: Option<Counted<hyper::body::Incoming>>,
+    rest: Option<B>,
     chunks: Vec<Bytes>,
     size: u64,
     limit: u64,
@@ -130,9 +130,9 @@ struct Recording {
     trailers: Option<http::HeaderMap>,
 }
 
-impl Replay {
+impl<B> Replay<B> {
     /// The first try's body, keeping up to `limit` bytes for the next.
-    pub fn new(body: Counted<hyper::body::Incoming>, limit: u64) -> Self {
+    pub fn new(body: B, limit: u64) -> Self {
         Self {
             shared: Arc::new(std::sync::Mutex::new(Recording {
                 rest: Some(body),
@@ -160,14 +160,18 @@ impl Replay {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Recording> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recording<B>> {
         self.shared
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-impl Body for Replay {
+impl<B> Body for Replay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -205,7 +209,7 @@ impl Body for Replay {
                 "the request body is still being sent on an earlier try".into(),
             )));
         };
-        let polled = Pin::new(rest).poll_frame(cx).map_err(BoxError::from);
+        let polled = Pin::new(rest).poll_frame(cx).map_err(Into::into);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -238,10 +242,85 @@ impl Body for Replay {
     }
 }
 
-impl Drop for Replay {
+impl<B> Drop for Replay<B> {
     fn drop(&mut self) {
         if let Some(rest) = self.rest.take() {
             self.lock().rest = Some(rest);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    type Frames =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    /// A client's body: these chunks, then trailers `x-sum: 1`.
+    fn client(chunks: &[&'static str]) -> Frames {
+        let mut frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+        frames.push(Ok(Frame::trailers(trailers)));
+        StreamBody::new(futures::stream::iter(frames))
+    }
+
+    async fn read(body: Replay<Frames>) -> (Bytes, Option<http::HeaderMap>) {
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes(), trailers)
+    }
+
+    #[tokio::test]
+    async fn a_body_read_whole_is_sent_again_with_its_trailers() {
+        let first = Replay::new(client(&["ab", "cd"]), 16);
+        let again = first.again().unwrap();
+        let (bytes, trailers) = read(first).await;
+        assert_eq!(bytes, "abcd");
+        assert_eq!(trailers.unwrap()["x-sum"], "1");
+        let (bytes, trailers) = read(again).await;
+        assert_eq!(bytes, "abcd");
+        assert_eq!(trailers.unwrap()["x-sum"], "1");
+    }
+
+    #[tokio::test]
+    async fn a_try_that_read_part_leaves_the_rest_for_the_next() {
+        let keeper = Replay::new(client(&["ab", "cd", "ef"]), 16);
+        let mut first = keeper.again().unwrap();
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "ab");
+        drop(first);
+        // The next try sends what was read, then reads on.
+        let (bytes, _) = read(keeper.again().unwrap()).await;
+        assert_eq!(bytes, "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_the_limit_is_not_sent_again() {
+        let keeper = Replay::new(client(&["abcd", "efgh"]), 6);
+        let (bytes, _) = read(keeper.again().unwrap()).await;
+        assert_eq!(bytes, "abcdefgh", "the first try gets all of it");
+        assert!(keeper.again().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_try_cannot_read_on_while_an_earlier_one_holds_the_body() {
+        let keeper = Replay::new(client(&["ab", "cd"]), 16);
+        let mut first = keeper.again().unwrap();
+        first.frame().await.unwrap().unwrap();
+        let mut second = keeper.again().unwrap();
+        assert_eq!(
+            second.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "ab"
+        );
+        assert!(second.frame().await.unwrap().is_err(), "no body cut short");
     }
 }

@@ -126,9 +126,9 @@ fn anchored(re: &str) -> Option<Regex> {
 }
 
 impl HttpPort {
-    /// The HTTP side of `port` (its config `config` and protocol `protocol`); `backend` finds
-    /// the base port of another service's (`namespace/name`, port), and `subset` makes a port
-    /// of this one's endpoints whose labels include the given ones.
+    /// The HTTP side of the port `this` (its config `config`, its protocol `protocol`);
+    /// `service` finds another service's base port by (`namespace/name`, port number), and
+    /// `subset` makes a port of this one's endpoints whose labels include the given ones.
     pub fn new(
         protocol: Protocol,
         config: &crate::config::ServicePort,

@@ -350,6 +350,15 @@ impl Metrics {
         labels
     }
 
+    /// Counts a connect to `endpoint` of `service` that failed, and its ejection if that
+    /// failure `ejected` it.
+    pub fn endpoint_unreachable(&self, service: &str, endpoint: SocketAddr, ejected: bool) {
+        let labels = self.connect_failed(service, Some(endpoint));
+        if ejected {
+            self.endpoint_ejections.get_or_create(&labels).inc();
+        }
+    }
+
     /// Drops the series of workloads, services, endpoints and peer nodes that `config` no
     /// longer has (`running` is the config it replaces).
     pub fn forget_removed(&self, running: &Config, config: &Config) {

@@ -137,12 +137,13 @@ impl Outbound {
             }
             Upstream::Tunnel(_) => ("tunnel", None),
         };
-        let source = caller.workload.as_deref();
+        let [source_namespace, source_workload, source_identity] =
+            LocalWorkload::label_values(caller.workload.as_deref());
         let labels = ConnectionLabels {
             direction: Direction::Outbound.as_str(),
-            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
-            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
-            source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
+            source_namespace,
+            source_workload,
+            source_identity,
             destination_service: match &route {
                 Route::Service(port) => port.service.clone(),
                 Route::Pod { .. } => String::new(),
@@ -209,12 +210,13 @@ impl Outbound {
         if let Err(e) = client.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
         }
-        let source = caller.workload.as_deref();
+        let [source_namespace, source_workload, source_identity] =
+            LocalWorkload::label_values(caller.workload.as_deref());
         let labels = ConnectionLabels {
             direction: Direction::Outbound.as_str(),
-            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
-            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
-            source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
+            source_namespace,
+            source_workload,
+            source_identity,
             destination_service: port.service.clone(),
             destination_namespace: String::new(),
             destination_workload: String::new(),
@@ -268,10 +270,9 @@ impl Outbound {
                     });
                 }
                 Err(Failed::Dial(e @ (DialError::Timeout | DialError::Failed(_)))) => {
-                    let labels = self.metrics.connect_failed(&port.service, Some(target));
-                    if lease.endpoint().failed() {
-                        self.metrics.endpoint_ejections.get_or_create(&labels).inc();
-                    }
+                    let ejected = lease.endpoint().failed();
+                    self.metrics
+                        .endpoint_unreachable(&port.service, target, ejected);
                     warn_sampled!(service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
                     tried.push(target);
                 }

@@ -45,6 +45,16 @@ pub struct LocalWorkload {
     pub id: SpiffeId,
 }
 
+impl LocalWorkload {
+    /// The namespace, name and SPIFFE ID of `workload` as metric label values: empty ones for
+    /// a caller the mesh does not know.
+    pub fn label_values(workload: Option<&Self>) -> [String; 3] {
+        workload.map_or_else(Default::default, |w| {
+            [w.namespace.clone(), w.name.clone(), w.id.to_string()]
+        })
+    }
+}
+
 /// How to reach a destination from this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hop {

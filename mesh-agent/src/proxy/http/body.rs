@@ -149,10 +149,14 @@ impl<B> Replay<B> {
         }
     }
 
+    /// Whether another try can send the body: no more than the limit has been read.
+    pub fn replayable(&self) -> bool {
+        !self.lock().overflowed
+    }
+
     /// The body for another try, unless more than the limit has been read already.
     pub fn again(&self) -> Option<Self> {
-        let recording = self.lock();
-        (!recording.overflowed).then(|| Self {
+        self.replayable().then(|| Self {
             shared: self.shared.clone(),
             rest: None,
             sent: 0,

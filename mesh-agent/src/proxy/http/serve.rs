@@ -137,12 +137,13 @@ impl HttpProxy {
         let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
         let port = &calling.port;
-        let source = calling.source.as_deref();
+        let [source_namespace, source_workload, source_identity] =
+            LocalWorkload::label_values(calling.source.as_deref());
         let labels = RouteLabels {
             direction: "outbound",
-            source_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
-            source_workload: source.map(|w| w.name.clone()).unwrap_or_default(),
-            source_identity: source.map(|w| w.id.to_string()).unwrap_or_default(),
+            source_namespace,
+            source_workload,
+            source_identity,
             destination_service: port.service.clone(),
             route: String::new(),
             method: method_label(&parts.method),
@@ -241,7 +242,7 @@ impl HttpProxy {
                     let now = Tried::Answered(response.status(), grpc_status(response.headers()));
                     if !route
                         .retry
-                        .again(&parts.method, body.again().is_some(), attempt, now)
+                        .again(&parts.method, body.replayable(), attempt, now)
                     {
                         if let Some(upgrade) = upgrade {
                             splice(upgrade, &mut response, &parts.method);
@@ -251,12 +252,9 @@ impl HttpProxy {
                     (now, None)
                 }
                 Some(Err(e)) if e.is_connect() => {
-                    let labels = self
-                        .metrics
-                        .connect_failed(&backend.service, Some(endpoint));
-                    if lease.endpoint().failed() {
-                        self.metrics.endpoint_ejections.get_or_create(&labels).inc();
-                    }
+                    let ejected = lease.endpoint().failed();
+                    self.metrics
+                        .endpoint_unreachable(&backend.service, endpoint, ejected);
                     let why =
                         std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
                     (Tried::ConnectFailed, Some(Answer::ConnectFailed(why)))
@@ -267,7 +265,7 @@ impl HttpProxy {
             if let Some(failed) = failed
                 && !route
                     .retry
-                    .again(&parts.method, body.again().is_some(), attempt, tried_now)
+                    .again(&parts.method, body.replayable(), attempt, tried_now)
             {
                 return Err(failed);
             }

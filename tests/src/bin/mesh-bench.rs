@@ -123,11 +123,11 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         (20_000, 1u64 << 30)
     };
     let latency: &[(&str, bool)] = &[("p50_us", false), ("p99_us", false), ("p999_us", false)];
-    let rr = |name, size: usize, connections: usize, requests: usize| Scenario {
-        name,
-        args: [
+    // Round trips of `size` bytes, `requests` on each of `connections` connections.
+    let rounds = |mode: &str, size: usize, connections: usize, requests: usize| {
+        [
             "--mode".into(),
-            "rr".into(),
+            mode.into(),
             "--size".into(),
             size.to_string(),
             "--connections".into(),
@@ -135,7 +135,11 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             "--requests".into(),
             requests.to_string(),
         ]
-        .to_vec(),
+        .to_vec()
+    };
+    let rr = |name, size: usize, connections: usize, requests: usize| Scenario {
+        name,
+        args: rounds("rr", size, connections, requests),
         figures: latency,
         cpu_per: None,
         under_load: false,
@@ -175,19 +179,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         },
         Scenario {
             name: HTTP,
-            args: [
-                "--mode",
-                "http",
-                "--size",
-                "1024",
-                "--connections",
-                "16",
-                "--requests",
-            ]
-            .map(String::from)
-            .into_iter()
-            .chain([(requests / 16).to_string()])
-            .collect(),
+            args: rounds("http", 1024, 16, requests / 16),
             figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
             cpu_per: Some(CpuPer::Request),
             under_load: false,

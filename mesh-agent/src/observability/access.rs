@@ -360,12 +360,14 @@ impl RequestRecord {
         self.status = status;
         self.grpc_status = grpc_status;
         self.flag = flag;
-        if flag == Some("timeout") {
-            self.metrics
-                .request_timeouts
-                .get_or_create(&self.labels)
-                .inc();
-        }
+    }
+
+    /// The request ran out of time.
+    pub fn timed_out(&self) {
+        self.metrics
+            .request_timeouts
+            .get_or_create(&self.labels)
+            .inc();
     }
 
     /// Response body bytes sent; a `grpc-status` found in the trailers.

@@ -388,6 +388,9 @@ fn answer(
     version: Version,
 ) -> Response<Body> {
     let (status, grpc_code, flag, text) = why.parts(service);
+    if matches!(why, Answer::Timeout) {
+        record.timed_out();
+    }
     let mut response = Response::new(Body::default());
     *response.version_mut() = version;
     let headers = response.headers_mut();

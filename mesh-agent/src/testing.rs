@@ -229,9 +229,9 @@ pub fn sample(registry: &Registry, series: &str) -> f64 {
         .sum()
 }
 
-/// Waits (at most 10 s) until `registry`'s `series` is `value`.
+/// Waits (at most [`PATIENCE`]) until `registry`'s `series` is `value`.
 pub async fn sample_reaches(registry: &Registry, series: &str, value: f64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let now = sample(registry, series);
         if now == value {
@@ -239,7 +239,7 @@ pub async fn sample_reaches(registry: &Registry, series: &str, value: f64) {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{series} is {now}, not {value}, after 10 s"
+            "{series} is {now}, not {value}, after {PATIENCE:?}"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -394,10 +394,22 @@ impl Agent {
     pub async fn stop(self) {
         self.stop.cancel();
         self.tracker.close();
-        tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+        tokio::time::timeout(PATIENCE, self.tracker.wait())
             .await
-            .expect("the agent's tasks did not end within 10 s of its stop");
+            .unwrap_or_else(|_| {
+                panic!("the agent's tasks did not end within {PATIENCE:?} of its stop")
+            });
     }
+}
+
+/// How long an in-process test waits for any one answer before it fails.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// `work`'s output, if it comes within [`PATIENCE`]; the test fails otherwise.
+pub async fn within<F: std::future::Future>(work: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, work)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {PATIENCE:?}"))
 }
 
 /// A pod at `addr` that sends back what it reads until its peer is done.
@@ -420,12 +432,12 @@ pub async fn round_trip(mut conn: TcpStream, message: &[u8]) -> std::io::Result<
     read_all(conn).await
 }
 
-/// Everything `conn` reads until its end (at most 10 s).
+/// Everything `conn` reads until its end (at most [`PATIENCE`]).
 pub async fn read_all(mut conn: TcpStream) -> std::io::Result<Vec<u8>> {
     let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut back))
+    tokio::time::timeout(PATIENCE, conn.read_to_end(&mut back))
         .await
-        .map_err(|_| std::io::Error::other("nothing came back within 10 s"))??;
+        .map_err(|_| std::io::Error::other(format!("nothing came back within {PATIENCE:?}")))??;
     Ok(back)
 }
 

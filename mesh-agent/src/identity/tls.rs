@@ -351,10 +351,13 @@ mod tests {
         let server_config = server_config(bundle, DOMAIN, server).unwrap();
         let (a, b) = tokio::io::duplex(64 << 10);
         let name = ServerName::try_from("198.18.0.2").unwrap();
-        let (client, server) = tokio::join!(
-            TlsConnector::from(client_config).connect(name, a),
-            TlsAcceptor::from(server_config).accept(b),
-        );
+        let (client, server) = crate::testing::within(async {
+            tokio::join!(
+                TlsConnector::from(client_config).connect(name, a),
+                TlsAcceptor::from(server_config).accept(b),
+            )
+        })
+        .await;
         let seen = server
             .map(|tls| peer_id(tls.get_ref().1.peer_certificates()).unwrap())
             .map_err(|e| failure_reason(&e));

@@ -351,6 +351,7 @@ mod tests {
     use super::*;
     use crate::testing::{
         Agent, Loopback, Mesh, cgroup_of, echo_pod, round_trip, sample, sample_reaches, test_ca,
+        within,
     };
 
     /// Node 1 runs web-0; node 2 runs cart-0 (meshed) and db (not meshed).
@@ -443,10 +444,7 @@ mod tests {
             (net.node(2), StatusCode::FORBIDDEN, "not_local_pod"),
         ];
         for (target, expected, reason) in cases {
-            let opened = one
-                .tunnels()
-                .open(&id, "n2", agent, (target, 8080).into())
-                .await;
+            let opened = within(one.tunnels().open(&id, "n2", agent, (target, 8080).into())).await;
             match opened {
                 Err(tunnel::TunnelError::Refused { status, .. }) => {
                     assert_eq!(status, expected, "{target}")
@@ -458,10 +456,11 @@ mod tests {
             assert!(sample(&two.registry, &series) >= 1.0, "{target}");
         }
         // A pod of the node that is down: the stream is answered, not refused.
-        let down = one
-            .tunnels()
-            .open(&id, "n2", agent, (net.pod(2, 2), 9).into())
-            .await;
+        let down = within(
+            one.tunnels()
+                .open(&id, "n2", agent, (net.pod(2, 2), 9).into()),
+        )
+        .await;
         assert!(
             matches!(down, Err(tunnel::TunnelError::Refused { status, .. }) if status == StatusCode::SERVICE_UNAVAILABLE),
             "{:?}",

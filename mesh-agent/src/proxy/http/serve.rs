@@ -457,7 +457,7 @@ mod tests {
         config::Protocol,
         testing::{
             Agent, Loopback, Mesh, cgroup_of, http_pod, http1_client, http2_client, sample,
-            sample_reaches, test_ca,
+            sample_reaches, test_ca, within,
         },
     };
 
@@ -524,7 +524,9 @@ mod tests {
         let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
         // Keep-alive: every request on the one connection.
         for _ in 0..5 {
-            let stable = client.send_request(get("/api/items")).await.unwrap();
+            let stable = within(client.send_request(get("/api/items")))
+                .await
+                .unwrap();
             assert_eq!(stable.status(), StatusCode::OK);
             assert_eq!(pod_of(&stable), "cart-1");
             // The original authority reaches the endpoint.
@@ -533,13 +535,13 @@ mod tests {
             canary
                 .headers_mut()
                 .insert("x-canary", HeaderValue::from_static("1"));
-            let canary = client.send_request(canary).await.unwrap();
+            let canary = within(client.send_request(canary)).await.unwrap();
             assert_eq!(pod_of(&canary), "cart-2");
             assert_eq!(canary.headers()["x-route"], "canary");
         }
-        let none = client.send_request(get("/other")).await.unwrap();
+        let none = within(client.send_request(get("/other"))).await.unwrap();
         assert_eq!(none.status(), StatusCode::NOT_FOUND);
-        let text = none.into_body().collect().await.unwrap().to_bytes();
+        let text = within(none.into_body().collect()).await.unwrap().to_bytes();
         assert_eq!(text, "no route of shop/cart takes this request\n");
 
         let r = &agent.registry;
@@ -573,7 +575,7 @@ mod tests {
         let mut counts = BTreeMap::<String, u32>::new();
         let n = 2000;
         for _ in 0..n {
-            let response = client.send_request(get("/")).await.unwrap();
+            let response = within(client.send_request(get("/"))).await.unwrap();
             *counts.entry(pod_of(&response)).or_default() += 1;
         }
         // Binomial(2000, 0.1): mean 200, standard deviation about 13.4; 5 of them either way.
@@ -592,7 +594,7 @@ mod tests {
         let (net, agent, pods) = cart(Protocol::Http, routes).await;
         let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
         pods[0].failures_left.store(2, Ordering::Relaxed);
-        let response = client.send_request(get("/")).await.unwrap();
+        let response = within(client.send_request(get("/"))).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(pods[0].requests.load(Ordering::Relaxed), 3);
 
@@ -601,7 +603,7 @@ mod tests {
             .header("host", "cart.shop")
             .body(Full::new(Bytes::from_static(b"order")))
             .unwrap();
-        let response = client.send_request(post).await.unwrap();
+        let response = within(client.send_request(post)).await.unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(pods[0].requests.load(Ordering::Relaxed), 4);
         sample_reaches(
@@ -621,7 +623,9 @@ mod tests {
 ";
         let (net, agent, pods) = cart(Protocol::Http, routes).await;
         let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
-        let response = client.send_request(get("/sleep/5000")).await.unwrap();
+        let response = within(client.send_request(get("/sleep/5000")))
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         let cancelled = || {
             pods.iter()
@@ -651,9 +655,12 @@ mod tests {
         let request = Request::post("http://cart.shop/echo")
             .body(Full::new(body.clone()))
             .unwrap();
-        let response = client.send_request(request).await.unwrap();
+        let response = within(client.send_request(request)).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        let back = response.into_body().collect().await.unwrap().to_bytes();
+        let back = within(response.into_body().collect())
+            .await
+            .unwrap()
+            .to_bytes();
         assert!(
             back == body,
             "{} bytes came back of {}",
@@ -678,9 +685,9 @@ mod tests {
         request
             .headers_mut()
             .insert("connection", HeaderValue::from_static("upgrade"));
-        let response = client.send_request(request).await.unwrap();
+        let response = within(client.send_request(request)).await.unwrap();
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-        let mut upgraded = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+        let mut upgraded = TokioIo::new(within(hyper::upgrade::on(response)).await.unwrap());
         upgraded.write_all(b"ping").await.unwrap();
         let mut pong = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(10), upgraded.read_exact(&mut pong))
@@ -701,12 +708,14 @@ mod tests {
             .build();
         let agent = Agent::start(state, test_ca()).await;
         let mut client = http2_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
-        let plain = client.send_request(get("http://cart.shop/")).await.unwrap();
+        let plain = within(client.send_request(get("http://cart.shop/")))
+            .await
+            .unwrap();
         assert_eq!(plain.status(), StatusCode::SERVICE_UNAVAILABLE);
         let mut grpc = get("http://cart.shop/shop.Cart/Get");
         grpc.headers_mut()
             .insert("content-type", HeaderValue::from_static("application/grpc"));
-        let grpc = client.send_request(grpc).await.unwrap();
+        let grpc = within(client.send_request(grpc)).await.unwrap();
         assert_eq!(grpc.status(), StatusCode::OK);
         assert_eq!(grpc.headers()["grpc-status"], "14");
         sample_reaches(&agent.registry, "mesh_requests_total", 2.0).await;
@@ -727,7 +736,7 @@ mod paths {
         config::Protocol,
         testing::{
             Agent, Loopback, Mesh, cgroup_of, http_pod, http1_client, sample, sample_reaches,
-            test_ca,
+            test_ca, within,
         },
     };
 
@@ -765,7 +774,7 @@ mod paths {
                 .header("host", "cart")
                 .body(Full::default())
                 .unwrap();
-            let response = client.send_request(request).await.unwrap();
+            let response = within(client.send_request(request)).await.unwrap();
             assert_eq!(response.status(), StatusCode::OK);
         }
         assert_eq!(pod.requests.load(Ordering::Relaxed), 10);
@@ -828,7 +837,7 @@ mod paths {
             .header("host", "db")
             .body(Full::default())
             .unwrap();
-        let response = client.send_request(request).await.unwrap();
+        let response = within(client.send_request(request)).await.unwrap();
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         sample_reaches(&agent.registry, "mesh_requests_total", 1.0).await;
         agent.stop().await;
@@ -858,7 +867,7 @@ mod paths {
                 .body(Full::default())
                 .unwrap();
             assert_eq!(
-                client.send_request(request).await.unwrap().status(),
+                within(client.send_request(request)).await.unwrap().status(),
                 StatusCode::OK
             );
         }
@@ -889,7 +898,7 @@ mod grpc {
     use super::*;
     use crate::{
         config::Protocol,
-        testing::{Agent, Loopback, Mesh, cgroup_of, sample_reaches, test_ca},
+        testing::{Agent, Loopback, Mesh, cgroup_of, sample_reaches, test_ca, within},
     };
 
     const VIP: [u8; 4] = [198, 19, 0, 10];
@@ -1043,35 +1052,33 @@ mod grpc {
             name: "apple".into(),
             count: 3,
         };
-        grpc.ready().await.unwrap();
-        let answer: tonic::Response<Item> = grpc
-            .unary(
-                tonic::Request::new(item.clone()),
-                PathAndQuery::from_static(UNARY),
-                ProstCodec::default(),
-            )
-            .await
-            .unwrap();
+        within(grpc.ready()).await.unwrap();
+        let answer: tonic::Response<Item> = within(grpc.unary(
+            tonic::Request::new(item.clone()),
+            PathAndQuery::from_static(UNARY),
+            ProstCodec::default(),
+        ))
+        .await
+        .unwrap();
         assert_eq!(answer.into_inner(), item);
         assert_eq!(failures.load(Ordering::Relaxed), 0);
 
         // Server streaming: every message, then the status in the trailers.
-        grpc.ready().await.unwrap();
+        within(grpc.ready()).await.unwrap();
         let asked = Item {
             name: "pear".into(),
             count: 100,
         };
-        let mut stream: Streaming<Item> = grpc
-            .server_streaming(
-                tonic::Request::new(asked),
-                PathAndQuery::from_static(STREAM),
-                ProstCodec::default(),
-            )
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream: Streaming<Item> = within(grpc.server_streaming(
+            tonic::Request::new(asked),
+            PathAndQuery::from_static(STREAM),
+            ProstCodec::default(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
         let mut got = Vec::new();
-        while let Some(item) = stream.message().await.unwrap() {
+        while let Some(item) = within(stream.message()).await.unwrap() {
             got.push(item.count);
         }
         assert_eq!(got, (0..100).collect::<Vec<_>>());

@@ -288,6 +288,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
 /// The longest path an access line quotes.
 const MAX_LOGGED_PATH: usize = 256;
 
+/// The target of the per-request access lines.
+const REQUEST_LOG: &str = "mesh_agent::access::request";
+
 /// One HTTP request's record: written (metrics and one access line, target
 /// `mesh_agent::access::request`, off by default) when dropped, once its response has been
 /// sent, cut, or replaced by the agent's own answer.
@@ -312,15 +315,22 @@ pub struct RequestRecord {
 
 impl RequestRecord {
     pub fn new(metrics: Arc<Metrics>, labels: RouteLabels, authority: &str, path: &str) -> Self {
-        let mut path = path.to_owned();
-        if let Some((cut, _)) = path.char_indices().nth(MAX_LOGGED_PATH) {
-            path.truncate(cut);
-        }
+        // Copied only for the access line, which is off unless asked for.
+        let logged = tracing::enabled!(target: REQUEST_LOG, tracing::Level::INFO);
+        let (authority, path) = if logged {
+            let cut = path
+                .char_indices()
+                .nth(MAX_LOGGED_PATH)
+                .map_or(path.len(), |(cut, _)| cut);
+            (authority.to_owned(), path[..cut].to_owned())
+        } else {
+            Default::default()
+        };
         Self {
             metrics,
             labels,
             started: Instant::now(),
-            authority: authority.to_owned(),
+            authority,
             path,
             headers_after: None,
             status: 0,
@@ -334,8 +344,8 @@ impl RequestRecord {
     }
 
     /// The route the request took (set once a route took it).
-    pub fn routed(&mut self, route: &str) {
-        self.labels.route = route.to_owned();
+    pub fn routed(&mut self, route: &Arc<str>) {
+        self.labels.route = route.clone();
     }
 
     /// A try was sent to `endpoint`.
@@ -402,11 +412,11 @@ impl Drop for RequestRecord {
             .inc_by(self.response_bytes);
         let l = &self.labels;
         info!(
-            target: "mesh_agent::access::request",
-            source_identity = l.source_identity,
+            target: REQUEST_LOG,
+            source_identity = &*l.source_identity,
             source_workload = %workload(&l.source_namespace, &l.source_workload),
-            destination_service = l.destination_service,
-            route = l.route,
+            destination_service = &*l.destination_service,
+            route = &*l.route,
             method = l.method,
             authority = self.authority,
             path = self.path,

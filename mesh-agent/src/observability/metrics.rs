@@ -4,7 +4,12 @@
 //! the series of workloads, services, endpoints and peers that leave the state are dropped
 //! ([`forget_removed`]), so their number stays bounded.
 
-use std::{collections::HashSet, hash::Hash, net::SocketAddr, sync::Mutex};
+use std::{
+    collections::HashSet,
+    hash::Hash,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use mesh_common::Counter as EbpfCounter;
 use prometheus_client::{
@@ -41,13 +46,13 @@ pub struct ConnectionLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RouteLabels {
     pub direction: &'static str,
-    pub source_namespace: String,
-    pub source_workload: String,
-    pub source_identity: String,
+    pub source_namespace: Arc<str>,
+    pub source_workload: Arc<str>,
+    pub source_identity: Arc<str>,
     /// `namespace/name` of the service called.
-    pub destination_service: String,
+    pub destination_service: Arc<str>,
     /// The route's name (`default` on a port without routes).
-    pub route: String,
+    pub route: Arc<str>,
     /// One of the standard methods, or `other`.
     pub method: &'static str,
 }
@@ -422,7 +427,7 @@ impl Metrics {
             |l| {
                 let r = &l.route;
                 local(&r.source_namespace, &r.source_workload)
-                    && routes.contains(&(r.destination_service.clone(), r.route.as_str()))
+                    && routes.contains(&(r.destination_service.to_string(), &*r.route))
             },
             |l| {
                 m.requests.remove(l);

@@ -22,10 +22,7 @@ use crate::{
         balance::Lease,
         copy,
         dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
-        http::{
-            detect,
-            serve::{Calling, HttpProxy},
-        },
+        http::{detect, serve::HttpProxy},
         open::OpenConnections,
         plan::{self, OutboundPlan},
         refusal::Refusal,
@@ -225,11 +222,11 @@ impl Outbound {
         record.connected(labels, caller.dst);
         let client = Metered::new(client);
         let traffic = client.traffic();
-        let calling = Arc::new(Calling {
-            source: caller.workload,
-            port,
-        });
-        let ended = self.http.clone().serve(client, calling, &self.abort).await;
+        let ended = self
+            .http
+            .clone()
+            .serve(client, caller.workload, port, &self.abort)
+            .await;
         record.copied(&traffic, ended);
     }
 

@@ -1,7 +1,8 @@
 //! `mesh-bench`, run by `cargo xtask bench [--quick]`: the same scenarios through each path in
 //! one run — pod to pod directly (the floor), through the mesh on one node (sk_msg) and across
-//! nodes (mTLS tunnel), and across nodes through a pair of HAProxy (TLS 1.3 with client
-//! certificates, Debian's package), the well-known peer — reported as ratios to the direct
+//! nodes (mTLS tunnel), and through HAProxy (Debian's package), the well-known peer: one on
+//! the node in plain TCP, and a pair across nodes with TLS 1.3 and client certificates —
+//! reported as ratios to the direct
 //! path, with the proxies' CPU time per GiB and the agents' memory. Writes a JSON report.
 
 use std::{path::PathBuf, process::ExitCode, time::Instant};
@@ -235,8 +236,8 @@ fn run(cli: Cli) -> Result<()> {
     ];
     let pod = |name: &str| lab.pod_addrs(name).map(|(v4, _)| v4);
     let (s1, s2) = (pod("server-1")?, pod("server-2")?);
-    eprintln!("==> bench: HAProxy pair n1 -> n2 (TLS 1.3, client certificates)");
-    let haproxies = start_haproxies(&lab, &s2.to_string())?;
+    eprintln!("==> bench: HAProxy pair n1 -> n2 (TLS 1.3, client certificates), and on n1 alone");
+    let haproxies = start_haproxies(&lab, &s2.to_string(), &s1.to_string())?;
     let agent_pids: Vec<u32> = agents.iter().map(Agent::pid).collect();
     let paths = [
         Path {
@@ -256,6 +257,15 @@ fn run(cli: Cli) -> Result<()> {
             sink: "198.19.0.2:80".into(),
             http: "198.19.0.5:80".into(),
             proxies: agent_pids.clone(),
+        },
+        Path {
+            name: "haproxy, same node",
+            baseline: "direct, same node",
+            client: "plain",
+            echo: format!("198.18.0.1:{}", HAPROXY_ECHO + HAPROXY_SAME_NODE),
+            sink: format!("198.18.0.1:{}", HAPROXY_SINK + HAPROXY_SAME_NODE),
+            http: format!("198.18.0.1:{}", HAPROXY_HTTP + HAPROXY_SAME_NODE),
+            proxies: vec![haproxies[0].pid()],
         },
         Path {
             name: "direct, across nodes",
@@ -740,9 +750,14 @@ const HAPROXY_SINK: u16 = 16011;
 /// HAProxy in HTTP mode on both ends (to the server's HTTP port, 8081).
 const HAPROXY_HTTP: u16 = 16021;
 
+/// The HAProxy on n1 takes the same node's connections this much above the pair's ports.
+const HAPROXY_SAME_NODE: u16 = 100;
+
 /// HAProxy on n1 (plain TCP in, TLS 1.3 with a client certificate out) and on n2 (TLS in,
-/// client certificate verified, plain TCP to the server pod at `server`).
-fn start_haproxies(lab: &Lab, server: &str) -> Result<[Daemon; 2]> {
+/// client certificate verified, plain TCP to the server pod at `server`); n1's also passes
+/// connections in plain TCP to the server pod on its own node, `local_server`, as the mesh
+/// does on one node.
+fn start_haproxies(lab: &Lab, server: &str, local_server: &str) -> Result<[Daemon; 2]> {
     let ca = lab.ca_dir().join("ca.crt");
     let ca = ca.display();
     let (n1_pem, n2_pem) = (lab.peer_pem("haproxy-n1")?, lab.peer_pem("haproxy-n2")?);
@@ -763,6 +778,10 @@ fn start_haproxies(lab: &Lab, server: &str) -> Result<[Daemon; 2]> {
         n2 += &format!(
             "listen {name}\n  mode {mode}\n  bind 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n  server pod {server}:{port}\n",
             n2_pem.display()
+        );
+        n1 += &format!(
+            "listen {name}-same-node\n  mode {mode}\n  bind 198.18.0.1:{}\n  server pod {local_server}:{port}\n",
+            front + HAPROXY_SAME_NODE
         );
     }
     let start = |node: &str, text: &str| -> Result<Daemon> {

@@ -14,6 +14,7 @@ use http::{
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn, upgrade::OnUpgrade};
 use hyper_util::{
+    client::legacy::Client,
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -32,7 +33,7 @@ use crate::{
         http::{
             body::{Counted, Recorded, Replay},
             retry::Tried,
-            upstream::{Body, BoxError, Upstreams},
+            upstream::{Body, BoxError, Connector, Upstreams},
         },
     },
     state::{
@@ -52,9 +53,41 @@ pub struct HttpProxy {
 }
 
 /// Who calls which port: the same for every request of a connection.
-pub struct Calling {
-    pub source: Option<Arc<LocalWorkload>>,
-    pub port: Arc<ServicePort>,
+struct Calling {
+    port: Arc<ServicePort>,
+    /// The requests' metric labels, but for the route and the method.
+    labels: RouteLabels,
+    /// The port's upstream protocol, and the pool that speaks it as the caller.
+    upstream: Upstream,
+    client: Client<Connector, Body>,
+}
+
+impl Calling {
+    fn new(
+        upstreams: &Upstreams,
+        source: Option<Arc<LocalWorkload>>,
+        port: Arc<ServicePort>,
+    ) -> Self {
+        let upstream = port.http.as_ref().map_or(Upstream::Http1, |h| h.upstream);
+        let client = upstreams.client(source.as_ref().map(|w| &w.id), upstream);
+        let [source_namespace, source_workload, source_identity] =
+            LocalWorkload::label_values(source.as_deref()).map(Arc::from);
+        let labels = RouteLabels {
+            direction: "outbound",
+            source_namespace,
+            source_workload,
+            source_identity,
+            destination_service: port.service.as_str().into(),
+            route: Arc::from(""),
+            method: "",
+        };
+        Self {
+            port,
+            labels,
+            upstream,
+            client,
+        }
+    }
 }
 
 /// Why the agent answers a request itself.
@@ -106,16 +139,19 @@ impl Answer {
 }
 
 impl HttpProxy {
-    /// Serves the connection `io` until its client is done or `abort` is cancelled.
+    /// Serves the connection `io` of `source` to `port` until its client is done or `abort`
+    /// is cancelled.
     pub async fn serve<I>(
         self: Arc<Self>,
         io: I,
-        calling: Arc<Calling>,
+        source: Option<Arc<LocalWorkload>>,
+        port: Arc<ServicePort>,
         abort: &CancellationToken,
     ) -> Ended
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let calling = Arc::new(Calling::new(&self.upstreams, source, port));
         let service = service_fn(move |request| {
             let (this, calling) = (self.clone(), calling.clone());
             async move { Ok::<_, Infallible>(this.handle(request, &calling).await) }
@@ -137,16 +173,9 @@ impl HttpProxy {
         let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
         let port = &calling.port;
-        let [source_namespace, source_workload, source_identity] =
-            LocalWorkload::label_values(calling.source.as_deref());
         let labels = RouteLabels {
-            direction: "outbound",
-            source_namespace,
-            source_workload,
-            source_identity,
-            destination_service: port.service.clone(),
-            route: String::new(),
             method: method_label(&parts.method),
+            ..calling.labels.clone()
         };
         let authority = parts
             .uri
@@ -162,9 +191,8 @@ impl HttpProxy {
         };
         record.routed(&route.name);
         route.retry.requested();
-        let upstream = port.http.as_ref().map_or(Upstream::Http1, |h| h.upstream);
         let version = parts.version;
-        let forwarded = self.forward(parts, body, upgrade, route, upstream, calling, &mut record);
+        let forwarded = self.forward(parts, body, upgrade, route, calling, &mut record);
         let forwarded = match route.timeout {
             Some(limit) => timeout(limit, forwarded)
                 .await
@@ -186,20 +214,16 @@ impl HttpProxy {
     }
 
     /// Sends the request to the route's backend, trying again as its policy says.
-    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &self,
         parts: Parts,
         body: Incoming,
         upgrade: Option<OnUpgrade>,
         route: &HttpRoute,
-        upstream: Upstream,
         calling: &Calling,
         record: &mut RequestRecord,
     ) -> Result<(Response<Incoming>, Option<Lease>), Answer> {
         let backend = route.backend().ok_or(Answer::NoEndpoint)?;
-        let source = calling.source.as_ref().map(|w| &w.id);
-        let client = self.upstreams.client(source, upstream);
         let body = Counted::new(body, record.request_bytes.clone());
         // What is read of the body is kept for another try, up to a limit; an upgrade's is not.
         let limit = if upgrade.is_none() && route.retry.attempts > 1 {
@@ -226,12 +250,12 @@ impl HttpProxy {
             let request = upstream_request(
                 &parts,
                 endpoint,
-                upstream,
+                calling.upstream,
                 this_try.boxed_unsync(),
                 route,
                 upgrade.is_some(),
             );
-            let sent = client.request(request);
+            let sent = calling.client.request(request);
             let outcome = match route.retry.per_try_timeout {
                 Some(limit) => timeout(limit, sent).await.ok(),
                 None => Some(sent.await),

@@ -382,7 +382,10 @@ impl Agent {
             .lock()
             .unwrap()
             .insert(client, CapturedConnect { dst, cgroup });
-        socket.connect(self.outbound).await.unwrap()
+        let conn = socket.connect(self.outbound).await.unwrap();
+        // As clients that care about latency (gRPC's among them) do.
+        conn.set_nodelay(true).unwrap();
+        conn
     }
 
     /// The agent's tunnel client (its pool of connections to peer agents).

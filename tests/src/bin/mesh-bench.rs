@@ -37,10 +37,12 @@ struct Path {
     /// The direct path this one is compared with (itself for a direct path).
     baseline: &'static str,
     client: &'static str,
-    /// The echo server, the sink and the HTTP server, as the client dials them.
+    /// The echo server, the sink, the HTTP server and the gRPC server, as the client dials
+    /// them.
     echo: String,
     sink: String,
     http: String,
+    grpc: String,
     /// The proxies on the way, whose CPU time counts.
     proxies: Vec<u32>,
 }
@@ -85,12 +87,12 @@ fn spec() -> LabSpec {
         target_port: port,
         ..ServiceSpec::echo(name, &[addr], &[pod])
     };
-    let http = |name: &str, addr: &str, pod: &str| {
+    let l7 = |protocol: &str, name: &str, addr: &str, port: u16, pod: &str| {
         ServiceSpec {
-            target_port: 8081,
+            target_port: port,
             ..ServiceSpec::echo(name, &[addr], &[pod])
         }
-        .http("http", None)
+        .http(protocol, None)
     };
     // The agents log as deployed (an access log line per connection, none per HTTP request,
     // no debug lines).
@@ -106,8 +108,10 @@ fn spec() -> LabSpec {
         .service(service("same-sink", "198.19.0.2", 9090, "server-1"))
         .service(service("cross", "198.19.0.3", 8080, "server-2"))
         .service(service("cross-sink", "198.19.0.4", 9090, "server-2"))
-        .service(http("same-http", "198.19.0.5", "server-1"))
-        .service(http("cross-http", "198.19.0.6", "server-2"))
+        .service(l7("http", "same-http", "198.19.0.5", 8081, "server-1"))
+        .service(l7("http", "cross-http", "198.19.0.6", 8081, "server-2"))
+        .service(l7("grpc", "same-grpc", "198.19.0.7", 8082, "server-1"))
+        .service(l7("grpc", "cross-grpc", "198.19.0.8", 8082, "server-2"))
 }
 
 /// The round trips that share their path with a bulk transfer; compared with the same round
@@ -116,6 +120,8 @@ const UNDER_LOAD: &str = "rr 64 B, 1 connection, bulk transfer alongside";
 const IDLE: &str = "rr 64 B, 1 connection";
 /// HTTP/1.1 keep-alive, 1 KiB each way, at a fixed concurrency (to `serve --http`).
 const HTTP: &str = "http/1.1 1 KiB, 16 connections";
+/// Unary gRPC, 1 KiB each way, 16 calls at once on one HTTP/2 connection (to `serve --grpc`).
+const GRPC: &str = "grpc unary 1 KiB, 16 calls, 1 connection";
 
 fn scenarios(quick: bool) -> Vec<Scenario> {
     let (requests, bulk) = if quick {
@@ -186,6 +192,13 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
             under_load: false,
         },
         Scenario {
+            name: GRPC,
+            args: rounds("grpc", 1024, 16, requests / 16),
+            figures: &[("per_second", true), ("p50_us", false), ("p99_us", false)],
+            cpu_per: Some(CpuPer::Request),
+            under_load: false,
+        },
+        Scenario {
             name: "paused reader",
             args: vec![
                 "--mode".into(),
@@ -219,6 +232,8 @@ fn run(cli: Cli) -> Result<()> {
                 "[::]:9090",
                 "--http",
                 "[::]:8081",
+                "--grpc",
+                "[::]:8082",
             ],
         )?,
         lab.spawn(
@@ -231,6 +246,8 @@ fn run(cli: Cli) -> Result<()> {
                 "[::]:9090",
                 "--http",
                 "[::]:8081",
+                "--grpc",
+                "[::]:8082",
             ],
         )?,
     ];
@@ -247,6 +264,7 @@ fn run(cli: Cli) -> Result<()> {
             echo: format!("{s1}:8080"),
             sink: format!("{s1}:9090"),
             http: format!("{s1}:8081"),
+            grpc: format!("{s1}:8082"),
             proxies: Vec::new(),
         },
         Path {
@@ -256,6 +274,7 @@ fn run(cli: Cli) -> Result<()> {
             echo: "198.19.0.1:80".into(),
             sink: "198.19.0.2:80".into(),
             http: "198.19.0.5:80".into(),
+            grpc: "198.19.0.7:80".into(),
             proxies: agent_pids.clone(),
         },
         Path {
@@ -265,6 +284,7 @@ fn run(cli: Cli) -> Result<()> {
             echo: format!("198.18.0.1:{}", HAPROXY_ECHO + HAPROXY_SAME_NODE),
             sink: format!("198.18.0.1:{}", HAPROXY_SINK + HAPROXY_SAME_NODE),
             http: format!("198.18.0.1:{}", HAPROXY_HTTP + HAPROXY_SAME_NODE),
+            grpc: format!("198.18.0.1:{}", HAPROXY_GRPC + HAPROXY_SAME_NODE),
             proxies: vec![haproxies[0].pid()],
         },
         Path {
@@ -274,6 +294,7 @@ fn run(cli: Cli) -> Result<()> {
             echo: format!("{s2}:8080"),
             sink: format!("{s2}:9090"),
             http: format!("{s2}:8081"),
+            grpc: format!("{s2}:8082"),
             proxies: Vec::new(),
         },
         Path {
@@ -283,6 +304,7 @@ fn run(cli: Cli) -> Result<()> {
             echo: "198.19.0.3:80".into(),
             sink: "198.19.0.4:80".into(),
             http: "198.19.0.6:80".into(),
+            grpc: "198.19.0.8:80".into(),
             proxies: agent_pids.clone(),
         },
         Path {
@@ -292,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
             echo: format!("198.18.0.1:{HAPROXY_ECHO}"),
             sink: format!("198.18.0.1:{HAPROXY_SINK}"),
             http: format!("198.18.0.1:{HAPROXY_HTTP}"),
+            grpc: format!("198.18.0.1:{HAPROXY_GRPC}"),
             proxies: haproxies.iter().map(Daemon::pid).collect(),
         },
     ];
@@ -325,6 +348,7 @@ fn run(cli: Cli) -> Result<()> {
         echo: "198.19.0.1:80".into(),
         sink: "198.19.0.2:80".into(),
         http: "198.19.0.5:80".into(),
+        grpc: "198.19.0.7:80".into(),
         proxies: vec![n1.pid()],
     };
     for scenario in &scenarios {
@@ -507,6 +531,7 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
     let target = match scenario.name {
         "bulk one way" => &path.sink,
         HTTP => &path.http,
+        GRPC => &path.grpc,
         _ => &path.echo,
     };
     let cpu_before = cpu_seconds(&path.proxies)?;
@@ -749,6 +774,8 @@ const HAPROXY_ECHO: u16 = 16001;
 const HAPROXY_SINK: u16 = 16011;
 /// HAProxy in HTTP mode on both ends (to the server's HTTP port, 8081).
 const HAPROXY_HTTP: u16 = 16021;
+/// HAProxy in HTTP mode speaking HTTP/2 everywhere (to the server's gRPC port, 8082).
+const HAPROXY_GRPC: u16 = 16031;
 
 /// The HAProxy on n1 takes the same node's connections this much above the pair's ports.
 const HAPROXY_SAME_NODE: u16 = 100;
@@ -765,22 +792,29 @@ fn start_haproxies(lab: &Lab, server: &str, local_server: &str) -> Result<[Daemo
                   defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 10m\n  timeout server 10m\n";
     let mut n1 = common.to_owned();
     let mut n2 = common.to_owned();
-    for (name, front, port, mode) in [
-        ("echo", HAPROXY_ECHO, 8080, "tcp"),
-        ("sink", HAPROXY_SINK, 9090, "tcp"),
-        ("http", HAPROXY_HTTP, 8081, "http"),
+    // gRPC is HTTP/2 on every hop: h2c from the client and to the pod, ALPN h2 between nodes.
+    for (name, front, port, mode, h2) in [
+        ("echo", HAPROXY_ECHO, 8080, "tcp", false),
+        ("sink", HAPROXY_SINK, 9090, "tcp", false),
+        ("http", HAPROXY_HTTP, 8081, "http", false),
+        ("grpc", HAPROXY_GRPC, 8082, "http", true),
     ] {
         let tunnel = front + 1;
+        let (h2c, alpn) = if h2 {
+            (" proto h2", " alpn h2")
+        } else {
+            ("", "")
+        };
         n1 += &format!(
-            "listen {name}\n  mode {mode}\n  bind 198.18.0.1:{front}\n  server n2 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n",
+            "listen {name}\n  mode {mode}\n  bind 198.18.0.1:{front}{h2c}\n  server n2 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required{alpn}\n",
             n1_pem.display()
         );
         n2 += &format!(
-            "listen {name}\n  mode {mode}\n  bind 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required\n  server pod {server}:{port}\n",
+            "listen {name}\n  mode {mode}\n  bind 198.18.0.2:{tunnel} ssl crt {} ca-file {ca} verify required{alpn}\n  server pod {server}:{port}{h2c}\n",
             n2_pem.display()
         );
         n1 += &format!(
-            "listen {name}-same-node\n  mode {mode}\n  bind 198.18.0.1:{}\n  server pod {local_server}:{port}\n",
+            "listen {name}-same-node\n  mode {mode}\n  bind 198.18.0.1:{}{h2c}\n  server pod {local_server}:{port}{h2c}\n",
             front + HAPROXY_SAME_NODE
         );
     }

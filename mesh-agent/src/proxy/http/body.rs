@@ -38,7 +38,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = poll_nonempty(Pin::new(&mut self.inner), cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
@@ -53,6 +53,21 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The next frame of `body` that is not empty data. An HTTP/2 peer may end a body with an
+/// empty DATA frame; passed on as a chunk, it would go out as an empty DATA frame that does
+/// not end the stream, and h2 closes a connection after 100 of those (a flood defence).
+fn poll_nonempty<B: Body<Data = Bytes>>(
+    mut body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    loop {
+        match body.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.data_ref().is_some_and(Bytes::is_empty) => {}
+            polled => return polled,
+        }
     }
 }
 
@@ -83,7 +98,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Recorded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let polled = poll_nonempty(Pin::new(&mut self.inner), cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
             let grpc_status = frame

@@ -279,11 +279,12 @@ impl HttpProxy {
                     let ejected = lease.endpoint().failed();
                     self.metrics
                         .endpoint_unreachable(&backend.service, endpoint, ejected);
-                    let why =
-                        std::error::Error::source(&e).map_or(e.to_string(), |s| s.to_string());
-                    (Tried::ConnectFailed, Some(Answer::ConnectFailed(why)))
+                    (
+                        Tried::ConnectFailed,
+                        Some(Answer::ConnectFailed(causes(&e))),
+                    )
                 }
-                Some(Err(e)) => (Tried::Reset, Some(Answer::Reset(e.to_string()))),
+                Some(Err(e)) => (Tried::Reset, Some(Answer::Reset(causes(&e)))),
                 None => (Tried::Reset, Some(Answer::Timeout)),
             };
             if let Some(failed) = failed
@@ -299,6 +300,24 @@ impl HttpProxy {
             tokio::time::sleep(route.retry.backoff(attempt)).await;
         }
     }
+}
+
+/// What went wrong, cause by cause (hyper-util's client error says only which step failed;
+/// its sources say why).
+fn causes(error: &hyper_util::client::legacy::Error) -> String {
+    let mut text = String::new();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    if text.is_empty() {
+        text = error.to_string();
+    }
+    text
 }
 
 /// The request as sent to `endpoint`: its URI names the endpoint (the pool's key), the
@@ -991,6 +1010,8 @@ mod grpc {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         tokio::spawn(async move {
             while let Ok((conn, _)) = listener.accept().await {
+                // Headers, message and trailers go out in separate writes.
+                conn.set_nodelay(true).unwrap();
                 let cart = cart.clone();
                 let service = service_fn(move |request: Request<Incoming>| {
                     let cart = cart.clone();
@@ -1121,6 +1142,41 @@ mod grpc {
             2.0,
         )
         .await;
+        agent.stop().await;
+    }
+
+    /// Each call's request ends with an empty DATA frame; were it passed on as a chunk, the
+    /// pod's h2 would close the pooled connection after 100 of them (its flood defence).
+    #[tokio::test]
+    async fn a_channel_makes_many_calls_over_one_pooled_connection() {
+        let net = Loopback::reserve();
+        let (web, pod) = (net.pod(1, 9), net.pod(1, 2));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service("shop", "cart", VIP.into(), (50051, 50051), &[(pod, "n1")])
+            .http(Protocol::Grpc, "[]")
+            .build();
+        let cart = Cart {
+            failures: Arc::default(),
+        };
+        grpc_pod((pod, 50051).into(), cart).await;
+        let agent = Agent::start(state, test_ca()).await;
+        let mut grpc = client(&agent, web).await;
+        for count in 0..300 {
+            let item = Item {
+                name: "apple".into(),
+                count,
+            };
+            within(grpc.ready()).await.unwrap();
+            let answer: tonic::Response<Item> = within(grpc.unary(
+                tonic::Request::new(item.clone()),
+                PathAndQuery::from_static(UNARY),
+                ProstCodec::default(),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(answer.into_inner(), item);
+        }
         agent.stop().await;
     }
 }

@@ -31,6 +31,9 @@ pub enum Mode {
     /// HTTP/1.1 keep-alive requests to a `serve --http` server: a POST of `size` bytes, the
     /// same back.
     Http,
+    /// Unary gRPC calls to a `serve --grpc` server, `size` bytes each way: `connections`
+    /// callers share one HTTP/2 connection, as a gRPC channel's do.
+    Grpc,
 }
 
 #[derive(Debug, clap::Args)]
@@ -39,13 +42,13 @@ pub struct Bench {
     connect: SocketAddr,
     #[arg(long, value_enum)]
     mode: Mode,
-    /// Message size for `rr` and `connect`.
+    /// Message size for `rr`, `connect`, `http` and `grpc`.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Connections (or, for `connect`, workers) at once.
+    /// Connections (or, for `connect`, workers; for `grpc`, callers) at once.
     #[arg(long, default_value_t = 1)]
     connections: usize,
-    /// Requests per connection (`rr`) or per worker (`connect`).
+    /// Requests per connection (`rr`, `http`), worker (`connect`) or caller (`grpc`).
     #[arg(long, default_value_t = 1000)]
     requests: usize,
     /// Bytes for the bulk modes.
@@ -63,7 +66,7 @@ pub struct Bench {
 impl Bench {
     pub async fn run(self) -> Result<()> {
         match self.mode {
-            Mode::Rr | Mode::Connect | Mode::Http => {
+            Mode::Rr | Mode::Connect | Mode::Http | Mode::Grpc => {
                 let load = self.load.map(Load::start).transpose()?;
                 let measured = self.requests().await;
                 if let Some(load) = load {
@@ -105,20 +108,27 @@ impl Bench {
 
     async fn requests(&self) -> Result<()> {
         let started = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..self.connections {
-            let (addr, size, requests, mode) = (self.connect, self.size, self.requests, self.mode);
-            tasks.spawn(async move {
-                match mode {
-                    Mode::Rr => rr(addr, size, requests).await,
-                    Mode::Http => http(addr, size, requests).await,
-                    _ => connects(addr, size, requests).await,
-                }
-            });
-        }
         let mut latencies = Vec::new();
-        while let Some(done) = tasks.join_next().await {
-            latencies.extend(done??);
+        if let Mode::Grpc = self.mode {
+            latencies =
+                crate::grpc::calls(self.connect, self.size, self.connections, self.requests)
+                    .await?;
+        } else {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..self.connections {
+                let (addr, size, requests, mode) =
+                    (self.connect, self.size, self.requests, self.mode);
+                tasks.spawn(async move {
+                    match mode {
+                        Mode::Rr => rr(addr, size, requests).await,
+                        Mode::Http => http(addr, size, requests).await,
+                        _ => connects(addr, size, requests).await,
+                    }
+                });
+            }
+            while let Some(done) = tasks.join_next().await {
+                latencies.extend(done??);
+            }
         }
         let wall = started.elapsed();
         latencies.sort_unstable();

@@ -13,6 +13,7 @@ use std::{
 };
 
 mod bench;
+mod grpc;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
@@ -61,6 +62,9 @@ enum Cmd {
         /// The HTTP server answers every request with this status (a failing pod).
         #[arg(long)]
         always_status: Option<u16>,
+        /// Also a gRPC server (h2c) on these: `/bench.Echo/Call` answers with its payload.
+        #[arg(long)]
+        grpc: Vec<String>,
     },
     /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
     /// reading, then reads and checks every byte: `received=<bytes>`.
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
             http,
             name,
             always_status,
+            grpc,
         } = &cli.command
         {
             let name: &'static str = Box::leak(name.clone().into_boxed_str());
@@ -191,6 +196,7 @@ fn main() -> ExitCode {
                         always_status,
                     },
                 ),
+                (grpc, Role::Grpc),
             ])
             .await;
         }
@@ -305,6 +311,7 @@ enum Role {
         name: &'static str,
         always_status: Option<u16>,
     },
+    Grpc,
 }
 
 /// Fills `buf` with the pattern's bytes from `offset` on.
@@ -379,6 +386,7 @@ async fn accept_loop(listener: TcpListener, role: Role) -> Result<()> {
                     name,
                     always_status,
                 } => serve_http(stream, name, always_status).await,
+                Role::Grpc => grpc::serve(stream).await,
             };
             if let Err(e) = served {
                 eprintln!("mesh-testpod serve: {peer}: {e:#}");

@@ -23,7 +23,7 @@ use serde::{
     de::{self, Visitor},
 };
 
-use crate::proxy::balance::Strategy;
+use crate::proxy::balance::{OutlierDetection, Strategy};
 
 pub mod http;
 
@@ -337,6 +337,31 @@ impl Config {
                         "routes are for HTTP: give the port a protocol (http, http2, grpc or auto)"
                             .into(),
                     ));
+                }
+                if let Some(outliers) = &p.outlier_detection {
+                    let at = || at(&[K("ports"), I(j), K("outlier_detection")]);
+                    if p.protocol == Protocol::Tcp {
+                        return Err((
+                            at(),
+                            "outlier detection counts HTTP answers: give the port a protocol (http, http2, grpc or auto)"
+                                .into(),
+                        ));
+                    }
+                    if outliers.max_ejected_percent > 100 {
+                        return Err((
+                            [at(), vec![K("max_ejected_percent")]].concat(),
+                            format!(
+                                "{}% is more than all endpoints",
+                                outliers.max_ejected_percent
+                            ),
+                        ));
+                    }
+                    if outliers.base_ejection.0.is_zero() {
+                        return Err((
+                            [at(), vec![K("base_ejection")]].concat(),
+                            "an ejection needs a length".into(),
+                        ));
+                    }
                 }
                 let has_service_port = |name: &str, port: u16| {
                     self.services.iter().any(|other| {
@@ -697,6 +722,9 @@ pub struct ServicePort {
     pub protocol: Protocol,
     #[serde(default)]
     pub load_balancing: Strategy,
+    /// Ejects endpoints that keep answering with errors (not on a `tcp` port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
     /// HTTP routes (not on a `tcp` port); none sends every request to the port's endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<HttpRoute>,
@@ -1094,6 +1122,45 @@ services:
                 .unwrap_err()
                 .contains("services[0].ports[0].routes: routes are for HTTP")
         );
+    }
+
+    #[test]
+    fn outlier_detection_is_read_with_defaults_and_checked() {
+        let port = |protocol: &str, outliers: &str| {
+            VALID.replace(
+                "ports: [{ port: 80, target_port: 8080 }]",
+                &format!(
+                    "ports: [{{ port: 80, protocol: {protocol}, outlier_detection: {outliers} }}]"
+                ),
+            )
+        };
+        let c = parse(&port("http", "{ consecutive_5xx: 3, base_ejection: 10s }")).unwrap();
+        assert_eq!(
+            c.services[0].ports[0].outlier_detection,
+            Some(OutlierDetection {
+                consecutive_5xx: 3,
+                base_ejection: Period(Duration::from_secs(10)),
+                ..OutlierDetection::default()
+            })
+        );
+        for (yaml, expected) in [
+            (
+                port("tcp", "{}"),
+                "services[0].ports[0].outlier_detection: outlier detection counts HTTP answers",
+            ),
+            (
+                port("grpc", "{ max_ejected_percent: 101 }"),
+                "services[0].ports[0].outlier_detection.max_ejected_percent: 101% is more than all endpoints",
+            ),
+            (
+                port("auto", "{ base_ejection: 0s }"),
+                "services[0].ports[0].outlier_detection.base_ejection: an ejection needs a length",
+            ),
+            (port("http", "{ consecutive_errors: 3 }"), "unknown field"),
+        ] {
+            let e = parse(&yaml).unwrap_err();
+            assert!(e.contains(expected), "{e}\nshould contain\n{expected}");
+        }
     }
 
     #[test]

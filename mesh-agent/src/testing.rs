@@ -119,6 +119,7 @@ impl Mesh {
                 target_port: Some(target_port),
                 protocol: Protocol::Tcp,
                 load_balancing: Strategy::default(),
+                outlier_detection: None,
                 routes: Vec::new(),
             }],
             endpoints: endpoints
@@ -152,6 +153,16 @@ impl Mesh {
             for port in &mut service.ports {
                 port.protocol = protocol;
                 port.routes = routes.clone();
+            }
+        }
+        self
+    }
+
+    /// The last service's ports eject outliers as `policy` says.
+    pub fn outlier_detection(mut self, policy: crate::proxy::balance::OutlierDetection) -> Self {
+        if let Some(service) = self.0.services.last_mut() {
+            for port in &mut service.ports {
+                port.outlier_detection = Some(policy);
             }
         }
         self

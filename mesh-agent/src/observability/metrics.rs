@@ -247,7 +247,7 @@ impl Metrics {
         );
         r.register(
             "endpoint_ejections",
-            "Endpoints ejected after consecutive connect failures",
+            "Endpoints ejected after connect failures in a row, or as outliers (errors in a row)",
             m.endpoint_ejections.clone(),
         );
         r.register(
@@ -362,6 +362,18 @@ impl Metrics {
         if ejected {
             self.endpoint_ejections.get_or_create(&labels).inc();
         }
+    }
+
+    /// Counts `endpoint` of `service` ejected as an outlier (for its answers, not its
+    /// connects).
+    pub fn outlier_ejected(&self, service: &str, endpoint: SocketAddr) {
+        let labels = EndpointLabels {
+            service: service.to_owned(),
+            endpoint: endpoint.to_string(),
+        };
+        let known = self.endpoint_ejections.get(&labels).is_some();
+        self.endpoint_series.note(&labels, known);
+        self.endpoint_ejections.get_or_create(&labels).inc();
     }
 
     /// Drops the series of workloads, services, endpoints and peer nodes that `config` no

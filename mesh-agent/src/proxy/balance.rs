@@ -1,6 +1,8 @@
 //! Load balancing over a service port's endpoints: power of two choices over least
 //! outstanding connections, or round robin; endpoints that keep failing to connect are
-//! ejected for a backoff that grows each time, and come back on their first success.
+//! ejected for a backoff that grows each time, and come back on their first success. On an
+//! HTTP port with outlier detection, endpoints that keep answering with errors are ejected
+//! too, never more than a set share of the port's at once.
 //!
 //! Time is tokio's clock and chance is `fastrand`'s generator of the thread, so tests run
 //! ejections on a paused clock and choices from a seed (`fastrand::seed`).
@@ -18,11 +20,15 @@ use std::{
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::config::Period;
+
 /// Consecutive connect failures that eject an endpoint.
 const EJECT_AFTER: u32 = 3;
 /// The first ejection's length; each further one doubles it, up to [`MAX_EJECTION`].
 const BASE_EJECTION: Duration = Duration::from_secs(2);
 const MAX_EJECTION: Duration = Duration::from_secs(120);
+/// The longest an outlier is ejected, however many times in a row.
+const MAX_OUTLIER_EJECTION: Duration = Duration::from_secs(300);
 
 /// How a service port picks among its endpoints.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -32,6 +38,41 @@ pub enum Strategy {
     #[default]
     LeastOutstanding,
     RoundRobin,
+}
+
+/// Ejection of the endpoints of an HTTP port that keep answering with errors (Envoy's and
+/// Istio's outlier detection): the n-th ejection in a row lasts n times the base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// 5xx answers in a row (gateway errors among them) that eject an endpoint; 0 never.
+    pub consecutive_5xx: u32,
+    /// Gateway errors in a row (502, 503, 504, gRPC UNAVAILABLE or DEADLINE_EXCEEDED, a reset
+    /// connection, a try timed out) that eject an endpoint; 0 never.
+    pub consecutive_gateway_errors: u32,
+    /// How long the first ejection lasts (up to 300 s for later ones).
+    pub base_ejection: Period,
+    /// The most of the port's endpoints ejected at once, in percent; one may always be.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway_errors: 5,
+            base_ejection: Period(Duration::from_secs(30)),
+            max_ejected_percent: 10,
+        }
+    }
+}
+
+/// How an endpoint answered a request, as outlier detection counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    Fine,
+    ServerError,
+    GatewayError,
 }
 
 /// What the agent knows of one endpoint: open connections and recent connect failures.
@@ -45,7 +86,11 @@ pub struct EndpointState {
 
 #[derive(Debug, Default)]
 struct Health {
+    /// Connect failures in a row.
     failures: u32,
+    /// 5xx answers in a row, and gateway errors in a row.
+    server_errors: u32,
+    gateway_errors: u32,
     /// Ejections in a row without a success in between.
     ejections: u32,
     ejected_until: Option<Instant>,
@@ -94,6 +139,39 @@ impl EndpointState {
         false
     }
 
+    /// Counts a bad answer; `true` when that makes enough in a row for `policy` to eject.
+    fn answered_badly(&self, answered: Answered, policy: &OutlierDetection) -> bool {
+        let mut h = self.health();
+        h.failures = 0;
+        h.server_errors += 1;
+        if answered == Answered::GatewayError {
+            h.gateway_errors += 1;
+        } else {
+            h.gateway_errors = 0;
+        }
+        let reached = |count: u32, limit: u32| limit > 0 && count >= limit;
+        let tripped = reached(h.server_errors, policy.consecutive_5xx)
+            || reached(h.gateway_errors, policy.consecutive_gateway_errors);
+        if tripped {
+            h.server_errors = 0;
+            h.gateway_errors = 0;
+        }
+        tripped
+    }
+
+    /// Ejects the endpoint as an outlier: the base time once more than last time.
+    fn eject_outlier(&self, policy: &OutlierDetection) {
+        let mut h = self.health();
+        h.ejections += 1;
+        let length = policy
+            .base_ejection
+            .0
+            .saturating_mul(h.ejections)
+            .min(MAX_OUTLIER_EJECTION);
+        h.ejected_until = Some(Instant::now() + length);
+        warn!(endpoint = %self.addr, ejection = ?length, "endpoint ejected as an outlier after errors in a row");
+    }
+
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
@@ -105,6 +183,8 @@ pub struct EndpointHealth {
     pub address: SocketAddr,
     pub outstanding: usize,
     pub consecutive_failures: u32,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway_errors: u32,
     pub ejections_in_a_row: u32,
     /// How much longer it stays ejected, if it is.
     pub ejected_for_ms: Option<u64>,
@@ -153,6 +233,8 @@ impl EndpointStates {
                     address: s.addr,
                     outstanding: s.outstanding(),
                     consecutive_failures: h.failures,
+                    consecutive_5xx: h.server_errors,
+                    consecutive_gateway_errors: h.gateway_errors,
                     ejections_in_a_row: h.ejections,
                     ejected_for_ms: h
                         .ejected_until
@@ -181,17 +263,46 @@ impl EndpointStates {
 #[derive(Debug)]
 pub struct Balancer {
     strategy: Strategy,
+    outliers: Option<OutlierDetection>,
     endpoints: Vec<Arc<EndpointState>>,
     next: AtomicUsize,
 }
 
 impl Balancer {
-    pub fn new(strategy: Strategy, endpoints: Vec<Arc<EndpointState>>) -> Self {
+    pub fn new(
+        strategy: Strategy,
+        outliers: Option<OutlierDetection>,
+        endpoints: Vec<Arc<EndpointState>>,
+    ) -> Self {
         Self {
             strategy,
+            outliers,
             endpoints,
             next: AtomicUsize::new(0),
         }
+    }
+
+    /// The endpoint of `lease` answered a request (it was reached); with outlier detection,
+    /// enough bad answers in a row eject it unless the port's share of ejected endpoints is
+    /// full. `true` if this ejected it.
+    pub fn answered(&self, lease: &Lease, answered: Answered) -> bool {
+        let endpoint = lease.endpoint();
+        let Some(policy) = self.outliers.filter(|_| answered != Answered::Fine) else {
+            endpoint.succeeded();
+            return false;
+        };
+        if !endpoint.answered_badly(answered, &policy) {
+            return false;
+        }
+        let now = Instant::now();
+        let ejected = self.endpoints.iter().filter(|e| e.ejected(now)).count();
+        let share = self.endpoints.len() * usize::from(policy.max_ejected_percent) / 100;
+        if ejected >= share.max(1) {
+            info!(endpoint = %endpoint.addr, ejected, "outlier kept: the port's share of ejected endpoints is full");
+            return false;
+        }
+        endpoint.eject_outlier(&policy);
+        true
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -238,12 +349,47 @@ mod tests {
     use super::*;
 
     fn balancer(strategy: Strategy, n: u16) -> (EndpointStates, Balancer) {
+        with_outliers(strategy, n, None)
+    }
+
+    fn with_outliers(
+        strategy: Strategy,
+        n: u16,
+        outliers: Option<OutlierDetection>,
+    ) -> (EndpointStates, Balancer) {
         let states = EndpointStates::default();
         let endpoints = (1..=n)
             .map(|p| states.get(SocketAddr::from(([198, 18, 1, 2], p))))
             .collect();
-        (states, Balancer::new(strategy, endpoints))
+        (states, Balancer::new(strategy, outliers, endpoints))
     }
+
+    /// Answers for the `i`-th endpoint of `b`, in order; `true` for each that ejected it.
+    fn answer(b: &Balancer, i: usize, answers: &[Answered]) -> Vec<bool> {
+        let addr = b.endpoints[i].addr;
+        let others: Vec<SocketAddr> = b
+            .endpoints
+            .iter()
+            .map(|e| e.addr)
+            .filter(|a| *a != addr)
+            .collect();
+        answers
+            .iter()
+            .map(|a| {
+                // Every other endpoint tried: the pick is the `i`-th, ejected or not.
+                let lease = b.pick(&others).unwrap();
+                assert_eq!(lease.endpoint().addr, addr);
+                b.answered(&lease, *a)
+            })
+            .collect()
+    }
+
+    const OUTLIERS: OutlierDetection = OutlierDetection {
+        consecutive_5xx: 3,
+        consecutive_gateway_errors: 0,
+        base_ejection: Period(Duration::from_secs(10)),
+        max_ejected_percent: 50,
+    };
 
     #[test]
     fn round_robin_takes_turns() {
@@ -353,5 +499,78 @@ mod tests {
         states.prune();
         assert!(states.snapshot().is_empty(), "forgotten once unused");
         assert_eq!(states.get(addr).health().failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_in_a_row_eject_an_outlier_for_longer_each_time() {
+        use Answered::{Fine, ServerError as E};
+        let (_states, b) = with_outliers(Strategy::RoundRobin, 4, Some(OUTLIERS));
+        let bad = b.endpoints[0].clone();
+        // A good answer between errors starts the count again.
+        assert_eq!(answer(&b, 0, &[E, E, Fine, E, E]), [false; 5]);
+        assert_eq!(answer(&b, 0, &[E]), [true]);
+        assert!(bad.ejected(Instant::now()));
+        for _ in 0..20 {
+            assert_ne!(b.pick(&[]).unwrap().endpoint().addr, bad.addr);
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!bad.ejected(Instant::now()));
+        // Still failing once back: ejected again, for twice the base.
+        assert_eq!(answer(&b, 0, &[E, E, E]), [false, false, true]);
+        let until = bad.health().ejected_until.unwrap();
+        assert_eq!(until - Instant::now(), Duration::from_secs(20));
+        // A good answer once back ends the series: the next ejection is the base again.
+        tokio::time::advance(Duration::from_secs(20)).await;
+        answer(&b, 0, &[Fine, E, E, E]);
+        let until = bad.health().ejected_until.unwrap();
+        assert_eq!(until - Instant::now(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn gateway_errors_have_their_own_count() {
+        use Answered::{GatewayError as G, ServerError as E};
+        let policy = OutlierDetection {
+            consecutive_5xx: 0,
+            consecutive_gateway_errors: 2,
+            ..OUTLIERS
+        };
+        let (_states, b) = with_outliers(Strategy::RoundRobin, 2, Some(policy));
+        // 500s never eject here, and one between gateway errors breaks their series.
+        assert_eq!(answer(&b, 0, &[E, E, E, G, E, G]), [false; 6]);
+        assert_eq!(answer(&b, 0, &[G]), [true]);
+    }
+
+    #[test]
+    fn no_more_than_the_share_is_ejected_and_one_always_may_be() {
+        use Answered::ServerError as E;
+        let (_states, b) = with_outliers(Strategy::RoundRobin, 4, Some(OUTLIERS));
+        assert_eq!(answer(&b, 0, &[E, E, E]), [false, false, true]);
+        assert_eq!(answer(&b, 1, &[E, E, E]), [false, false, true]);
+        // Half of four are out: the third stays in, and so do the rest.
+        assert_eq!(answer(&b, 2, &[E, E, E, E, E, E]), [false; 6]);
+        let now = Instant::now();
+        assert_eq!(b.endpoints.iter().filter(|e| e.ejected(now)).count(), 2);
+
+        let tiny = OutlierDetection {
+            max_ejected_percent: 10,
+            ..OUTLIERS
+        };
+        let (_states, b) = with_outliers(Strategy::RoundRobin, 2, Some(tiny));
+        assert_eq!(answer(&b, 0, &[E, E, E]), [false, false, true]);
+        assert_eq!(answer(&b, 1, &[E, E, E]), [false; 3]);
+    }
+
+    #[test]
+    fn without_outlier_detection_errors_eject_nothing() {
+        use Answered::{GatewayError as G, ServerError as E};
+        let (_states, b) = balancer(Strategy::RoundRobin, 2);
+        assert_eq!(answer(&b, 0, &[E, G, E, G, E, G, E, G]), [false; 8]);
+        // An answer is a connect that worked: it ends a series of connect failures.
+        let ep = b.endpoints[0].clone();
+        ep.failed();
+        ep.failed();
+        answer(&b, 0, &[E]);
+        ep.failed();
+        assert!(!ep.ejected(Instant::now()));
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     config::{self, Protocol},
     discovery::Snapshot,
     identity::SpiffeId,
-    proxy::balance::{Balancer, EndpointStates, Lease},
+    proxy::balance::{Answered, Balancer, EndpointStates, Lease},
     state::http::HttpPort,
 };
 
@@ -90,6 +90,11 @@ impl ServicePort {
         self.balancer.endpoint_count()
     }
 
+    /// The endpoint of `lease` answered a request so; `true` if that ejected it.
+    pub fn answered(&self, lease: &Lease, answered: Answered) -> bool {
+        self.balancer.answered(lease, answered)
+    }
+
     pub fn target_port(&self) -> u16 {
         self.target_port
     }
@@ -161,7 +166,7 @@ impl Routes {
             }
             ServicePort {
                 service: format!("{}/{}", s.namespace, s.name),
-                balancer: Balancer::new(port.load_balancing, endpoints),
+                balancer: Balancer::new(port.load_balancing, port.outlier_detection, endpoints),
                 hops,
                 target_port: port.target_port(),
                 http: None,

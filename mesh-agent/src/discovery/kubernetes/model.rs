@@ -326,6 +326,8 @@ fn service(
             target_port: Some(target_port.unwrap_or(service_port)),
             protocol: protocol_of(port.app_protocol.as_deref(), port.name.as_deref()),
             load_balancing: Default::default(),
+            // A Service says nothing of outliers.
+            outlier_detection: None,
             routes: Vec::new(),
         });
     }

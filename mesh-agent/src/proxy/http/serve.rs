@@ -28,7 +28,7 @@ use tracing::debug;
 use crate::{
     observability::{access::RequestRecord, metrics::Metrics, metrics::RouteLabels},
     proxy::{
-        balance::Lease,
+        balance::{Answered, Lease},
         copy::Ended,
         http::{
             body::{Counted, Recorded, Replay},
@@ -262,8 +262,10 @@ impl HttpProxy {
             };
             let (tried_now, failed) = match outcome {
                 Some(Ok(mut response)) => {
-                    lease.endpoint().succeeded();
-                    let now = Tried::Answered(response.status(), grpc_status(response.headers()));
+                    let grpc_status = grpc_status(response.headers());
+                    let answered = answered_as(response.status(), grpc_status);
+                    self.answered(backend, &lease, answered);
+                    let now = Tried::Answered(response.status(), grpc_status);
                     if !route
                         .retry
                         .again(&parts.method, body.replayable(), attempt, now)
@@ -284,8 +286,14 @@ impl HttpProxy {
                         Some(Answer::ConnectFailed(causes(&e))),
                     )
                 }
-                Some(Err(e)) => (Tried::Reset, Some(Answer::Reset(causes(&e)))),
-                None => (Tried::Reset, Some(Answer::Timeout)),
+                Some(Err(e)) => {
+                    self.answered(backend, &lease, Answered::GatewayError);
+                    (Tried::Reset, Some(Answer::Reset(causes(&e))))
+                }
+                None => {
+                    self.answered(backend, &lease, Answered::GatewayError);
+                    (Tried::Reset, Some(Answer::Timeout))
+                }
             };
             if let Some(failed) = failed
                 && !route
@@ -299,6 +307,24 @@ impl HttpProxy {
             tried.push(endpoint);
             tokio::time::sleep(route.retry.backoff(attempt)).await;
         }
+    }
+
+    /// Tells `port`'s outlier detection how its endpoint answered; counts an ejection.
+    fn answered(&self, port: &ServicePort, lease: &Lease, answered: Answered) {
+        if port.answered(lease, answered) {
+            self.metrics
+                .outlier_ejected(&port.service, lease.endpoint().addr);
+        }
+    }
+}
+
+/// How an answer counts for outlier detection; a gRPC status as gRPC maps it to HTTP
+/// (UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL, UNKNOWN and DATA_LOSS 500).
+fn answered_as(status: StatusCode, grpc_status: Option<u32>) -> Answered {
+    match (status.as_u16(), grpc_status) {
+        (502..=504, _) | (_, Some(4 | 14)) => Answered::GatewayError,
+        (500..=599, _) | (_, Some(2 | 13 | 15)) => Answered::ServerError,
+        _ => Answered::Fine,
     }
 }
 
@@ -498,6 +524,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Protocol,
+        proxy::balance::OutlierDetection,
         testing::{
             Agent, Loopback, Mesh, cgroup_of, http_pod, http1_client, http2_client, sample,
             sample_reaches, test_ca, within,
@@ -528,9 +555,18 @@ mod tests {
         protocol: Protocol,
         routes: &str,
     ) -> (Loopback, Agent, [Arc<crate::testing::PodLog>; 2]) {
+        cart_with(protocol, routes, |mesh| mesh).await
+    }
+
+    /// [`cart`], its mesh changed by `change` before the agent starts.
+    async fn cart_with(
+        protocol: Protocol,
+        routes: &str,
+        change: impl FnOnce(Mesh) -> Mesh,
+    ) -> (Loopback, Agent, [Arc<crate::testing::PodLog>; 2]) {
         let net = Loopback::reserve();
         let (web, one, two) = (net.pod(1, 9), net.pod(1, 2), net.pod(1, 3));
-        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+        let mesh = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
             .workload("shop", "web-0", "web", web)
             .service(
                 "shop",
@@ -541,8 +577,8 @@ mod tests {
             )
             .http(protocol, routes)
             .label(one, "version", "v1")
-            .label(two, "version", "v2")
-            .build();
+            .label(two, "version", "v2");
+        let state = change(mesh).build();
         let pods = [
             http_pod((one, 8080).into(), "cart-1").await,
             http_pod((two, 8080).into(), "cart-2").await,
@@ -653,6 +689,41 @@ mod tests {
             &agent.registry,
             "mesh_request_retries_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",route=\"all\",method=\"GET\",reason=\"status\"}",
             2.0,
+        )
+        .await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_answering_errors_in_a_row_is_ejected() {
+        let policy = OutlierDetection {
+            consecutive_5xx: 3,
+            max_ejected_percent: 50,
+            ..OutlierDetection::default()
+        };
+        let (net, agent, pods) =
+            cart_with(Protocol::Http, "[]", |mesh| mesh.outlier_detection(policy)).await;
+        pods[0].failures_left.store(u32::MAX, Ordering::Relaxed);
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let mut failed = 0;
+        for _ in 0..100 {
+            let response = within(client.send_request(get("/"))).await.unwrap();
+            if response.status() != StatusCode::OK {
+                assert_eq!(pod_of(&response), "cart-1");
+                failed += 1;
+            }
+        }
+        // Three 503s in a row from cart-1, then it is out (for 30 s) and cart-2 answers all.
+        assert_eq!(failed, 3);
+        assert_eq!(pods[0].requests.load(Ordering::Relaxed), 3);
+        assert_eq!(pods[1].requests.load(Ordering::Relaxed), 97);
+        let cart_1 = net.pod(1, 2);
+        sample_reaches(
+            &agent.registry,
+            &format!(
+                "mesh_endpoint_ejections_total{{service=\"shop/cart\",endpoint=\"{cart_1}:8080\"}}"
+            ),
+            1.0,
         )
         .await;
         agent.stop().await;

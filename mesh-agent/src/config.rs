@@ -23,7 +23,10 @@ use serde::{
     de::{self, Visitor},
 };
 
-use crate::proxy::balance::{OutlierDetection, Strategy};
+use crate::proxy::{
+    balance::{OutlierDetection, Strategy},
+    breaker::Limits,
+};
 
 pub mod http;
 
@@ -337,6 +340,38 @@ impl Config {
                         "routes are for HTTP: give the port a protocol (http, http2, grpc or auto)"
                             .into(),
                     ));
+                }
+                if let Some(limits) = &p.circuit_breakers {
+                    let at = |key| at(&[K("ports"), I(j), K("circuit_breakers"), K(key)]);
+                    let caps = [
+                        ("max_connections", limits.max_connections),
+                        ("max_requests", limits.max_requests),
+                        ("max_retries", limits.max_retries),
+                        ("max_per_endpoint", limits.max_per_endpoint),
+                    ];
+                    if let Some((key, _)) = caps.iter().find(|(_, cap)| *cap == Some(0)) {
+                        return Err((at(key), "a cap of 0 lets nothing through".into()));
+                    }
+                    let http_only = [
+                        ("max_requests", limits.max_requests.is_some()),
+                        ("max_pending_requests", limits.max_pending_requests > 0),
+                        ("max_retries", limits.max_retries.is_some()),
+                    ];
+                    if p.protocol == Protocol::Tcp
+                        && let Some((key, _)) = http_only.iter().find(|(_, set)| *set)
+                    {
+                        return Err((
+                            at(key),
+                            "requests are HTTP: give the port a protocol (http, http2, grpc or auto)"
+                                .into(),
+                        ));
+                    }
+                    if limits.max_pending_requests > 0 && limits.max_requests.is_none() {
+                        return Err((
+                            at("max_pending_requests"),
+                            "requests wait only for a cap: set max_requests".into(),
+                        ));
+                    }
                 }
                 if let Some(outliers) = &p.outlier_detection {
                     let at = || at(&[K("ports"), I(j), K("outlier_detection")]);
@@ -725,6 +760,9 @@ pub struct ServicePort {
     /// Ejects endpoints that keep answering with errors (not on a `tcp` port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Caps on what this agent sends to the port at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breakers: Option<Limits>,
     /// HTTP routes (not on a `tcp` port); none sends every request to the port's endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<HttpRoute>,
@@ -1160,6 +1198,50 @@ services:
         ] {
             let e = parse(&yaml).unwrap_err();
             assert!(e.contains(expected), "{e}\nshould contain\n{expected}");
+        }
+    }
+
+    #[test]
+    fn circuit_breakers_are_read_and_checked() {
+        let port = |protocol: &str, limits: &str| {
+            VALID.replace(
+                "ports: [{ port: 80, target_port: 8080 }]",
+                &format!(
+                    "ports: [{{ port: 80, protocol: {protocol}, circuit_breakers: {limits} }}]"
+                ),
+            )
+        };
+        let c = parse(&port(
+            "tcp",
+            "{ max_connections: 100, max_per_endpoint: 10 }",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.services[0].ports[0].circuit_breakers,
+            Some(Limits {
+                max_connections: Some(100),
+                max_per_endpoint: Some(10),
+                ..Limits::default()
+            })
+        );
+        let at = "services[0].ports[0].circuit_breakers";
+        for (yaml, expected) in [
+            (
+                port("http", "{ max_retries: 0 }"),
+                format!("{at}.max_retries: a cap of 0 lets nothing through"),
+            ),
+            (
+                port("tcp", "{ max_requests: 10 }"),
+                format!("{at}.max_requests: requests are HTTP"),
+            ),
+            (
+                port("http", "{ max_pending_requests: 10 }"),
+                format!("{at}.max_pending_requests: requests wait only for a cap"),
+            ),
+            (port("http", "{ max_streams: 3 }"), "unknown field".into()),
+        ] {
+            let e = parse(&yaml).unwrap_err();
+            assert!(e.contains(&expected), "{e}\nshould contain\n{expected}");
         }
     }
 

@@ -5,6 +5,7 @@
 //! on what a peer or pod may hold (`limit`), and why a connection is refused (`refusal`).
 
 pub mod balance;
+pub mod breaker;
 pub mod copy;
 pub mod dial;
 pub mod http;

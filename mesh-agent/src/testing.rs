@@ -120,6 +120,7 @@ impl Mesh {
                 protocol: Protocol::Tcp,
                 load_balancing: Strategy::default(),
                 outlier_detection: None,
+                circuit_breakers: None,
                 routes: Vec::new(),
             }],
             endpoints: endpoints
@@ -163,6 +164,16 @@ impl Mesh {
         if let Some(service) = self.0.services.last_mut() {
             for port in &mut service.ports {
                 port.outlier_detection = Some(policy);
+            }
+        }
+        self
+    }
+
+    /// The last service's ports have `limits` on what is sent to them at once.
+    pub fn circuit_breakers(mut self, limits: crate::proxy::breaker::Limits) -> Self {
+        if let Some(service) = self.0.services.last_mut() {
+            for port in &mut service.ports {
+                port.circuit_breakers = Some(limits);
             }
         }
         self

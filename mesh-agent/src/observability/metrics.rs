@@ -24,7 +24,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{config::Config, datapath::counters::Counters};
+use crate::{config::Config, datapath::counters::Counters, proxy::breaker::Tripped};
 
 /// Who talked to whom over one proxied connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -94,6 +94,13 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// A service's circuit breaker and the cap that turned something away.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BreakerLabels {
+    pub service: String,
+    pub limit: &'static str,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PeerLabels {
     pub peer_node: String,
@@ -125,6 +132,7 @@ pub struct Metrics {
     pub refusals: Family<ReasonLabels, Counter>,
     pub connect_failures: Family<EndpointLabels, Counter>,
     pub endpoint_ejections: Family<EndpointLabels, Counter>,
+    pub circuit_breaker_rejections: Family<BreakerLabels, Counter>,
     pub tunnel_connections: Family<PeerLabels, Gauge>,
     pub tunnel_streams: Family<PeerLabels, Gauge>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
@@ -189,6 +197,7 @@ impl Metrics {
             refusals: Family::default(),
             connect_failures: Family::default(),
             endpoint_ejections: Family::default(),
+            circuit_breaker_rejections: Family::default(),
             tunnel_connections: Family::default(),
             tunnel_streams: Family::default(),
             certificate_expiry: Family::default(),
@@ -249,6 +258,11 @@ impl Metrics {
             "endpoint_ejections",
             "Endpoints ejected after connect failures in a row, or as outliers (errors in a row)",
             m.endpoint_ejections.clone(),
+        );
+        r.register(
+            "circuit_breaker_rejections",
+            "Connections and requests turned away by a service's circuit breaker, by the cap",
+            m.circuit_breaker_rejections.clone(),
         );
         r.register(
             "tunnel_connections",
@@ -364,6 +378,16 @@ impl Metrics {
         }
     }
 
+    /// Counts a connection or request to `service` turned away by its breaker's cap.
+    pub fn circuit_open(&self, service: &str, tripped: Tripped) {
+        self.circuit_breaker_rejections
+            .get_or_create(&BreakerLabels {
+                service: service.to_owned(),
+                limit: tripped.label(),
+            })
+            .inc();
+    }
+
     /// Counts `endpoint` of `service` ejected as an outlier (for its answers, not its
     /// connects).
     pub fn outlier_ejected(&self, service: &str, endpoint: SocketAddr) {
@@ -464,6 +488,19 @@ impl Metrics {
                 m.endpoint_ejections.remove(l);
             },
         );
+        let has = |c: &Config, s: &crate::config::Service| {
+            c.services
+                .iter()
+                .any(|o| o.namespace == s.namespace && o.name == s.name)
+        };
+        for gone in running.services.iter().filter(|s| !has(config, s)) {
+            for tripped in Tripped::ALL {
+                m.circuit_breaker_rejections.remove(&BreakerLabels {
+                    service: format!("{}/{}", gone.namespace, gone.name),
+                    limit: tripped.label(),
+                });
+            }
+        }
         for gone in running
             .peers
             .iter()

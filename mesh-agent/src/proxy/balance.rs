@@ -264,19 +264,32 @@ impl EndpointStates {
 pub struct Balancer {
     strategy: Strategy,
     outliers: Option<OutlierDetection>,
+    /// The most connections or requests an endpoint may have at once (a circuit breaker).
+    max_per_endpoint: Option<usize>,
     endpoints: Vec<Arc<EndpointState>>,
     next: AtomicUsize,
+}
+
+/// Why no endpoint was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpicked {
+    /// None is left to try.
+    NoEndpoint,
+    /// Every one left has as much as it may have at once.
+    AllBusy,
 }
 
 impl Balancer {
     pub fn new(
         strategy: Strategy,
         outliers: Option<OutlierDetection>,
+        max_per_endpoint: Option<usize>,
         endpoints: Vec<Arc<EndpointState>>,
     ) -> Self {
         Self {
             strategy,
             outliers,
+            max_per_endpoint,
             endpoints,
             next: AtomicUsize::new(0),
         }
@@ -309,15 +322,26 @@ impl Balancer {
         self.endpoints.len()
     }
 
-    /// Picks an endpoint not in `tried`, preferring ones not ejected; if every candidate is
-    /// ejected, one of them is still tried (better a likely failure than a certain one).
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<Lease> {
+    /// Picks an endpoint not in `tried` and below its cap, preferring ones not ejected; if
+    /// every candidate is ejected, one of them is still tried (better a likely failure than a
+    /// certain one).
+    pub fn pick(&self, tried: &[SocketAddr]) -> Result<Lease, Unpicked> {
         let now = Instant::now();
         let untried: Vec<&Arc<EndpointState>> = self
             .endpoints
             .iter()
             .filter(|e| !tried.contains(&e.addr))
             .collect();
+        if untried.is_empty() {
+            return Err(Unpicked::NoEndpoint);
+        }
+        let untried: Vec<&Arc<EndpointState>> = match self.max_per_endpoint {
+            Some(max) => untried
+                .into_iter()
+                .filter(|e| e.outstanding() < max)
+                .collect(),
+            None => untried,
+        };
         let healthy: Vec<&Arc<EndpointState>> = untried
             .iter()
             .copied()
@@ -325,7 +349,7 @@ impl Balancer {
             .collect();
         let candidates = if healthy.is_empty() { untried } else { healthy };
         let chosen = match (self.strategy, candidates.len()) {
-            (_, 0) => return None,
+            (_, 0) => return Err(Unpicked::AllBusy),
             (_, 1) => candidates[0],
             (Strategy::RoundRobin, n) => candidates[self.next.fetch_add(1, Ordering::Relaxed) % n],
             (Strategy::LeastOutstanding, n) => {
@@ -340,7 +364,7 @@ impl Balancer {
             }
         };
         chosen.outstanding.fetch_add(1, Ordering::Relaxed);
-        Some(Lease(chosen.clone()))
+        Ok(Lease(chosen.clone()))
     }
 }
 
@@ -361,7 +385,7 @@ mod tests {
         let endpoints = (1..=n)
             .map(|p| states.get(SocketAddr::from(([198, 18, 1, 2], p))))
             .collect();
-        (states, Balancer::new(strategy, outliers, endpoints))
+        (states, Balancer::new(strategy, outliers, None, endpoints))
     }
 
     /// Answers for the `i`-th endpoint of `b`, in order; `true` for each that ejected it.
@@ -421,7 +445,7 @@ mod tests {
         let first = b.pick(&[]).unwrap().endpoint().addr;
         let second = b.pick(&[first]).unwrap().endpoint().addr;
         assert_ne!(first, second);
-        assert!(b.pick(&[first, second]).is_none());
+        assert_eq!(b.pick(&[first, second]).unwrap_err(), Unpicked::NoEndpoint);
     }
 
     #[test]
@@ -572,5 +596,23 @@ mod tests {
         answer(&b, 0, &[E]);
         ep.failed();
         assert!(!ep.ejected(Instant::now()));
+    }
+
+    #[test]
+    fn endpoints_at_their_cap_are_passed_over_and_all_busy_is_told_apart() {
+        let states = EndpointStates::default();
+        let endpoints = (1..=2)
+            .map(|p| states.get(SocketAddr::from(([198, 18, 1, 2], p))))
+            .collect();
+        let b = Balancer::new(Strategy::RoundRobin, None, Some(2), endpoints);
+        let mut leases: Vec<Lease> = (0..4).map(|_| b.pick(&[]).unwrap()).collect();
+        assert!(b.endpoints.iter().all(|e| e.outstanding() == 2));
+        assert_eq!(b.pick(&[]).unwrap_err(), Unpicked::AllBusy);
+        // One ends: the next pick is the endpoint it freed, however the turns go.
+        let freed = leases.remove(0).endpoint().addr;
+        for _ in 0..3 {
+            let lease = b.pick(&[]).unwrap();
+            assert_eq!(lease.endpoint().addr, freed);
+        }
     }
 }

@@ -19,7 +19,8 @@ use crate::{
         metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
-        balance::Lease,
+        balance::{Lease, Unpicked},
+        breaker::{Slot, Tripped},
         copy,
         dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
         http::{detect, serve::HttpProxy},
@@ -204,6 +205,10 @@ impl Outbound {
         caller: Caller,
         mut record: Record,
     ) {
+        let _slot = match port.breaker.connection() {
+            Ok(slot) => slot,
+            Err(tripped) => return record.refuse(self.circuit_open(&port, tripped)),
+        };
         if let Err(e) = client.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");
         }
@@ -247,14 +252,24 @@ impl Outbound {
                     upstream,
                     target: *target,
                     _lease: None,
+                    _slot: None,
                 });
             }
             Route::Service(port) => port,
         };
+        let slot = port
+            .breaker
+            .connection()
+            .map_err(|tripped| NotConnected::Refused(self.circuit_open(port, tripped)))?;
         let mut tried = Vec::new();
         while tried.len() < MAX_ATTEMPTS {
-            let Some((lease, hop)) = port.pick(&tried) else {
-                break;
+            let (lease, hop) = match port.pick(&tried) {
+                Ok(picked) => picked,
+                Err(Unpicked::NoEndpoint) => break,
+                Err(Unpicked::AllBusy) => {
+                    let refusal = self.circuit_open(port, Tripped::PerEndpoint);
+                    return Err(NotConnected::Refused(refusal));
+                }
             };
             let target = lease.endpoint().addr;
             match self.dial(target, &hop, caller, Dialled::Endpoint).await {
@@ -264,6 +279,7 @@ impl Outbound {
                         upstream,
                         target,
                         _lease: Some(lease),
+                        _slot: Some(slot),
                     });
                 }
                 Err(Failed::Dial(e @ (DialError::Timeout | DialError::Failed(_)))) => {
@@ -285,6 +301,15 @@ impl Outbound {
                 port.service
             ),
         }))
+    }
+
+    /// Counts `port`'s breaker turning a connection away: the refusal to answer with.
+    fn circuit_open(&self, port: &ServicePort, tripped: Tripped) -> Refusal {
+        self.metrics.circuit_open(&port.service, tripped);
+        Refusal::CircuitOpen {
+            service: port.service.clone(),
+            tripped,
+        }
     }
 
     async fn dial(
@@ -345,6 +370,8 @@ struct Connected {
     target: SocketAddr,
     /// Keeps the endpoint's connection counted as outstanding while it is open.
     _lease: Option<Lease>,
+    /// Keeps it counted against the service port's cap on connections.
+    _slot: Option<Slot>,
 }
 
 enum Upstream {
@@ -386,9 +413,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::testing::{
-        Agent, Loopback, Mesh, cgroup_of, echo_pod, read_all, round_trip, sample, sample_reaches,
-        test_ca,
+    use crate::{
+        proxy::breaker::Limits,
+        testing::{
+            Agent, Loopback, Mesh, cgroup_of, echo_pod, read_all, round_trip, sample,
+            sample_reaches, test_ca, within,
+        },
     };
 
     const VIP: [u8; 4] = [198, 19, 0, 10];
@@ -494,6 +524,53 @@ mod tests {
         sample_reaches(r, "mesh_connect_failures_total", 6.0).await;
         assert_eq!(sample(r, "mesh_endpoint_ejections_total"), 2.0);
         assert_eq!(sample(r, "mesh_connections_opened_total"), 0.0);
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_a_services_cap_are_refused_until_one_closes() {
+        let net = Loopback::reserve();
+        let (web, cart) = (net.pod(1, 9), net.pod(1, 2));
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service("shop", "cart", VIP.into(), (80, 8080), &[(cart, "n1")])
+            .circuit_breakers(Limits {
+                max_connections: Some(2),
+                ..Limits::default()
+            })
+            .build();
+        let _pod = echo_pod((cart, 8080).into()).await;
+        let agent = Agent::start(state, test_ca()).await;
+        let connect = || agent.connect(web, cgroup_of(0), vip(80));
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut conn = connect().await;
+            conn.write_all(b"x").await.unwrap();
+            within(conn.read_exact(&mut [0; 1])).await.unwrap();
+            open.push(conn);
+        }
+        // The third is refused: closed with nothing read or echoed.
+        let refused = round_trip(connect().await, b"x").await.unwrap_or_default();
+        assert!(refused.is_empty());
+        sample_reaches(
+            &agent.registry,
+            "mesh_circuit_breaker_rejections_total{service=\"shop/cart\",limit=\"connections\"}",
+            1.0,
+        )
+        .await;
+        let r = &agent.registry;
+        assert_eq!(
+            sample(r, "mesh_refusals_total{reason=\"circuit_open\"}"),
+            1.0
+        );
+        // One closes: once the agent has seen it go, a new one passes.
+        drop(open.pop());
+        within(async {
+            while round_trip(connect().await, b"y").await.unwrap_or_default() != b"y" {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         agent.stop().await;
     }
 

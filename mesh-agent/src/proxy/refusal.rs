@@ -6,7 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::Method;
 
-use crate::state::routes::{CallerMismatch, NoRoute};
+use crate::{
+    proxy::breaker::Tripped,
+    state::routes::{CallerMismatch, NoRoute},
+};
 
 /// Why a connection, tunnel stream or handshake is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -29,6 +32,8 @@ pub enum Refusal {
     NodeAddress(SocketAddr),
     #[error("{} are open or coming already", .0.what())]
     Over(Cap),
+    #[error("{service} is at its cap on {}", .tripped.what())]
+    CircuitOpen { service: String, tripped: Tripped },
 }
 
 /// A cap on what one peer or pod may hold or start (see `proxy::limit`).
@@ -71,6 +76,7 @@ impl Refusal {
             Refusal::BadAuthority(_) => "bad_authority",
             Refusal::NotLocalPod(_) => "not_local_pod",
             Refusal::NodeAddress(_) => "node_address",
+            Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

@@ -13,7 +13,10 @@ use crate::{
     config::{self, Protocol},
     discovery::Snapshot,
     identity::SpiffeId,
-    proxy::balance::{Answered, Balancer, EndpointStates, Lease},
+    proxy::{
+        balance::{Answered, Balancer, EndpointStates, Lease, Unpicked},
+        breaker::Breaker,
+    },
     state::http::HttpPort,
 };
 
@@ -70,6 +73,8 @@ pub enum Hop {
 pub struct ServicePort {
     pub service: String,
     balancer: Balancer,
+    /// Its caps on connections, requests and retries at once.
+    pub breaker: Breaker,
     hops: HashMap<SocketAddr, Hop>,
     /// The endpoints' port.
     target_port: u16,
@@ -79,11 +84,15 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
-    /// An endpoint not in `tried` and the hop to it.
-    pub fn pick(&self, tried: &[SocketAddr]) -> Option<(Lease, Hop)> {
+    /// An endpoint not in `tried` and below its cap, and the hop to it.
+    pub fn pick(&self, tried: &[SocketAddr]) -> Result<(Lease, Hop), Unpicked> {
         let lease = self.balancer.pick(tried)?;
-        let hop = self.hops.get(&lease.endpoint().addr)?.clone();
-        Some((lease, hop))
+        let hop = self
+            .hops
+            .get(&lease.endpoint().addr)
+            .ok_or(Unpicked::NoEndpoint)?
+            .clone();
+        Ok((lease, hop))
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -164,9 +173,16 @@ impl Routes {
                     endpoints.push(states.get(addr));
                 }
             }
+            let breaker = Breaker::new(port.circuit_breakers.unwrap_or_default());
             ServicePort {
                 service: format!("{}/{}", s.namespace, s.name),
-                balancer: Balancer::new(port.load_balancing, port.outlier_detection, endpoints),
+                balancer: Balancer::new(
+                    port.load_balancing,
+                    port.outlier_detection,
+                    breaker.max_per_endpoint(),
+                    endpoints,
+                ),
+                breaker,
                 hops,
                 target_port: port.target_port(),
                 http: None,

@@ -328,6 +328,7 @@ fn service(
             load_balancing: Default::default(),
             // A Service says nothing of outliers.
             outlier_detection: None,
+            circuit_breakers: None,
             routes: Vec::new(),
         });
     }

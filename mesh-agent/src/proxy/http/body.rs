@@ -15,7 +15,7 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use crate::{
     observability::access::RequestRecord,
-    proxy::{balance::Lease, http::upstream::BoxError},
+    proxy::{balance::Lease, breaker::Slot, http::upstream::BoxError},
 };
 
 /// A body whose data bytes are added to a counter as they are read.
@@ -71,21 +71,28 @@ fn poll_nonempty<B: Body<Data = Bytes>>(
     }
 }
 
+/// What a request holds while it is in flight: its endpoint's count of outstanding requests
+/// and its place under the service port's cap.
+pub struct InFlight {
+    pub lease: Lease,
+    pub slot: Slot,
+}
+
 /// A response body on its way to the client: counts its bytes and reads a `grpc-status` in
 /// its trailers into the request's record, written when the body is done or dropped; keeps
-/// the endpoint's request counted as outstanding until then.
+/// the request counted as in flight until then.
 pub struct Recorded<B> {
     inner: B,
     record: RequestRecord,
-    _lease: Option<Lease>,
+    _in_flight: Option<InFlight>,
 }
 
 impl<B> Recorded<B> {
-    pub fn new(inner: B, record: RequestRecord, lease: Option<Lease>) -> Self {
+    pub fn new(inner: B, record: RequestRecord, in_flight: Option<InFlight>) -> Self {
         Self {
             inner,
             record,
-            _lease: lease,
+            _in_flight: in_flight,
         }
     }
 }

@@ -28,10 +28,11 @@ use tracing::debug;
 use crate::{
     observability::{access::RequestRecord, metrics::Metrics, metrics::RouteLabels},
     proxy::{
-        balance::{Answered, Lease},
+        balance::{Answered, Lease, Unpicked},
+        breaker::{Slot, Tripped},
         copy::Ended,
         http::{
-            body::{Counted, Recorded, Replay},
+            body::{Counted, InFlight, Recorded, Replay},
             retry::Tried,
             upstream::{Body, BoxError, Connector, Upstreams},
         },
@@ -98,6 +99,7 @@ enum Answer {
     ConnectFailed(String),
     Reset(String),
     Timeout,
+    CircuitOpen(Tripped),
 }
 
 impl Answer {
@@ -133,6 +135,12 @@ impl Answer {
                 4,
                 "timeout",
                 format!("{service} did not answer in time"),
+            ),
+            Answer::CircuitOpen(tripped) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "circuit_open",
+                format!("{service} is at its cap on {}", tripped.what()),
             ),
         }
     }
@@ -200,13 +208,14 @@ impl HttpProxy {
             None => forwarded.await,
         };
         match forwarded {
-            Ok((mut response, lease)) => {
+            Ok((mut response, in_flight)) => {
                 route.response_headers.apply(response.headers_mut());
                 *response.version_mut() = version;
                 let grpc_status = grpc_status(response.headers());
                 record.answered(response.status().as_u16(), grpc_status, None);
                 response.map(|body| {
-                    Recorded::new(body.map_err(BoxError::from), record, lease).boxed_unsync()
+                    Recorded::new(body.map_err(BoxError::from), record, Some(in_flight))
+                        .boxed_unsync()
                 })
             }
             Err(why) => answer(record, why, &port.service, grpc, version),
@@ -222,8 +231,15 @@ impl HttpProxy {
         route: &HttpRoute,
         calling: &Calling,
         record: &mut RequestRecord,
-    ) -> Result<(Response<Incoming>, Option<Lease>), Answer> {
+    ) -> Result<(Response<Incoming>, InFlight), Answer> {
         let backend = route.backend().ok_or(Answer::NoEndpoint)?;
+        let slot = backend
+            .breaker
+            .request()
+            .await
+            .map_err(|tripped| self.circuit_open(backend, tripped))?;
+        // A retry's place under the cap, held until the next try ends.
+        let mut retry_slot = None;
         let body = Counted::new(body, record.request_bytes.clone());
         // What is read of the body is kept for another try, up to a limit; an upgrade's is not.
         let limit = if upgrade.is_none() && route.retry.attempts > 1 {
@@ -236,10 +252,14 @@ impl HttpProxy {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (lease, _) = backend
-                .pick(&tried)
-                .or_else(|| backend.pick(&[]))
-                .ok_or(Answer::NoEndpoint)?;
+            let (lease, _) = match backend.pick(&tried) {
+                Err(Unpicked::NoEndpoint) => backend.pick(&[]),
+                picked => picked,
+            }
+            .map_err(|unpicked| match unpicked {
+                Unpicked::NoEndpoint => Answer::NoEndpoint,
+                Unpicked::AllBusy => self.circuit_open(backend, Tripped::PerEndpoint),
+            })?;
             let endpoint = lease.endpoint().addr;
             record.tried(endpoint);
             let Some(this_try) = body.again() else {
@@ -260,52 +280,69 @@ impl HttpProxy {
                 Some(limit) => timeout(limit, sent).await.ok(),
                 None => Some(sent.await),
             };
-            let (tried_now, failed) = match outcome {
-                Some(Ok(mut response)) => {
-                    let grpc_status = grpc_status(response.headers());
-                    let answered = answered_as(response.status(), grpc_status);
-                    self.answered(backend, &lease, answered);
-                    let now = Tried::Answered(response.status(), grpc_status);
-                    if !route
-                        .retry
-                        .again(&parts.method, body.replayable(), attempt, now)
-                    {
-                        if let Some(upgrade) = upgrade {
-                            splice(upgrade, &mut response, &parts.method);
-                        }
-                        return Ok((response, Some(lease)));
+            let (tried_now, this_answer): (Tried, Result<Response<Incoming>, Answer>) =
+                match outcome {
+                    Some(Ok(response)) => {
+                        let grpc_status = grpc_status(response.headers());
+                        let answered = answered_as(response.status(), grpc_status);
+                        self.answered(backend, &lease, answered);
+                        (
+                            Tried::Answered(response.status(), grpc_status),
+                            Ok(response),
+                        )
                     }
-                    (now, None)
+                    Some(Err(e)) if e.is_connect() => {
+                        let ejected = lease.endpoint().failed();
+                        self.metrics
+                            .endpoint_unreachable(&backend.service, endpoint, ejected);
+                        (Tried::ConnectFailed, Err(Answer::ConnectFailed(causes(&e))))
+                    }
+                    Some(Err(e)) => {
+                        self.answered(backend, &lease, Answered::GatewayError);
+                        (Tried::Reset, Err(Answer::Reset(causes(&e))))
+                    }
+                    None => {
+                        self.answered(backend, &lease, Answered::GatewayError);
+                        (Tried::Reset, Err(Answer::Timeout))
+                    }
+                };
+            let again = route
+                .retry
+                .again(&parts.method, body.replayable(), attempt, tried_now)
+                && self.retry_slot(backend, &mut retry_slot);
+            if !again {
+                let mut response = this_answer?;
+                if let Some(upgrade) = upgrade {
+                    splice(upgrade, &mut response, &parts.method);
                 }
-                Some(Err(e)) if e.is_connect() => {
-                    let ejected = lease.endpoint().failed();
-                    self.metrics
-                        .endpoint_unreachable(&backend.service, endpoint, ejected);
-                    (
-                        Tried::ConnectFailed,
-                        Some(Answer::ConnectFailed(causes(&e))),
-                    )
-                }
-                Some(Err(e)) => {
-                    self.answered(backend, &lease, Answered::GatewayError);
-                    (Tried::Reset, Some(Answer::Reset(causes(&e))))
-                }
-                None => {
-                    self.answered(backend, &lease, Answered::GatewayError);
-                    (Tried::Reset, Some(Answer::Timeout))
-                }
-            };
-            if let Some(failed) = failed
-                && !route
-                    .retry
-                    .again(&parts.method, body.replayable(), attempt, tried_now)
-            {
-                return Err(failed);
+                return Ok((response, InFlight { lease, slot }));
             }
             debug!(%endpoint, attempt, ?tried_now, "trying the request again");
             record.retried(tried_now.reason());
             tried.push(endpoint);
             tokio::time::sleep(route.retry.backoff(attempt)).await;
+        }
+    }
+
+    /// Counts `port`'s breaker turning a request away: the answer to give.
+    fn circuit_open(&self, port: &ServicePort, tripped: Tripped) -> Answer {
+        self.metrics.circuit_open(&port.service, tripped);
+        Answer::CircuitOpen(tripped)
+    }
+
+    /// A place under `port`'s cap on retries in flight, kept in `held` (giving back the last
+    /// one's); `false`, counted, if the cap is full.
+    fn retry_slot(&self, port: &ServicePort, held: &mut Option<Slot>) -> bool {
+        *held = None;
+        match port.breaker.retry() {
+            Ok(slot) => {
+                *held = Some(slot);
+                true
+            }
+            Err(tripped) => {
+                self.metrics.circuit_open(&port.service, tripped);
+                false
+            }
         }
     }
 
@@ -524,7 +561,7 @@ mod tests {
     use super::*;
     use crate::{
         config::Protocol,
-        proxy::balance::OutlierDetection,
+        proxy::{balance::OutlierDetection, breaker::Limits},
         testing::{
             Agent, Loopback, Mesh, cgroup_of, http_pod, http1_client, http2_client, sample,
             sample_reaches, test_ca, within,
@@ -723,6 +760,105 @@ mod tests {
             &format!(
                 "mesh_endpoint_ejections_total{{service=\"shop/cart\",endpoint=\"{cart_1}:8080\"}}"
             ),
+            1.0,
+        )
+        .await;
+        agent.stop().await;
+    }
+
+    /// Sends a slow request (`/sleep/MS`) on a connection of its own; its status.
+    async fn slow_request(
+        agent: &Agent,
+        net: &Loopback,
+        ms: u64,
+    ) -> tokio::task::JoinHandle<StatusCode> {
+        let mut client = http1_client(agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let sent = client.send_request(get(&format!("/sleep/{ms}")));
+        tokio::spawn(async move { within(sent).await.unwrap().status() })
+    }
+
+    /// Waits until the pods have received `n` requests in all.
+    async fn received(pods: &[Arc<crate::testing::PodLog>], n: u32) {
+        within(async {
+            while pods
+                .iter()
+                .map(|p| p.requests.load(Ordering::Relaxed))
+                .sum::<u32>()
+                < n
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_request_when_every_endpoint_is_at_its_cap_gets_503_at_once() {
+        let limits = Limits {
+            max_per_endpoint: Some(1),
+            ..Limits::default()
+        };
+        let (net, agent, pods) =
+            cart_with(Protocol::Http, "[]", |mesh| mesh.circuit_breakers(limits)).await;
+        let slow = [
+            slow_request(&agent, &net, 1000).await,
+            slow_request(&agent, &net, 1000).await,
+        ];
+        received(&pods, 2).await;
+        // One each, whatever the balancer's choice.
+        assert!(pods.iter().all(|p| p.requests.load(Ordering::Relaxed) == 1));
+        let mut client = http1_client(&agent, net.pod(1, 9), cgroup_of(0), vip()).await;
+        let response = within(client.send_request(get("/"))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = within(response.into_body().collect()).await.unwrap();
+        assert_eq!(
+            body.to_bytes(),
+            "shop/cart is at its cap on load on every endpoint\n"
+        );
+        for request in slow {
+            assert_eq!(within(request).await.unwrap(), StatusCode::OK);
+        }
+        sample_reaches(
+            &agent.registry,
+            "mesh_circuit_breaker_rejections_total{service=\"shop/cart\",limit=\"per_endpoint\"}",
+            1.0,
+        )
+        .await;
+        agent.stop().await;
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_cap_wait_among_the_pending_and_the_rest_get_503() {
+        let limits = Limits {
+            max_requests: Some(1),
+            max_pending_requests: 1,
+            ..Limits::default()
+        };
+        let (net, agent, pods) =
+            cart_with(Protocol::Http, "[]", |mesh| mesh.circuit_breakers(limits)).await;
+        let first = slow_request(&agent, &net, 300).await;
+        received(&pods, 1).await;
+        // Of two more, one waits for the first and the other finds the waiting room full.
+        let more = [
+            slow_request(&agent, &net, 0).await,
+            slow_request(&agent, &net, 0).await,
+        ];
+        let mut statuses = Vec::new();
+        for request in more {
+            statuses.push(within(request).await.unwrap());
+        }
+        statuses.sort();
+        assert_eq!(statuses, [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE]);
+        assert_eq!(within(first).await.unwrap(), StatusCode::OK);
+        assert_eq!(
+            pods.iter()
+                .map(|p| p.requests.load(Ordering::Relaxed))
+                .sum::<u32>(),
+            2
+        );
+        sample_reaches(
+            &agent.registry,
+            "mesh_circuit_breaker_rejections_total{service=\"shop/cart\",limit=\"pending_requests\"}",
             1.0,
         )
         .await;

@@ -317,6 +317,9 @@ impl Lab {
             if let Some(routes) = &s.routes {
                 write!(port, ", routes: {routes}")?;
             }
+            for field in &s.port_fields {
+                write!(port, ", {field}")?;
+            }
             writeln!(
                 y,
                 "  - name: {}\n    namespace: lab\n    addresses: [{}]\n    ports: [{{ {port} }}]\n    endpoints:",

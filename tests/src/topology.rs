@@ -53,6 +53,8 @@ pub struct ServiceSpec {
     pub routes: Option<String>,
     /// Endpoint labels by pod name (a YAML flow mapping, like `{ version: v1 }`).
     pub labels: Vec<(String, String)>,
+    /// More fields of the port, each `key: value` in YAML flow style.
+    pub port_fields: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -70,6 +72,7 @@ impl ServiceSpec {
             protocol: None,
             routes: None,
             labels: Vec::new(),
+            port_fields: Vec::new(),
         }
     }
 
@@ -77,6 +80,13 @@ impl ServiceSpec {
     pub fn http(mut self, protocol: &str, routes: Option<&str>) -> Self {
         self.protocol = Some(protocol.into());
         self.routes = routes.map(String::from);
+        self
+    }
+
+    /// Gives the port one more field (`key: value`, YAML flow style), such as
+    /// `circuit_breakers: { max_requests: 4 }`.
+    pub fn port_field(mut self, field: &str) -> Self {
+        self.port_fields.push(field.into());
         self
     }
 

@@ -14,6 +14,11 @@ const CART: &str = "198.19.0.20";
 const FLAKY: &str = "198.19.0.21";
 /// `greeter` (auto, at 198.19.0.22): the echo server, which speaks first.
 const GREETER: &str = "198.19.0.22";
+/// `guarded` (HTTP, at 198.19.0.23): `ok` and `broken`, no retries, but outlier detection
+/// (three 5xx in a row eject, half the endpoints may be out).
+const GUARDED: &str = "198.19.0.23";
+/// `capped` (HTTP, at 198.19.0.24): `ok` behind a circuit breaker of 4 requests in flight.
+const CAPPED: &str = "198.19.0.24";
 
 fn spec() -> LabSpec {
     let cart_routes = "[\
@@ -41,6 +46,16 @@ fn spec() -> LabSpec {
                 .http("http", Some(flaky_routes)),
         )
         .service(ServiceSpec::echo("greeter", &[GREETER], &["greeter"]).http("auto", None))
+        .service(
+            ServiceSpec::echo("guarded", &[GUARDED], &["ok", "broken"])
+                .http("http", None)
+                .port_field("outlier_detection: { consecutive_5xx: 3, max_ejected_percent: 50 }"),
+        )
+        .service(
+            ServiceSpec::echo("capped", &[CAPPED], &["ok"])
+                .http("http", None)
+                .port_field("circuit_breakers: { max_requests: 4 }"),
+        )
 }
 
 /// The HTTP pods of [`spec`], serving on 8080.
@@ -252,6 +267,96 @@ fn load_from_h2load_and_ab_is_answered_whole_and_retries_hide_a_broken_endpoint(
             "mesh_requests_total{direction=\"outbound\",source_namespace=\"lab\",source_workload=\"client\",source_identity=\"spiffe://lab.mesh/ns/lab/sa/client\",destination_service=\"lab/flaky\",route=\"retried\",method=\"GET\",code=\"200\""
         ),
         400.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn an_outlier_is_ejected_and_h2load_trips_a_circuit_breaker() {
+    let lab = Lab::new(spec()).unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _pods = serve(&lab);
+
+    // `broken` answers 503 three times, then is out: `ok` answers the rest.
+    let codes: Vec<String> = (0..30)
+        .map(|_| {
+            curl(
+                &lab,
+                &[
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    &format!("http://{GUARDED}/"),
+                ],
+            )
+        })
+        .collect();
+    let failed = codes.iter().filter(|c| *c == "503").count();
+    assert_eq!(failed, 3, "{codes:?}");
+    assert!(
+        codes[codes.len() - 10..].iter().all(|c| c == "200"),
+        "{codes:?}"
+    );
+
+    // 16 connections of slow requests against a cap of 4 in flight: the rest get 503 at
+    // once, each counted.
+    let out = lab
+        .run_program(
+            "client",
+            "h2load",
+            &[
+                "-n",
+                "400",
+                "-c",
+                "16",
+                "-m",
+                "1",
+                &format!("http://{CAPPED}/sleep/20"),
+            ],
+        )
+        .unwrap();
+    let status_codes = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_else(|| panic!("no status codes from h2load: {}", out.stdout))
+        .to_owned();
+    // "status codes: 120 2xx, 0 3xx, 0 4xx, 280 5xx"
+    let count = |class: &str| -> f64 {
+        status_codes
+            .split(',')
+            .find_map(|part| {
+                part.trim()
+                    .strip_suffix(class)?
+                    .split_whitespace()
+                    .last()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {class} in {status_codes:?}"))
+    };
+    let (ok, turned_away) = (count(" 2xx"), count(" 5xx"));
+    assert!(ok >= 4.0 && turned_away >= 1.0, "{status_codes}");
+    assert_eq!(ok + turned_away, 400.0, "{status_codes}");
+
+    let metrics = lab.metrics_when("n1", |m| {
+        sum(m, "mesh_circuit_breaker_rejections_total") >= turned_away
+    });
+    assert_eq!(
+        sum(
+            &metrics,
+            "mesh_circuit_breaker_rejections_total{service=\"lab/capped\",limit=\"requests\"}"
+        ),
+        turned_away,
+        "{metrics}"
+    );
+    assert_eq!(
+        sum(
+            &metrics,
+            "mesh_endpoint_ejections_total{service=\"lab/guarded\""
+        ),
+        1.0,
         "{metrics}"
     );
 }

@@ -88,4 +88,15 @@ pub enum Command {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Print the CustomResourceDefinitions of the mesh's own resources (deploy/crds.yaml).
+    Crds,
+}
+
+/// The mesh's CustomResourceDefinitions, as YAML documents.
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = crate::discovery::kubernetes::policy::TrafficPolicy::crd();
+    // A CRD always serializes.
+    let yaml = serde_yaml::to_string(&crd).unwrap_or_default();
+    format!("# Made by `mesh-agent crds` from the agent's types; do not edit.\n{yaml}")
 }

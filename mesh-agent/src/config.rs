@@ -341,63 +341,9 @@ impl Config {
                             .into(),
                     ));
                 }
-                if let Some(limits) = &p.circuit_breakers {
-                    let at = |key| at(&[K("ports"), I(j), K("circuit_breakers"), K(key)]);
-                    let caps = [
-                        ("max_connections", limits.max_connections),
-                        ("max_requests", limits.max_requests),
-                        ("max_retries", limits.max_retries),
-                        ("max_per_endpoint", limits.max_per_endpoint),
-                    ];
-                    if let Some((key, _)) = caps.iter().find(|(_, cap)| *cap == Some(0)) {
-                        return Err((at(key), "a cap of 0 lets nothing through".into()));
-                    }
-                    let http_only = [
-                        ("max_requests", limits.max_requests.is_some()),
-                        ("max_pending_requests", limits.max_pending_requests > 0),
-                        ("max_retries", limits.max_retries.is_some()),
-                    ];
-                    if p.protocol == Protocol::Tcp
-                        && let Some((key, _)) = http_only.iter().find(|(_, set)| *set)
-                    {
-                        return Err((
-                            at(key),
-                            "requests are HTTP: give the port a protocol (http, http2, grpc or auto)"
-                                .into(),
-                        ));
-                    }
-                    if limits.max_pending_requests > 0 && limits.max_requests.is_none() {
-                        return Err((
-                            at("max_pending_requests"),
-                            "requests wait only for a cap: set max_requests".into(),
-                        ));
-                    }
-                }
-                if let Some(outliers) = &p.outlier_detection {
-                    let at = || at(&[K("ports"), I(j), K("outlier_detection")]);
-                    if p.protocol == Protocol::Tcp {
-                        return Err((
-                            at(),
-                            "outlier detection counts HTTP answers: give the port a protocol (http, http2, grpc or auto)"
-                                .into(),
-                        ));
-                    }
-                    if outliers.max_ejected_percent > 100 {
-                        return Err((
-                            [at(), vec![K("max_ejected_percent")]].concat(),
-                            format!(
-                                "{}% is more than all endpoints",
-                                outliers.max_ejected_percent
-                            ),
-                        ));
-                    }
-                    if outliers.base_ejection.0.is_zero() {
-                        return Err((
-                            [at(), vec![K("base_ejection")]].concat(),
-                            "an ejection needs a length".into(),
-                        ));
-                    }
-                }
+                p.validate_policies().map_err(|(path, reason)| {
+                    (at(&[&[K("ports"), I(j)], &path[..]].concat()), reason)
+                })?;
                 let has_service_port = |name: &str, port: u16| {
                     self.services.iter().any(|other| {
                         format!("{}/{}", other.namespace, other.name) == name
@@ -772,6 +718,76 @@ impl ServicePort {
     /// The port the endpoints listen on.
     pub fn target_port(&self) -> u16 {
         self.target_port.unwrap_or(self.port)
+    }
+
+    /// Whether its outlier detection and circuit breakers fit it (a Kubernetes policy that
+    /// does not is left out for the port).
+    pub fn check_policies(&self) -> Result<(), String> {
+        self.validate_policies()
+            .map_err(|(path, reason)| format!("{}: {reason}", display_path(&path)))
+    }
+
+    fn validate_policies(&self) -> Result<(), (Vec<Seg>, String)> {
+        use Seg::Key as K;
+        let p = self;
+        if let Some(limits) = &p.circuit_breakers {
+            let at = |key| vec![K("circuit_breakers"), K(key)];
+            let caps = [
+                ("max_connections", limits.max_connections),
+                ("max_requests", limits.max_requests),
+                ("max_retries", limits.max_retries),
+                ("max_per_endpoint", limits.max_per_endpoint),
+            ];
+            if let Some((key, _)) = caps.iter().find(|(_, cap)| *cap == Some(0)) {
+                return Err((at(key), "a cap of 0 lets nothing through".into()));
+            }
+            let http_only = [
+                ("max_requests", limits.max_requests.is_some()),
+                ("max_pending_requests", limits.max_pending_requests > 0),
+                ("max_retries", limits.max_retries.is_some()),
+            ];
+            if p.protocol == Protocol::Tcp
+                && let Some((key, _)) = http_only.iter().find(|(_, set)| *set)
+            {
+                return Err((
+                    at(key),
+                    "requests are HTTP: give the port a protocol (http, http2, grpc or auto)"
+                        .into(),
+                ));
+            }
+            if limits.max_pending_requests > 0 && limits.max_requests.is_none() {
+                return Err((
+                    at("max_pending_requests"),
+                    "requests wait only for a cap: set max_requests".into(),
+                ));
+            }
+        }
+        if let Some(outliers) = &p.outlier_detection {
+            let at = |rest: &[Seg]| [&[K("outlier_detection")][..], rest].concat();
+            if p.protocol == Protocol::Tcp {
+                return Err((
+                    at(&[]),
+                    "outlier detection counts HTTP answers: give the port a protocol (http, http2, grpc or auto)"
+                        .into(),
+                ));
+            }
+            if outliers.max_ejected_percent > 100 {
+                return Err((
+                    at(&[K("max_ejected_percent")]),
+                    format!(
+                        "{}% is more than all endpoints",
+                        outliers.max_ejected_percent
+                    ),
+                ));
+            }
+            if outliers.base_ejection.0.is_zero() {
+                return Err((
+                    at(&[K("base_ejection")]),
+                    "an ejection needs a length".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -77,6 +77,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}\n{}", files.cert.display(), files.key.display());
             Ok(())
         }
+        Command::Crds => {
+            print!("{}", mesh_agent::cli::crds_yaml());
+            Ok(())
+        }
     }
 }
 

@@ -17,13 +17,18 @@ use k8s_openapi::{
         core::v1::{ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use kube::CustomResourceExt;
 use mesh_agent::{
     cli::{Cli, Command},
     config::{Config, Settings},
     datapath::OUTBOUND_PORT,
-    discovery::kubernetes::watch::{RESOURCES, VERBS},
+    discovery::kubernetes::{
+        policy::TrafficPolicy,
+        watch::{RESOURCES, VERBS},
+    },
     identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT},
     observability::admin::ADMIN_PORT,
     state::routes::TUNNEL_PORT,
@@ -147,6 +152,7 @@ fn every_manifest_parses_into_its_kubernetes_type() {
             "ClusterRole",
             "ClusterRoleBinding",
             "ConfigMap",
+            "CustomResourceDefinition",
             "DaemonSet",
             "Kustomization",
             "Namespace",
@@ -164,6 +170,9 @@ fn every_manifest_parses_into_its_kubernetes_type() {
     m.all::<Secret>("Secret");
     m.all::<DaemonSet>("DaemonSet");
     m.all::<Service>("Service");
+    // The mesh's own resources, as the agent's types define them.
+    let crds: Vec<CustomResourceDefinition> = m.all("CustomResourceDefinition");
+    assert_eq!(crds, [TrafficPolicy::crd()]);
     // The agent's config reference is a valid agent config.
     Config::load(&deploy().join("agent.example.yaml")).unwrap();
 }

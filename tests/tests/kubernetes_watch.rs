@@ -324,3 +324,40 @@ async fn gateway_api_routes_are_followed_once_their_crds_are_served() {
     assert_eq!(port.routes[0].backends.len(), 2);
     routed.check().unwrap();
 }
+
+#[tokio::test]
+async fn a_traffic_policy_gives_its_services_ports_outlier_detection_and_circuit_breakers() {
+    let mut h = start(0).await;
+    h.config_where("the fixtures are listed", |c| services(c).contains(&"cart"))
+        .await;
+    h.api.apply(
+        "trafficpolicies",
+        json!({
+            "apiVersion": "mesh.dev/v1alpha1",
+            "kind": "TrafficPolicy",
+            "metadata": {"name": "cart-guard", "namespace": "shop", "uid": "p1"},
+            "spec": {
+                "targetRef": {"kind": "Service", "name": "cart"},
+                "circuitBreakers": {"maxConnections": 50, "maxPerEndpoint": 10}
+            }
+        }),
+    );
+    let guarded = h
+        .config_where("cart's ports have the breakers", |c| {
+            c.services.iter().any(|s| {
+                s.name.as_str() == "cart" && s.ports.iter().all(|p| p.circuit_breakers.is_some())
+            })
+        })
+        .await;
+    let cart = guarded
+        .services
+        .iter()
+        .find(|s| s.name.as_str() == "cart")
+        .unwrap();
+    let limits = cart.ports[0].circuit_breakers.unwrap();
+    assert_eq!(
+        (limits.max_connections, limits.max_per_endpoint),
+        (Some(50), Some(10))
+    );
+    guarded.check().unwrap();
+}

@@ -23,7 +23,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use super::gateway::{AnyRoute, GRPCRoute, HTTPRoute, routes_of};
+use super::{
+    gateway::{AnyRoute, GRPCRoute, HTTPRoute, routes_of},
+    policy::{TrafficPolicy, attach_policies},
+};
 use crate::config::{
     CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Settings, Workload,
 };
@@ -45,6 +48,7 @@ pub struct Cluster {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub http_routes: Vec<Arc<HTTPRoute>>,
     pub grpc_routes: Vec<Arc<GRPCRoute>>,
+    pub traffic_policies: Vec<Arc<TrafficPolicy>>,
 }
 
 /// What the cluster's objects make for one node: the config, and what was left out and why.
@@ -93,6 +97,8 @@ impl Cluster {
             .collect();
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.attach_routes(&mut services, &mut skipped);
+        // After the routes: a port they made HTTP takes HTTP policies.
+        attach_policies(&self.traffic_policies, &mut services, &mut skipped);
         Some(Discovered {
             config: Config {
                 node: this,
@@ -521,6 +527,7 @@ mod tests {
             endpoint_slices: fixture("endpointslices.yaml"),
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
+            traffic_policies: Vec::new(),
         }
     }
 

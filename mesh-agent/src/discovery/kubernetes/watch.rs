@@ -1,6 +1,6 @@
 //! Watches the cluster — enrolled Namespaces, Nodes, this node's Pods, Services,
-//! EndpointSlices, and the Gateway API's HTTPRoutes and GRPCRoutes (if the cluster has their
-//! CRDs) — and sends the config they make whenever it changes.
+//! EndpointSlices, the Gateway API's HTTPRoutes and GRPCRoutes and the mesh's TrafficPolicies
+//! (if the cluster has their CRDs) — and sends the config they make whenever it changes.
 //!
 //! Each kind has a kube-rs watcher (with client-go's backoff) feeding a reflector store. A
 //! watch that fails (the API server unreachable, a dropped connection, a 410 Gone that calls
@@ -30,6 +30,7 @@ use super::{
     cgroups::pod_cgroup,
     gateway::{GRPCRoute, HTTPRoute},
     model::{Cluster, ENROLL_LABEL},
+    policy::TrafficPolicy,
 };
 use crate::{
     config::{Name, Settings},
@@ -46,7 +47,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 const CGROUP_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// What the agent reads from the API, as RBAC names it: (API group, resource). It does
 /// [`VERBS`] on each and nothing else (`deploy/rbac.yaml` grants exactly that).
-pub const RESOURCES: [(&str, &str); 7] = [
+pub const RESOURCES: [(&str, &str); 8] = [
     resource::<Namespace>(),
     resource::<Node>(),
     resource::<Pod>(),
@@ -54,6 +55,7 @@ pub const RESOURCES: [(&str, &str); 7] = [
     resource::<EndpointSlice>(),
     resource::<HTTPRoute>(),
     resource::<GRPCRoute>(),
+    resource::<TrafficPolicy>(),
 ];
 /// The API verbs of a watch.
 pub const VERBS: [&str; 2] = ["list", "watch"];
@@ -99,6 +101,8 @@ impl ClusterWatch {
             watched::<HTTPRoute>(Api::all(client.clone()), Default::default());
         let (grpc_routes, grpc_route_events) =
             watched::<GRPCRoute>(Api::all(client.clone()), Default::default());
+        let (traffic_policies, policy_events) =
+            watched::<TrafficPolicy>(Api::all(client.clone()), Default::default());
         let mut events = futures::stream::select_all([
             namespace_events,
             node_events,
@@ -107,6 +111,7 @@ impl ClusterWatch {
             slice_events,
             http_route_events,
             grpc_route_events,
+            policy_events,
         ]);
 
         let mut listed = HashSet::new();
@@ -140,6 +145,7 @@ impl ClusterWatch {
                         endpoint_slices: endpoint_slices.state(),
                         http_routes: http_routes.state(),
                         grpc_routes: grpc_routes.state(),
+                        traffic_policies: traffic_policies.state(),
                     };
                     if self.build(&cluster, &configs) {
                         build_at = Some(Instant::now() + cgroup_retry);

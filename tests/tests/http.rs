@@ -92,6 +92,13 @@ fn curl(lab: &Lab, args: &[&str]) -> String {
     out.stdout
 }
 
+/// The status codes of `n` requests, one after another, by `curl args`.
+fn status_codes(lab: &Lab, n: usize, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    all.extend(args);
+    (0..n).map(|_| curl(lab, &all)).collect()
+}
+
 #[test]
 fn curl_gets_routes_splits_timeouts_and_whole_bodies_over_http1_and_h2c() {
     let lab = Lab::new(spec()).unwrap();
@@ -239,22 +246,7 @@ fn load_from_h2load_and_ab_is_answered_whole_and_retries_hide_a_broken_endpoint(
     );
     assert!(!out.stdout.contains("Non-2xx responses"), "{}", out.stdout);
     // A POST is not retried: some of 20 reach the broken endpoint and fail.
-    let codes: Vec<String> = (0..20)
-        .map(|_| {
-            curl(
-                &lab,
-                &[
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "-d",
-                    "order",
-                    &format!("http://{FLAKY}/"),
-                ],
-            )
-        })
-        .collect();
+    let codes = status_codes(&lab, 20, &["-d", "order", &format!("http://{FLAKY}/")]);
     assert!(codes.iter().any(|c| c == "503"), "{codes:?}");
     assert!(codes.iter().any(|c| c == "200"), "{codes:?}");
 
@@ -278,20 +270,7 @@ fn an_outlier_is_ejected_and_h2load_trips_a_circuit_breaker() {
     let _pods = serve(&lab);
 
     // `broken` answers 503 three times, then is out: `ok` answers the rest.
-    let codes: Vec<String> = (0..30)
-        .map(|_| {
-            curl(
-                &lab,
-                &[
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    &format!("http://{GUARDED}/"),
-                ],
-            )
-        })
-        .collect();
+    let codes = status_codes(&lab, 30, &[&format!("http://{GUARDED}/")]);
     let failed = codes.iter().filter(|c| *c == "503").count();
     assert_eq!(failed, 3, "{codes:?}");
     assert!(

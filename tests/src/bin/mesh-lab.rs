@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
-use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted};
+use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted, sum};
 
 /// The shop: services, their addresses and the pods behind them. `web` on n1 calls them all.
 const SERVICES: [(&str, &str, &[&str]); 3] = [
@@ -27,9 +27,14 @@ const PODS: [(&str, &str); 6] = [
 ];
 /// The HTTP services (every pod also serves HTTP on 8081): `cart-api` over cart-0 (v1) and
 /// cart-1 (v2), split 90/10, `/slow/...` within 200 ms; `payments` over payments-0 and
-/// payments-1, which always fails, behind retries.
+/// payments-1, which always fails, behind retries; `catalog-api` over catalog-0 behind a
+/// circuit breaker of [`CATALOG_CAP`] requests in flight.
 const CART_API: &str = "198.19.0.20";
 const PAYMENTS: &str = "198.19.0.21";
+const CATALOG_API: &str = "198.19.0.22";
+const CATALOG_CAP: usize = 4;
+/// The burst against catalog-api: requests, and how many at once (h2load's connections).
+const BURST: (usize, usize) = (400, 16);
 const CART_API_ROUTES: &str = "[\
     { name: slow, matches: [{ path: { prefix: /sleep } }], timeout: 200ms }, \
     { name: browse, backends: [{ subset: { version: v1 }, weight: 90 }, { subset: { version: v2 }, weight: 10 }] }]";
@@ -108,6 +113,11 @@ fn shop() -> LabSpec {
         &["payments-0", "payments-1"],
         PAYMENTS_ROUTES,
     ))
+    .service(
+        http("catalog-api", CATALOG_API, &["catalog-0"], "[]").port_field(&format!(
+            "circuit_breakers: {{ max_requests: {CATALOG_CAP} }}"
+        )),
+    )
 }
 
 /// A started shop: the agents of n1 and n2 and the backends' servers.
@@ -352,9 +362,42 @@ fn http_demo(lab: &Lab) -> Result<()> {
         "  cart-api, route slow (timeout 200ms), GET /sleep/1000: {}",
         slow.replace('\n', "")
     );
+    let (requests, at_once) = BURST;
+    let title = format!(
+        "circuit breaker: h2load sends {requests} slow requests to catalog-api, {at_once} at once"
+    );
+    let burst = step(&title, || {
+        let out = lab.run_program(
+            "web",
+            "h2load",
+            &[
+                "-n",
+                &requests.to_string(),
+                "-c",
+                &at_once.to_string(),
+                &format!("http://{CATALOG_API}/sleep/20"),
+            ],
+        )?;
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with("status codes:"))
+            .map(str::to_owned)
+            .context("h2load printed no status codes")
+    })?;
     let metrics = lab
         .http("n1", "GET", "http://198.18.0.1:15020/metrics")?
         .body;
+    println!(
+        "  catalog-api allows {CATALOG_CAP} requests in flight from each agent; the rest get 503 at once"
+    );
+    println!("    h2load: {}", burst.trim_start_matches("status codes: "));
+    println!(
+        "    mesh_circuit_breaker_rejections_total{{service=\"lab/catalog-api\",limit=\"requests\"}} {}",
+        sum(
+            &metrics,
+            "mesh_circuit_breaker_rejections_total{service=\"lab/catalog-api\",limit=\"requests\"}"
+        )
+    );
     println!();
     println!("Per route, from n1's /metrics:");
     println!(
@@ -443,7 +486,7 @@ fn up() -> Result<()> {
     let testpod = std::env::current_exe()?.with_file_name("mesh-testpod");
     println!();
     println!(
-        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80 (TCP); cart-api {CART_API}:80, payments {PAYMENTS}:80 (HTTP)."
+        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80 (TCP); cart-api {CART_API}:80, payments {PAYMENTS}:80, catalog-api {CATALOG_API}:80 (HTTP)."
     );
     println!("Call one from web (its netns and cgroup, so the mesh captures it):");
     println!(

@@ -280,32 +280,7 @@ impl HttpProxy {
                 Some(limit) => timeout(limit, sent).await.ok(),
                 None => Some(sent.await),
             };
-            let (tried_now, this_answer): (Tried, Result<Response<Incoming>, Answer>) =
-                match outcome {
-                    Some(Ok(response)) => {
-                        let grpc_status = grpc_status(response.headers());
-                        let answered = answered_as(response.status(), grpc_status);
-                        self.answered(backend, &lease, answered);
-                        (
-                            Tried::Answered(response.status(), grpc_status),
-                            Ok(response),
-                        )
-                    }
-                    Some(Err(e)) if e.is_connect() => {
-                        let ejected = lease.endpoint().failed();
-                        self.metrics
-                            .endpoint_unreachable(&backend.service, endpoint, ejected);
-                        (Tried::ConnectFailed, Err(Answer::ConnectFailed(causes(&e))))
-                    }
-                    Some(Err(e)) => {
-                        self.answered(backend, &lease, Answered::GatewayError);
-                        (Tried::Reset, Err(Answer::Reset(causes(&e))))
-                    }
-                    None => {
-                        self.answered(backend, &lease, Answered::GatewayError);
-                        (Tried::Reset, Err(Answer::Timeout))
-                    }
-                };
+            let (tried_now, this_answer) = self.settle(backend, &lease, outcome);
             let again = route
                 .retry
                 .again(&parts.method, body.replayable(), attempt, tried_now)
@@ -321,6 +296,42 @@ impl HttpProxy {
             record.retried(tried_now.reason());
             tried.push(endpoint);
             tokio::time::sleep(route.retry.backoff(attempt)).await;
+        }
+    }
+
+    /// What a try came to (`None`: out of time), as retries and the answer see it; the
+    /// endpoint's health takes note.
+    fn settle(
+        &self,
+        port: &ServicePort,
+        lease: &Lease,
+        outcome: Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>>,
+    ) -> (Tried, Result<Response<Incoming>, Answer>) {
+        match outcome {
+            Some(Ok(response)) => {
+                let grpc_status = grpc_status(response.headers());
+                let answered = answered_as(response.status(), grpc_status);
+                self.answered(port, lease, answered);
+                (
+                    Tried::Answered(response.status(), grpc_status),
+                    Ok(response),
+                )
+            }
+            Some(Err(e)) if e.is_connect() => {
+                let endpoint = lease.endpoint().addr;
+                let ejected = lease.endpoint().failed();
+                self.metrics
+                    .endpoint_unreachable(&port.service, endpoint, ejected);
+                (Tried::ConnectFailed, Err(Answer::ConnectFailed(causes(&e))))
+            }
+            Some(Err(e)) => {
+                self.answered(port, lease, Answered::GatewayError);
+                (Tried::Reset, Err(Answer::Reset(causes(&e))))
+            }
+            None => {
+                self.answered(port, lease, Answered::GatewayError);
+                (Tried::Reset, Err(Answer::Timeout))
+            }
         }
     }
 

@@ -1,10 +1,12 @@
 //! HTTP on the calling side: a captured connection to an HTTP port (or to an `auto` one whose
 //! client's first bytes are HTTP: `detect`) is served as HTTP/1.1 or HTTP/2 (`serve`), each
 //! request routed, balanced, timed and retried on its own (`retry`), over pooled connections
-//! to the endpoints (`upstream`); bodies pass through counted (`body`).
+//! to the endpoints (`upstream`); bodies pass through counted (`body`); how each endpoint
+//! answered goes to its port's outlier detection (`verdict`).
 
 pub mod body;
 pub mod detect;
 pub mod retry;
 pub mod serve;
 pub mod upstream;
+pub mod verdict;

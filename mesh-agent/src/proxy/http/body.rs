@@ -15,7 +15,11 @@ use hyper::body::{Body, Frame, SizeHint};
 
 use crate::{
     observability::access::RequestRecord,
-    proxy::{balance::Lease, breaker::Slot, http::upstream::BoxError},
+    proxy::{
+        balance::Lease,
+        breaker::Slot,
+        http::{upstream::BoxError, verdict::Pending},
+    },
 };
 
 /// A body whose data bytes are added to a counter as they are read.
@@ -71,11 +75,12 @@ fn poll_nonempty<B: Body<Data = Bytes>>(
     }
 }
 
-/// What a request holds while it is in flight: its endpoint's count of outstanding requests
-/// and its place under the service port's cap.
+/// What a request holds while it is in flight: its endpoint's count of outstanding requests,
+/// its place under the service port's cap, and a gRPC status still to report.
 pub struct InFlight {
     pub lease: Lease,
     pub slot: Slot,
+    pub pending: Option<Pending>,
 }
 
 /// A response body on its way to the client: counts its bytes and reads a `grpc-status` in
@@ -84,7 +89,7 @@ pub struct InFlight {
 pub struct Recorded<B> {
     inner: B,
     record: RequestRecord,
-    _in_flight: Option<InFlight>,
+    in_flight: Option<InFlight>,
 }
 
 impl<B> Recorded<B> {
@@ -92,7 +97,7 @@ impl<B> Recorded<B> {
         Self {
             inner,
             record,
-            _in_flight: in_flight,
+            in_flight,
         }
     }
 }
@@ -113,6 +118,12 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Recorded<B> {
                 .and_then(|t| t.get("grpc-status"))
                 .and_then(|v| v.to_str().ok()?.parse().ok());
             self.record.sent(bytes, grpc_status);
+            if let Some(status) = grpc_status
+                && let Some(in_flight) = &mut self.in_flight
+                && let Some(pending) = in_flight.pending.take()
+            {
+                pending.report(&in_flight.lease, status);
+            }
         }
         polled
     }

@@ -35,6 +35,7 @@ use crate::{
             body::{Counted, InFlight, Recorded, Replay},
             retry::Tried,
             upstream::{Body, BoxError, Connector, Upstreams},
+            verdict::{self, Pending},
         },
     },
     state::{
@@ -290,7 +291,21 @@ impl HttpProxy {
                 if let Some(upgrade) = upgrade {
                     splice(upgrade, &mut response, &parts.method);
                 }
-                return Ok((response, InFlight { lease, slot }));
+                let pending =
+                    status_in_trailers(&response, grpc_status(response.headers())).then(|| {
+                        Pending {
+                            port: backend.clone(),
+                            metrics: self.metrics.clone(),
+                        }
+                    });
+                return Ok((
+                    response,
+                    InFlight {
+                        lease,
+                        slot,
+                        pending,
+                    },
+                ));
             }
             debug!(%endpoint, attempt, ?tried_now, "trying the request again");
             record.retried(tried_now.reason());
@@ -310,8 +325,11 @@ impl HttpProxy {
         match outcome {
             Some(Ok(response)) => {
                 let grpc_status = grpc_status(response.headers());
-                let answered = answered_as(response.status(), grpc_status);
-                self.answered(port, lease, answered);
+                // A gRPC call's status may come in its trailers: reported then (`Pending`).
+                if !status_in_trailers(&response, grpc_status) {
+                    let answered = verdict::answered_as(response.status(), grpc_status);
+                    verdict::report(&self.metrics, port, lease, answered);
+                }
                 (
                     Tried::Answered(response.status(), grpc_status),
                     Ok(response),
@@ -325,11 +343,11 @@ impl HttpProxy {
                 (Tried::ConnectFailed, Err(Answer::ConnectFailed(causes(&e))))
             }
             Some(Err(e)) => {
-                self.answered(port, lease, Answered::GatewayError);
+                verdict::report(&self.metrics, port, lease, Answered::GatewayError);
                 (Tried::Reset, Err(Answer::Reset(causes(&e))))
             }
             None => {
-                self.answered(port, lease, Answered::GatewayError);
+                verdict::report(&self.metrics, port, lease, Answered::GatewayError);
                 (Tried::Reset, Err(Answer::Timeout))
             }
         }
@@ -355,24 +373,6 @@ impl HttpProxy {
                 false
             }
         }
-    }
-
-    /// Tells `port`'s outlier detection how its endpoint answered; counts an ejection.
-    fn answered(&self, port: &ServicePort, lease: &Lease, answered: Answered) {
-        if port.answered(lease, answered) {
-            self.metrics
-                .outlier_ejected(&port.service, lease.endpoint().addr);
-        }
-    }
-}
-
-/// How an answer counts for outlier detection; a gRPC status as gRPC maps it to HTTP
-/// (UNAVAILABLE 503, DEADLINE_EXCEEDED 504, INTERNAL, UNKNOWN and DATA_LOSS 500).
-fn answered_as(status: StatusCode, grpc_status: Option<u32>) -> Answered {
-    match (status.as_u16(), grpc_status) {
-        (502..=504, _) | (_, Some(4 | 14)) => Answered::GatewayError,
-        (500..=599, _) | (_, Some(2 | 13 | 15)) => Answered::ServerError,
-        _ => Answered::Fine,
     }
 }
 
@@ -540,6 +540,11 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Whether `response` is a gRPC call's whose status is still to come, in its trailers.
+fn status_in_trailers(response: &Response<Incoming>, grpc_status: Option<u32>) -> bool {
+    response.status() == StatusCode::OK && grpc_status.is_none() && is_grpc(response.headers())
 }
 
 /// A response's `grpc-status` header (a trailers-only gRPC response).
@@ -1208,16 +1213,21 @@ mod grpc {
             Box<dyn Future<Output = Result<tonic::Response<Self::ResponseStream>, Status>> + Send>,
         >;
 
+        /// `count` items named after the one asked for; for the name `fail`, INTERNAL after
+        /// them (a status in the trailers, after messages).
         fn call(&mut self, request: tonic::Request<Item>) -> Self::Future {
             let asked = request.into_inner();
             Box::pin(async move {
+                let failing = asked.name == "fail";
                 let items = (0..asked.count).map(move |i| {
                     Ok(Item {
                         name: format!("{}-{i}", asked.name),
                         count: i,
                     })
                 });
-                let stream: Self::ResponseStream = Box::pin(futures::stream::iter(items));
+                let end = failing.then(|| Err(Status::internal("broke off")));
+                let stream: Self::ResponseStream =
+                    Box::pin(futures::stream::iter(items.chain(end)));
                 Ok(tonic::Response::new(stream))
             })
         }
@@ -1360,6 +1370,58 @@ mod grpc {
             2.0,
         )
         .await;
+        agent.stop().await;
+    }
+
+    /// A streamed call's status comes after its messages: outlier detection counts it there.
+    #[tokio::test]
+    async fn streams_failing_after_their_messages_eject_their_endpoint() {
+        let net = Loopback::reserve();
+        let (web, pod) = (net.pod(1, 9), net.pod(1, 2));
+        let policy = crate::proxy::balance::OutlierDetection {
+            consecutive_5xx: 3,
+            ..Default::default()
+        };
+        let state = Mesh::node("n1", net.node(1), &net.pod_cidr(1))
+            .workload("shop", "web-0", "web", web)
+            .service("shop", "cart", VIP.into(), (50051, 50051), &[(pod, "n1")])
+            .http(Protocol::Grpc, "[]")
+            .outlier_detection(policy)
+            .build();
+        let cart = Cart {
+            failures: Arc::default(),
+        };
+        grpc_pod((pod, 50051).into(), cart).await;
+        let agent = Agent::start(state, test_ca()).await;
+        let mut grpc = client(&agent, web).await;
+        let ejections = "mesh_endpoint_ejections_total";
+        for (name, ejected) in [("ok", 0.0), ("fail", 0.0), ("fail", 0.0), ("fail", 1.0)] {
+            within(grpc.ready()).await.unwrap();
+            let asked = Item {
+                name: name.into(),
+                count: 2,
+            };
+            let mut stream: Streaming<Item> = within(grpc.server_streaming(
+                tonic::Request::new(asked),
+                PathAndQuery::from_static(STREAM),
+                ProstCodec::default(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+            let mut got = 0;
+            let end = loop {
+                match within(stream.message()).await {
+                    Ok(Some(_)) => got += 1,
+                    Ok(None) => break None,
+                    Err(status) => break Some(status.code()),
+                }
+            };
+            assert_eq!(got, 2);
+            let expected = (name == "fail").then_some(tonic::Code::Internal);
+            assert_eq!(end, expected);
+            sample_reaches(&agent.registry, ejections, ejected).await;
+        }
         agent.stop().await;
     }
 

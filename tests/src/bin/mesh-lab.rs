@@ -401,12 +401,12 @@ fn http_demo(lab: &Lab) -> Result<()> {
     println!();
     println!("Per route, from n1's /metrics:");
     println!(
-        "  {:<10} {:<7} {:>4} {:>9} {:>12} {:>8}",
+        "  {:<12} {:<8} {:>4} {:>9} {:>12} {:>8}",
         "service", "route", "code", "requests", "mean (ms)", "retries"
     );
     for row in route_table(&metrics) {
         println!(
-            "  {:<10} {:<7} {:>4} {:>9} {:>12.2} {:>8}",
+            "  {:<12} {:<8} {:>4} {:>9} {:>12.2} {:>8}",
             row.service.trim_start_matches("lab/"),
             row.route,
             row.code,

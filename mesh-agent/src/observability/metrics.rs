@@ -488,15 +488,15 @@ impl Metrics {
                 m.endpoint_ejections.remove(l);
             },
         );
-        let has = |c: &Config, s: &crate::config::Service| {
-            c.services
-                .iter()
-                .any(|o| o.namespace == s.namespace && o.name == s.name)
-        };
-        for gone in running.services.iter().filter(|s| !has(config, s)) {
+        let gone = running
+            .services
+            .iter()
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .filter(|service| !services.contains(service));
+        for service in gone {
             for tripped in Tripped::ALL {
                 m.circuit_breaker_rejections.remove(&BreakerLabels {
-                    service: format!("{}/{}", gone.namespace, gone.name),
+                    service: service.clone(),
                     limit: tripped.label(),
                 });
             }

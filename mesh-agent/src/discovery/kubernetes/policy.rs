@@ -6,6 +6,7 @@
 //! that port, with the reason. `deploy/crds.yaml` is `mesh-agent crds`: made from these
 //! types, checked by a test.
 
+use k8s_openapi::jiff::Timestamp;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -159,16 +160,15 @@ pub fn attach_policies(
     skipped: &mut Vec<String>,
 ) {
     let mut policies: Vec<&TrafficPolicy> = policies.iter().map(|p| &**p).collect();
-    policies.sort_by(|a, b| {
-        let key = |p: &TrafficPolicy| {
-            (
-                p.metadata.creation_timestamp.clone().map(|t| t.0),
-                p.metadata.namespace.clone(),
-                p.metadata.name.clone(),
-            )
-        };
-        key(a).cmp(&key(b))
-    });
+    fn key(p: &TrafficPolicy) -> (Option<Timestamp>, Option<&str>, Option<&str>) {
+        let m = &p.metadata;
+        (
+            m.creation_timestamp.as_ref().map(|t| t.0),
+            m.namespace.as_deref(),
+            m.name.as_deref(),
+        )
+    }
+    policies.sort_by(|a, b| key(a).cmp(&key(b)));
     for service in services.iter_mut() {
         let (namespace, name) = (service.namespace.to_string(), service.name.to_string());
         for port in &mut service.ports {

@@ -18,7 +18,10 @@ use crate::{
     proxy::{
         balance::Lease,
         breaker::Slot,
-        http::{upstream::BoxError, verdict::Pending},
+        http::{
+            upstream::BoxError,
+            verdict::{self, Pending},
+        },
     },
 };
 
@@ -113,10 +116,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Recorded<B> {
         let polled = poll_nonempty(Pin::new(&mut self.inner), cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
-            let grpc_status = frame
-                .trailers_ref()
-                .and_then(|t| t.get("grpc-status"))
-                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let grpc_status = frame.trailers_ref().and_then(verdict::grpc_status);
             self.record.sent(bytes, grpc_status);
             if let Some(status) = grpc_status
                 && let Some(in_flight) = &mut self.in_flight

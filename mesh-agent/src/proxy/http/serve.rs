@@ -92,6 +92,10 @@ impl Calling {
     }
 }
 
+/// An endpoint's response, with its gRPC status still to report if that comes in the
+/// trailers.
+type Upstreamed = (Response<Incoming>, Option<Pending>);
+
 /// Why the agent answers a request itself.
 #[derive(Debug)]
 enum Answer {
@@ -212,7 +216,7 @@ impl HttpProxy {
             Ok((mut response, in_flight)) => {
                 route.response_headers.apply(response.headers_mut());
                 *response.version_mut() = version;
-                let grpc_status = grpc_status(response.headers());
+                let grpc_status = verdict::grpc_status(response.headers());
                 record.answered(response.status().as_u16(), grpc_status, None);
                 response.map(|body| {
                     Recorded::new(body.map_err(BoxError::from), record, Some(in_flight))
@@ -287,17 +291,10 @@ impl HttpProxy {
                 .again(&parts.method, body.replayable(), attempt, tried_now)
                 && self.retry_slot(backend, &mut retry_slot);
             if !again {
-                let mut response = this_answer?;
+                let (mut response, pending) = this_answer?;
                 if let Some(upgrade) = upgrade {
                     splice(upgrade, &mut response, &parts.method);
                 }
-                let pending =
-                    status_in_trailers(&response, grpc_status(response.headers())).then(|| {
-                        Pending {
-                            port: backend.clone(),
-                            metrics: self.metrics.clone(),
-                        }
-                    });
                 return Ok((
                     response,
                     InFlight {
@@ -315,24 +312,30 @@ impl HttpProxy {
     }
 
     /// What a try came to (`None`: out of time), as retries and the answer see it; the
-    /// endpoint's health takes note.
+    /// endpoint's health takes note, or, for a gRPC call whose status comes in its trailers,
+    /// is told then (`Pending`).
     fn settle(
         &self,
-        port: &ServicePort,
+        port: &Arc<ServicePort>,
         lease: &Lease,
         outcome: Option<Result<Response<Incoming>, hyper_util::client::legacy::Error>>,
-    ) -> (Tried, Result<Response<Incoming>, Answer>) {
+    ) -> (Tried, Result<Upstreamed, Answer>) {
         match outcome {
             Some(Ok(response)) => {
-                let grpc_status = grpc_status(response.headers());
-                // A gRPC call's status may come in its trailers: reported then (`Pending`).
-                if !status_in_trailers(&response, grpc_status) {
+                let grpc_status = verdict::grpc_status(response.headers());
+                let pending = if status_in_trailers(&response, grpc_status) {
+                    Some(Pending {
+                        port: port.clone(),
+                        metrics: self.metrics.clone(),
+                    })
+                } else {
                     let answered = verdict::answered_as(response.status(), grpc_status);
                     verdict::report(&self.metrics, port, lease, answered);
-                }
+                    None
+                };
                 (
                     Tried::Answered(response.status(), grpc_status),
-                    Ok(response),
+                    Ok((response, pending)),
                 )
             }
             Some(Err(e)) if e.is_connect() => {
@@ -545,11 +548,6 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 /// Whether `response` is a gRPC call's whose status is still to come, in its trailers.
 fn status_in_trailers(response: &Response<Incoming>, grpc_status: Option<u32>) -> bool {
     response.status() == StatusCode::OK && grpc_status.is_none() && is_grpc(response.headers())
-}
-
-/// A response's `grpc-status` header (a trailers-only gRPC response).
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
 /// The method's metric label: a standard method's name, or `other`.

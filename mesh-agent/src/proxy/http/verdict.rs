@@ -4,13 +4,18 @@
 
 use std::sync::Arc;
 
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 
 use crate::{
     observability::metrics::Metrics,
     proxy::balance::{Answered, Lease},
     state::routes::ServicePort,
 };
+
+/// The `grpc-status` of a response's headers (a trailers-only answer) or of its trailers.
+pub fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
 
 /// How an answer counts; a gRPC status as gRPC maps it to HTTP (UNAVAILABLE 503,
 /// DEADLINE_EXCEEDED 504, INTERNAL, UNKNOWN and DATA_LOSS 500).

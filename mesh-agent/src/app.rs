@@ -30,11 +30,12 @@ use crate::{
     observability::{
         admin::{ADMIN_PORT, Admin, LogFilter},
         metrics::{self, Metrics},
+        traces::Tracer,
     },
     proxy::{
         balance::EndpointStates,
         dial::LocalDialer,
-        http::{serve::HttpProxy, upstream::Upstreams},
+        http::{serve::HttpProxy, serving::HttpServing, upstream::Upstreams},
         inbound::Inbound,
         liveness::Liveness,
         open::OpenConnections,
@@ -172,6 +173,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let tunnels = Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone()));
+        let tracer = match &config.settings.tracing {
+            Some(tracing) => Some(Tracer::start(tracing, node, metrics.clone())?),
+            None => None,
+        };
         let http = Arc::new(HttpProxy {
             upstreams: Arc::new(Upstreams::new(
                 routes_rx.clone(),
@@ -179,6 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 LocalDialer::default(),
             )),
             metrics: metrics.clone(),
+            tracer: tracer.clone(),
         });
         let outbound = Outbound {
             routes: routes_rx.clone(),
@@ -193,6 +199,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         };
         let inbound = Inbound {
             tls: server_tls,
+            http: Arc::new(HttpServing {
+                metrics: metrics.clone(),
+                tracer,
+            }),
             routes: routes_rx,
             tracker: tracker.clone(),
             stop: stop.clone(),

@@ -87,6 +87,9 @@ pub struct Settings {
     /// protocols (SMTP, MySQL, ...).
     #[serde(default = "default_opaque_ports")]
     pub opaque_ports: Vec<u16>,
+    /// Where request spans go, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
 }
 
 fn default_detection_timeout() -> Period {
@@ -113,6 +116,8 @@ struct ConfigFile {
     protocol_detection_timeout: Period,
     #[serde(default = "default_opaque_ports")]
     opaque_ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tracing: Option<Tracing>,
     #[serde(default)]
     workloads: Vec<Workload>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -129,6 +134,7 @@ impl From<ConfigFile> for Config {
                 identity: f.identity,
                 protocol_detection_timeout: f.protocol_detection_timeout,
                 opaque_ports: f.opaque_ports,
+                tracing: f.tracing,
             },
             node: f.node,
             peers: f.peers,
@@ -148,6 +154,7 @@ impl From<Config> for ConfigFile {
             identity: c.settings.identity,
             protocol_detection_timeout: c.settings.protocol_detection_timeout,
             opaque_ports: c.settings.opaque_ports,
+            tracing: c.settings.tracing,
             workloads: c.workloads,
             unmeshed_pods: c.unmeshed_pods,
             services: c.services,
@@ -282,6 +289,9 @@ impl Config {
             }
         }
         self.settings.identity.validate()?;
+        if let Some(tracing) = &self.settings.tracing {
+            tracing.validate()?;
+        }
 
         let mut workloads = HashSet::new();
         let mut cgroups = HashSet::new();
@@ -612,6 +622,53 @@ impl Identity {
         }
         Ok(())
     }
+}
+
+/// Request spans, exported over OTLP/gRPC.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tracing {
+    /// The OTLP/gRPC collector, like `http://otel-collector.observability:4317`.
+    pub otlp_endpoint: String,
+    /// The share of requests sampled when the caller has not decided (0 to 1); a caller's
+    /// decision in its trace context is always followed.
+    #[serde(default = "default_sampling")]
+    pub sampling: f64,
+    /// Finished spans waiting for export at most; more are dropped, and counted.
+    #[serde(default = "default_max_queued_spans")]
+    pub max_queued_spans: usize,
+}
+
+impl Tracing {
+    fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
+        let at = |key| vec![Seg::Key("tracing"), Seg::Key(key)];
+        let endpoint: Result<::http::Uri, _> = self.otlp_endpoint.parse();
+        if !endpoint.is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some()) {
+            return Err((
+                at("otlp_endpoint"),
+                format!(
+                    "{} is not an http:// URL of a collector",
+                    self.otlp_endpoint
+                ),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.sampling) {
+            return Err((at("sampling"), "the sampling ratio is from 0 to 1".into()));
+        }
+        if self.max_queued_spans == 0 {
+            return Err((at("max_queued_spans"), "at least one span must fit".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Istio's default: one request in a hundred.
+fn default_sampling() -> f64 {
+    0.01
+}
+
+fn default_max_queued_spans() -> usize {
+    2048
 }
 
 /// The shortest certificate lifetime accepted: renewal must not turn into a busy loop.

@@ -7,6 +7,8 @@
 //! once never share an address: node `k` is `127.B.k.1` (its agent's tunnel on port 15008),
 //! its pods are `127.B.(100+k).0/24`.
 
+pub mod collector;
+
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -30,11 +32,11 @@ use crate::{
     config::{CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Workload},
     discovery::Snapshot,
     identity::{CertificateAuthority, FileCa, certificates::Certificates},
-    observability::metrics::Metrics,
+    observability::{metrics::Metrics, traces::Tracer},
     proxy::{
         balance::{EndpointStates, Strategy},
         dial::LocalDialer,
-        http::{serve::HttpProxy, upstream::Upstreams},
+        http::{serve::HttpProxy, serving::HttpServing, upstream::Upstreams},
         inbound::Inbound,
         liveness::Liveness,
         open::OpenConnections,
@@ -198,6 +200,16 @@ impl Mesh {
         self
     }
 
+    /// Exports every request's span to the OTLP collector at `collector`.
+    pub fn tracing(mut self, collector: SocketAddr) -> Self {
+        self.0.settings.tracing = Some(crate::config::Tracing {
+            otlp_endpoint: format!("http://{collector}"),
+            sampling: 1.0,
+            max_queued_spans: 1024,
+        });
+        self
+    }
+
     /// Changes the trust domain.
     pub fn trust_domain(mut self, trust_domain: &str) -> Self {
         self.0.settings.trust_domain = name(trust_domain);
@@ -332,6 +344,9 @@ impl Agent {
             snapshot.settings.identity.certificate_ttl.0,
             metrics.clone(),
         ));
+        let tracer = snapshot.settings.tracing.as_ref().map(|tracing| {
+            Tracer::start(tracing, snapshot.node.name.as_str(), metrics.clone()).unwrap()
+        });
         let routes = routes(snapshot);
         certificates.hold(&routes.identities()).unwrap();
         let (routes, routes_rx) = watch::channel(Arc::new(routes));
@@ -348,6 +363,7 @@ impl Agent {
         let http = Arc::new(HttpProxy {
             upstreams: Arc::new(Upstreams::new(routes_rx.clone(), tunnels.clone(), local)),
             metrics: metrics.clone(),
+            tracer: tracer.clone(),
         });
         let outbound = Outbound {
             routes: routes_rx.clone(),
@@ -362,6 +378,10 @@ impl Agent {
         };
         let inbound = Inbound {
             tls: certificates.server_config().unwrap(),
+            http: Arc::new(HttpServing {
+                metrics: metrics.clone(),
+                tracer: tracer.clone(),
+            }),
             routes: routes_rx,
             tracker: tracker.clone(),
             stop: stop.clone(),
@@ -478,7 +498,7 @@ pub struct PodLog {
 }
 
 /// An HTTP pod at `addr` (HTTP/1.1 and h2c): answers `x-pod: name`, the request's `host` as
-/// `x-host` and its body back; `/status/N` answers N; `/sleep/MS` answers after MS
+/// `x-host`, its `traceparent` as `x-traceparent` and its body back; `/status/N` answers N; `/sleep/MS` answers after MS
 /// milliseconds; an `upgrade: echo` request switches to echoing bytes. While
 /// `failures_left` is above 0 it answers 503 and counts down.
 pub async fn http_pod(addr: SocketAddr, name: &'static str) -> Arc<PodLog> {
@@ -502,6 +522,11 @@ pub async fn http_pod(addr: SocketAddr, name: &'static str) -> Arc<PodLog> {
                             .insert("x-pod", name.parse().unwrap());
                         if let Some(host) = request.headers().get("host") {
                             response.headers_mut().insert("x-host", host.clone());
+                        }
+                        if let Some(parent) = request.headers().get("traceparent") {
+                            response
+                                .headers_mut()
+                                .insert("x-traceparent", parent.clone());
                         }
                         let path = request.uri().path().to_owned();
                         let failing = log

@@ -1,6 +1,4 @@
-//! One record per proxied connection (a captured connection, or a tunnel stream to a pod),
-//! and one per HTTP request ([`RequestRecord`]), each writing its metrics and access line
-//! when dropped.
+//! One record per proxied connection (a captured connection, or a tunnel stream to a pod).
 //!
 //! A connection's record is made when the connection is taken on; it writes the metrics and
 //! one access log line (target `mesh_agent::access`) however the connection ends: refused, its
@@ -30,7 +28,7 @@ use tracing::{info, warn};
 use crate::{
     observability::{
         logs::Sample,
-        metrics::{ConnectionLabels, Metrics, RequestLabels, RetryLabels, RouteLabels},
+        metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
         copy::Ended,
@@ -209,7 +207,7 @@ impl Drop for Record {
 }
 
 /// `namespace/name`, or `-` for an address no workload of this node has.
-fn workload(namespace: &str, name: &str) -> String {
+pub(crate) fn workload(namespace: &str, name: &str) -> String {
     if name.is_empty() {
         "-".into()
     } else {
@@ -284,156 +282,3 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
-
-/// The longest path an access line quotes.
-const MAX_LOGGED_PATH: usize = 256;
-
-/// The target of the per-request access lines.
-const REQUEST_LOG: &str = "mesh_agent::access::request";
-
-/// One HTTP request's record: written (metrics and one access line, target
-/// `mesh_agent::access::request`, off by default) when dropped, once its response has been
-/// sent, cut, or replaced by the agent's own answer.
-pub struct RequestRecord {
-    metrics: Arc<Metrics>,
-    labels: RouteLabels,
-    started: Instant,
-    authority: String,
-    path: String,
-    /// Until the response's headers.
-    headers_after: Option<std::time::Duration>,
-    status: u16,
-    grpc_status: Option<u32>,
-    endpoint: Option<SocketAddr>,
-    attempts: u32,
-    /// Why the agent answered itself, if it did: `no_route`, `no_endpoint`, ...
-    flag: Option<&'static str>,
-    /// Request body bytes, counted as the body is read.
-    pub request_bytes: Arc<AtomicU64>,
-    response_bytes: u64,
-}
-
-impl RequestRecord {
-    pub fn new(metrics: Arc<Metrics>, labels: RouteLabels, authority: &str, path: &str) -> Self {
-        // Copied only for the access line, which is off unless asked for.
-        let logged = tracing::enabled!(target: REQUEST_LOG, tracing::Level::INFO);
-        let (authority, path) = if logged {
-            let cut = path
-                .char_indices()
-                .nth(MAX_LOGGED_PATH)
-                .map_or(path.len(), |(cut, _)| cut);
-            (authority.to_owned(), path[..cut].to_owned())
-        } else {
-            Default::default()
-        };
-        Self {
-            metrics,
-            labels,
-            started: Instant::now(),
-            authority,
-            path,
-            headers_after: None,
-            status: 0,
-            grpc_status: None,
-            endpoint: None,
-            attempts: 0,
-            flag: None,
-            request_bytes: Arc::default(),
-            response_bytes: 0,
-        }
-    }
-
-    /// The route the request took (set once a route took it).
-    pub fn routed(&mut self, route: &Arc<str>) {
-        self.labels.route = route.clone();
-    }
-
-    /// A try was sent to `endpoint`.
-    pub fn tried(&mut self, endpoint: SocketAddr) {
-        self.attempts += 1;
-        self.endpoint = Some(endpoint);
-    }
-
-    /// Counts a retry for `reason`.
-    pub fn retried(&self, reason: &'static str) {
-        let labels = RetryLabels {
-            route: self.labels.clone(),
-            reason,
-        };
-        self.metrics.request_retries.get_or_create(&labels).inc();
-    }
-
-    /// The response's headers: its status and `grpc-status`, and `flag` if the agent answered
-    /// itself.
-    pub fn answered(&mut self, status: u16, grpc_status: Option<u32>, flag: Option<&'static str>) {
-        self.headers_after = Some(self.started.elapsed());
-        self.status = status;
-        self.grpc_status = grpc_status;
-        self.flag = flag;
-    }
-
-    /// The request ran out of time.
-    pub fn timed_out(&self) {
-        self.metrics
-            .request_timeouts
-            .get_or_create(&self.labels)
-            .inc();
-    }
-
-    /// Response body bytes sent; a `grpc-status` found in the trailers.
-    pub fn sent(&mut self, bytes: u64, grpc_status: Option<u32>) {
-        self.response_bytes += bytes;
-        if grpc_status.is_some() {
-            self.grpc_status = grpc_status;
-        }
-    }
-}
-
-impl Drop for RequestRecord {
-    fn drop(&mut self) {
-        let m = &self.metrics;
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        let headers_after = self.headers_after.unwrap_or_else(|| self.started.elapsed());
-        let grpc_status = match self.grpc_status {
-            None => "",
-            Some(code) => GRPC_STATUSES.get(code as usize).copied().unwrap_or("other"),
-        };
-        let labels = RequestLabels {
-            route: self.labels.clone(),
-            code: self.status,
-            grpc_status,
-        };
-        m.request_answered(&labels, headers_after);
-        m.request_bytes
-            .get_or_create(&self.labels)
-            .inc_by(request_bytes);
-        m.response_bytes
-            .get_or_create(&self.labels)
-            .inc_by(self.response_bytes);
-        let l = &self.labels;
-        info!(
-            target: REQUEST_LOG,
-            source_identity = &*l.source_identity,
-            source_workload = %workload(&l.source_namespace, &l.source_workload),
-            destination_service = &*l.destination_service,
-            route = &*l.route,
-            method = l.method,
-            authority = self.authority,
-            path = self.path,
-            status = self.status,
-            grpc_status,
-            endpoint = %self.endpoint.map_or("-".to_owned(), |e| e.to_string()),
-            attempts = self.attempts,
-            flag = self.flag.unwrap_or("-"),
-            request_bytes,
-            response_bytes = self.response_bytes,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            "request"
-        );
-    }
-}
-
-/// `grpc-status` label values by code.
-const GRPC_STATUSES: [&str; 17] = [
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-];

@@ -112,6 +112,11 @@ pub struct IdentityLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -144,6 +149,7 @@ pub struct Metrics {
     pub response_bytes: Family<RouteLabels, Counter>,
     pub request_retries: Family<RetryLabels, Counter>,
     pub request_timeouts: Family<RouteLabels, Counter>,
+    pub trace_spans: Family<OutcomeLabels, Counter>,
     /// The label sets of the connection families, of the request families, and of the
     /// endpoint families.
     connection_series: Series<ConnectionLabels>,
@@ -208,6 +214,7 @@ impl Metrics {
             response_bytes: Family::default(),
             request_retries: Family::default(),
             request_timeouts: Family::default(),
+            trace_spans: Family::default(),
             connection_series: Series::new(),
             request_series: Series::new(),
             endpoint_series: Series::new(),
@@ -316,6 +323,11 @@ impl Metrics {
             "HTTP requests that ran out of time (answered 504)",
             m.request_timeouts.clone(),
         );
+        r.register(
+            "trace_spans",
+            "Finished request spans: exported, failed at the collector, or dropped from a full queue",
+            m.trace_spans.clone(),
+        );
         m
     }
 
@@ -376,6 +388,14 @@ impl Metrics {
         if ejected {
             self.endpoint_ejections.get_or_create(&labels).inc();
         }
+    }
+
+    /// Counts `count` finished spans: `exported`, `failed` (the collector did not take them)
+    /// or `dropped` (the export queue was full).
+    pub fn spans(&self, outcome: &'static str, count: u64) {
+        self.trace_spans
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(count);
     }
 
     /// Counts a connection or request to `service` turned away by its breaker's cap.

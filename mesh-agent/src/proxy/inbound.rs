@@ -36,6 +36,7 @@ use crate::{
     proxy::{
         copy,
         dial::{DialError, LocalDialer},
+        http::serving::HttpServing,
         limit::{Limit, Permit, Rate, RatePerSource},
         liveness::{Liveness, SilenceLimit},
         open::OpenConnections,
@@ -43,7 +44,7 @@ use crate::{
         refusal::{Cap, Refusal},
         tunnel,
     },
-    state::routes::Routes,
+    state::{http::Upstream, routes::Routes},
     system, warn_sampled,
 };
 
@@ -74,6 +75,8 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct Inbound {
     pub tls: Arc<ServerConfig>,
+    /// Serves the streams that carry HTTP requests.
+    pub http: Arc<HttpServing>,
     pub routes: watch::Receiver<Arc<Routes>>,
     pub tracker: TaskTracker,
     /// Cancelled to stop accepting: open tunnels are told to finish (HTTP/2 GOAWAY).
@@ -319,10 +322,17 @@ impl Inbound {
                 .as_ref()
                 .map(|w| w.namespace.clone())
                 .unwrap_or_default(),
-            destination_workload: destination.map(|w| w.name.clone()).unwrap_or_default(),
+            destination_workload: destination
+                .as_ref()
+                .map(|w| w.name.clone())
+                .unwrap_or_default(),
             hop: "tunnel",
         };
-        let abort = self.abort.clone();
+        let carries = request
+            .headers()
+            .get(Upstream::HEADER)
+            .and_then(|token| Upstream::from_token(token.as_bytes()));
+        let (abort, http) = (self.abort.clone(), self.http.clone());
         let span = info_span!("inbound", %caller, %target);
         self.tracker.spawn(
             async move {
@@ -334,11 +344,28 @@ impl Inbound {
                     }
                 };
                 record.connected(labels, target);
-                let ended = copy::until_done(&mut tunnel, &mut pod, &abort).await;
-                if !ended.is_complete() {
-                    system::reset_on_close(&pod);
-                }
-                record.copied(&tunnel.traffic(), ended);
+                let traffic = tunnel.traffic();
+                let ended = match carries {
+                    Some(protocol) => {
+                        http.serve(
+                            tunnel,
+                            pod,
+                            protocol,
+                            &caller,
+                            destination.as_deref(),
+                            &abort,
+                        )
+                        .await
+                    }
+                    None => {
+                        let ended = copy::until_done(&mut tunnel, &mut pod, &abort).await;
+                        if !ended.is_complete() {
+                            system::reset_on_close(&pod);
+                        }
+                        ended
+                    }
+                };
+                record.copied(&traffic, ended);
             }
             .instrument(span),
         );
@@ -444,7 +471,11 @@ mod tests {
             (net.node(2), StatusCode::FORBIDDEN, "not_local_pod"),
         ];
         for (target, expected, reason) in cases {
-            let opened = within(one.tunnels().open(&id, "n2", agent, (target, 8080).into())).await;
+            let opened = within(
+                one.tunnels()
+                    .open(&id, "n2", agent, (target, 8080).into(), None),
+            )
+            .await;
             match opened {
                 Err(tunnel::TunnelError::Refused { status, .. }) => {
                     assert_eq!(status, expected, "{target}")
@@ -458,7 +489,7 @@ mod tests {
         // A pod of the node that is down: the stream is answered, not refused.
         let down = within(
             one.tunnels()
-                .open(&id, "n2", agent, (net.pod(2, 2), 9).into()),
+                .open(&id, "n2", agent, (net.pod(2, 2), 9).into(), None),
         )
         .await;
         assert!(

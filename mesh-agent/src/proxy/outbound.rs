@@ -336,7 +336,7 @@ impl Outbound {
                     .id;
                 let tunnel = timeout(
                     CONNECT_TIMEOUT,
-                    self.tunnels.open(source, node, *agent, target),
+                    self.tunnels.open(source, node, *agent, target, None),
                 )
                 .await
                 .map_err(|_| DialError::Timeout)?

@@ -34,6 +34,7 @@ use crate::{
     identity::{SpiffeId, certificates::Certificates, tls},
     observability::metrics::{Metrics, PeerLabels},
     proxy::liveness::Liveness,
+    state::http::Upstream,
 };
 
 /// Streams one TLS connection carries at most; the inbound side advertises the same limit.
@@ -113,21 +114,26 @@ impl Tunnels {
     }
 
     /// A byte stream to `target` through the agent of `node` at `agent`, authenticated as
-    /// `source`.
+    /// `source`; one that `carries` HTTP requests if it says so.
     pub async fn open(
         &self,
         source: &SpiffeId,
         node: &str,
         agent: SocketAddr,
         target: SocketAddr,
+        carries: Option<Upstream>,
     ) -> Result<TunnelStream, TunnelError> {
         let peer = PeerLabels {
             peer_node: node.to_owned(),
         };
         let (mut sender, stream) = self.stream_slot(source, agent, &peer).await?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
-            .uri(target.to_string())
+            .uri(target.to_string());
+        if let Some(protocol) = carries {
+            request = request.header(Upstream::HEADER, protocol.token());
+        }
+        let request = request
             .body(Empty::new())
             .map_err(|source| TunnelError::Request { target, source })?;
         let http = |source| TunnelError::Http { agent, source };

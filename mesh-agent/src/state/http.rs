@@ -24,6 +24,29 @@ pub enum Upstream {
     Http2,
 }
 
+impl Upstream {
+    /// The tunnel's CONNECT header that says a stream carries HTTP requests of this protocol
+    /// (the serving agent then serves them one by one).
+    pub const HEADER: &'static str = "mesh-protocol";
+
+    /// This protocol as [`Upstream::HEADER`] names it.
+    pub fn token(self) -> &'static str {
+        match self {
+            Upstream::Http1 => "http/1.1",
+            Upstream::Http2 => "h2",
+        }
+    }
+
+    /// The protocol [`Upstream::HEADER`] names, if any.
+    pub fn from_token(token: &[u8]) -> Option<Self> {
+        match token {
+            b"http/1.1" => Some(Upstream::Http1),
+            b"h2" => Some(Upstream::Http2),
+            _ => None,
+        }
+    }
+}
+
 /// An HTTP port's routes, tried in order.
 #[derive(Debug)]
 pub struct HttpPort {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use crate::{
-    observability::access::RequestRecord,
+    observability::request::RequestRecord,
     proxy::{
         balance::Lease,
         breaker::Slot,

@@ -26,7 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
-    observability::{access::RequestRecord, metrics::Metrics, metrics::RouteLabels},
+    observability::{
+        metrics::{Metrics, RouteLabels},
+        request::RequestRecord,
+        traces::Tracer,
+    },
     proxy::{
         balance::{Answered, Lease, Unpicked},
         breaker::{Slot, Tripped},
@@ -34,6 +38,7 @@ use crate::{
         http::{
             body::{Counted, InFlight, Recorded, Replay},
             retry::Tried,
+            trace_context::SpanContext,
             upstream::{Body, BoxError, Connector, Upstreams},
             verdict::{self, Pending},
         },
@@ -52,6 +57,8 @@ const MAX_REPLAY: u64 = 64 << 10;
 pub struct HttpProxy {
     pub upstreams: Arc<Upstreams>,
     pub metrics: Arc<Metrics>,
+    /// Where request spans go, when tracing is on.
+    pub tracer: Option<Arc<Tracer>>,
 }
 
 /// Who calls which port: the same for every request of a connection.
@@ -98,7 +105,7 @@ type Upstreamed = (Response<Incoming>, Option<Pending>);
 
 /// Why the agent answers a request itself.
 #[derive(Debug)]
-enum Answer {
+pub(super) enum Answer {
     NoRoute,
     NoEndpoint,
     ConnectFailed(String),
@@ -184,8 +191,13 @@ impl HttpProxy {
 
     async fn handle(&self, mut request: Request<Incoming>, calling: &Calling) -> Response<Body> {
         let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let port = &calling.port;
+        let span = self.tracer.as_ref().map(|tracer| {
+            let span = SpanContext::of_request(&parts.headers, tracer.sampling());
+            span.inject(&mut parts.headers);
+            (tracer, span)
+        });
         let labels = RouteLabels {
             method: method_label(&parts.method),
             ..calling.labels.clone()
@@ -196,8 +208,13 @@ impl HttpProxy {
             .map(|a| a.as_str())
             .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
             .unwrap_or_default();
-        let mut record =
-            RequestRecord::new(self.metrics.clone(), labels, authority, parts.uri.path());
+        let mut record = RequestRecord::new(
+            self.metrics.clone(),
+            labels,
+            authority,
+            parts.uri.path(),
+            span,
+        );
         let grpc = is_grpc(&parts.headers);
         let Some(route) = port.http.as_ref().and_then(|h| h.route(&parts)) else {
             return answer(record, Answer::NoRoute, &port.service, grpc, parts.version);
@@ -471,7 +488,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Whether the request asks to switch protocols (WebSocket) or to tunnel (CONNECT).
-fn wants_upgrade(request: &Request<Incoming>) -> bool {
+pub(super) fn wants_upgrade(request: &Request<Incoming>) -> bool {
     request.method() == Method::CONNECT
         || (request.version() == Version::HTTP_11
             && request.headers().contains_key(header::UPGRADE))
@@ -479,7 +496,7 @@ fn wants_upgrade(request: &Request<Incoming>) -> bool {
 
 /// Once the endpoint has agreed to an upgrade, joins the client's upgraded connection to the
 /// endpoint's and copies both ways in the background.
-fn splice(client: OnUpgrade, response: &mut Response<Incoming>, method: &Method) {
+pub(super) fn splice(client: OnUpgrade, response: &mut Response<Incoming>, method: &Method) {
     let agreed = response.status() == StatusCode::SWITCHING_PROTOCOLS
         || (method == Method::CONNECT && response.status().is_success());
     if !agreed {
@@ -500,7 +517,7 @@ fn splice(client: OnUpgrade, response: &mut Response<Incoming>, method: &Method)
 }
 
 /// The agent's own answer to a request.
-fn answer(
+pub(super) fn answer(
     mut record: RequestRecord,
     why: Answer,
     service: &str,
@@ -539,7 +556,7 @@ fn answer(
     response.map(|_| Recorded::new(body, record, None).boxed_unsync())
 }
 
-fn is_grpc(headers: &HeaderMap) -> bool {
+pub(super) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -551,7 +568,7 @@ fn status_in_trailers(response: &Response<Incoming>, grpc_status: Option<u32>) -
 }
 
 /// The method's metric label: a standard method's name, or `other`.
-fn method_label(method: &Method) -> &'static str {
+pub(super) fn method_label(method: &Method) -> &'static str {
     match *method {
         Method::GET => "GET",
         Method::HEAD => "HEAD",

@@ -71,6 +71,7 @@ impl Upstreams {
                 tunnels,
                 local,
                 source: None,
+                upstream: None,
             },
             clients: Mutex::new(HashMap::new()),
         }
@@ -84,6 +85,7 @@ impl Upstreams {
             .or_insert_with(|| {
                 let connector = Connector {
                     source: source.cloned(),
+                    upstream: Some(upstream),
                     ..self.connector.clone()
                 };
                 Client::builder(TokioExecutor::new())
@@ -106,6 +108,8 @@ pub struct Connector {
     local: LocalDialer,
     /// Whom the tunnel presents: the caller.
     source: Option<SpiffeId>,
+    /// What the connections speak, told to the serving agent.
+    upstream: Option<Upstream>,
 }
 
 /// Why a connection to an endpoint could not be made.
@@ -150,7 +154,8 @@ impl tower_service::Service<Uri> for Connector {
                     let source = this.source.as_ref().ok_or(ConnectError::NoIdentity)?;
                     let stream = timeout(
                         CONNECT_TIMEOUT,
-                        this.tunnels.open(source, &node, agent, endpoint),
+                        this.tunnels
+                            .open(source, &node, agent, endpoint, this.upstream),
                     )
                     .await
                     .map_err(|_| {

@@ -1,0 +1,330 @@
+//! HTTP on the serving side: a tunnel stream whose CONNECT says it carries HTTP requests
+//! (the calling agent's pooled connection to a pod of this node) is served request by
+//! request over one connection to the pod. Each request gets its own record and, when
+//! tracing is on, a server span that is the parent of the app's: the place for decisions
+//! that belong to the server (its limits, its policy).
+
+use std::{convert::Infallible, sync::Arc};
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::{
+    body::Incoming,
+    client::conn::{http1 as client1, http2 as client2},
+    server::conn::{http1 as server1, http2 as server2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+    sync::Mutex,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::{
+    identity::SpiffeId,
+    observability::{
+        access::workload,
+        metrics::{Metrics, RouteLabels},
+        request::RequestRecord,
+        traces::Tracer,
+    },
+    proxy::{
+        copy::Ended,
+        http::{
+            body::{Counted, Recorded},
+            serve::{Answer, answer, is_grpc, method_label, splice, wants_upgrade},
+            trace_context::SpanContext,
+            upstream::{Body, BoxError},
+            verdict,
+        },
+    },
+    state::{http::Upstream, routes::LocalWorkload},
+};
+
+/// What every served stream needs.
+pub struct HttpServing {
+    pub metrics: Arc<Metrics>,
+    /// Where request spans go, when tracing is on.
+    pub tracer: Option<Arc<Tracer>>,
+}
+
+/// The one connection to the pod that a stream's requests go over.
+enum Pod {
+    /// HTTP/1 requests come one at a time, so the lock is never contended.
+    Http1(Mutex<client1::SendRequest<Body>>),
+    Http2(client2::SendRequest<Body>),
+}
+
+impl Pod {
+    async fn send(&self, request: Request<Body>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Pod::Http1(sender) => {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+            Pod::Http2(sender) => {
+                let mut sender = sender.clone();
+                sender.ready().await?;
+                sender.send_request(request).await
+            }
+        }
+    }
+}
+
+/// Who calls whom on a stream: the same for every request.
+struct Stream {
+    pod: Pod,
+    labels: RouteLabels,
+}
+
+impl HttpServing {
+    /// Serves the requests that come on `tunnel` from `caller`, in `protocol`, to `pod` (of
+    /// `destination`), until either side is done or `abort` is cancelled.
+    pub async fn serve<I>(
+        self: Arc<Self>,
+        tunnel: I,
+        pod: TcpStream,
+        protocol: Upstream,
+        caller: &SpiffeId,
+        destination: Option<&LocalWorkload>,
+        abort: &CancellationToken,
+    ) -> Ended
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let pod = TokioIo::new(pod);
+        let pod = match protocol {
+            Upstream::Http1 => client1::handshake(pod).await.map(|(sender, connection)| {
+                tokio::spawn(connection.with_upgrades());
+                Pod::Http1(Mutex::new(sender))
+            }),
+            Upstream::Http2 => client2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(pod)
+                .await
+                .map(|(sender, connection)| {
+                    tokio::spawn(connection);
+                    Pod::Http2(sender)
+                }),
+        };
+        let pod = match pod {
+            Ok(pod) => pod,
+            Err(e) => return Ended::Failed(std::io::Error::other(e)),
+        };
+        let [destination_namespace, destination_workload, _] =
+            LocalWorkload::label_values(destination);
+        let stream = Arc::new(Stream {
+            pod,
+            labels: RouteLabels {
+                direction: "inbound",
+                source_namespace: caller.namespace().into(),
+                source_workload: Arc::from(""),
+                source_identity: caller.to_string().into(),
+                // The workload served: which of its services was called, the caller knows.
+                destination_service: workload(&destination_namespace, &destination_workload).into(),
+                route: Arc::from(""),
+                method: "",
+            },
+        });
+        let service = service_fn(move |request| {
+            let (this, stream) = (self.clone(), stream.clone());
+            async move { Ok::<_, Infallible>(this.handle(request, &stream).await) }
+        });
+        let tunnel = TokioIo::new(tunnel);
+        let served = async {
+            match protocol {
+                Upstream::Http1 => {
+                    server1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .serve_connection(tunnel, service)
+                        .with_upgrades()
+                        .await
+                }
+                Upstream::Http2 => {
+                    server2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .serve_connection(tunnel, service)
+                        .await
+                }
+            }
+        };
+        tokio::select! {
+            served = served => match served {
+                Ok(()) => Ended::Done,
+                Err(e) => Ended::Failed(std::io::Error::other(e)),
+            },
+            () = abort.cancelled() => Ended::Aborted,
+        }
+    }
+
+    async fn handle(&self, mut request: Request<Incoming>, stream: &Stream) -> Response<Body> {
+        let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let (mut parts, body) = request.into_parts();
+        let span = self.tracer.as_ref().map(|tracer| {
+            let span = SpanContext::of_request(&parts.headers, tracer.sampling());
+            span.inject(&mut parts.headers);
+            (tracer, span)
+        });
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
+            .unwrap_or_default();
+        let labels = RouteLabels {
+            method: method_label(&parts.method),
+            ..stream.labels.clone()
+        };
+        let mut record = RequestRecord::new(
+            self.metrics.clone(),
+            labels,
+            authority,
+            parts.uri.path(),
+            span,
+        );
+        let (grpc, version, method) =
+            (is_grpc(&parts.headers), parts.version, parts.method.clone());
+        let body = Counted::new(body, record.request_bytes.clone());
+        let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
+        match stream.pod.send(request).await {
+            Ok(mut response) => {
+                if let Some(upgrade) = upgrade {
+                    splice(upgrade, &mut response, &method);
+                }
+                let grpc_status = verdict::grpc_status(response.headers());
+                record.answered(response.status().as_u16(), grpc_status, None);
+                response.map(|body| {
+                    Recorded::new(body.map_err(BoxError::from), record, None).boxed_unsync()
+                })
+            }
+            Err(e) => {
+                debug!("the pod broke off a request: {e}");
+                answer(
+                    record,
+                    Answer::Reset(e.to_string()),
+                    "the pod",
+                    grpc,
+                    version,
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::StatusCode;
+    use http_body_util::Full;
+
+    use crate::{
+        config::Protocol,
+        testing::{
+            Agent, Loopback, Mesh, cgroup_of, collector::Collector, http_pod, http1_client,
+            sample_reaches, test_ca, within,
+        },
+    };
+
+    const VIP: [u8; 4] = [198, 19, 0, 10];
+
+    fn hex(id: &[u8]) -> String {
+        id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// web-0 on n1 calls cart on n2: the caller's span, the calling agent's (client) and the
+    /// serving agent's (server) chain up to the app, whose request names the last as parent.
+    #[tokio::test]
+    async fn a_request_is_traced_from_the_caller_through_both_agents_to_the_app() {
+        let net = Loopback::reserve();
+        let ca = test_ca();
+        let collector = Collector::start((net.node(3), 4317).into()).await;
+        let (web, cart) = (net.pod(1, 9), net.pod(2, 2));
+        let mesh = |node: &str, k: u8, peer: &str, j: u8| {
+            Mesh::node(node, net.node(k), &net.pod_cidr(k))
+                .peer(peer, net.node(j), &net.pod_cidr(j))
+                .workload("shop", "web-0", "web", web)
+                .workload("shop", "cart-0", "cart", cart)
+                .service("shop", "cart", VIP.into(), (80, 8080), &[(cart, "n2")])
+                .http(Protocol::Http, "[]")
+                .tracing(collector.addr)
+        };
+        let pod = http_pod((cart, 8080).into(), "cart-0").await;
+        let one = Agent::start(mesh("n1", 1, "n2", 2).build(), ca.clone()).await;
+        let two = Agent::start(mesh("n2", 2, "n1", 1).build(), ca).await;
+        let mut client = http1_client(&one, web, cgroup_of(0), (VIP, 80).into()).await;
+        let (trace, caller_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+        let request = http::Request::get("/items/7")
+            .header("host", "cart")
+            .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+            .header("tracestate", "shop=web")
+            .body(Full::default())
+            .unwrap();
+        let response = within(client.send_request(request)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let app_parent = response.headers()["x-traceparent"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        drop(response);
+        assert_eq!(pod.requests.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        let spans = collector.spans(2).await;
+        let by_kind = |kind: i32| {
+            spans
+                .iter()
+                .find(|s| s.span.kind == kind)
+                .unwrap_or_else(|| panic!("no span of kind {kind} in {spans:#?}"))
+        };
+        let (client_span, server_span) = (by_kind(3), by_kind(2));
+        for s in [client_span, server_span] {
+            assert_eq!(hex(&s.span.trace_id), trace);
+        }
+        assert_eq!(hex(&client_span.span.parent_span_id), caller_span);
+        assert_eq!(client_span.span.parent_span_id.len(), 8);
+        assert_eq!(server_span.span.parent_span_id, client_span.span.span_id);
+        assert_eq!(
+            app_parent,
+            format!("00-{trace}-{}-01", hex(&server_span.span.span_id)),
+            "the app's span is the serving agent's child"
+        );
+        assert_eq!(client_span.resource("k8s.node.name").as_deref(), Some("n1"));
+        assert_eq!(server_span.resource("k8s.node.name").as_deref(), Some("n2"));
+        assert_eq!(client_span.span.name, "GET shop/cart");
+        for (key, value) in [
+            ("http.request.method", "GET"),
+            ("http.response.status_code", "200"),
+            ("url.path", "/items/7"),
+            ("server.address", "cart"),
+            ("mesh.destination.service", "shop/cart"),
+            (
+                "mesh.source.identity",
+                "spiffe://cluster.local/ns/shop/sa/web",
+            ),
+            ("mesh.source.workload", "shop/web-0"),
+            ("network.peer.address", &cart.to_string()),
+        ] {
+            assert_eq!(client_span.attribute(key).as_deref(), Some(value), "{key}");
+        }
+        for (key, value) in [
+            (
+                "mesh.source.identity",
+                "spiffe://cluster.local/ns/shop/sa/web",
+            ),
+            ("mesh.destination.service", "shop/cart-0"),
+            ("http.response.status_code", "200"),
+        ] {
+            assert_eq!(server_span.attribute(key).as_deref(), Some(value), "{key}");
+        }
+        sample_reaches(
+            &one.registry,
+            "mesh_trace_spans_total{outcome=\"exported\"}",
+            1.0,
+        )
+        .await;
+        one.stop().await;
+        two.stop().await;
+    }
+}

@@ -40,6 +40,7 @@ use crate::{
         liveness::Liveness,
         open::OpenConnections,
         outbound::Outbound,
+        rate_limit::global::GlobalLimiter,
         tunnel::Tunnels,
     },
     state::{
@@ -173,6 +174,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
         let tunnels = Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone()));
+        let rate_limit_service = match &config.settings.rate_limit_service {
+            Some(service) => Some(Arc::new(GlobalLimiter::new(service, metrics.clone())?)),
+            None => None,
+        };
         let tracer = match &config.settings.tracing {
             Some(tracing) => Some(Tracer::start(tracing, node, metrics.clone())?),
             None => None,
@@ -185,6 +190,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             )),
             metrics: metrics.clone(),
             tracer: tracer.clone(),
+            rate_limit_service: rate_limit_service.clone(),
         });
         let outbound = Outbound {
             routes: routes_rx.clone(),
@@ -202,6 +208,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             http: Arc::new(HttpServing {
                 metrics: metrics.clone(),
                 tracer,
+                rate_limit_service,
             }),
             routes: routes_rx,
             tracker: tracker.clone(),

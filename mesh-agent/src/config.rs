@@ -26,6 +26,7 @@ use serde::{
 use crate::proxy::{
     balance::{OutlierDetection, Strategy},
     breaker::Limits,
+    rate_limit::{RateLimits, global::RateLimitService},
 };
 
 pub mod http;
@@ -90,6 +91,9 @@ pub struct Settings {
     /// Where request spans go, if anywhere.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// The Envoy rate limit service that ports with `rate_limits.global` ask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_service: Option<RateLimitService>,
 }
 
 fn default_detection_timeout() -> Period {
@@ -118,6 +122,8 @@ struct ConfigFile {
     opaque_ports: Vec<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tracing: Option<Tracing>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_limit_service: Option<RateLimitService>,
     #[serde(default)]
     workloads: Vec<Workload>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -135,6 +141,7 @@ impl From<ConfigFile> for Config {
                 protocol_detection_timeout: f.protocol_detection_timeout,
                 opaque_ports: f.opaque_ports,
                 tracing: f.tracing,
+                rate_limit_service: f.rate_limit_service,
             },
             node: f.node,
             peers: f.peers,
@@ -155,6 +162,7 @@ impl From<Config> for ConfigFile {
             protocol_detection_timeout: c.settings.protocol_detection_timeout,
             opaque_ports: c.settings.opaque_ports,
             tracing: c.settings.tracing,
+            rate_limit_service: c.settings.rate_limit_service,
             workloads: c.workloads,
             unmeshed_pods: c.unmeshed_pods,
             services: c.services,
@@ -292,6 +300,17 @@ impl Config {
         if let Some(tracing) = &self.settings.tracing {
             tracing.validate()?;
         }
+        if let Some(service) = &self.settings.rate_limit_service
+            && !is_http_url(&service.address)
+        {
+            return Err((
+                vec![K("rate_limit_service"), K("address")],
+                format!(
+                    "{} is not an http:// URL of the rate limit service",
+                    service.address
+                ),
+            ));
+        }
 
         let mut workloads = HashSet::new();
         let mut cgroups = HashSet::new();
@@ -354,6 +373,13 @@ impl Config {
                 p.validate_policies().map_err(|(path, reason)| {
                     (at(&[&[K("ports"), I(j)], &path[..]].concat()), reason)
                 })?;
+                let asks_service = p.rate_limits.as_ref().is_some_and(|r| r.global.is_some());
+                if asks_service && self.settings.rate_limit_service.is_none() {
+                    return Err((
+                        at(&[K("ports"), I(j), K("rate_limits"), K("global")]),
+                        "global limits need the settings' rate_limit_service".into(),
+                    ));
+                }
                 let has_service_port = |name: &str, port: u16| {
                     self.services.iter().any(|other| {
                         format!("{}/{}", other.namespace, other.name) == name
@@ -642,8 +668,7 @@ pub struct Tracing {
 impl Tracing {
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
         let at = |key| vec![Seg::Key("tracing"), Seg::Key(key)];
-        let endpoint: Result<::http::Uri, _> = self.otlp_endpoint.parse();
-        if !endpoint.is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some()) {
+        if !is_http_url(&self.otlp_endpoint) {
             return Err((
                 at("otlp_endpoint"),
                 format!(
@@ -660,6 +685,12 @@ impl Tracing {
         }
         Ok(())
     }
+}
+
+/// Whether `url` is `http://host[:port]...` (services the agent speaks gRPC to without TLS).
+fn is_http_url(url: &str) -> bool {
+    url.parse::<::http::Uri>()
+        .is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.host().is_some())
 }
 
 /// Istio's default: one request in a hundred.
@@ -766,6 +797,10 @@ pub struct ServicePort {
     /// Caps on what this agent sends to the port at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<Limits>,
+    /// How fast the port's endpoints take requests (connections on a `tcp` port), enforced
+    /// by the agents serving them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimits>,
     /// HTTP routes (not on a `tcp` port); none sends every request to the port's endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<HttpRoute>,
@@ -817,6 +852,26 @@ impl ServicePort {
                     at("max_pending_requests"),
                     "requests wait only for a cap: set max_requests".into(),
                 ));
+            }
+        }
+        if let Some(limits) = &p.rate_limits {
+            let routes: Vec<&str> = p.routes.iter().map(|r| r.name.as_str()).collect();
+            for (i, limit) in limits.local.iter().enumerate() {
+                let fault = match limit.fault(&routes) {
+                    Some(fault) => Some(fault),
+                    None if p.protocol == Protocol::Tcp && limit.route.is_some() => Some((
+                        "route",
+                        "routes are for HTTP: give the port a protocol (http, http2, grpc or auto)"
+                            .into(),
+                    )),
+                    None => None,
+                };
+                if let Some((key, reason)) = fault {
+                    return Err((
+                        vec![K("rate_limits"), K("local"), Seg::Index(i), K(key)],
+                        reason,
+                    ));
+                }
             }
         }
         if let Some(outliers) = &p.outlier_detection {

@@ -1,8 +1,10 @@
 //! The data path in user space: what to do with a connection, decided from the state alone
 //! (`plan`), carried out for captured connections (`outbound`) and peer agents' tunnels
 //! (`inbound`), the mTLS + HTTP/2 CONNECT tunnel between them (`tunnel`), endpoint choice
-//! and health (`balance`), the byte copy (`copy`), dialling pods (`dial`), liveness of peers (`liveness`), the caps
-//! on what a peer or pod may hold (`limit`), and why a connection is refused (`refusal`).
+//! and health (`balance`), a service's caps on what its callers send at once (`breaker`) and
+//! on how fast (`rate_limit`), the byte copy (`copy`), dialling pods (`dial`), liveness of
+//! peers (`liveness`), the caps on what a peer or pod may hold (`limit`), and why a
+//! connection is refused (`refusal`).
 
 pub mod balance;
 pub mod breaker;
@@ -15,5 +17,6 @@ pub mod liveness;
 pub mod open;
 pub mod outbound;
 pub mod plan;
+pub mod rate_limit;
 pub mod refusal;
 pub mod tunnel;

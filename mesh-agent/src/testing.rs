@@ -41,6 +41,7 @@ use crate::{
         liveness::Liveness,
         open::OpenConnections,
         outbound::{CapturedConnect, Captures, Outbound},
+        rate_limit::global::GlobalLimiter,
         tunnel::Tunnels,
     },
     state::routes::{Routes, TUNNEL_PORT},
@@ -123,6 +124,7 @@ impl Mesh {
                 load_balancing: Strategy::default(),
                 outlier_detection: None,
                 circuit_breakers: None,
+                rate_limits: None,
                 routes: Vec::new(),
             }],
             endpoints: endpoints
@@ -178,6 +180,28 @@ impl Mesh {
                 port.circuit_breakers = Some(limits);
             }
         }
+        self
+    }
+
+    /// Gives the last service's ports the rate limits of `yaml`.
+    pub fn rate_limits(mut self, yaml: &str) -> Self {
+        let limits: crate::proxy::rate_limit::RateLimits = serde_yaml::from_str(yaml).unwrap();
+        if let Some(service) = self.0.services.last_mut() {
+            for port in &mut service.ports {
+                port.rate_limits = Some(limits.clone());
+            }
+        }
+        self
+    }
+
+    /// Asks the rate limit service at `service` (its failure mode as given).
+    pub fn rate_limit_service(mut self, service: SocketAddr, failure_mode: &str) -> Self {
+        self.0.settings.rate_limit_service = Some(
+            serde_yaml::from_str(&format!(
+                "{{ address: 'http://{service}', timeout: 500ms, failure_mode: {failure_mode} }}"
+            ))
+            .unwrap(),
+        );
         self
     }
 
@@ -347,6 +371,11 @@ impl Agent {
         let tracer = snapshot.settings.tracing.as_ref().map(|tracing| {
             Tracer::start(tracing, snapshot.node.name.as_str(), metrics.clone()).unwrap()
         });
+        let rate_limit_service = snapshot
+            .settings
+            .rate_limit_service
+            .as_ref()
+            .map(|service| Arc::new(GlobalLimiter::new(service, metrics.clone()).unwrap()));
         let routes = routes(snapshot);
         certificates.hold(&routes.identities()).unwrap();
         let (routes, routes_rx) = watch::channel(Arc::new(routes));
@@ -364,6 +393,7 @@ impl Agent {
             upstreams: Arc::new(Upstreams::new(routes_rx.clone(), tunnels.clone(), local)),
             metrics: metrics.clone(),
             tracer: tracer.clone(),
+            rate_limit_service: rate_limit_service.clone(),
         });
         let outbound = Outbound {
             routes: routes_rx.clone(),
@@ -381,6 +411,7 @@ impl Agent {
             http: Arc::new(HttpServing {
                 metrics: metrics.clone(),
                 tracer: tracer.clone(),
+                rate_limit_service,
             }),
             routes: routes_rx,
             tracker: tracker.clone(),

@@ -112,6 +112,13 @@ pub struct IdentityLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    pub service: String,
+    /// `local` or `global`.
+    pub by: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -150,6 +157,8 @@ pub struct Metrics {
     pub request_retries: Family<RetryLabels, Counter>,
     pub request_timeouts: Family<RouteLabels, Counter>,
     pub trace_spans: Family<OutcomeLabels, Counter>,
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+    pub rate_limit_service_failures: Family<OutcomeLabels, Counter>,
     /// The label sets of the connection families, of the request families, and of the
     /// endpoint families.
     connection_series: Series<ConnectionLabels>,
@@ -215,6 +224,8 @@ impl Metrics {
             request_retries: Family::default(),
             request_timeouts: Family::default(),
             trace_spans: Family::default(),
+            rate_limited: Family::default(),
+            rate_limit_service_failures: Family::default(),
             connection_series: Series::new(),
             request_series: Series::new(),
             endpoint_series: Series::new(),
@@ -328,6 +339,16 @@ impl Metrics {
             "Finished request spans: exported, failed at the collector, or dropped from a full queue",
             m.trace_spans.clone(),
         );
+        r.register(
+            "rate_limited",
+            "Requests (connections on TCP ports) a service's rate limit turned away, by the limit",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "rate_limit_service_failures",
+            "Requests the rate limit service did not answer in time: allowed or denied as configured",
+            m.rate_limit_service_failures.clone(),
+        );
         m
     }
 
@@ -396,6 +417,25 @@ impl Metrics {
         self.trace_spans
             .get_or_create(&OutcomeLabels { outcome })
             .inc_by(count);
+    }
+
+    /// Counts a request or connection to `service` turned away by its `local` or `global`
+    /// rate limit.
+    pub fn rate_limited(&self, service: &str, by: &'static str) {
+        self.rate_limited
+            .get_or_create(&RateLimitLabels {
+                service: service.to_owned(),
+                by,
+            })
+            .inc();
+    }
+
+    /// Counts a request the rate limit service did not answer, `allowed` through or not.
+    pub fn rate_limit_service_failed(&self, allowed: bool) {
+        let outcome = if allowed { "allowed" } else { "denied" };
+        self.rate_limit_service_failures
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Counts a connection or request to `service` turned away by its breaker's cap.

@@ -28,6 +28,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
+    config::Protocol,
     identity::{SpiffeId, tls},
     observability::{
         access::{Direction, Metered, Record},
@@ -36,11 +37,12 @@ use crate::{
     proxy::{
         copy,
         dial::{DialError, LocalDialer},
-        http::serving::HttpServing,
+        http::serving::{HttpServing, Parties},
         limit::{Limit, Permit, Rate, RatePerSource},
         liveness::{Liveness, SilenceLimit},
         open::OpenConnections,
         plan::{self, InboundPlan},
+        rate_limit,
         refusal::{Cap, Refusal},
         tunnel,
     },
@@ -297,6 +299,32 @@ impl Inbound {
                 return status(code);
             }
         };
+        let ports = self.routes.borrow().served_at(target).to_vec();
+        let carries = request
+            .headers()
+            .get(Upstream::HEADER)
+            .and_then(|token| Upstream::from_token(token.as_bytes()));
+        let tcp_port = ports.iter().find(|p| p.protocol == Protocol::Tcp);
+        if carries.is_none()
+            && let Some(port) = tcp_port
+        {
+            let http = &self.http;
+            let checked = rate_limit::check(
+                port,
+                None,
+                Some(&caller),
+                http.rate_limit_service.as_deref(),
+                &http.metrics,
+            )
+            .await;
+            if let Err(limited) = checked {
+                record.refuse(Refusal::RateLimited {
+                    service: port.service.clone(),
+                    by: limited.by,
+                });
+                return status(StatusCode::TOO_MANY_REQUESTS);
+            }
+        }
         let mut pod = match self.local.pod(target).await {
             Ok(pod) => pod,
             Err(DialError::OnHost(target)) => {
@@ -328,10 +356,6 @@ impl Inbound {
                 .unwrap_or_default(),
             hop: "tunnel",
         };
-        let carries = request
-            .headers()
-            .get(Upstream::HEADER)
-            .and_then(|token| Upstream::from_token(token.as_bytes()));
         let (abort, http) = (self.abort.clone(), self.http.clone());
         let span = info_span!("inbound", %caller, %target);
         self.tracker.spawn(
@@ -347,15 +371,12 @@ impl Inbound {
                 let traffic = tunnel.traffic();
                 let ended = match carries {
                     Some(protocol) => {
-                        http.serve(
-                            tunnel,
-                            pod,
-                            protocol,
-                            &caller,
-                            destination.as_deref(),
-                            &abort,
-                        )
-                        .await
+                        let parties = Parties {
+                            caller,
+                            destination,
+                            ports,
+                        };
+                        http.serve(tunnel, pod, protocol, parties, &abort).await
                     }
                     None => {
                         let ended = copy::until_done(&mut tunnel, &mut pod, &abort).await;

@@ -1,13 +1,16 @@
 //! Caps on how many of something (connections, handshakes) are open at once, in all and per
-//! source address, and on how fast new ones come: what one hostile pod or peer can hold of the
-//! agent, and how much of its CPU it can spend.
+//! source address, and token buckets for how fast new ones come: what one hostile pod or peer
+//! can hold of the agent, how much of its CPU it can spend, and a service's rate limits.
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::Duration,
 };
+
+use tokio::time::Instant;
 
 /// How many may be open at once.
 pub struct Limit {
@@ -113,8 +116,13 @@ pub struct Rate {
 
 impl Rate {
     pub fn new(per_second: u32, burst: u32) -> Self {
+        Self::per(per_second, Duration::from_secs(1), burst)
+    }
+
+    /// `count` every `period` on average, `burst` at once.
+    pub fn per(count: u32, period: Duration, burst: u32) -> Self {
         Self {
-            per_second: f64::from(per_second),
+            per_second: f64::from(count) / period.as_secs_f64(),
             burst: f64::from(burst),
             tokens: f64::from(burst),
             at: Instant::now(),
@@ -123,18 +131,27 @@ impl Rate {
 
     /// Takes a token if there is one.
     pub fn take(&mut self) -> bool {
+        self.take_at(Instant::now()).is_ok()
+    }
+
+    /// Takes a token if there is one, else says how long until there is.
+    pub fn take_or_wait(&mut self) -> Result<(), Duration> {
         self.take_at(Instant::now())
     }
 
-    fn take_at(&mut self, now: Instant) -> bool {
+    fn take_at(&mut self, now: Instant) -> Result<(), Duration> {
         let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.per_second;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            true
+            Ok(())
+        } else if self.per_second > 0.0 {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
         } else {
-            false
+            Err(Duration::MAX)
         }
     }
 
@@ -145,44 +162,59 @@ impl Rate {
     }
 }
 
-/// A [`Rate`] for each source address. Sources whose bucket is full again are forgotten, and
-/// at most [`RatePerSource::MAX_SOURCES`] are tracked: beyond, new sources are refused until
-/// some quiet down.
-pub struct RatePerSource {
+/// A [`Rate`] for each key (a source address, a caller's identity). Keys whose bucket is full
+/// again are forgotten, and at most [`RatePerKey::MAX_KEYS`] are tracked: beyond, new keys are
+/// refused until some quiet down.
+pub struct RatePerKey<K> {
     rate: Rate,
-    buckets: Mutex<HashMap<IpAddr, Rate>>,
+    buckets: Mutex<HashMap<K, Rate>>,
 }
 
-impl RatePerSource {
-    pub const MAX_SOURCES: usize = 4096;
+/// A [`Rate`] for each source address, IPv4-mapped or not.
+pub type RatePerSource = RatePerKey<IpAddr>;
 
-    pub fn new(per_second: u32, burst: u32) -> Self {
+impl<K: Hash + Eq> RatePerKey<K> {
+    pub const MAX_KEYS: usize = 4096;
+
+    /// Each key gets buckets like `rate`.
+    pub fn like(rate: Rate) -> Self {
         Self {
-            rate: Rate::new(per_second, burst),
+            rate,
             buckets: Mutex::default(),
         }
     }
 
-    /// Takes a token of `source`'s bucket if there is one.
-    pub fn take(&self, source: IpAddr) -> bool {
-        self.take_at(source.to_canonical(), Instant::now())
+    /// Takes a token of `key`'s bucket if there is one, else says how long until there is.
+    pub fn take_or_wait(&self, key: K) -> Result<(), Duration> {
+        self.take_at(key, Instant::now())
     }
 
-    fn take_at(&self, source: IpAddr, now: Instant) -> bool {
+    fn take_at(&self, key: K, now: Instant) -> Result<(), Duration> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= Self::MAX_SOURCES && !buckets.contains_key(&source) {
+        if buckets.len() >= Self::MAX_KEYS && !buckets.contains_key(&key) {
             buckets.retain(|_, bucket| !bucket.is_full_at(now));
-            if buckets.len() >= Self::MAX_SOURCES {
-                return false;
+            if buckets.len() >= Self::MAX_KEYS {
+                return Err(Duration::from_secs(1));
             }
         }
         buckets
-            .entry(source)
+            .entry(key)
             .or_insert_with(|| Rate {
                 at: now,
                 ..self.rate.clone()
             })
             .take_at(now)
+    }
+}
+
+impl RatePerSource {
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        Self::like(Rate::new(per_second, burst))
+    }
+
+    /// Takes a token of `source`'s bucket if there is one.
+    pub fn take(&self, source: IpAddr) -> bool {
+        self.take_or_wait(source.to_canonical()).is_ok()
     }
 }
 
@@ -196,14 +228,17 @@ mod tests {
     fn a_rate_allows_its_burst_then_its_pace() {
         let mut rate = Rate::new(10, 5);
         let t0 = rate.at;
-        assert_eq!((0..8).filter(|_| rate.take_at(t0)).count(), 5);
+        assert_eq!((0..8).filter(|_| rate.take_at(t0).is_ok()).count(), 5);
         // 10 per second: one more every 100 ms.
-        assert!(!rate.take_at(t0 + Duration::from_millis(50)));
-        assert!(rate.take_at(t0 + Duration::from_millis(100)));
-        assert!(!rate.take_at(t0 + Duration::from_millis(100)));
+        assert_eq!(
+            rate.take_at(t0 + Duration::from_millis(50)),
+            Err(Duration::from_millis(50))
+        );
+        assert!(rate.take_at(t0 + Duration::from_millis(100)).is_ok());
+        assert!(rate.take_at(t0 + Duration::from_millis(100)).is_err());
         // Never more than the burst, however long the pause.
         let later = t0 + Duration::from_secs(3600);
-        assert_eq!((0..8).filter(|_| rate.take_at(later)).count(), 5);
+        assert_eq!((0..8).filter(|_| rate.take_at(later).is_ok()).count(), 5);
     }
 
     #[test]
@@ -212,18 +247,18 @@ mod tests {
         let t0 = Instant::now();
         let a: IpAddr = "198.18.1.2".parse().unwrap();
         let b: IpAddr = "198.18.1.3".parse().unwrap();
-        assert!(rates.take_at(a, t0) && rates.take_at(a, t0));
-        assert!(!rates.take_at(a, t0));
-        assert!(rates.take_at(b, t0));
+        assert!(rates.take_at(a, t0).is_ok() && rates.take_at(a, t0).is_ok());
+        assert_eq!(rates.take_at(a, t0), Err(Duration::from_secs(1)));
+        assert!(rates.take_at(b, t0).is_ok());
         // Fill the table with sources that used a token each.
-        for i in 0..RatePerSource::MAX_SOURCES {
+        for i in 0..RatePerSource::MAX_KEYS {
             let ip = IpAddr::from(std::net::Ipv6Addr::from(i as u128 + 1));
-            rates.take_at(ip, t0);
+            let _ = rates.take_at(ip, t0);
         }
         let newcomer: IpAddr = "198.18.1.4".parse().unwrap();
-        assert!(!rates.take_at(newcomer, t0), "the table is full");
+        assert!(rates.take_at(newcomer, t0).is_err(), "the table is full");
         // A second later every bucket is full again: the quiet sources are forgotten.
-        assert!(rates.take_at(newcomer, t0 + Duration::from_secs(2)));
+        assert!(rates.take_at(newcomer, t0 + Duration::from_secs(2)).is_ok());
         assert!(rates.buckets.lock().unwrap().len() < 10);
     }
 

@@ -4,6 +4,8 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use http::StatusCode;
+
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
@@ -26,8 +28,9 @@ use crate::{
         http::{detect, serve::HttpProxy},
         open::OpenConnections,
         plan::{self, OutboundPlan},
+        rate_limit,
         refusal::Refusal,
-        tunnel::{TunnelStream, Tunnels},
+        tunnel::{TunnelError, TunnelStream, Tunnels},
     },
     state::routes::{Hop, LocalWorkload, Route, Routes, ServicePort},
     system, warn_sampled,
@@ -272,6 +275,19 @@ impl Outbound {
                 }
             };
             let target = lease.endpoint().addr;
+            if hop == Hop::Local && port.protocol == Protocol::Tcp {
+                // This agent serves the endpoint: the service's rate limits are its to keep.
+                let source = caller.workload.as_ref().map(|w| &w.id);
+                let service = self.http.rate_limit_service.as_deref();
+                if let Err(limited) =
+                    rate_limit::check(port, None, source, service, &self.metrics).await
+                {
+                    return Err(NotConnected::Refused(Refusal::RateLimited {
+                        service: port.service.clone(),
+                        by: limited.by,
+                    }));
+                }
+            }
             match self.dial(target, &hop, caller, Dialled::Endpoint).await {
                 Ok(upstream) => {
                     lease.endpoint().succeeded();
@@ -340,7 +356,14 @@ impl Outbound {
                 )
                 .await
                 .map_err(|_| DialError::Timeout)?
-                .map_err(|e| DialError::Failed(e.to_string()))?;
+                .map_err(|e| match e {
+                    // The service's limit, not the endpoint's fault: no ejection, no retry.
+                    TunnelError::Refused {
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                        ..
+                    } => Failed::Refused(Refusal::RateLimitedThere(target)),
+                    e => Failed::Dial(DialError::Failed(e.to_string())),
+                })?;
                 debug!(%target, %node, %source, "connected over mTLS through the peer agent");
                 Ok(Upstream::Tunnel(tunnel))
             }

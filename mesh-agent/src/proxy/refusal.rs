@@ -34,6 +34,10 @@ pub enum Refusal {
     Over(Cap),
     #[error("{service} is at its cap on {}", .tripped.what())]
     CircuitOpen { service: String, tripped: Tripped },
+    #[error("{service} is over its {by} rate limit")]
+    RateLimited { service: String, by: &'static str },
+    #[error("the agent serving {0} refused it: over its service's rate limit")]
+    RateLimitedThere(SocketAddr),
 }
 
 /// A cap on what one peer or pod may hold or start (see `proxy::limit`).
@@ -77,6 +81,7 @@ impl Refusal {
             Refusal::NotLocalPod(_) => "not_local_pod",
             Refusal::NodeAddress(_) => "node_address",
             Refusal::CircuitOpen { .. } => "circuit_open",
+            Refusal::RateLimited { .. } | Refusal::RateLimitedThere(_) => "rate_limited",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

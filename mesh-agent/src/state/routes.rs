@@ -16,6 +16,7 @@ use crate::{
     proxy::{
         balance::{Answered, Balancer, EndpointStates, Lease, Unpicked},
         breaker::Breaker,
+        rate_limit::RateLimiter,
     },
     state::http::HttpPort,
 };
@@ -26,6 +27,8 @@ pub const TUNNEL_PORT: u16 = 15008;
 /// The routing table built from a config ([`Snapshot`]).
 pub struct Routes {
     services: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// The service ports each endpoint on this node serves (usually one).
+    served: HashMap<SocketAddr, Vec<Arc<ServicePort>>>,
     /// Every service endpoint and the hop to it.
     endpoint_hops: HashMap<SocketAddr, Hop>,
     local_pod_cidrs: Vec<IpNet>,
@@ -75,6 +78,9 @@ pub struct ServicePort {
     balancer: Balancer,
     /// Its caps on connections, requests and retries at once.
     pub breaker: Breaker,
+    /// How fast its endpoints on this node take requests or connections, if it says.
+    /// Shared by every view of the port (its subsets, a route's backend): one set of buckets.
+    pub rate_limits: Option<Arc<RateLimiter>>,
     hops: HashMap<SocketAddr, Hop>,
     /// The endpoints' port.
     target_port: u16,
@@ -160,6 +166,15 @@ impl Routes {
                 (node.name.as_str(), hop)
             })
             .collect();
+        let limiters: HashMap<(&str, &str, u16), Arc<RateLimiter>> = config
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(move |port| (s, port)))
+            .filter_map(|(s, port)| {
+                let limiter = Arc::new(RateLimiter::new(port.rate_limits.as_ref()?));
+                Some(((s.name.as_str(), s.namespace.as_str(), port.port), limiter))
+            })
+            .collect();
         // Every port's endpoints first, so that HTTP routes can send to other services'.
         let port_of = |s: &config::Service,
                        port: &config::ServicePort,
@@ -183,6 +198,9 @@ impl Routes {
                     endpoints,
                 ),
                 breaker,
+                rate_limits: limiters
+                    .get(&(s.name.as_str(), s.namespace.as_str(), port.port))
+                    .cloned(),
                 hops,
                 target_port: port.target_port(),
                 http: None,
@@ -203,6 +221,7 @@ impl Routes {
             .flat_map(|port| port.hops.iter().map(|(addr, hop)| (*addr, hop.clone())))
             .collect();
         let mut services = HashMap::new();
+        let mut served = HashMap::new();
         for s in &config.services {
             for port in &s.ports {
                 let this = &base[&(format!("{}/{}", s.namespace, s.name), port.port)];
@@ -227,6 +246,12 @@ impl Routes {
                 };
                 for addr in &s.addresses {
                     services.insert(SocketAddr::new(*addr, port.port), service_port.clone());
+                }
+                for e in s.endpoints.iter().filter(|e| e.node == config.node.name) {
+                    served
+                        .entry(SocketAddr::new(e.address, e.target_port(port)))
+                        .or_insert_with(Vec::new)
+                        .push(service_port.clone());
                 }
             }
         }
@@ -271,6 +296,7 @@ impl Routes {
             .collect();
         Self {
             services,
+            served,
             endpoint_hops,
             local_pod_cidrs: node.pod_cidrs.clone(),
             local_pods,
@@ -324,6 +350,11 @@ impl Routes {
             }),
             None => Err(NoRoute::NotOwned(dst)),
         }
+    }
+
+    /// The service ports whose endpoint on this node `target` is.
+    pub fn served_at(&self, target: SocketAddr) -> &[Arc<ServicePort>] {
+        self.served.get(&target).map_or(&[], Vec::as_slice)
     }
 
     /// The hop to `endpoint`, an endpoint of some service.

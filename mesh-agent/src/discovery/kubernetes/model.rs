@@ -335,6 +335,7 @@ fn service(
             // A Service says nothing of outliers.
             outlier_detection: None,
             circuit_breakers: None,
+            rate_limits: None,
             routes: Vec::new(),
         });
     }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::{
+    identity::SpiffeId,
     observability::{
         metrics::{Metrics, RouteLabels},
         request::RequestRecord,
@@ -42,10 +43,11 @@ use crate::{
             upstream::{Body, BoxError, Connector, Upstreams},
             verdict::{self, Pending},
         },
+        rate_limit::{self, Limited, global::GlobalLimiter},
     },
     state::{
         http::{HttpRoute, Upstream},
-        routes::{LocalWorkload, ServicePort},
+        routes::{Hop, LocalWorkload, ServicePort},
     },
 };
 
@@ -59,11 +61,15 @@ pub struct HttpProxy {
     pub metrics: Arc<Metrics>,
     /// Where request spans go, when tracing is on.
     pub tracer: Option<Arc<Tracer>>,
+    /// The rate limit service, for endpoints on this node (the agent serving them).
+    pub rate_limit_service: Option<Arc<GlobalLimiter>>,
 }
 
 /// Who calls which port: the same for every request of a connection.
 struct Calling {
     port: Arc<ServicePort>,
+    /// The caller's identity, if it has one.
+    source: Option<SpiffeId>,
     /// The requests' metric labels, but for the route and the method.
     labels: RouteLabels,
     /// The port's upstream protocol, and the pool that speaks it as the caller.
@@ -92,6 +98,7 @@ impl Calling {
         };
         Self {
             port,
+            source: source.map(|w| w.id.clone()),
             labels,
             upstream,
             client,
@@ -112,6 +119,7 @@ pub(super) enum Answer {
     Reset(String),
     Timeout,
     CircuitOpen(Tripped),
+    RateLimited(Limited),
 }
 
 impl Answer {
@@ -153,6 +161,12 @@ impl Answer {
                 14,
                 "circuit_open",
                 format!("{service} is at its cap on {}", tripped.what()),
+            ),
+            Answer::RateLimited(limited) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                8,
+                "rate_limited",
+                format!("{service} is over its {} rate limit", limited.by),
             ),
         }
     }
@@ -274,7 +288,7 @@ impl HttpProxy {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (lease, _) = match backend.pick(&tried) {
+            let (lease, hop) = match backend.pick(&tried) {
                 Err(Unpicked::NoEndpoint) => backend.pick(&[]),
                 picked => picked,
             }
@@ -282,6 +296,19 @@ impl HttpProxy {
                 Unpicked::NoEndpoint => Answer::NoEndpoint,
                 Unpicked::AllBusy => self.circuit_open(backend, Tripped::PerEndpoint),
             })?;
+            if hop == Hop::Local {
+                // This agent serves the endpoint: the service's rate limits are its to keep.
+                let route = backend.http.as_ref().and_then(|h| h.route(&parts));
+                rate_limit::check(
+                    backend,
+                    route.map(|r| &*r.name),
+                    calling.source.as_ref(),
+                    self.rate_limit_service.as_deref(),
+                    &self.metrics,
+                )
+                .await
+                .map_err(Answer::RateLimited)?;
+            }
             let endpoint = lease.endpoint().addr;
             record.tried(endpoint);
             let Some(this_try) = body.again() else {
@@ -531,6 +558,9 @@ pub(super) fn answer(
     let mut response = Response::new(Body::default());
     *response.version_mut() = version;
     let headers = response.headers_mut();
+    if let Answer::RateLimited(limited) = &why {
+        limited.response_headers(headers);
+    }
     let body = if grpc {
         // A trailers-only gRPC response: the status in the headers.
         headers.insert(

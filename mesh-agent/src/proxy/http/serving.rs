@@ -40,8 +40,12 @@ use crate::{
             upstream::{Body, BoxError},
             verdict,
         },
+        rate_limit::{self, global::GlobalLimiter},
     },
-    state::{http::Upstream, routes::LocalWorkload},
+    state::{
+        http::Upstream,
+        routes::{LocalWorkload, ServicePort},
+    },
 };
 
 /// What every served stream needs.
@@ -49,6 +53,8 @@ pub struct HttpServing {
     pub metrics: Arc<Metrics>,
     /// Where request spans go, when tracing is on.
     pub tracer: Option<Arc<Tracer>>,
+    /// The rate limit service, if the settings name one.
+    pub rate_limit_service: Option<Arc<GlobalLimiter>>,
 }
 
 /// The one connection to the pod that a stream's requests go over.
@@ -75,22 +81,45 @@ impl Pod {
     }
 }
 
-/// Who calls whom on a stream: the same for every request.
+/// Who calls whom on a stream.
+pub struct Parties {
+    pub caller: SpiffeId,
+    /// The pod's workload, if meshed.
+    pub destination: Option<Arc<LocalWorkload>>,
+    /// The service ports the pod serves on the stream's port (usually one).
+    pub ports: Vec<Arc<ServicePort>>,
+}
+
+/// What every request of a stream shares.
 struct Stream {
     pod: Pod,
     labels: RouteLabels,
+    caller: SpiffeId,
+    /// The service ports the pod serves on the stream's port (usually one).
+    ports: Vec<Arc<ServicePort>>,
+}
+
+impl Stream {
+    /// The service port a request for `host` is for: the one whose service's name the host
+    /// starts with (`cart`, `cart.shop.svc.cluster.local`), else the first.
+    fn port_for(&self, host: &str) -> Option<&Arc<ServicePort>> {
+        let label = host.split(['.', ':']).next().unwrap_or_default();
+        self.ports
+            .iter()
+            .find(|p| p.service.rsplit('/').next() == Some(label))
+            .or(self.ports.first())
+    }
 }
 
 impl HttpServing {
-    /// Serves the requests that come on `tunnel` from `caller`, in `protocol`, to `pod` (of
-    /// `destination`), until either side is done or `abort` is cancelled.
+    /// Serves the requests that come on `tunnel`, in `protocol`, to `pod`, until either side
+    /// is done or `abort` is cancelled.
     pub async fn serve<I>(
         self: Arc<Self>,
         tunnel: I,
         pod: TcpStream,
         protocol: Upstream,
-        caller: &SpiffeId,
-        destination: Option<&LocalWorkload>,
+        parties: Parties,
         abort: &CancellationToken,
     ) -> Ended
     where
@@ -115,8 +144,13 @@ impl HttpServing {
             Ok(pod) => pod,
             Err(e) => return Ended::Failed(std::io::Error::other(e)),
         };
+        let Parties {
+            caller,
+            destination,
+            ports,
+        } = parties;
         let [destination_namespace, destination_workload, _] =
-            LocalWorkload::label_values(destination);
+            LocalWorkload::label_values(destination.as_deref());
         let stream = Arc::new(Stream {
             pod,
             labels: RouteLabels {
@@ -129,6 +163,8 @@ impl HttpServing {
                 route: Arc::from(""),
                 method: "",
             },
+            caller,
+            ports,
         });
         let service = service_fn(move |request| {
             let (this, stream) = (self.clone(), stream.clone());
@@ -188,6 +224,24 @@ impl HttpServing {
         );
         let (grpc, version, method) =
             (is_grpc(&parts.headers), parts.version, parts.method.clone());
+        if let Some(port) = stream.port_for(authority) {
+            let route = port.http.as_ref().and_then(|h| h.route(&parts));
+            if let Some(route) = route {
+                record.routed(&route.name);
+            }
+            let checked = rate_limit::check(
+                port,
+                route.map(|r| &*r.name),
+                Some(&stream.caller),
+                self.rate_limit_service.as_deref(),
+                &self.metrics,
+            )
+            .await;
+            if let Err(limited) = checked {
+                let why = Answer::RateLimited(limited);
+                return answer(record, why, &port.service, grpc, version);
+            }
+        }
         let body = Counted::new(body, record.request_bytes.clone());
         let request = Request::from_parts(parts, body.map_err(BoxError::from).boxed_unsync());
         match stream.pod.send(request).await {

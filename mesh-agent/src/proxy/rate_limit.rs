@@ -105,7 +105,7 @@ pub struct Limited {
     /// The limit: so many per window, if known.
     pub limit: Option<(u32, Duration)>,
     /// Headers the rate limit service asked to add.
-    pub headers: HeaderMap,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Limited {
@@ -183,7 +183,7 @@ impl RateLimiter {
                     by: "local",
                     retry_after: wait,
                     limit: Some((limit.requests, limit.per.0)),
-                    headers: HeaderMap::new(),
+                    headers: Vec::new(),
                 });
             }
         }
@@ -275,7 +275,7 @@ mod tests {
             by: "local",
             retry_after: Duration::from_millis(200),
             limit: Some((5, Duration::from_secs(1))),
-            headers: HeaderMap::new(),
+            headers: Vec::new(),
         };
         let mut headers = HeaderMap::new();
         limited.response_headers(&mut headers);

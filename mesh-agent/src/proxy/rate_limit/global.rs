@@ -12,7 +12,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use http::{HeaderMap, HeaderName, HeaderValue, uri::PathAndQuery};
+use http::{HeaderName, HeaderValue, uri::PathAndQuery};
 use serde::{Deserialize, Serialize};
 use tonic::{client::Grpc, transport::Channel};
 use tonic_prost::ProstCodec;
@@ -99,7 +99,7 @@ impl GlobalLimiter {
                 by: "global",
                 retry_after: Duration::from_secs(1),
                 limit: None,
-                headers: HeaderMap::new(),
+                headers: Vec::new(),
             })
         }
     }

@@ -8,6 +8,7 @@
 //! its pods are `127.B.(100+k).0/24`.
 
 pub mod collector;
+pub mod rate_limit_service;
 
 use std::{
     collections::HashMap,

@@ -298,10 +298,12 @@ impl HttpProxy {
             })?;
             if hop == Hop::Local {
                 // This agent serves the endpoint: the service's rate limits are its to keep.
-                let route = backend.http.as_ref().and_then(|h| h.route(&parts));
+                // A route's limit counts the requests the route took; a backend that is
+                // another service counts against that service's port as a whole.
+                let same_service = backend.service == calling.port.service;
                 rate_limit::check(
                     backend,
-                    route.map(|r| &*r.name),
+                    same_service.then_some(&*route.name),
                     calling.source.as_ref(),
                     self.rate_limit_service.as_deref(),
                     &self.metrics,

@@ -277,12 +277,227 @@ mod tests {
     use crate::{
         config::Protocol,
         testing::{
-            Agent, Loopback, Mesh, cgroup_of, collector::Collector, http_pod, http1_client,
-            sample_reaches, test_ca, within,
+            Agent, Loopback, Mesh, cgroup_of, collector::Collector, echo_pod, http_pod,
+            http1_client, rate_limit_service::RateLimitServer, round_trip, sample, sample_reaches,
+            test_ca, within,
         },
     };
 
     const VIP: [u8; 4] = [198, 19, 0, 10];
+
+    /// n1 runs web-0 (at `web`), n2 runs cart-0 (at `cart`) and shop-admin-0 (at `admin`); the
+    /// service cart (port 80, `protocol`) has its endpoint on n2, `change` adds to both states.
+    async fn shop(
+        net: &Loopback,
+        protocol: Protocol,
+        change: impl Fn(Mesh) -> Mesh,
+    ) -> (Agent, Agent) {
+        let ca = test_ca();
+        let (web, cart, admin) = (net.pod(1, 9), net.pod(2, 2), net.pod(2, 3));
+        let routes =
+            "[{ name: checkout, matches: [{ path: { prefix: /checkout } }] }, { name: browse }]";
+        let mesh = |node: &str, k: u8, peer: &str, j: u8| {
+            let mesh = Mesh::node(node, net.node(k), &net.pod_cidr(k))
+                .peer(peer, net.node(j), &net.pod_cidr(j))
+                .workload("shop", "web-0", "web", web)
+                .workload("shop", "cart-0", "cart", cart)
+                .workload("shop", "admin-0", "admin", admin)
+                .service("shop", "cart", VIP.into(), (80, 8080), &[(cart, "n2")]);
+            let mesh = match protocol {
+                Protocol::Tcp => mesh,
+                http => mesh.http(http, routes),
+            };
+            change(mesh).build()
+        };
+        let one = Agent::start(mesh("n1", 1, "n2", 2), ca.clone()).await;
+        let two = Agent::start(mesh("n2", 2, "n1", 1), ca).await;
+        (one, two)
+    }
+
+    async fn get(
+        client: &mut hyper::client::conn::http1::SendRequest<Full<bytes::Bytes>>,
+        path: &str,
+    ) -> http::Response<hyper::body::Incoming> {
+        let request = http::Request::get(path)
+            .header("host", "cart")
+            .body(Full::default())
+            .unwrap();
+        within(client.send_request(request)).await.unwrap()
+    }
+
+    /// The serving agent keeps one set of buckets for the port, whichever node calls: a route's
+    /// bucket, and one per caller.
+    #[tokio::test]
+    async fn requests_over_a_local_limit_get_429_from_the_serving_agent() {
+        let net = Loopback::reserve();
+        let (one, two) = shop(&net, Protocol::Http, |mesh| {
+            mesh.rate_limits(
+                "local: [{ requests: 2, per: 1h, route: checkout }, { requests: 3, per: 1h, per_source: true }]",
+            )
+        })
+        .await;
+        let _pod = http_pod((net.pod(2, 2), 8080).into(), "cart-0").await;
+        let mut web = http1_client(&one, net.pod(1, 9), cgroup_of(0), (VIP, 80).into()).await;
+        let mut admin = http1_client(&two, net.pod(2, 3), cgroup_of(2), (VIP, 80).into()).await;
+        // Two checkouts an hour, whoever calls: one from each node, then 429.
+        assert_eq!(get(&mut web, "/checkout").await.status(), StatusCode::OK);
+        assert_eq!(get(&mut admin, "/checkout").await.status(), StatusCode::OK);
+        let limited = get(&mut web, "/checkout").await;
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        let headers = limited.headers();
+        assert_eq!(
+            headers["retry-after"], "1800",
+            "half an hour to the next token"
+        );
+        assert_eq!(headers["x-ratelimit-limit"], "2, 2;w=3600");
+        assert_eq!(headers["x-ratelimit-remaining"], "0");
+        drop(limited);
+        // Three requests an hour per caller: web has used one (the limited one took no token),
+        // admin one.
+        assert_eq!(get(&mut web, "/items").await.status(), StatusCode::OK);
+        assert_eq!(get(&mut web, "/items").await.status(), StatusCode::OK);
+        assert_eq!(
+            get(&mut web, "/items").await.status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(get(&mut admin, "/items").await.status(), StatusCode::OK);
+        let series =
+            |by: &str| format!("mesh_rate_limited_total{{service=\"shop/cart\",by=\"{by}\"}}");
+        // Limited where the endpoint is: n2 answered every 429, n1 passed them on.
+        sample_reaches(&two.registry, &series("local"), 2.0).await;
+        assert_eq!(sample(&one.registry, &series("local")), 0.0);
+        sample_reaches(
+            &one.registry,
+            "mesh_requests_total{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"web-0\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"shop/cart\",route=\"checkout\",method=\"GET\",code=\"429\"",
+            1.0,
+        )
+        .await;
+        one.stop().await;
+        two.stop().await;
+    }
+
+    #[tokio::test]
+    async fn connections_over_a_tcp_ports_limit_are_refused_and_the_endpoint_kept() {
+        let net = Loopback::reserve();
+        let (one, two) = shop(&net, Protocol::Tcp, |mesh| {
+            mesh.rate_limits("local: [{ requests: 1, per: 1h }]")
+        })
+        .await;
+        let _pod = echo_pod((net.pod(2, 2), 8080).into()).await;
+        let connect = || one.connect(net.pod(1, 9), cgroup_of(0), (VIP, 80).into());
+        assert_eq!(
+            round_trip(connect().await, b"order").await.unwrap(),
+            b"order"
+        );
+        let refused = round_trip(connect().await, b"order").await;
+        assert!(
+            refused.as_ref().map_or(true, |back| back.is_empty()),
+            "the second connection came through: {refused:?}"
+        );
+        sample_reaches(
+            &two.registry,
+            "mesh_refusals_total{reason=\"rate_limited\"}",
+            1.0,
+        )
+        .await;
+        sample_reaches(
+            &one.registry,
+            "mesh_refusals_total{reason=\"rate_limited\"}",
+            1.0,
+        )
+        .await;
+        assert_eq!(sample(&one.registry, "mesh_endpoint_ejections_total"), 0.0);
+        one.stop().await;
+        two.stop().await;
+    }
+
+    /// The rate limit service is asked about every request with the port's descriptors; its
+    /// answer's limit, reset and headers reach the caller.
+    #[tokio::test]
+    async fn the_rate_limit_service_decides_and_its_absence_fails_open_or_closed() {
+        let net = Loopback::reserve();
+        let rls = RateLimitServer::start(
+            (net.node(3), 8081).into(),
+            &[("destination_service=shop/cart,route=checkout", 1)],
+        )
+        .await;
+        let (one, two) = shop(&net, Protocol::Http, |mesh| {
+            mesh.rate_limits("global: { domain: shop }")
+                .rate_limit_service(rls.addr, "allow")
+        })
+        .await;
+        let _pod = http_pod((net.pod(2, 2), 8080).into(), "cart-0").await;
+        let mut web = http1_client(&one, net.pod(1, 9), cgroup_of(0), (VIP, 80).into()).await;
+        assert_eq!(get(&mut web, "/checkout").await.status(), StatusCode::OK);
+        let limited = get(&mut web, "/checkout").await;
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers()["retry-after"], "30");
+        assert_eq!(limited.headers()["x-ratelimit-limit"], "1, 1;w=60");
+        assert_eq!(limited.headers()["x-limited-by"], "test-rls");
+        drop(limited);
+        assert_eq!(get(&mut web, "/items").await.status(), StatusCode::OK);
+        let asked = rls.asked();
+        assert_eq!(asked.len(), 3);
+        assert_eq!(asked[0].domain, "shop");
+        let descriptors: Vec<Vec<(String, String)>> = asked[0]
+            .descriptors
+            .iter()
+            .map(|d| {
+                d.entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.clone()))
+                    .collect()
+            })
+            .collect();
+        let entry = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let service = entry("destination_service", "shop/cart");
+        assert_eq!(
+            descriptors,
+            vec![
+                vec![service.clone()],
+                vec![
+                    service.clone(),
+                    entry("source_identity", "spiffe://cluster.local/ns/shop/sa/web")
+                ],
+                vec![service, entry("route", "checkout")],
+            ]
+        );
+        sample_reaches(
+            &two.registry,
+            "mesh_rate_limited_total{service=\"shop/cart\",by=\"global\"}",
+            1.0,
+        )
+        .await;
+        one.stop().await;
+        two.stop().await;
+
+        // No service at that address: requests pass, or are refused, as the setting says.
+        drop(rls);
+        for (mode, status) in [
+            ("allow", StatusCode::OK),
+            ("deny", StatusCode::TOO_MANY_REQUESTS),
+        ] {
+            let net = Loopback::reserve();
+            let gone = (net.node(3), 8081).into();
+            let (one, two) = shop(&net, Protocol::Http, |mesh| {
+                mesh.rate_limits("global: { domain: shop }")
+                    .rate_limit_service(gone, mode)
+            })
+            .await;
+            let _pod = http_pod((net.pod(2, 2), 8080).into(), "cart-0").await;
+            let mut web = http1_client(&one, net.pod(1, 9), cgroup_of(0), (VIP, 80).into()).await;
+            assert_eq!(get(&mut web, "/checkout").await.status(), status, "{mode}");
+            let outcome = if mode == "allow" { "allowed" } else { "denied" };
+            sample_reaches(
+                &two.registry,
+                &format!("mesh_rate_limit_service_failures_total{{outcome=\"{outcome}\"}}"),
+                1.0,
+            )
+            .await;
+            one.stop().await;
+            two.stop().await;
+        }
+    }
 
     fn hex(id: &[u8]) -> String {
         id.iter().map(|b| format!("{b:02x}")).collect()

@@ -1374,6 +1374,85 @@ services:
     }
 
     #[test]
+    fn rate_limits_and_tracing_are_read_and_checked() {
+        let with = |settings: &str, protocol: &str, limits: &str| {
+            VALID
+                .replace(
+                    "identity:",
+                    &format!("{settings}\nidentity:"),
+                )
+                .replace(
+                    "ports: [{ port: 80, target_port: 8080 }]",
+                    &format!(
+                        "ports: [{{ port: 80, protocol: {protocol}, routes: [{{ name: checkout }}], rate_limits: {limits} }}]"
+                    ),
+                )
+        };
+        let service = "rate_limit_service: { address: 'http://ratelimit:8081', failure_mode: deny }\ntracing: { otlp_endpoint: 'http://collector:4317', sampling: 0.5 }";
+        let c = parse(&with(
+            service,
+            "http",
+            "{ local: [{ requests: 10, per: 1m, route: checkout }], global: { domain: shop } }",
+        ))
+        .unwrap();
+        let limits = c.services[0].ports[0].rate_limits.as_ref().unwrap();
+        assert_eq!(limits.local[0].per, Period(Duration::from_secs(60)));
+        assert_eq!(limits.global.as_ref().unwrap().domain, "shop");
+        let rls = c.settings.rate_limit_service.as_ref().unwrap();
+        assert_eq!(rls.timeout, Period(Duration::from_millis(100)));
+        assert_eq!(
+            rls.failure_mode,
+            crate::proxy::rate_limit::global::FailureMode::Deny
+        );
+        let tracing = c.settings.tracing.as_ref().unwrap();
+        assert_eq!((tracing.sampling, tracing.max_queued_spans), (0.5, 2048));
+        let at = "services[0].ports[0].rate_limits";
+        for (yaml, expected) in [
+            (
+                with("", "http", "{ global: { domain: shop } }"),
+                format!("{at}.global: global limits need the settings' rate_limit_service"),
+            ),
+            (
+                with("", "http", "{ local: [{ requests: 1, route: cart }] }"),
+                format!("{at}.local[0].route: the port has no route cart"),
+            ),
+            (
+                with("", "http", "{ local: [{ requests: 0 }] }"),
+                format!("{at}.local[0].requests: a rate of 0 lets nothing through"),
+            ),
+            (
+                with("tracing: { otlp_endpoint: 'collector:4317' }", "http", "{}"),
+                "tracing.otlp_endpoint: collector:4317 is not an http:// URL of a collector".into(),
+            ),
+            (
+                with(
+                    "tracing: { otlp_endpoint: 'http://c:4317', sampling: 2 }",
+                    "http",
+                    "{}",
+                ),
+                "tracing.sampling: the sampling ratio is from 0 to 1".into(),
+            ),
+            (
+                with(
+                    "rate_limit_service: { address: 'grpc://rls' }",
+                    "http",
+                    "{}",
+                ),
+                "rate_limit_service.address: grpc://rls is not an http:// URL".into(),
+            ),
+        ] {
+            let e = parse(&yaml).unwrap_err();
+            assert!(e.contains(&expected), "{e}\nshould contain\n{expected}");
+        }
+        let tcp_route = with("", "tcp", "{ local: [{ requests: 1, route: checkout }] }");
+        assert!(
+            parse(&tcp_route)
+                .unwrap_err()
+                .contains("routes are for HTTP")
+        );
+    }
+
+    #[test]
     fn periods_take_milliseconds_to_hours() {
         for (text, ms) in [
             ("250ms", 250),

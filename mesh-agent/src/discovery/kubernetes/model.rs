@@ -98,7 +98,13 @@ impl Cluster {
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.attach_routes(&mut services, &mut skipped);
         // After the routes: a port they made HTTP takes HTTP policies.
-        attach_policies(&self.traffic_policies, &mut services, &mut skipped);
+        let rate_limit_service = settings.rate_limit_service.is_some();
+        attach_policies(
+            &self.traffic_policies,
+            &mut services,
+            rate_limit_service,
+            &mut skipped,
+        );
         Some(Discovered {
             config: Config {
                 node: this,

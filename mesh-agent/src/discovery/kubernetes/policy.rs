@@ -1,9 +1,10 @@
-//! TrafficPolicy (`mesh.dev/v1alpha1`), the mesh's own resource: outlier detection and
-//! circuit breakers for a Service's ports, attached by `targetRef` as the Gateway API's policy
+//! TrafficPolicy (`mesh.dev/v1alpha1`), the mesh's own resource: outlier detection, circuit
+//! breakers and rate limits for a Service's ports, attached by `targetRef` as the Gateway API's policy
 //! attachment does (all the Service's ports, or the one `port` names). When several attach to
 //! the same port, the oldest wins (then namespace/name), as among Gateway API policies; a
-//! policy whose settings do not fit a port (request caps on a TCP port, say) is left out for
-//! that port, with the reason. `deploy/crds.yaml` is `mesh-agent crds`: made from these
+//! policy whose settings do not fit a port (request caps on a TCP port, say, or global rate
+//! limits without a rate limit service in the settings) is left out for that port, with the
+//! reason. `deploy/crds.yaml` is `mesh-agent crds`: made from these
 //! types, checked by a test.
 
 use k8s_openapi::jiff::Timestamp;
@@ -13,7 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{Period, Service},
-    proxy::{balance::OutlierDetection, breaker::Limits},
+    proxy::{
+        balance::OutlierDetection,
+        breaker::Limits,
+        rate_limit::{GlobalLimit, LocalLimit, RateLimits},
+    },
 };
 
 /// Traffic policy for a Service's ports.
@@ -25,7 +30,7 @@ use crate::{
     plural = "trafficpolicies",
     shortname = "tp",
     namespaced,
-    doc = "Outlier detection and circuit breakers for a Service's ports, applied by every mesh agent calling it."
+    doc = "Outlier detection and circuit breakers for a Service's ports, applied by every mesh agent calling it, and rate limits, applied by the agents serving it."
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -40,6 +45,48 @@ pub struct TrafficPolicySpec {
     /// Caps on what each agent sends to the port at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakersSpec>,
+    /// How fast the port's endpoints take requests (connections on a TCP port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsSpec>,
+}
+
+/// Rate limits, kept by the agents serving the port.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct RateLimitsSpec {
+    /// Token buckets of each serving agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub local: Vec<LocalLimitSpec>,
+    /// Asks the rate limit service the agents' settings name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global: Option<GlobalLimitSpec>,
+}
+
+/// One token bucket.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalLimitSpec {
+    /// Requests (connections on a TCP port) per `per`.
+    #[schemars(range(min = 1))]
+    pub requests: u32,
+    /// Like `1s` (the default), `1m` or `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+    /// How many may come at once (default `requests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub burst: Option<u32>,
+    /// Only the requests this route (an HTTPRoute rule's name) takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// A bucket for each caller identity rather than one for all.
+    #[serde(default)]
+    pub per_source: bool,
+}
+
+/// The rate limit service's domain for the port's requests.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+pub struct GlobalLimitSpec {
+    pub domain: String,
 }
 
 /// What a policy attaches to: a Service (group "" or "core", kind Service).
@@ -120,7 +167,7 @@ impl TrafficPolicy {
     }
 
     /// Its settings as the config has them, or why they cannot be.
-    fn settings(&self) -> Result<(Option<OutlierDetection>, Option<Limits>), String> {
+    fn settings(&self) -> Result<PortSettings, String> {
         let outliers = match &self.spec.outlier_detection {
             None => None,
             Some(o) => {
@@ -148,15 +195,52 @@ impl TrafficPolicy {
             max_retries: c.max_retries,
             max_per_endpoint: c.max_per_endpoint,
         });
-        Ok((outliers, limits))
+        let rate_limits = match &self.spec.rate_limits {
+            None => None,
+            Some(r) => Some(RateLimits {
+                local: r
+                    .local
+                    .iter()
+                    .map(|l| {
+                        Ok(LocalLimit {
+                            requests: l.requests,
+                            per: match &l.per {
+                                None => Period(std::time::Duration::from_secs(1)),
+                                Some(text) => text.parse()?,
+                            },
+                            burst: l.burst,
+                            route: l.route.clone(),
+                            per_source: l.per_source,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?,
+                global: r.global.as_ref().map(|g| GlobalLimit {
+                    domain: g.domain.clone(),
+                }),
+            }),
+        };
+        Ok(PortSettings {
+            outliers,
+            limits,
+            rate_limits,
+        })
     }
 }
 
-/// Gives each service port the settings of the oldest policy attached to it that fits it;
-/// the others are left out with the reason.
+/// A policy's settings for a port, as the config has them.
+struct PortSettings {
+    outliers: Option<OutlierDetection>,
+    limits: Option<Limits>,
+    rate_limits: Option<RateLimits>,
+}
+
+/// Gives each service port the settings of the oldest policy attached to it that fits it
+/// (global rate limits only if the settings name a `rate_limit_service`); the others are left
+/// out with the reason.
 pub fn attach_policies(
     policies: &[std::sync::Arc<TrafficPolicy>],
     services: &mut [Service],
+    rate_limit_service: bool,
     skipped: &mut Vec<String>,
 ) {
     let mut policies: Vec<&TrafficPolicy> = policies.iter().map(|p| &**p).collect();
@@ -186,10 +270,21 @@ pub fn attach_policies(
                     port.port
                 ));
             }
-            let fitted = policy.settings().and_then(|(outliers, limits)| {
+            let fitted = policy.settings().and_then(|settings| {
+                let global = settings
+                    .rate_limits
+                    .as_ref()
+                    .is_some_and(|r| r.global.is_some());
+                if global && !rate_limit_service {
+                    return Err(
+                        "rate_limits.global: the agents' settings name no rate_limit_service"
+                            .into(),
+                    );
+                }
                 let mut candidate = port.clone();
-                candidate.outlier_detection = outliers;
-                candidate.circuit_breakers = limits;
+                candidate.outlier_detection = settings.outliers;
+                candidate.circuit_breakers = settings.limits;
+                candidate.rate_limits = settings.rate_limits;
                 candidate.check_policies().map(|()| candidate)
             });
             match fitted {
@@ -276,7 +371,7 @@ mod tests {
             ),
         ];
         let mut skipped = Vec::new();
-        attach_policies(&policies, &mut services, &mut skipped);
+        attach_policies(&policies, &mut services, false, &mut skipped);
         let http = &services[0].ports[0];
         assert_eq!(
             http.outlier_detection,
@@ -306,6 +401,43 @@ mod tests {
                 "TrafficPolicy shop/older: not for shop/cart port 9000: outlier_detection: outlier detection counts HTTP answers: give the port a protocol (http, http2, grpc or auto)",
             ]
         );
+    }
+
+    #[test]
+    fn rate_limits_attach_and_global_ones_need_a_rate_limit_service() {
+        let yaml = "- { name: orders, namespace: shop, addresses: [198.19.0.11], ports: [{ port: 80, protocol: http }] }";
+        let policies = [policy(
+            "limits",
+            1_000,
+            serde_json::json!({
+                "targetRef": json_ref("orders"),
+                "rateLimits": {
+                    "local": [{ "requests": 10, "per": "1m", "perSource": true }],
+                    "global": { "domain": "shop" }
+                }
+            }),
+        )];
+        for service in [true, false] {
+            let mut services: Vec<Service> = serde_yaml::from_str(yaml).unwrap();
+            let mut skipped = Vec::new();
+            attach_policies(&policies, &mut services, service, &mut skipped);
+            let expected: RateLimits = serde_yaml::from_str(
+                "{ local: [{ requests: 10, per: 1m, per_source: true }], global: { domain: shop } }",
+            )
+            .unwrap();
+            if service {
+                assert_eq!(services[0].ports[0].rate_limits, Some(expected));
+                assert!(skipped.is_empty(), "{skipped:?}");
+            } else {
+                assert_eq!(services[0].ports[0].rate_limits, None);
+                assert_eq!(
+                    skipped,
+                    [
+                        "TrafficPolicy shop/limits: not for shop/orders port 80: rate_limits.global: the agents' settings name no rate_limit_service"
+                    ]
+                );
+            }
+        }
     }
 
     fn json_ref(service: &str) -> serde_json::Value {

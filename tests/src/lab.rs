@@ -290,6 +290,9 @@ impl Lab {
             ca.join("ca.key").display(),
             spec.certificate_ttl.as_deref().unwrap_or("1h"),
         )?;
+        for setting in &spec.settings {
+            writeln!(y, "{setting}")?;
+        }
         writeln!(y, "workloads:")?;
         for pod in spec.pods.iter().filter(|p| p.node == node && p.enrolled) {
             let (a4, a6) = pod_addrs(&pod.name)?;
@@ -432,6 +435,25 @@ impl Lab {
     /// The path of `name` in the lab's scratch directory (removed with the lab).
     pub fn scratch_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The lines of `file` once `done` says they are enough; fails the test after
+    /// [`READY_WATCHDOG`] showing what the file held.
+    pub fn wait_for_lines(&self, file: &Path, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(String::from).collect();
+            if done(&lines) {
+                return lines;
+            }
+            assert!(
+                started.elapsed() < READY_WATCHDOG,
+                "{} did not get the lines waited for; it holds:\n{text}",
+                file.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Writes `text` to a file in the lab's scratch directory and returns its path.

@@ -25,6 +25,8 @@ pub struct LabSpec {
     /// Run the agents with only these capabilities (`BPF`, `NET_ADMIN`, ...), as a
     /// container that is granted them; all of root's if not given.
     pub agent_capabilities: Option<Vec<String>>,
+    /// More settings of every agent, each `key: value` in YAML flow style (`tracing: {...}`).
+    pub settings: Vec<String>,
     /// Lay the pods' cgroups out as the kubelet does (`<node>/kubepods/pod<uid>`), for agents
     /// that find them from the Kubernetes API.
     pub kubelet_layout: bool,
@@ -130,6 +132,12 @@ impl LabSpec {
             node: node.into(),
             enrolled,
         });
+        self
+    }
+
+    /// Gives every agent one more setting (`key: value`, YAML flow style).
+    pub fn setting(mut self, setting: &str) -> Self {
+        self.settings.push(setting.into());
         self
     }
 

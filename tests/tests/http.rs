@@ -372,3 +372,137 @@ fn a_server_first_protocol_works_on_an_auto_port_and_bad_http_gets_400() {
         out.stderr
     );
 }
+
+/// `shop` (HTTP, at 198.19.0.30): the `shop` pod on n2, an instrumented app that exports its
+/// own spans; checkouts are limited to two an hour.
+const SHOP: &str = "198.19.0.30";
+/// The OTLP collector, on node n1's own address.
+const COLLECTOR: &str = "198.18.0.1:4317";
+
+#[test]
+fn curl_requests_are_traced_through_both_agents_to_the_app_and_rate_limited_with_429() {
+    let routes =
+        "[{ name: checkout, matches: [{ path: { prefix: /checkout } }] }, { name: browse }]";
+    let lab = Lab::new(
+        LabSpec::default()
+            .node("n1")
+            .node("n2")
+            .pod("n1", "client", true)
+            .pod("n2", "shop", false)
+            .setting(&format!(
+                "tracing: {{ otlp_endpoint: 'http://{COLLECTOR}', sampling: 1.0 }}"
+            ))
+            .service(
+                ServiceSpec::echo("shop", &[SHOP], &["shop"])
+                    .http("http", Some(routes))
+                    .port_field(
+                        "rate_limits: { local: [{ requests: 2, per: 1h, route: checkout }] }",
+                    ),
+            ),
+    )
+    .unwrap();
+    let spans = lab.scratch_path("spans.jsonl");
+    let out = spans.display().to_string();
+    let _collector = lab
+        .spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &out])
+        .unwrap();
+    let _a1 = lab.start_agent("n1", &[]).unwrap();
+    let _a2 = lab.start_agent("n2", &[]).unwrap();
+    let _app = lab
+        .spawn(
+            "shop",
+            &[
+                "serve",
+                "--listen",
+                "[::]:9",
+                "--http",
+                "[::]:8080",
+                "--name",
+                "shop",
+                "--trace-to",
+                &format!("http://{COLLECTOR}"),
+            ],
+        )
+        .unwrap();
+
+    // The caller's own span is the root: curl sends its traceparent.
+    let (trace, root) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let traceparent = format!("traceparent: 00-{trace}-{root}-01");
+    let checkout = format!("http://{SHOP}/checkout/7");
+    let codes = status_codes(&lab, 1, &["-H", &traceparent, &checkout]);
+    assert_eq!(codes, ["200"]);
+    let tree = lab.wait_for_lines(&spans, |lines| {
+        lines.iter().filter(|l| l.contains(trace)).count() >= 3
+    });
+    let span = |kind: &str, service: &str| -> serde_json::Value {
+        tree.iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|s| s["trace_id"] == trace && s["kind"] == kind && s["service"] == service)
+            .unwrap_or_else(|| panic!("no {kind} span of {service} in {tree:#?}"))
+    };
+    let (calling, serving, app) = (
+        span("client", "mesh-agent"),
+        span("server", "mesh-agent"),
+        span("server", "shop"),
+    );
+    assert_eq!(calling["parent_span_id"], root, "{calling}");
+    assert_eq!(calling["node"], lab.agent_node_name("n1"));
+    assert_eq!(serving["parent_span_id"], calling["span_id"], "{serving}");
+    assert_eq!(serving["node"], lab.agent_node_name("n2"));
+    assert_eq!(app["parent_span_id"], serving["span_id"], "{app}");
+    assert_eq!(app["name"], "GET /checkout/7");
+    for s in [&calling, &serving] {
+        assert_eq!(s["attributes"]["http.response.status_code"], "200", "{s}");
+        assert_eq!(s["attributes"]["mesh.route"], "checkout", "{s}");
+        assert_eq!(
+            s["attributes"]["mesh.source.identity"], "spiffe://lab.mesh/ns/lab/sa/client",
+            "{s}"
+        );
+    }
+    assert_eq!(
+        calling["attributes"]["mesh.destination.service"],
+        "lab/shop"
+    );
+
+    // Two checkouts an hour: the second passes, the third gets 429 from n2's agent.
+    assert_eq!(status_codes(&lab, 1, &[&checkout]), ["200"]);
+    let limited = curl(&lab, &["-D", "-", "-o", "/dev/null", &checkout]);
+    assert!(limited.starts_with("HTTP/1.1 429"), "{limited}");
+    // Half an hour to the next token, less the seconds since the bucket was filled.
+    let retry_after: u64 = limited
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after: {limited}"));
+    assert!((1700..=1800).contains(&retry_after), "{limited}");
+    assert!(
+        limited.contains("x-ratelimit-limit: 2, 2;w=3600"),
+        "{limited}"
+    );
+    // Other routes are not limited.
+    assert_eq!(
+        status_codes(&lab, 3, &[&format!("http://{SHOP}/items")]),
+        ["200"; 3]
+    );
+    let metrics = lab.metrics_when("n2", |m| {
+        sum(
+            m,
+            "mesh_rate_limited_total{service=\"lab/shop\",by=\"local\"}",
+        ) >= 1.0
+    });
+    assert_eq!(
+        sum(
+            &metrics,
+            "mesh_rate_limited_total{service=\"lab/shop\",by=\"local\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let metrics = lab.metrics_when("n1", |m| {
+        sum(m, "mesh_trace_spans_total{outcome=\"exported\"}") >= 6.0
+    });
+    assert_eq!(
+        sum(&metrics, "mesh_trace_spans_total{outcome=\"dropped\"}"),
+        0.0
+    );
+}

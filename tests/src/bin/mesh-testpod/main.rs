@@ -14,6 +14,7 @@ use std::{
 
 mod bench;
 mod grpc;
+mod traces;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
@@ -65,6 +66,18 @@ enum Cmd {
         /// Also a gRPC server (h2c) on these: `/bench.Echo/Call` answers with its payload.
         #[arg(long)]
         grpc: Vec<String>,
+        /// The HTTP server exports a span per traced request to this OTLP/gRPC collector
+        /// (`http://ip:port`), as an instrumented app does.
+        #[arg(long)]
+        trace_to: Option<String>,
+    },
+    /// An OTLP/gRPC trace collector: prints `ready`, then appends each span it receives to
+    /// `out` as a JSON line.
+    Collect {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
     /// reading, then reads and checks every byte: `received=<bytes>`.
@@ -179,9 +192,13 @@ fn main() -> ExitCode {
             name,
             always_status,
             grpc,
+            trace_to,
         } = &cli.command
         {
             let name: &'static str = Box::leak(name.clone().into_boxed_str());
+            if let Some(url) = trace_to {
+                traces::trace_to(url, name)?;
+            }
             let always_status = *always_status;
             // Servers run until the test stops them.
             return serve(&[
@@ -200,6 +217,9 @@ fn main() -> ExitCode {
             ])
             .await;
         }
+        if let Cmd::Collect { listen, out } = &cli.command {
+            return traces::collect(*listen, out).await;
+        }
         match tokio::time::timeout(WATCHDOG, run(cli.command)).await {
             Ok(result) => result,
             Err(_) => bail!("watchdog: still running after {WATCHDOG:?}"),
@@ -216,7 +236,7 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { .. } => bail!("serve runs without the watchdog"),
+        Cmd::Serve { .. } | Cmd::Collect { .. } => bail!("servers run without the watchdog"),
         Cmd::Download {
             connect,
             bytes,
@@ -400,6 +420,8 @@ async fn serve_http(stream: TcpStream, name: &'static str, always: Option<u16>) 
     use http_body_util::{BodyExt, Full};
     let service = hyper::service::service_fn(
         move |request: http::Request<hyper::body::Incoming>| async move {
+            let start = std::time::SystemTime::now();
+            let (headers, method) = (request.headers().clone(), request.method().clone());
             let path = request.uri().path().to_owned();
             let mut response = http::Response::new(Full::new(bytes::Bytes::new()));
             response
@@ -414,6 +436,8 @@ async fn serve_http(stream: TcpStream, name: &'static str, always: Option<u16>) 
                 let body = request.into_body().collect().await?.to_bytes();
                 *response.body_mut() = Full::new(body);
             }
+            let status = response.status().as_u16();
+            traces::app_span(&headers, method.as_str(), &path, status, start);
             Ok::<_, hyper::Error>(response)
         },
     );

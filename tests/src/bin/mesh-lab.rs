@@ -25,8 +25,9 @@ const PODS: [(&str, &str); 6] = [
     ("orders-0", "n2"),
     ("payments-1", "n2"),
 ];
-/// The HTTP services (every pod also serves HTTP on 8081): `cart-api` over cart-0 (v1) and
-/// cart-1 (v2), split 90/10, `/slow/...` within 200 ms; `payments` over payments-0 and
+/// The HTTP services (every pod also serves HTTP on 8081, exporting its spans): `cart-api`
+/// over cart-0 (v1) and cart-1 (v2), split 90/10, `/slow/...` within 200 ms, `x-version: v2`
+/// to v2, `/checkout` to v2 at [`CHECKOUTS_PER_MINUTE`] per caller; `payments` over payments-0 and
 /// payments-1, which always fails, behind retries; `catalog-api` over catalog-0 behind a
 /// circuit breaker of [`CATALOG_CAP`] requests in flight.
 const CART_API: &str = "198.19.0.20";
@@ -37,9 +38,15 @@ const CATALOG_CAP: usize = 4;
 const BURST: (usize, usize) = (400, 16);
 const CART_API_ROUTES: &str = "[\
     { name: slow, matches: [{ path: { prefix: /sleep } }], timeout: 200ms }, \
+    { name: v2, matches: [{ headers: [{ name: x-version, value: v2 }] }], backends: [{ subset: { version: v2 } }] }, \
+    { name: checkout, matches: [{ path: { prefix: /checkout } }], backends: [{ subset: { version: v2 } }] }, \
     { name: browse, backends: [{ subset: { version: v1 }, weight: 90 }, { subset: { version: v2 }, weight: 10 }] }]";
 const PAYMENTS_ROUTES: &str = "[{ name: pay, retry: { attempts: 3, on: [gateway-error], backoff: 5ms, budget_percent: 100 } }]";
 const HTTP_REQUESTS: usize = 200;
+/// cart-api's checkout route takes this many requests a minute from each caller.
+const CHECKOUTS_PER_MINUTE: usize = 5;
+/// Where the agents and the apps send their spans: an OTLP collector on n1.
+const COLLECTOR: &str = "198.18.0.1:4317";
 /// Where n1's agent dials n1's pods from; n2's agent comes from n2's bridge.
 const N1_POD_BRIDGE: &str = "198.18.1.1";
 const CONNECTIONS_PER_SERVICE: usize = 20;
@@ -91,7 +98,10 @@ fn shop() -> LabSpec {
     let mut spec = LabSpec::default()
         .node("n1")
         .node("n2")
-        .pod("n1", "web", true);
+        .pod("n1", "web", true)
+        .setting(&format!(
+            "tracing: {{ otlp_endpoint: 'http://{COLLECTOR}', sampling: 1.0 }}"
+        ));
     for (pod, node) in PODS {
         spec = spec.pod(node, pod, false);
     }
@@ -105,7 +115,10 @@ fn shop() -> LabSpec {
     spec.service(
         http("cart-api", CART_API, &["cart-0", "cart-1"], CART_API_ROUTES)
             .label("cart-0", "{ version: v1 }")
-            .label("cart-1", "{ version: v2 }"),
+            .label("cart-1", "{ version: v2 }")
+            .port_field(&format!(
+                "rate_limits: {{ local: [{{ requests: {CHECKOUTS_PER_MINUTE}, per: 1m, route: checkout, per_source: true }}] }}"
+            )),
     )
     .service(http(
         "payments",
@@ -127,6 +140,9 @@ struct Shop {
 }
 
 fn start(lab: &Lab) -> Result<Shop> {
+    let spans = lab.scratch_path("spans.jsonl").display().to_string();
+    let collector =
+        lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
     let agents = [lab.start_agent("n1", &[])?, lab.start_agent("n2", &[])?];
     for (agent, node) in agents.iter().zip(["n1", "n2"]) {
         eprintln!(
@@ -137,13 +153,15 @@ fn start(lab: &Lab) -> Result<Shop> {
     let servers = PODS
         .iter()
         .map(|(pod, _)| {
+            let trace_to = format!("http://{COLLECTOR}");
             let mut args = vec!["serve", "--listen", "[::]:8080", "--http", "[::]:8081"];
-            args.extend(["--name", pod]);
+            args.extend(["--name", pod, "--trace-to", &trace_to]);
             if *pod == "payments-1" {
                 args.extend(["--always-status", "503"]);
             }
             lab.spawn(pod, &args)
         })
+        .chain([Ok(collector)])
         .collect::<Result<Vec<_>>>()?;
     Ok(Shop { agents, servers })
 }
@@ -399,6 +417,11 @@ fn http_demo(lab: &Lab) -> Result<()> {
         )
     );
     println!();
+    rate_limit_demo(lab)?;
+    trace_demo(lab)?;
+    let metrics = lab
+        .http("n1", "GET", "http://198.18.0.1:15020/metrics")?
+        .body;
     println!("Per route, from n1's /metrics:");
     println!(
         "  {:<12} {:<8} {:>4} {:>9} {:>12} {:>8}",
@@ -414,6 +437,120 @@ fn http_demo(lab: &Lab) -> Result<()> {
             row.mean_ms,
             row.retries
         );
+    }
+    println!();
+    Ok(())
+}
+
+/// web checks out more often than cart-api's checkout route allows: n2's agent, which serves
+/// the route's endpoint, answers 429.
+fn rate_limit_demo(lab: &Lab) -> Result<()> {
+    let tries = CHECKOUTS_PER_MINUTE + 3;
+    let title = format!("rate limit: web checks out {tries} times in a row at cart-api");
+    let answers = step(&title, || {
+        let script = format!(
+            "for i in $(seq {tries}); do curl -s -o /dev/null -m 10 -w '%{{http_code}} %header{{retry-after}}\\n' -X POST http://{CART_API}/checkout; done"
+        );
+        Ok(lab.run_program("web", "bash", &["-c", &script])?.stdout)
+    })?;
+    let metrics = lab
+        .http("n2", "GET", "http://198.18.0.2:15020/metrics")?
+        .body;
+    println!(
+        "  cart-api's route checkout takes {CHECKOUTS_PER_MINUTE} a minute from each caller, counted by n2's agent (it serves cart-1):"
+    );
+    let answers: Vec<String> = answers
+        .lines()
+        .map(|l| match l.split_once(' ') {
+            Some((code, retry)) if !retry.is_empty() => format!("{code} (retry-after {retry} s)"),
+            _ => l.trim().to_owned(),
+        })
+        .collect();
+    println!("    {}", answers.join(", "));
+    println!(
+        "    mesh_rate_limited_total{{service=\"lab/cart-api\",by=\"local\"}} {} (n2)",
+        sum(
+            &metrics,
+            "mesh_rate_limited_total{service=\"lab/cart-api\",by=\"local\"}"
+        )
+    );
+    println!();
+    Ok(())
+}
+
+/// One request from web to cart-api's v2 on n2, carrying web's trace context: the spans the
+/// collector got for it, as a tree.
+fn trace_demo(lab: &Lab) -> Result<()> {
+    let (trace, root) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let spans_file = lab.scratch_path("spans.jsonl");
+    let spans = step(
+        "tracing: web sends one request to cart-api v2 with its traceparent",
+        || {
+            let out = lab.run_program(
+                "web",
+                "curl",
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-m",
+                    "10",
+                    "-H",
+                    "x-version: v2",
+                    "-H",
+                    &format!("traceparent: 00-{trace}-{root}-01"),
+                    &format!("http://{CART_API}/items"),
+                ],
+            )?;
+            if !out.status.success() {
+                bail!("curl failed: {}", out.stderr);
+            }
+            let lines = lab.wait_for_lines(&spans_file, |lines| {
+                lines.iter().filter(|l| l.contains(trace)).count() >= 3
+            });
+            Ok(lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|s| s["trace_id"] == trace)
+                .collect::<Vec<_>>())
+        },
+    )?;
+    println!("  trace {trace}, as the OTLP collector on n1 got it:");
+    println!("  web (the caller's own span {root})");
+    let mut parent = root.to_owned();
+    let mut depth = 1;
+    while let Some(span) = spans
+        .iter()
+        .find(|s| s["parent_span_id"] == parent.as_str())
+    {
+        let text = |key: &str| span[key].as_str().unwrap_or_default().to_owned();
+        let attribute = |key: &str| span["attributes"][key].as_str().unwrap_or("-").to_owned();
+        let node = text("node");
+        let from = if node.is_empty() {
+            text("service")
+        } else {
+            format!(
+                "{} on {}",
+                text("service"),
+                node.rsplit('-').next().unwrap_or_default()
+            )
+        };
+        println!(
+            "  {:indent$}└─ {:<22} {:<6} {:<18} {:>6.2} ms  status {} {}",
+            "",
+            text("name"),
+            text("kind"),
+            from,
+            span["duration_us"].as_f64().unwrap_or_default() / 1000.0,
+            attribute("http.response.status_code"),
+            match attribute("mesh.source.identity").as_str() {
+                "-" => String::new(),
+                id => format!("caller {id}"),
+            },
+            indent = depth * 3 - 3,
+        );
+        parent = text("span_id");
+        depth += 1;
     }
     println!();
     Ok(())

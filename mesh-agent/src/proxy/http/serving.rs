@@ -95,18 +95,19 @@ struct Stream {
     pod: Pod,
     labels: RouteLabels,
     caller: SpiffeId,
-    /// The service ports the pod serves on the stream's port (usually one).
-    ports: Vec<Arc<ServicePort>>,
+    /// The service ports the pod serves on the stream's port (usually one), each with its
+    /// service's name as a label value.
+    ports: Vec<(Arc<ServicePort>, Arc<str>)>,
 }
 
 impl Stream {
     /// The service port a request for `host` is for: the one whose service's name the host
     /// starts with (`cart`, `cart.shop.svc.cluster.local`), else the first.
-    fn port_for(&self, host: &str) -> Option<&Arc<ServicePort>> {
+    fn port_for(&self, host: &str) -> Option<&(Arc<ServicePort>, Arc<str>)> {
         let label = host.split(['.', ':']).next().unwrap_or_default();
         self.ports
             .iter()
-            .find(|p| p.service.rsplit('/').next() == Some(label))
+            .find(|(p, _)| p.service.rsplit('/').next() == Some(label))
             .or(self.ports.first())
     }
 }
@@ -158,13 +159,19 @@ impl HttpServing {
                 source_namespace: caller.namespace().into(),
                 source_workload: Arc::from(""),
                 source_identity: caller.to_string().into(),
-                // The workload served: which of its services was called, the caller knows.
+                // The workload served, for a request that is for none of its services.
                 destination_service: workload(&destination_namespace, &destination_workload).into(),
                 route: Arc::from(""),
                 method: "",
             },
             caller,
-            ports,
+            ports: ports
+                .into_iter()
+                .map(|port| {
+                    let service = Arc::from(port.service.as_str());
+                    (port, service)
+                })
+                .collect(),
         });
         let service = service_fn(move |request| {
             let (this, stream) = (self.clone(), stream.clone());
@@ -211,9 +218,18 @@ impl HttpServing {
             .map(|a| a.as_str())
             .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
             .unwrap_or_default();
+        let port = stream.port_for(authority);
+        let route = port.and_then(|(port, _)| port.http.as_ref()?.route(&parts));
         let labels = RouteLabels {
             method: method_label(&parts.method),
             ..stream.labels.clone()
+        };
+        let labels = match port {
+            Some((_, service)) => RouteLabels {
+                destination_service: service.clone(),
+                ..labels
+            },
+            None => labels,
         };
         let mut record = RequestRecord::new(
             self.metrics.clone(),
@@ -222,13 +238,12 @@ impl HttpServing {
             parts.uri.path(),
             span,
         );
+        if let Some(route) = route {
+            record.routed(&route.name);
+        }
         let (grpc, version, method) =
             (is_grpc(&parts.headers), parts.version, parts.method.clone());
-        if let Some(port) = stream.port_for(authority) {
-            let route = port.http.as_ref().and_then(|h| h.route(&parts));
-            if let Some(route) = route {
-                record.routed(&route.name);
-            }
+        if let Some((port, _)) = port {
             let checked = rate_limit::check(
                 port,
                 route.map(|r| &*r.name),
@@ -582,7 +597,8 @@ mod tests {
                 "mesh.source.identity",
                 "spiffe://cluster.local/ns/shop/sa/web",
             ),
-            ("mesh.destination.service", "shop/cart-0"),
+            ("mesh.destination.service", "shop/cart"),
+            ("mesh.route", "default"),
             ("http.response.status_code", "200"),
         ] {
             assert_eq!(server_span.attribute(key).as_deref(), Some(value), "{key}");

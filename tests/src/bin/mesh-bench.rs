@@ -9,7 +9,9 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use mesh_tests::{Agent, Daemon, Lab, LabSpec, Output, ServiceSpec, catch_interrupt, interrupted};
+use mesh_tests::{
+    Agent, Daemon, Lab, LabSpec, Output, Running, ServiceSpec, catch_interrupt, interrupted,
+};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -337,7 +339,7 @@ fn run(cli: Cli) -> Result<()> {
         .collect::<Result<_>>()?;
 
     // The same node once more, with n1's agent restarted without the sk_msg shortcut.
-    let [n1, _n2] = agents;
+    let [n1, n2] = agents;
     n1.terminate()?;
     n1.wait()?;
     let n1 = lab.start_agent("n1", &["--no-sk-msg"])?;
@@ -362,6 +364,44 @@ fn run(cli: Cli) -> Result<()> {
     }
     n1.terminate()?;
     n1.wait()?;
+    n2.terminate()?;
+    n2.wait()?;
+
+    // The HTTP scenarios across nodes once more, both agents tracing (the default 1 %
+    // sampled, to a collector on n1): what tracing costs.
+    let l7: Vec<&Scenario> = scenarios
+        .iter()
+        .filter(|s| [HTTP, GRPC].contains(&s.name))
+        .collect();
+    let (collector, traced_agents) = if l7.is_empty() {
+        (None, Vec::new())
+    } else {
+        let (collector, agents) = start_traced_agents(&lab)?;
+        (Some(collector), agents)
+    };
+    let traced = Path {
+        name: "mesh, across nodes, traced",
+        baseline: "direct, across nodes",
+        client: "meshed",
+        echo: "198.19.0.3:80".into(),
+        sink: "198.19.0.4:80".into(),
+        http: "198.19.0.6:80".into(),
+        grpc: "198.19.0.8:80".into(),
+        proxies: traced_agents.iter().map(Agent::pid).collect(),
+    };
+    for scenario in &l7 {
+        let figures = measure(&lab, scenario, &traced, repeats)?;
+        let at = results
+            .iter()
+            .position(|(s, p, _)| *s == scenario.name && p.name == "mesh, across nodes (mTLS)")
+            .map_or(results.len(), |i| i + 1);
+        results.insert(at, (scenario.name, &traced, figures));
+    }
+    for agent in traced_agents {
+        agent.terminate()?;
+        agent.wait()?;
+    }
+    drop(collector);
 
     let scale = if cli.selects("scale") {
         scale(&lab, cli.quick)?
@@ -380,6 +420,25 @@ fn run(cli: Cli) -> Result<()> {
         plot.display()
     );
     Ok(())
+}
+
+/// An OTLP collector on n1, and the agents of n1 and n2 restarted with tracing on to it,
+/// sampling the default 1 %.
+fn start_traced_agents(lab: &Lab) -> Result<(Running, Vec<Agent>)> {
+    const COLLECTOR: &str = "198.18.0.1:4317";
+    eprintln!("==> bench: agents restarted with tracing (1 % sampled) to a collector on n1");
+    let spans = lab.scratch_path("spans.jsonl").display().to_string();
+    let collector =
+        lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
+    let agents = ["n1", "n2"]
+        .iter()
+        .map(|node| {
+            let config = lab.agent_config(node)?
+                + &format!("tracing: {{ otlp_endpoint: 'http://{COLLECTOR}' }}\n");
+            lab.start_agent_with_config(node, &config, &[])
+        })
+        .collect::<Result<_>>()?;
+    Ok((collector, agents))
 }
 
 /// Memory and config-apply time with many services and endpoints, and memory per idle
@@ -595,6 +654,24 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
 
 type Results<'a> = [(&'static str, &'a Path, Vec<(String, f64, bool)>)];
 
+/// Requests per second across nodes without and with tracing, by scenario.
+fn tracing_cost(results: &Results<'_>) -> Vec<(&'static str, f64, f64)> {
+    let rate = |scenario: &str, path: &str| {
+        results
+            .iter()
+            .find(|(s, p, _)| *s == scenario && p.name == path)
+            .and_then(|(_, _, figures)| figures.iter().find(|(k, ..)| k == "per_second"))
+            .map(|(_, v, _)| *v)
+    };
+    [HTTP, GRPC]
+        .into_iter()
+        .filter_map(|s| {
+            let plain = rate(s, "mesh, across nodes (mTLS)")?;
+            Some((s, plain, rate(s, "mesh, across nodes, traced")?))
+        })
+        .collect()
+}
+
 /// The value of `key` for the same scenario through `path`'s baseline.
 fn baseline(results: &Results<'_>, scenario: &str, path: &Path, key: &str) -> Option<f64> {
     results
@@ -642,6 +719,12 @@ fn print_table(results: &Results<'_>, rss: &[(String, f64)], scale: &[(String, f
                 path.name
             );
         }
+    }
+    for (scenario, plain, traced) in tracing_cost(results) {
+        println!(
+            "{scenario}: traced (1 % sampled) {traced:.0}/s, untraced {plain:.0}/s: {:+.1} %",
+            (traced / plain - 1.0) * 100.0
+        );
     }
     for (path, loaded, idle) in under_load_ratios(results) {
         println!(

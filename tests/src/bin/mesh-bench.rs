@@ -9,9 +9,7 @@ use std::{path::PathBuf, process::ExitCode, time::Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use mesh_tests::{
-    Agent, Daemon, Lab, LabSpec, Output, Running, ServiceSpec, catch_interrupt, interrupted,
-};
+use mesh_tests::{Agent, Daemon, Lab, LabSpec, Output, ServiceSpec, catch_interrupt, interrupted};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -362,46 +360,60 @@ fn run(cli: Cli) -> Result<()> {
             .map_or(results.len(), |i| i + 1);
         results.insert(at, (scenario.name, &unshortcut, figures));
     }
-    n1.terminate()?;
-    n1.wait()?;
-    n2.terminate()?;
-    n2.wait()?;
+    for agent in [n1, n2] {
+        agent.terminate()?;
+        agent.wait()?;
+    }
 
-    // The HTTP scenarios across nodes once more, both agents tracing (the default 1 %
-    // sampled, to a collector on n1): what tracing costs.
+    // What tracing costs: the HTTP scenarios across nodes through both agents restarted
+    // without and with tracing (the default 1 % sampled, to a collector on n1), in turns, so
+    // that neither gains from the order or from the restart.
     let l7: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| [HTTP, GRPC].contains(&s.name))
         .collect();
-    let (collector, traced_agents) = if l7.is_empty() {
-        (None, Vec::new())
-    } else {
-        let (collector, agents) = start_traced_agents(&lab)?;
-        (Some(collector), agents)
-    };
-    let traced = Path {
-        name: "mesh, across nodes, traced",
+    let across = |name: &'static str, proxies: Vec<u32>| Path {
+        name,
         baseline: "direct, across nodes",
         client: "meshed",
         echo: "198.19.0.3:80".into(),
         sink: "198.19.0.4:80".into(),
         http: "198.19.0.6:80".into(),
         grpc: "198.19.0.8:80".into(),
-        proxies: traced_agents.iter().map(Agent::pid).collect(),
+        proxies,
     };
-    for scenario in &l7 {
-        let figures = measure(&lab, scenario, &traced, repeats)?;
-        let at = results
-            .iter()
-            .position(|(s, p, _)| *s == scenario.name && p.name == "mesh, across nodes (mTLS)")
-            .map_or(results.len(), |i| i + 1);
-        results.insert(at, (scenario.name, &traced, figures));
+    let variants = [
+        across("mesh, across nodes, restarted", Vec::new()),
+        across("mesh, across nodes, traced", Vec::new()),
+    ];
+    if !l7.is_empty() {
+        let spans = lab.scratch_path("spans.jsonl").display().to_string();
+        let _collector =
+            lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
+        let mut runs = vec![[Vec::new(), Vec::new()]; l7.len()];
+        for _ in 0..repeats {
+            for (v, variant) in variants.iter().enumerate() {
+                let agents = restart_agents(&lab, v == 1)?;
+                let path = across(variant.name, agents.iter().map(Agent::pid).collect());
+                for (i, scenario) in l7.iter().enumerate() {
+                    eprintln!("==> {} through {}", scenario.name, path.name);
+                    runs[i][v].push(measure_once(&lab, scenario, &path)?);
+                }
+                for agent in agents {
+                    agent.terminate()?;
+                    agent.wait()?;
+                }
+            }
+        }
+        for (scenario, [restarted, traced]) in l7.iter().zip(runs) {
+            let at = results
+                .iter()
+                .position(|(s, p, _)| *s == scenario.name && p.name == "mesh, across nodes (mTLS)")
+                .map_or(results.len(), |i| i + 1);
+            results.insert(at, (scenario.name, &variants[1], median(traced)?));
+            results.insert(at, (scenario.name, &variants[0], median(restarted)?));
+        }
     }
-    for agent in traced_agents {
-        agent.terminate()?;
-        agent.wait()?;
-    }
-    drop(collector);
 
     let scale = if cli.selects("scale") {
         scale(&lab, cli.quick)?
@@ -422,23 +434,22 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// An OTLP collector on n1, and the agents of n1 and n2 restarted with tracing on to it,
-/// sampling the default 1 %.
-fn start_traced_agents(lab: &Lab) -> Result<(Running, Vec<Agent>)> {
-    const COLLECTOR: &str = "198.18.0.1:4317";
-    eprintln!("==> bench: agents restarted with tracing (1 % sampled) to a collector on n1");
-    let spans = lab.scratch_path("spans.jsonl").display().to_string();
-    let collector =
-        lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
-    let agents = ["n1", "n2"]
+/// Where the agents send their spans when the benchmark traces: a collector on n1.
+const COLLECTOR: &str = "198.18.0.1:4317";
+
+/// The agents of n1 and n2 started again, `traced` (the default 1 % sampled, to
+/// [`COLLECTOR`]) or not.
+fn restart_agents(lab: &Lab, traced: bool) -> Result<Vec<Agent>> {
+    ["n1", "n2"]
         .iter()
         .map(|node| {
-            let config = lab.agent_config(node)?
-                + &format!("tracing: {{ otlp_endpoint: 'http://{COLLECTOR}' }}\n");
+            let mut config = lab.agent_config(node)?;
+            if traced {
+                config += &format!("tracing: {{ otlp_endpoint: 'http://{COLLECTOR}' }}\n");
+            }
             lab.start_agent_with_config(node, &config, &[])
         })
-        .collect::<Result<_>>()?;
-    Ok((collector, agents))
+        .collect()
 }
 
 /// Memory and config-apply time with many services and endpoints, and memory per idle
@@ -588,6 +599,11 @@ fn measure(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    median(runs)
+}
+
+/// Each figure's median over `runs` (of the same scenario and path).
+fn median(runs: Vec<Vec<(String, f64, bool)>>) -> Result<Vec<(String, f64, bool)>> {
     let first = runs.first().context("no run")?;
     Ok(first
         .iter()
@@ -654,7 +670,8 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
 
 type Results<'a> = [(&'static str, &'a Path, Vec<(String, f64, bool)>)];
 
-/// Requests per second across nodes without and with tracing, by scenario.
+/// Requests per second across nodes through restarted agents without and with tracing, by
+/// scenario.
 fn tracing_cost(results: &Results<'_>) -> Vec<(&'static str, f64, f64)> {
     let rate = |scenario: &str, path: &str| {
         results
@@ -666,7 +683,7 @@ fn tracing_cost(results: &Results<'_>) -> Vec<(&'static str, f64, f64)> {
     [HTTP, GRPC]
         .into_iter()
         .filter_map(|s| {
-            let plain = rate(s, "mesh, across nodes (mTLS)")?;
+            let plain = rate(s, "mesh, across nodes, restarted")?;
             Some((s, plain, rate(s, "mesh, across nodes, traced")?))
         })
         .collect()

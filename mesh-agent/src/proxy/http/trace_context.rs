@@ -77,9 +77,8 @@ impl SpanContext {
     /// Makes this span the parent in `headers` (a request going on): `traceparent` always
     /// (`tracestate` passes as it came), the B3 headers too if the caller used them.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        let flags = if self.sampled { "01" } else { "00" };
+        headers.insert(TRACEPARENT.clone(), self.traceparent());
         let (trace, span) = (self.trace_id, self.span_id);
-        put(headers, &TRACEPARENT, format!("00-{trace}-{span}-{flags}"));
         let sampled = if self.sampled { "1" } else { "0" };
         match self.form {
             Form::W3c => {}
@@ -92,6 +91,30 @@ impl SpanContext {
                 headers.remove(&B3_FLAGS);
             }
         }
+    }
+}
+
+impl SpanContext {
+    /// `00-<trace id>-<span id>-<flags>`, written without the formatter (every request
+    /// carries one).
+    fn traceparent(&self) -> HeaderValue {
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&mut text[3..35], &self.trace_id.to_bytes());
+        hex_into(&mut text[36..52], &self.span_id.to_bytes());
+        if self.sampled {
+            text[54] = b'1';
+        }
+        // Hex digits and dashes.
+        HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(""))
+    }
+}
+
+/// Writes `bytes` as lower-case hex into `out` (twice as long).
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
 }
 

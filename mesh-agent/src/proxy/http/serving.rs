@@ -426,6 +426,59 @@ mod tests {
         two.stop().await;
     }
 
+    /// Served request by request on n2 (the port has limits), an upgrade still passes through
+    /// and h2c requests keep their bodies both ways.
+    #[tokio::test]
+    async fn upgrades_and_http2_pass_through_the_serving_agent() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = |mesh: Mesh| mesh.rate_limits("local: [{ requests: 1000 }]");
+        for protocol in [Protocol::Http, Protocol::Http2] {
+            let net = Loopback::reserve();
+            let (one, two) = shop(&net, protocol, limits).await;
+            let _pod = http_pod((net.pod(2, 2), 8080).into(), "cart-0").await;
+            let (web, vip) = (net.pod(1, 9), (VIP, 80).into());
+            if protocol == Protocol::Http {
+                let mut client = http1_client(&one, web, cgroup_of(0), vip).await;
+                let request = http::Request::get("/ws")
+                    .header("host", "cart")
+                    .header("upgrade", "echo")
+                    .header("connection", "upgrade")
+                    .body(Full::default())
+                    .unwrap();
+                let response = within(client.send_request(request)).await.unwrap();
+                assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+                let upgraded = within(hyper::upgrade::on(response)).await.unwrap();
+                let mut upgraded = hyper_util::rt::TokioIo::new(upgraded);
+                upgraded.write_all(b"ping").await.unwrap();
+                let mut pong = [0u8; 4];
+                within(upgraded.read_exact(&mut pong)).await.unwrap();
+                assert_eq!(&pong, b"ping");
+            } else {
+                let mut client = crate::testing::http2_client(&one, web, cgroup_of(0), vip).await;
+                let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+                let request = http::Request::post("http://cart/echo")
+                    .body(Full::new(bytes::Bytes::from(body.clone())))
+                    .unwrap();
+                let response = within(client.send_request(request)).await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                use http_body_util::BodyExt;
+                let back = within(response.into_body().collect())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert!(back == body, "the body came back changed");
+            }
+            sample_reaches(
+                &two.registry,
+                "mesh_requests_total{direction=\"inbound\"",
+                1.0,
+            )
+            .await;
+            one.stop().await;
+            two.stop().await;
+        }
+    }
+
     /// The rate limit service is asked about every request with the port's descriptors; its
     /// answer's limit, reset and headers reach the caller.
     #[tokio::test]

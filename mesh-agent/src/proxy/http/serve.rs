@@ -194,34 +194,19 @@ impl HttpProxy {
         builder.http1().timer(TokioTimer::new());
         builder.http2().timer(TokioTimer::new());
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-        tokio::select! {
-            served = connection => match served {
-                Ok(()) => Ended::Done,
-                Err(e) => Ended::Failed(std::io::Error::other(e)),
-            },
-            () = abort.cancelled() => Ended::Aborted,
-        }
+        served_unless(connection, abort).await
     }
 
     async fn handle(&self, mut request: Request<Incoming>, calling: &Calling) -> Response<Body> {
         let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
         let port = &calling.port;
-        let span = self.tracer.as_ref().map(|tracer| {
-            let span = SpanContext::of_request(&parts.headers, tracer.sampling());
-            span.inject(&mut parts.headers);
-            (tracer, span)
-        });
+        let span = SpanContext::carry_on(self.tracer.as_ref(), &mut parts.headers);
         let labels = RouteLabels {
             method: method_label(&parts.method),
             ..calling.labels.clone()
         };
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
-            .unwrap_or_default();
+        let authority = authority(&parts);
         let mut record = RequestRecord::new(
             self.metrics.clone(),
             labels,
@@ -423,6 +408,33 @@ impl HttpProxy {
             }
         }
     }
+}
+
+/// How a connection's serving ended: done, failed, or cut when `abort` was cancelled.
+pub(super) async fn served_unless<E>(
+    served: impl Future<Output = Result<(), E>>,
+    abort: &CancellationToken,
+) -> Ended
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::select! {
+        served = served => match served {
+            Ok(()) => Ended::Done,
+            Err(e) => Ended::Failed(std::io::Error::other(e)),
+        },
+        () = abort.cancelled() => Ended::Aborted,
+    }
+}
+
+/// The request's authority: its URI's (HTTP/2, absolute form), else its `Host`.
+pub(super) fn authority(parts: &Parts) -> &str {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(header::HOST)?.to_str().ok())
+        .unwrap_or_default()
 }
 
 /// What went wrong, cause by cause (hyper-util's client error says only which step failed;

@@ -35,7 +35,10 @@ use crate::{
         copy::Ended,
         http::{
             body::{Counted, Recorded},
-            serve::{Answer, answer, is_grpc, method_label, splice, wants_upgrade},
+            serve::{
+                Answer, answer, authority, is_grpc, method_label, served_unless, splice,
+                wants_upgrade,
+            },
             trace_context::SpanContext,
             upstream::{Body, BoxError},
             verdict,
@@ -195,29 +198,14 @@ impl HttpServing {
                 }
             }
         };
-        tokio::select! {
-            served = served => match served {
-                Ok(()) => Ended::Done,
-                Err(e) => Ended::Failed(std::io::Error::other(e)),
-            },
-            () = abort.cancelled() => Ended::Aborted,
-        }
+        served_unless(served, abort).await
     }
 
     async fn handle(&self, mut request: Request<Incoming>, stream: &Stream) -> Response<Body> {
         let upgrade = wants_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (mut parts, body) = request.into_parts();
-        let span = self.tracer.as_ref().map(|tracer| {
-            let span = SpanContext::of_request(&parts.headers, tracer.sampling());
-            span.inject(&mut parts.headers);
-            (tracer, span)
-        });
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| parts.headers.get(http::header::HOST)?.to_str().ok())
-            .unwrap_or_default();
+        let span = SpanContext::carry_on(self.tracer.as_ref(), &mut parts.headers);
+        let authority = authority(&parts);
         let port = stream.port_for(authority);
         let route = port.and_then(|(port, _)| port.http.as_ref()?.route(&parts));
         let labels = RouteLabels {

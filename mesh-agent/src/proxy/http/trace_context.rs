@@ -4,8 +4,12 @@
 //! in. Sampling follows the parent's decision; a request without one is sampled at the
 //! configured ratio, and the decision travels on either way.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanId, TraceId};
+
+use crate::observability::traces::Tracer;
 
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static B3: HeaderName = HeaderName::from_static("b3");
@@ -72,6 +76,18 @@ impl SpanContext {
                 form,
             },
         }
+    }
+
+    /// With `tracer` (tracing on), the span of a request with `headers`, made their parent
+    /// as the request goes on.
+    pub fn carry_on<'t>(
+        tracer: Option<&'t Arc<Tracer>>,
+        headers: &mut HeaderMap,
+    ) -> Option<(&'t Arc<Tracer>, Self)> {
+        let tracer = tracer?;
+        let span = Self::of_request(headers, tracer.sampling());
+        span.inject(headers);
+        Some((tracer, span))
     }
 
     /// Makes this span the parent in `headers` (a request going on): `traceparent` always

@@ -23,6 +23,7 @@ use crate::{
         traces::{FinishedSpan, Tracer},
     },
     proxy::http::trace_context::SpanContext,
+    state::routes::LocalWorkload,
 };
 
 /// The longest path an access line quotes.
@@ -51,6 +52,8 @@ pub struct RequestRecord {
     response_bytes: u64,
     /// The request's span, when tracing is on.
     span: Option<Span>,
+    /// The meshed workload that serves the request, when this agent serves it.
+    destination: Option<Arc<LocalWorkload>>,
 }
 
 /// A request's span: its context, and the tracer and start time if it is sampled.
@@ -100,12 +103,18 @@ impl RequestRecord {
             request_bytes: Arc::default(),
             response_bytes: 0,
             span,
+            destination: None,
         }
     }
 
     /// The route the request took (set once a route took it).
     pub fn routed(&mut self, route: &Arc<str>) {
         self.labels.route = route.clone();
+    }
+
+    /// The request is served by `workload` of this node (a meshed one, if any).
+    pub fn served_by(&mut self, workload: Option<Arc<LocalWorkload>>) {
+        self.destination = workload;
     }
 
     /// A try was sent to `endpoint`.
@@ -245,6 +254,14 @@ impl RequestRecord {
             attributes.push(KeyValue::new(
                 "network.peer.port",
                 i64::from(endpoint.port()),
+            ));
+        }
+        if let Some(served) = &self.destination {
+            let workload = workload(&served.namespace, &served.name);
+            attributes.push(KeyValue::new("mesh.destination.workload", workload));
+            attributes.push(KeyValue::new(
+                "mesh.destination.identity",
+                served.id.to_string(),
             ));
         }
         if let Some(code) = self.grpc_status {

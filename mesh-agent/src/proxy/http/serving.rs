@@ -98,6 +98,7 @@ struct Stream {
     pod: Pod,
     labels: RouteLabels,
     caller: SpiffeId,
+    destination: Option<Arc<LocalWorkload>>,
     /// The service ports the pod serves on the stream's port (usually one), each with its
     /// service's name as a label value.
     ports: Vec<(Arc<ServicePort>, Arc<str>)>,
@@ -155,6 +156,7 @@ impl HttpServing {
         } = parties;
         let [destination_namespace, destination_workload, _] =
             LocalWorkload::label_values(destination.as_deref());
+
         let stream = Arc::new(Stream {
             pod,
             labels: RouteLabels {
@@ -168,6 +170,7 @@ impl HttpServing {
                 method: "",
             },
             caller,
+            destination,
             ports: ports
                 .into_iter()
                 .map(|port| {
@@ -229,6 +232,7 @@ impl HttpServing {
         if let Some(route) = route {
             record.routed(&route.name);
         }
+        record.served_by(stream.destination.clone());
         let (grpc, version, method) =
             (is_grpc(&parts.headers), parts.version, parts.method.clone());
         if let Some((port, _)) = port {
@@ -639,6 +643,11 @@ mod tests {
                 "spiffe://cluster.local/ns/shop/sa/web",
             ),
             ("mesh.destination.service", "shop/cart"),
+            ("mesh.destination.workload", "shop/cart-0"),
+            (
+                "mesh.destination.identity",
+                "spiffe://cluster.local/ns/shop/sa/cart",
+            ),
             ("mesh.route", "default"),
             ("http.response.status_code", "200"),
         ] {

@@ -297,16 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             grpc: format!("{s2}:8082"),
             proxies: Vec::new(),
         },
-        Path {
-            name: "mesh, across nodes (mTLS)",
-            baseline: "direct, across nodes",
-            client: "meshed",
-            echo: "198.19.0.3:80".into(),
-            sink: "198.19.0.4:80".into(),
-            http: "198.19.0.6:80".into(),
-            grpc: "198.19.0.8:80".into(),
-            proxies: agent_pids.clone(),
-        },
+        mesh_across("mesh, across nodes (mTLS)", agent_pids.clone()),
         Path {
             name: "haproxy pair, across nodes",
             baseline: "direct, across nodes",
@@ -370,19 +361,9 @@ fn run(cli: Cli) -> Result<()> {
         .iter()
         .filter(|s| [HTTP, GRPC].contains(&s.name))
         .collect();
-    let across = |name: &'static str, proxies: Vec<u32>| Path {
-        name,
-        baseline: "direct, across nodes",
-        client: "meshed",
-        echo: "198.19.0.3:80".into(),
-        sink: "198.19.0.4:80".into(),
-        http: "198.19.0.6:80".into(),
-        grpc: "198.19.0.8:80".into(),
-        proxies,
-    };
     let variants = [
-        across("mesh, across nodes, restarted", Vec::new()),
-        across("mesh, across nodes, traced", Vec::new()),
+        mesh_across("mesh, across nodes, restarted", Vec::new()),
+        mesh_across("mesh, across nodes, traced", Vec::new()),
     ];
     // n2's agent as the scale section expects it: running with its own config.
     let _n2 = if l7.is_empty() {
@@ -397,7 +378,7 @@ fn run(cli: Cli) -> Result<()> {
         for _ in 0..repeats {
             for (v, variant) in variants.iter().enumerate() {
                 let agents = restart_agents(&lab, v == 1)?;
-                let path = across(variant.name, agents.iter().map(Agent::pid).collect());
+                let path = mesh_across(variant.name, agents.iter().map(Agent::pid).collect());
                 for (i, scenario) in l7.iter().enumerate() {
                     eprintln!("==> {} through {}", scenario.name, path.name);
                     runs[i][v].push(measure_once(&lab, scenario, &path)?);
@@ -436,6 +417,21 @@ fn run(cli: Cli) -> Result<()> {
         plot.display()
     );
     Ok(())
+}
+
+/// Through the mesh to n2's servers (their services' addresses), `name`d; `proxies` are the
+/// agents whose CPU time counts.
+fn mesh_across(name: &'static str, proxies: Vec<u32>) -> Path {
+    Path {
+        name,
+        baseline: "direct, across nodes",
+        client: "meshed",
+        echo: "198.19.0.3:80".into(),
+        sink: "198.19.0.4:80".into(),
+        http: "198.19.0.6:80".into(),
+        grpc: "198.19.0.8:80".into(),
+        proxies,
+    }
 }
 
 /// Where the agents send their spans when the benchmark traces: a collector on n1.

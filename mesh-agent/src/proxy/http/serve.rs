@@ -281,7 +281,7 @@ impl HttpProxy {
                 Unpicked::NoEndpoint => Answer::NoEndpoint,
                 Unpicked::AllBusy => self.circuit_open(backend, Tripped::PerEndpoint),
             })?;
-            if hop == Hop::Local {
+            if hop == Hop::Local && backend.rate_limits.is_some() {
                 // This agent serves the endpoint: the service's rate limits are its to keep.
                 // A route's limit counts the requests the route took; a backend that is
                 // another service counts against that service's port as a whole.

@@ -211,17 +211,13 @@ impl HttpServing {
         let authority = authority(&parts);
         let port = stream.port_for(authority);
         let route = port.and_then(|(port, _)| port.http.as_ref()?.route(&parts));
-        let labels = RouteLabels {
+        let mut labels = RouteLabels {
             method: method_label(&parts.method),
             ..stream.labels.clone()
         };
-        let labels = match port {
-            Some((_, service)) => RouteLabels {
-                destination_service: service.clone(),
-                ..labels
-            },
-            None => labels,
-        };
+        if let Some((_, service)) = port {
+            labels.destination_service = service.clone();
+        }
         let mut record = RequestRecord::new(
             self.metrics.clone(),
             labels,

@@ -29,8 +29,10 @@ use crate::proxy::{
     rate_limit::{RateLimits, global::RateLimitService},
 };
 
+pub mod authorization;
 pub mod http;
 
+use authorization::Authorization;
 use http::HttpRoute;
 
 /// A configuration that could not be used, with where and why.
@@ -69,6 +71,8 @@ pub struct Config {
     pub unmeshed_pods: Vec<IpAddr>,
     /// Services: addresses and ports the mesh owns, and their endpoints.
     pub services: Vec<Service>,
+    /// Who may call whom.
+    pub authorization: Authorization,
 }
 
 /// What the agent is told rather than discovers, fixed while it runs (a change is rejected
@@ -130,6 +134,8 @@ struct ConfigFile {
     unmeshed_pods: Vec<IpAddr>,
     #[serde(default)]
     services: Vec<Service>,
+    #[serde(default)]
+    authorization: Authorization,
 }
 
 impl From<ConfigFile> for Config {
@@ -148,6 +154,7 @@ impl From<ConfigFile> for Config {
             workloads: f.workloads,
             unmeshed_pods: f.unmeshed_pods,
             services: f.services,
+            authorization: f.authorization,
         }
     }
 }
@@ -166,6 +173,7 @@ impl From<Config> for ConfigFile {
             workloads: c.workloads,
             unmeshed_pods: c.unmeshed_pods,
             services: c.services,
+            authorization: c.authorization,
         }
     }
 }
@@ -410,6 +418,16 @@ impl Config {
                         ));
                     }
                 }
+            }
+        }
+        authorization::validate(&self.authorization)
+            .map_err(|(path, reason)| ([&[K("authorization")][..], &path].concat(), reason))?;
+        for (i, namespace) in self.authorization.strict.namespaces.iter().enumerate() {
+            if self.authorization.strict.namespaces[..i].contains(namespace) {
+                return Err((
+                    vec![K("authorization"), K("strict"), K("namespaces"), I(i)],
+                    format!("namespace {namespace} is listed twice"),
+                ));
             }
         }
         Ok(())
@@ -763,6 +781,9 @@ pub struct Workload {
     pub service_account: Name,
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// What authorization policies select it by.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// The workload's cgroup v2 directory, relative to the cgroup v2 mount.
     pub cgroup: CgroupPath,
 }

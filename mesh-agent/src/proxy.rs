@@ -2,10 +2,11 @@
 //! (`plan`), carried out for captured connections (`outbound`) and peer agents' tunnels
 //! (`inbound`), the mTLS + HTTP/2 CONNECT tunnel between them (`tunnel`), endpoint choice
 //! and health (`balance`), a service's caps on what its callers send at once (`breaker`) and
-//! on how fast (`rate_limit`), the byte copy (`copy`), dialling pods (`dial`), liveness of
+//! on how fast (`rate_limit`), who may call whom (`authorization`), the byte copy (`copy`), dialling pods (`dial`), liveness of
 //! peers (`liveness`), the caps on what a peer or pod may hold (`limit`), and why a
 //! connection is refused (`refusal`).
 
+pub mod authorization;
 pub mod balance;
 pub mod breaker;
 pub mod copy;

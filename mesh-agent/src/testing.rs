@@ -73,6 +73,7 @@ impl Mesh {
             workloads: Vec::new(),
             unmeshed_pods: Vec::new(),
             services: Vec::new(),
+            authorization: Default::default(),
         })
     }
 
@@ -95,6 +96,7 @@ impl Mesh {
             namespace: name(namespace),
             service_account: name(service_account),
             addresses: vec![address],
+            labels: [("app".to_owned(), service_account.to_owned())].into(),
             cgroup: format!("/{name_}").parse::<CgroupPath>().unwrap(),
         });
         self

@@ -38,7 +38,7 @@ use crate::{
         http::{serve::HttpProxy, serving::HttpServing, upstream::Upstreams},
         inbound::Inbound,
         liveness::Liveness,
-        open::OpenConnections,
+        open::{self, OpenConnections},
         outbound::Outbound,
         rate_limit::global::GlobalLimiter,
         tunnel::Tunnels,
@@ -183,6 +183,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             None => None,
         };
         let http = Arc::new(HttpProxy {
+            routes: routes_rx.clone(),
             upstreams: Arc::new(Upstreams::new(
                 routes_rx.clone(),
                 tunnels.clone(),
@@ -207,6 +208,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tls: server_tls,
             http: Arc::new(HttpServing {
                 metrics: metrics.clone(),
+                routes: routes_rx.clone(),
                 tracer,
                 rate_limit_service,
             }),
@@ -221,6 +223,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             metrics,
             open: open.clone(),
         };
+        tokio::spawn(open::cut_denied_on_change(
+            open.clone(),
+            inbound.routes.clone(),
+            inbound.metrics.clone(),
+        ));
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
         system::release_freed_memory();

@@ -40,7 +40,7 @@ use crate::{
         http::{serve::HttpProxy, serving::HttpServing, upstream::Upstreams},
         inbound::Inbound,
         liveness::Liveness,
-        open::OpenConnections,
+        open::{self, OpenConnections},
         outbound::{CapturedConnect, Captures, Outbound},
         rate_limit::global::GlobalLimiter,
         tunnel::Tunnels,
@@ -393,6 +393,7 @@ impl Agent {
             metrics.clone(),
         ));
         let http = Arc::new(HttpProxy {
+            routes: routes_rx.clone(),
             upstreams: Arc::new(Upstreams::new(routes_rx.clone(), tunnels.clone(), local)),
             metrics: metrics.clone(),
             tracer: tracer.clone(),
@@ -413,6 +414,7 @@ impl Agent {
             tls: certificates.server_config().unwrap(),
             http: Arc::new(HttpServing {
                 metrics: metrics.clone(),
+                routes: routes_rx.clone(),
                 tracer: tracer.clone(),
                 rate_limit_service,
             }),
@@ -427,6 +429,12 @@ impl Agent {
             metrics: metrics.clone(),
             open: open.clone(),
         };
+        // Ends when the agent (the routes' sender) is dropped.
+        tokio::spawn(open::cut_denied_on_change(
+            open.clone(),
+            routes.subscribe(),
+            metrics.clone(),
+        ));
         let outbound_listener = TcpListener::bind((node, 0)).await.unwrap();
         let outbound_addr = outbound_listener.local_addr().unwrap();
         let inbound_listener = TcpListener::bind((node, TUNNEL_PORT)).await.unwrap();

@@ -32,7 +32,7 @@ use crate::{
     },
     proxy::{
         copy::Ended,
-        open::{OpenConnection, OpenConnections, Registration},
+        open::{Authorized, OpenConnection, OpenConnections, Registration},
         refusal::Refusal,
     },
 };
@@ -75,6 +75,9 @@ pub struct Record {
     open: Arc<OpenConnections>,
     /// Its place among the open connections, once connected.
     registration: Option<Registration>,
+    /// For a connection into a pod of this node, what to decide on again when policies
+    /// change; registered with it.
+    authorized: Option<Authorized>,
     direction: Direction,
     source: SocketAddr,
     destination: SocketAddr,
@@ -100,6 +103,7 @@ impl Record {
             metrics,
             open,
             registration: None,
+            authorized: None,
             direction,
             source,
             destination,
@@ -109,6 +113,11 @@ impl Record {
             received: 0,
             outcome: Outcome::Abandoned,
         }
+    }
+
+    /// Connects into a pod as `authorized` says: to be decided again when policies change.
+    pub fn into_pod(&mut self, authorized: Authorized) {
+        self.authorized = Some(authorized);
     }
 
     /// Ends it refused, counted by the refusal's reason.
@@ -127,7 +136,7 @@ impl Record {
     pub fn connected(&mut self, labels: ConnectionLabels, destination: SocketAddr) {
         self.metrics.connection_opened(&labels);
         let open = OpenConnection::new(&labels, self.source, destination);
-        self.registration = Some(self.open.register(open));
+        self.registration = Some(self.open.register(open, self.authorized.take()));
         self.labels = Some(labels);
         self.destination = destination;
     }

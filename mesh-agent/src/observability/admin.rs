@@ -314,11 +314,14 @@ mod tests {
             hop: "local",
         };
         let source = "198.18.1.9:40000".parse().unwrap();
-        let registration = open.register(crate::proxy::open::OpenConnection::new(
-            &labels,
-            source,
-            "198.18.1.2:8080".parse().unwrap(),
-        ));
+        let registration = open.register(
+            crate::proxy::open::OpenConnection::new(
+                &labels,
+                source,
+                "198.18.1.2:8080".parse().unwrap(),
+            ),
+            None,
+        );
         let listed = get(addr, "/connections").await;
         let body = listed.split_once("\r\n\r\n").unwrap().1;
         let json: serde_json::Value = serde_json::from_str(body).unwrap();

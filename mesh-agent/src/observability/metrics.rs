@@ -24,7 +24,11 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{config::Config, datapath::counters::Counters, proxy::breaker::Tripped};
+use crate::{
+    config::Config,
+    datapath::counters::Counters,
+    proxy::{authorization::Decision, breaker::Tripped},
+};
 
 /// Who talked to whom over one proxied connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -119,6 +123,19 @@ pub struct RateLimitLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `allow` or `deny`.
+    pub action: &'static str,
+    /// What decided (see `proxy::authorization::Decision`).
+    pub policy: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
@@ -159,6 +176,8 @@ pub struct Metrics {
     pub trace_spans: Family<OutcomeLabels, Counter>,
     pub rate_limited: Family<RateLimitLabels, Counter>,
     pub rate_limit_service_failures: Family<OutcomeLabels, Counter>,
+    pub authorization_decisions: Family<DecisionLabels, Counter>,
+    pub authorization_cuts: Family<PolicyLabels, Counter>,
     /// The label sets of the connection families, of the request families, and of the
     /// endpoint families.
     connection_series: Series<ConnectionLabels>,
@@ -226,6 +245,8 @@ impl Metrics {
             trace_spans: Family::default(),
             rate_limited: Family::default(),
             rate_limit_service_failures: Family::default(),
+            authorization_decisions: Family::default(),
+            authorization_cuts: Family::default(),
             connection_series: Series::new(),
             request_series: Series::new(),
             endpoint_series: Series::new(),
@@ -349,6 +370,16 @@ impl Metrics {
             "Requests the rate limit service did not answer in time: allowed or denied as configured",
             m.rate_limit_service_failures.clone(),
         );
+        r.register(
+            "authorization_decisions",
+            "Calls (connections, or HTTP requests where rules look into them) decided by authorization policies, by action and the policy that decided",
+            m.authorization_decisions.clone(),
+        );
+        r.register(
+            "authorization_cuts",
+            "Open connections closed because a policy change denies them, by the policy",
+            m.authorization_cuts.clone(),
+        );
         m
     }
 
@@ -428,6 +459,23 @@ impl Metrics {
                 by,
             })
             .inc();
+    }
+
+    /// Counts an authorization decision.
+    pub fn authorized(&self, decision: &Decision) {
+        let labels = DecisionLabels {
+            action: decision.action(),
+            policy: decision.policy.clone(),
+        };
+        self.authorization_decisions.get_or_create(&labels).inc();
+    }
+
+    /// Counts an open connection closed because `policy` now denies it.
+    pub fn authorization_cut(&self, policy: &Arc<str>) {
+        let labels = PolicyLabels {
+            policy: policy.clone(),
+        };
+        self.authorization_cuts.get_or_create(&labels).inc();
     }
 
     /// Counts a request the rate limit service did not answer, `allowed` through or not.

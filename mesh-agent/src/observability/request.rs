@@ -47,6 +47,8 @@ pub struct RequestRecord {
     attempts: u32,
     /// Why the agent answered itself, if it did: `no_route`, `no_endpoint`, ...
     flag: Option<&'static str>,
+    /// The authorization policy that denied it, if one did.
+    denied_by: Option<Arc<str>>,
     /// Request body bytes, counted as the body is read.
     pub request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
@@ -100,11 +102,17 @@ impl RequestRecord {
             endpoint: None,
             attempts: 0,
             flag: None,
+            denied_by: None,
             request_bytes: Arc::default(),
             response_bytes: 0,
             span,
             destination: None,
         }
+    }
+
+    /// Denied by `policy` (see `proxy::authorization::Decision`).
+    pub fn denied_by(&mut self, policy: Arc<str>) {
+        self.denied_by = Some(policy);
     }
 
     /// The route the request took (set once a route took it).
@@ -194,6 +202,7 @@ impl Drop for RequestRecord {
             endpoint = %self.endpoint.map_or("-".to_owned(), |e| e.to_string()),
             attempts = self.attempts,
             flag = self.flag.unwrap_or("-"),
+            denied_by = self.denied_by.as_deref().unwrap_or("-"),
             request_bytes,
             response_bytes = self.response_bytes,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -269,6 +278,9 @@ impl RequestRecord {
         }
         if let Some(flag) = self.flag {
             attributes.push(KeyValue::new("mesh.flag", flag));
+        }
+        if let Some(policy) = &self.denied_by {
+            attributes.push(KeyValue::new("mesh.denied_by", policy.to_string()));
         }
         // A client span fails on 4xx too; a server's only on 5xx (the caller's mistake is not
         // the server's failure).

@@ -7,10 +7,10 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, LazyLock},
 };
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, HeaderName, Method};
 
 use crate::{
     config::{
@@ -22,6 +22,17 @@ use crate::{
 
 /// The body of a 403 for a request a policy denies (Envoy's words).
 pub const DENIED_BODY: &str = "RBAC: access denied";
+
+/// The header in which the calling agent tells the serving one the caller pod's address: on
+/// a tunnel's CONNECT, and on each request of a pooled HTTP connection (which carries many
+/// pods' requests). The calling agent sets it over whatever the app sent; the serving agent
+/// takes it off before the pod sees the request.
+pub const SOURCE_ADDRESS: HeaderName = HeaderName::from_static("mesh-source-address");
+
+/// The caller's address in `headers`, if the calling agent gave one.
+pub fn source_address(headers: &HeaderMap) -> Option<IpAddr> {
+    headers.get(SOURCE_ADDRESS)?.to_str().ok()?.parse().ok()
+}
 
 /// What is known of one call when it is decided.
 #[derive(Debug, Clone, Copy)]
@@ -46,47 +57,52 @@ pub struct HttpCall<'a> {
     pub headers: &'a HeaderMap,
 }
 
-/// A decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Allowed: by the named ALLOW policy, or (none) because nothing denies it.
-    Allowed(Option<Arc<str>>),
-    Denied(Denier),
-}
-
-/// What denied a call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Denier {
-    /// A DENY policy (`namespace/name`).
-    Policy(Arc<str>),
-    /// ALLOW policies select the workload and none matched.
-    NoAllowMatched,
-    /// The mesh denies by default and no ALLOW policy selects the workload.
-    DefaultDeny,
-}
-
-impl Denier {
-    /// The `policy` label value and the access log's word for it.
-    pub fn name(&self) -> &str {
-        match self {
-            Denier::Policy(name) => name,
-            Denier::NoAllowMatched => "no-allow-match",
-            Denier::DefaultDeny => "default-deny",
+impl<'a> HttpCall<'a> {
+    /// The request of `parts`, for `host` (its authority or `host` header).
+    pub fn of(parts: &'a http::request::Parts, host: &'a str) -> Self {
+        Self {
+            method: &parts.method,
+            path: parts.uri.path(),
+            host,
+            headers: &parts.headers,
         }
     }
 }
+
+/// A decision, and what made it: the `namespace/name` of the policy that matched, or
+/// `no-allow-match` (ALLOW policies select the workload and none matched), `default-deny`
+/// (the mesh denies by default and no ALLOW policy selects it), or empty (allowed: nothing
+/// denies it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    pub policy: Arc<str>,
+}
+
+/// The words for decisions no policy matched.
+static UNMATCHED: LazyLock<[Arc<str>; 3]> =
+    LazyLock::new(|| ["".into(), "no-allow-match".into(), "default-deny".into()]);
 
 impl Decision {
-    pub fn is_allowed(&self) -> bool {
-        matches!(self, Decision::Allowed(_))
+    fn allow(policy: &Arc<str>) -> Self {
+        let policy = policy.clone();
+        Self {
+            allowed: true,
+            policy,
+        }
     }
 
-    /// The `action` and `policy` label values.
-    pub fn labels(&self) -> (&'static str, &str) {
-        match self {
-            Decision::Allowed(policy) => ("allow", policy.as_deref().unwrap_or_default()),
-            Decision::Denied(denier) => ("deny", denier.name()),
+    fn deny(policy: &Arc<str>) -> Self {
+        let policy = policy.clone();
+        Self {
+            allowed: false,
+            policy,
         }
+    }
+
+    /// The `action` label value: `allow` or `deny`.
+    pub fn action(&self) -> &'static str {
+        if self.allowed { "allow" } else { "deny" }
     }
 }
 
@@ -193,15 +209,16 @@ impl Governing {
         // A connection matches a DENY rule whatever its HTTP fields say, and never an ALLOW
         // rule that has some: either way a connection is denied sooner, not later.
         if let Some(policy) = self.deny.iter().find(|p| p.matches(call, true)) {
-            return Decision::Denied(Denier::Policy(policy.name.clone()));
+            return Decision::deny(&policy.name);
         }
         if let Some(policy) = self.allow.iter().find(|p| p.matches(call, false)) {
-            return Decision::Allowed(Some(policy.name.clone()));
+            return Decision::allow(&policy.name);
         }
+        let [nothing, no_allow_match, default_deny] = &*UNMATCHED;
         match (self.allow.is_empty(), self.default_deny) {
-            (false, _) => Decision::Denied(Denier::NoAllowMatched),
-            (true, true) => Decision::Denied(Denier::DefaultDeny),
-            (true, false) => Decision::Allowed(None),
+            (false, _) => Decision::deny(no_allow_match),
+            (true, true) => Decision::deny(default_deny),
+            (true, false) => Decision::allow(nothing),
         }
     }
 }
@@ -357,9 +374,11 @@ authorization:
             }),
         };
         match governing.decide(&call) {
-            Decision::Allowed(None) => "allow".into(),
-            Decision::Allowed(Some(p)) => format!("allow by {p}"),
-            Decision::Denied(d) => format!("deny by {}", d.name()),
+            Decision {
+                allowed: true,
+                policy,
+            } if policy.is_empty() => "allow".into(),
+            decision => format!("{} by {}", decision.action(), decision.policy),
         }
     }
 

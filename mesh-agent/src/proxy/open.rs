@@ -1,18 +1,26 @@
 //! The proxied connections open now, for whatever must walk them: the admin API lists them
-//! (`/connections`), and a shutdown whose grace period ends names those it cuts. Each is
-//! registered by its record (`observability::access`) once connected, and leaves when the
-//! record is dropped.
+//! (`/connections`), a shutdown whose grace period ends names those it cuts, and a policy
+//! change closes those it now denies. Each is registered by its record
+//! (`observability::access`) once connected, and leaves when the record is dropped.
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
     time::SystemTime,
 };
 
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
-use crate::{identity::certificates::unix_seconds, observability::metrics::ConnectionLabels};
+use crate::{
+    identity::{SpiffeId, certificates::unix_seconds},
+    observability::metrics::{ConnectionLabels, Metrics},
+    proxy::authorization::{Call, Decision},
+    state::routes::Routes,
+};
 
 /// One open connection, as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -42,6 +50,32 @@ impl OpenConnection {
     }
 }
 
+/// A connection into a pod of this node, as authorization decides on it: decided again
+/// whenever the policies change.
+#[derive(Debug)]
+pub struct Authorized {
+    pub source: Option<SpiffeId>,
+    pub source_address: Option<IpAddr>,
+    /// The pod called.
+    pub destination: SocketAddr,
+    /// Cancelled to close the connection.
+    pub cut: CancellationToken,
+}
+
+impl Authorized {
+    /// The decision on it under `routes`' policies; `None` if the pod is no workload of
+    /// this node's now (nothing governs it).
+    fn decide(&self, routes: &Routes) -> Option<Decision> {
+        let workload = routes.workload_at(self.destination.ip())?;
+        Some(workload.authorization.decide(&Call {
+            source: self.source.as_ref(),
+            source_address: self.source_address,
+            port: self.destination.port(),
+            http: None,
+        }))
+    }
+}
+
 /// Every open proxied connection of the agent.
 #[derive(Debug, Default)]
 pub struct OpenConnections(Mutex<Table>);
@@ -49,7 +83,13 @@ pub struct OpenConnections(Mutex<Table>);
 #[derive(Debug, Default)]
 struct Table {
     next: u64,
-    open: HashMap<u64, OpenConnection>,
+    open: HashMap<u64, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    connection: OpenConnection,
+    authorized: Option<Authorized>,
 }
 
 /// A connection's place in [`OpenConnections`], given up when dropped.
@@ -60,12 +100,20 @@ pub struct Registration {
 }
 
 impl OpenConnections {
-    /// Adds `connection` until the registration is dropped.
-    pub fn register(self: &Arc<Self>, connection: OpenConnection) -> Registration {
+    /// Adds `connection` (one into a pod, `authorized` so) until the registration is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        connection: OpenConnection,
+        authorized: Option<Authorized>,
+    ) -> Registration {
         let mut table = self.lock();
         let id = table.next;
         table.next += 1;
-        table.open.insert(id, connection);
+        let entry = Entry {
+            connection,
+            authorized,
+        };
+        table.open.insert(id, entry);
         Registration {
             id,
             table: self.clone(),
@@ -77,11 +125,51 @@ impl OpenConnections {
         let table = self.lock();
         let mut ids: Vec<&u64> = table.open.keys().collect();
         ids.sort_unstable();
-        ids.into_iter().map(|id| table.open[id].clone()).collect()
+        ids.into_iter()
+            .map(|id| table.open[id].connection.clone())
+            .collect()
+    }
+
+    /// Decides again on every connection into a pod under `routes`' policies, and closes
+    /// those now denied: each with the decision.
+    pub fn cut_denied(&self, routes: &Routes) -> Vec<(OpenConnection, Decision)> {
+        let table = self.lock();
+        table
+            .open
+            .values()
+            .filter_map(|entry| {
+                let authorized = entry.authorized.as_ref()?;
+                let decision = authorized.decide(routes).filter(|d| !d.allowed)?;
+                authorized.cut.cancel();
+                Some((entry.connection.clone(), decision))
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Closes the open connections each new state's policies deny, counted and logged, until
+/// `routes` closes.
+pub async fn cut_denied_on_change(
+    open: Arc<OpenConnections>,
+    mut routes: watch::Receiver<Arc<Routes>>,
+    metrics: Arc<Metrics>,
+) {
+    while routes.changed().await.is_ok() {
+        let current = routes.borrow_and_update().clone();
+        for (connection, decision) in open.cut_denied(&current) {
+            metrics.authorization_cut(&decision.policy);
+            warn!(
+                source = %connection.source,
+                source_identity = connection.source_identity,
+                destination = %connection.destination,
+                policy = &*decision.policy,
+                "open connection closed: the policies now deny it"
+            );
+        }
     }
 }
 

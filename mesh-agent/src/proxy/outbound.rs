@@ -21,12 +21,13 @@ use crate::{
         metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
+        authorization::Call,
         balance::{Lease, Unpicked},
         breaker::{Slot, Tripped},
         copy,
         dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
         http::{detect, serve::HttpProxy},
-        open::OpenConnections,
+        open::{Authorized, OpenConnections},
         plan::{self, OutboundPlan},
         rate_limit,
         refusal::Refusal,
@@ -138,6 +139,7 @@ impl Outbound {
             }
             Upstream::Tunnel(_) => ("tunnel", None),
         };
+        let into_workload = destination_workload.is_some();
         let [source_namespace, source_workload, source_identity] =
             LocalWorkload::label_values(caller.workload.as_deref());
         let labels = ConnectionLabels {
@@ -158,11 +160,21 @@ impl Outbound {
                 .unwrap_or_default(),
             hop,
         };
+        // A connection into a workload of this node is decided again when policies change.
+        let cut = self.abort.child_token();
+        if into_workload {
+            record.into_pod(Authorized {
+                source: caller.workload.as_ref().map(|w| w.id.clone()),
+                source_address: Some(caller.addr.ip().to_canonical()),
+                destination: connected.target,
+                cut: cut.clone(),
+            });
+        }
         record.connected(labels, connected.target);
         let mut client = Metered::new(client);
         let ended = match connected.upstream {
             Upstream::Direct(mut pod) => {
-                let ended = copy::until_done(&mut client, &mut pod, &self.abort).await;
+                let ended = copy::until_done(&mut client, &mut pod, &cut).await;
                 if !ended.is_complete() {
                     system::reset_on_close(&pod);
                 }
@@ -233,7 +245,7 @@ impl Outbound {
         let ended = self
             .http
             .clone()
-            .serve(client, caller.workload, port, &self.abort)
+            .serve(client, caller.workload, caller.addr.ip(), port, &self.abort)
             .await;
         record.copied(&traffic, ended);
     }
@@ -319,6 +331,32 @@ impl Outbound {
         }))
     }
 
+    /// Whether `caller` may connect to `target`, a pod of this node (this agent decides for
+    /// the callee, as a peer's inbound would); the decision is counted.
+    fn authorize(&self, target: SocketAddr, caller: &Caller) -> Result<(), Refusal> {
+        let routes = self.routes.borrow();
+        let Some(workload) = routes.workload_at(target.ip()) else {
+            return Ok(());
+        };
+        if workload.authorization.is_open() {
+            return Ok(());
+        }
+        let decision = workload.authorization.decide(&Call {
+            source: caller.workload.as_ref().map(|w| &w.id),
+            source_address: Some(caller.addr.ip().to_canonical()),
+            port: target.port(),
+            http: None,
+        });
+        self.metrics.authorized(&decision);
+        if decision.allowed {
+            Ok(())
+        } else {
+            Err(Refusal::Denied {
+                policy: decision.policy,
+            })
+        }
+    }
+
     /// Counts `port`'s breaker turning a connection away: the refusal to answer with.
     fn circuit_open(&self, port: &ServicePort, tripped: Tripped) -> Refusal {
         self.metrics.circuit_open(&port.service, tripped);
@@ -337,6 +375,7 @@ impl Outbound {
     ) -> Result<Upstream, Failed> {
         match hop {
             Hop::Local => {
+                self.authorize(target, caller)?;
                 let stream = match dialled {
                     Dialled::Pod => self.local.pod(target).await?,
                     Dialled::Endpoint => self.local.endpoint(target).await?,
@@ -352,16 +391,28 @@ impl Outbound {
                     .id;
                 let tunnel = timeout(
                     CONNECT_TIMEOUT,
-                    self.tunnels.open(source, node, *agent, target, None),
+                    self.tunnels.open(
+                        source,
+                        Some(caller.addr.ip().to_canonical()),
+                        node,
+                        *agent,
+                        target,
+                        None,
+                    ),
                 )
                 .await
                 .map_err(|_| DialError::Timeout)?
                 .map_err(|e| match e {
-                    // The service's limit, not the endpoint's fault: no ejection, no retry.
+                    // The service's limit or the endpoint's policy, not the endpoint's
+                    // fault: no ejection, no retry.
                     TunnelError::Refused {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         ..
                     } => Failed::Refused(Refusal::RateLimitedThere(target)),
+                    TunnelError::Refused {
+                        status: StatusCode::FORBIDDEN,
+                        ..
+                    } => Failed::Refused(Refusal::DeniedThere(target)),
                     e => Failed::Dial(DialError::Failed(e.to_string())),
                 })?;
                 debug!(%target, %node, %source, "connected over mTLS through the peer agent");

@@ -2,7 +2,10 @@
 //! [`Refusal::reason`] is the label of `mesh_refusals_total` and whose message says what
 //! happened.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use http::Method;
 
@@ -38,6 +41,10 @@ pub enum Refusal {
     RateLimited { service: String, by: &'static str },
     #[error("the agent serving {0} refused it: over its service's rate limit")]
     RateLimitedThere(SocketAddr),
+    #[error("denied by {policy}")]
+    Denied { policy: Arc<str> },
+    #[error("the agent serving {0} denied it (authorization policy)")]
+    DeniedThere(SocketAddr),
 }
 
 /// A cap on what one peer or pod may hold or start (see `proxy::limit`).
@@ -82,6 +89,7 @@ impl Refusal {
             Refusal::NodeAddress(_) => "node_address",
             Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::RateLimited { .. } | Refusal::RateLimitedThere(_) => "rate_limited",
+            Refusal::Denied { .. } | Refusal::DeniedThere(_) => "denied",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

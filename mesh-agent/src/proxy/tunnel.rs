@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
         Arc, Mutex, PoisonError,
@@ -33,7 +33,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::{
     identity::{SpiffeId, certificates::Certificates, tls},
     observability::metrics::{Metrics, PeerLabels},
-    proxy::liveness::Liveness,
+    proxy::{authorization::SOURCE_ADDRESS, liveness::Liveness},
     state::http::Upstream,
 };
 
@@ -114,10 +114,12 @@ impl Tunnels {
     }
 
     /// A byte stream to `target` through the agent of `node` at `agent`, authenticated as
-    /// `source`; one that `carries` HTTP requests if it says so.
+    /// `source`, from the pod at `source_address` if it is one pod's; one that `carries`
+    /// HTTP requests if it says so.
     pub async fn open(
         &self,
         source: &SpiffeId,
+        source_address: Option<IpAddr>,
         node: &str,
         agent: SocketAddr,
         target: SocketAddr,
@@ -132,6 +134,9 @@ impl Tunnels {
             .uri(target.to_string());
         if let Some(protocol) = carries {
             request = request.header(Upstream::HEADER, protocol.token());
+        }
+        if let Some(address) = source_address {
+            request = request.header(SOURCE_ADDRESS, address.to_string());
         }
         let request = request
             .body(Empty::new())

@@ -10,10 +10,11 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    config::{self, Protocol},
+    config::{self, Name, Protocol},
     discovery::Snapshot,
     identity::SpiffeId,
     proxy::{
+        authorization::{Governing, Policies},
         balance::{Answered, Balancer, EndpointStates, Lease, Unpicked},
         breaker::Breaker,
         rate_limit::RateLimiter,
@@ -49,6 +50,8 @@ pub struct LocalWorkload {
     pub name: String,
     pub namespace: String,
     pub id: SpiffeId,
+    /// The authorization policies that govern calls to it.
+    pub authorization: Governing,
 }
 
 impl LocalWorkload {
@@ -256,11 +259,26 @@ impl Routes {
             }
         }
         states.prune();
+        let mut services_at: HashMap<IpAddr, HashSet<(&Name, &Name)>> = HashMap::new();
+        for s in &config.services {
+            for e in s.endpoints.iter().filter(|e| e.node == config.node.name) {
+                let services = services_at.entry(e.address.to_canonical()).or_default();
+                services.insert((&s.namespace, &s.name));
+            }
+        }
+        let policies = Policies::new(&config.authorization);
+        let no_services = HashSet::new();
         let mut workloads = HashMap::new();
         let mut by_cgroup = HashMap::new();
         let ids = cgroups.iter().copied().chain(std::iter::repeat(None));
         for (w, cgroup) in config.workloads.iter().zip(ids) {
+            let services = w
+                .addresses
+                .iter()
+                .find_map(|a| services_at.get(&a.to_canonical()))
+                .unwrap_or(&no_services);
             let workload = Arc::new(LocalWorkload {
+                authorization: policies.governing(w, services),
                 name: w.name.to_string(),
                 namespace: w.namespace.to_string(),
                 id: SpiffeId::workload(

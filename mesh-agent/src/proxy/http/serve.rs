@@ -5,7 +5,11 @@
 //! (no route, no endpoint, a timeout), the reply says why in a short body, or in
 //! `grpc-status` for a gRPC client.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use bytes::Bytes;
 use http::{
@@ -20,6 +24,7 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
+    sync::watch,
     time::timeout,
 };
 use tokio_util::sync::CancellationToken;
@@ -33,6 +38,7 @@ use crate::{
         traces::Tracer,
     },
     proxy::{
+        authorization::{Call, DENIED_BODY, Decision, HttpCall, SOURCE_ADDRESS},
         balance::{Answered, Lease, Unpicked},
         breaker::{Slot, Tripped},
         copy::Ended,
@@ -40,14 +46,14 @@ use crate::{
             body::{Counted, InFlight, Recorded, Replay},
             retry::Tried,
             trace_context::SpanContext,
-            upstream::{Body, BoxError, Connector, Upstreams},
+            upstream::{Body, BoxError, ConnectError, Connector, Upstreams},
             verdict::{self, Pending},
         },
         rate_limit::{self, Limited, global::GlobalLimiter},
     },
     state::{
         http::{HttpRoute, Upstream},
-        routes::{Hop, LocalWorkload, ServicePort},
+        routes::{Hop, LocalWorkload, Routes, ServicePort},
     },
 };
 
@@ -58,6 +64,8 @@ const MAX_REPLAY: u64 = 64 << 10;
 /// What every HTTP request needs.
 pub struct HttpProxy {
     pub upstreams: Arc<Upstreams>,
+    /// The current routes: the policies of local endpoints, decided per request.
+    pub routes: watch::Receiver<Arc<Routes>>,
     pub metrics: Arc<Metrics>,
     /// Where request spans go, when tracing is on.
     pub tracer: Option<Arc<Tracer>>,
@@ -70,6 +78,8 @@ struct Calling {
     port: Arc<ServicePort>,
     /// The caller's identity, if it has one.
     source: Option<SpiffeId>,
+    /// The caller pod's address.
+    address: IpAddr,
     /// The requests' metric labels, but for the route and the method.
     labels: RouteLabels,
     /// The port's upstream protocol, and the pool that speaks it as the caller.
@@ -81,6 +91,7 @@ impl Calling {
     fn new(
         upstreams: &Upstreams,
         source: Option<Arc<LocalWorkload>>,
+        address: IpAddr,
         port: Arc<ServicePort>,
     ) -> Self {
         let upstream = port.http.as_ref().map_or(Upstream::Http1, |h| h.upstream);
@@ -99,6 +110,7 @@ impl Calling {
         Self {
             port,
             source: source.map(|w| w.id.clone()),
+            address,
             labels,
             upstream,
             client,
@@ -120,6 +132,8 @@ pub(super) enum Answer {
     Timeout,
     CircuitOpen(Tripped),
     RateLimited(Limited),
+    /// By this policy (see `proxy::authorization::Decision`), or by the serving agent.
+    Denied(Arc<str>),
 }
 
 impl Answer {
@@ -168,24 +182,26 @@ impl Answer {
                 "rate_limited",
                 format!("{service} is over its {} rate limit", limited.by),
             ),
+            Answer::Denied(_) => (StatusCode::FORBIDDEN, 7, "denied", DENIED_BODY.into()),
         }
     }
 }
 
 impl HttpProxy {
-    /// Serves the connection `io` of `source` to `port` until its client is done or `abort`
-    /// is cancelled.
+    /// Serves the connection `io` of `source` (at `address`) to `port` until its client is
+    /// done or `abort` is cancelled.
     pub async fn serve<I>(
         self: Arc<Self>,
         io: I,
         source: Option<Arc<LocalWorkload>>,
+        address: IpAddr,
         port: Arc<ServicePort>,
         abort: &CancellationToken,
     ) -> Ended
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let calling = Arc::new(Calling::new(&self.upstreams, source, port));
+        let calling = Arc::new(Calling::new(&self.upstreams, source, address, port));
         let service = service_fn(move |request| {
             let (this, calling) = (self.clone(), calling.clone());
             async move { Ok::<_, Infallible>(this.handle(request, &calling).await) }
@@ -281,6 +297,13 @@ impl HttpProxy {
                 Unpicked::NoEndpoint => Answer::NoEndpoint,
                 Unpicked::AllBusy => self.circuit_open(backend, Tripped::PerEndpoint),
             })?;
+            if hop == Hop::Local
+                && let Some(decision) = self.authorize(lease.endpoint().addr, calling, &parts)
+                && !decision.allowed
+            {
+                // The endpoint's own policy, not its fault: no retry, no ejection.
+                return Err(Answer::Denied(decision.policy));
+            }
             if hop == Hop::Local && backend.rate_limits.is_some() {
                 // This agent serves the endpoint: the service's rate limits are its to keep.
                 // A route's limit counts the requests the route took; a backend that is
@@ -310,6 +333,7 @@ impl HttpProxy {
                 this_try.boxed_unsync(),
                 route,
                 upgrade.is_some(),
+                (hop != Hop::Local).then_some(calling.address),
             );
             let sent = calling.client.request(request);
             let outcome = match route.retry.per_try_timeout {
@@ -369,6 +393,12 @@ impl HttpProxy {
                     Ok((response, pending)),
                 )
             }
+            Some(Err(e)) if denied_there(&e) => {
+                // As the serving agent answers a request its policies deny.
+                let policy = Arc::from("the serving agent");
+                let tried = Tried::Answered(StatusCode::FORBIDDEN, None);
+                (tried, Err(Answer::Denied(policy)))
+            }
             Some(Err(e)) if e.is_connect() => {
                 let endpoint = lease.endpoint().addr;
                 let ejected = lease.endpoint().failed();
@@ -385,6 +415,29 @@ impl HttpProxy {
                 (Tried::Reset, Err(Answer::Timeout))
             }
         }
+    }
+
+    /// The decision on a request for `endpoint` of this node, counted; none where no
+    /// policy governs it.
+    fn authorize(
+        &self,
+        endpoint: SocketAddr,
+        calling: &Calling,
+        parts: &Parts,
+    ) -> Option<Decision> {
+        let routes = self.routes.borrow();
+        let governing = &routes.workload_at(endpoint.ip())?.authorization;
+        if governing.is_open() {
+            return None;
+        }
+        let decision = governing.decide(&Call {
+            source: calling.source.as_ref(),
+            source_address: Some(calling.address),
+            port: endpoint.port(),
+            http: Some(HttpCall::of(parts, authority(parts))),
+        });
+        self.metrics.authorized(&decision);
+        Some(decision)
     }
 
     /// Counts `port`'s breaker turning a request away: the answer to give.
@@ -439,6 +492,18 @@ pub(super) fn authority(parts: &Parts) -> &str {
 
 /// What went wrong, cause by cause (hyper-util's client error says only which step failed;
 /// its sources say why).
+/// Whether the agent serving the endpoint denied the connection to it (its policies).
+fn denied_there(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if matches!(e.downcast_ref(), Some(ConnectError::Denied(_))) {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
 fn causes(error: &hyper_util::client::legacy::Error) -> String {
     let mut text = String::new();
     let mut cause = std::error::Error::source(error);
@@ -465,6 +530,7 @@ fn upstream_request(
     body: Body,
     route: &HttpRoute,
     upgrade: bool,
+    source_address: Option<IpAddr>,
 ) -> Request<Body> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut request = Request::new(body);
@@ -493,6 +559,13 @@ fn upstream_request(
         }
     }
     route.request_headers.apply(&mut headers);
+    // Only this agent says where a request comes from.
+    headers.remove(SOURCE_ADDRESS);
+    if let Some(address) = source_address
+        && let Ok(value) = HeaderValue::try_from(address.to_string())
+    {
+        headers.insert(SOURCE_ADDRESS, value);
+    }
     *request.headers_mut() = headers;
     request
 }
@@ -566,8 +639,10 @@ pub(super) fn answer(
     version: Version,
 ) -> Response<Body> {
     let (status, grpc_code, flag, text) = why.parts(service);
-    if matches!(why, Answer::Timeout) {
-        record.timed_out();
+    match &why {
+        Answer::Timeout => record.timed_out(),
+        Answer::Denied(policy) => record.denied_by(policy.clone()),
+        _ => {}
     }
     let mut response = Response::new(Body::default());
     *response.version_mut() = version;

@@ -4,9 +4,13 @@
 //! tracing is on, a server span that is the parent of the app's: the place for decisions
 //! that belong to the server (its limits, its policy).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
-use http::{Request, Response};
+use http::{Request, Response, request::Parts};
 use http_body_util::BodyExt;
 use hyper::{
     body::Incoming,
@@ -18,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
-    sync::Mutex,
+    sync::{Mutex, watch},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -32,6 +36,7 @@ use crate::{
         traces::Tracer,
     },
     proxy::{
+        authorization::{self, Call, Decision, HttpCall, SOURCE_ADDRESS},
         copy::Ended,
         http::{
             body::{Counted, Recorded},
@@ -47,13 +52,15 @@ use crate::{
     },
     state::{
         http::Upstream,
-        routes::{LocalWorkload, ServicePort},
+        routes::{LocalWorkload, Routes, ServicePort},
     },
 };
 
 /// What every served stream needs.
 pub struct HttpServing {
     pub metrics: Arc<Metrics>,
+    /// The current routes: the pods' policies, for streams whose requests are decided each.
+    pub routes: watch::Receiver<Arc<Routes>>,
     /// Where request spans go, when tracing is on.
     pub tracer: Option<Arc<Tracer>>,
     /// The rate limit service, if the settings name one.
@@ -87,6 +94,10 @@ impl Pod {
 /// Who calls whom on a stream.
 pub struct Parties {
     pub caller: SpiffeId,
+    /// The pod called.
+    pub target: SocketAddr,
+    /// Whether its policies decide each request (else the stream was decided whole).
+    pub per_request: bool,
     /// The pod's workload, if meshed.
     pub destination: Option<Arc<LocalWorkload>>,
     /// The service ports the pod serves on the stream's port (usually one).
@@ -98,6 +109,8 @@ struct Stream {
     pod: Pod,
     labels: RouteLabels,
     caller: SpiffeId,
+    target: SocketAddr,
+    per_request: bool,
     destination: Option<Arc<LocalWorkload>>,
     /// The service ports the pod serves on the stream's port (usually one), each with its
     /// service's name as a label value.
@@ -117,6 +130,29 @@ impl Stream {
 }
 
 impl HttpServing {
+    /// The decision on a request of `stream` from `source_address` under the pod's current
+    /// policies, counted; none where none governs it.
+    fn authorize(
+        &self,
+        stream: &Stream,
+        source_address: Option<IpAddr>,
+        parts: &Parts,
+    ) -> Option<Decision> {
+        let routes = self.routes.borrow();
+        let governing = &routes.workload_at(stream.target.ip())?.authorization;
+        if governing.is_open() {
+            return None;
+        }
+        let decision = governing.decide(&Call {
+            source: Some(&stream.caller),
+            source_address,
+            port: stream.target.port(),
+            http: Some(HttpCall::of(parts, authority(parts))),
+        });
+        self.metrics.authorized(&decision);
+        Some(decision)
+    }
+
     /// Serves the requests that come on `tunnel`, in `protocol`, to `pod`, until either side
     /// is done or `abort` is cancelled.
     pub async fn serve<I>(
@@ -151,6 +187,8 @@ impl HttpServing {
         };
         let Parties {
             caller,
+            target,
+            per_request,
             destination,
             ports,
         } = parties;
@@ -170,6 +208,8 @@ impl HttpServing {
                 method: "",
             },
             caller,
+            target,
+            per_request,
             destination,
             ports: ports
                 .into_iter()
@@ -231,6 +271,16 @@ impl HttpServing {
         record.served_by(stream.destination.clone());
         let (grpc, version, method) =
             (is_grpc(&parts.headers), parts.version, parts.method.clone());
+        let source_address = authorization::source_address(&parts.headers);
+        parts.headers.remove(SOURCE_ADDRESS);
+        if stream.per_request
+            && let Some(decision) = self.authorize(stream, source_address, &parts)
+            && !decision.allowed
+        {
+            let service = port.map_or("", |(port, _)| port.service.as_str());
+            let why = Answer::Denied(decision.policy);
+            return answer(record, why, service, grpc, version);
+        }
         if let Some((port, _)) = port {
             let checked = rate_limit::check(
                 port,

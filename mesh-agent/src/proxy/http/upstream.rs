@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::Uri;
+use http::{StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::{
@@ -31,7 +31,7 @@ use crate::{
     identity::SpiffeId,
     proxy::{
         dial::{CONNECT_TIMEOUT, LocalDialer},
-        tunnel::{TunnelStream, Tunnels},
+        tunnel::{TunnelError, TunnelStream, Tunnels},
     },
     state::{
         http::Upstream,
@@ -119,6 +119,9 @@ pub enum ConnectError {
     NotAnEndpoint(String),
     #[error("the caller has no identity to present to another node's agent")]
     NoIdentity,
+    /// The serving agent's policies deny the caller.
+    #[error("the agent serving {0} denied the caller (authorization policy)")]
+    Denied(SocketAddr),
     #[error("{0}")]
     Failed(String),
 }
@@ -155,13 +158,19 @@ impl tower_service::Service<Uri> for Connector {
                     let stream = timeout(
                         CONNECT_TIMEOUT,
                         this.tunnels
-                            .open(source, &node, agent, endpoint, this.upstream),
+                            .open(source, None, &node, agent, endpoint, this.upstream),
                     )
                     .await
                     .map_err(|_| {
                         ConnectError::Failed(format!("no answer within {CONNECT_TIMEOUT:?}"))
                     })?
-                    .map_err(|e| ConnectError::Failed(e.to_string()))?;
+                    .map_err(|e| match e {
+                        TunnelError::Refused {
+                            status: StatusCode::FORBIDDEN,
+                            ..
+                        } => ConnectError::Denied(endpoint),
+                        e => ConnectError::Failed(e.to_string()),
+                    })?;
                     Ok(Conn::Tunnel(TokioIo::new(stream)))
                 }
             }

@@ -237,6 +237,12 @@ impl Mesh {
         self
     }
 
+    /// The mesh's authorization (YAML, as under `authorization:` in a config file).
+    pub fn authorization(mut self, yaml: &str) -> Self {
+        self.0.authorization = serde_yaml::from_str(yaml).unwrap();
+        self
+    }
+
     /// Changes the trust domain.
     pub fn trust_domain(mut self, trust_domain: &str) -> Self {
         self.0.settings.trust_domain = name(trust_domain);
@@ -540,7 +546,8 @@ pub struct PodLog {
 }
 
 /// An HTTP pod at `addr` (HTTP/1.1 and h2c): answers `x-pod: name`, the request's `host` as
-/// `x-host`, its `traceparent` as `x-traceparent` and its body back; `/status/N` answers N; `/sleep/MS` answers after MS
+/// `x-host`, its `traceparent` as `x-traceparent`, its `mesh-source-address` (which it should
+/// never get) as `x-mesh-source-address`, and its body back; `/status/N` answers N; `/sleep/MS` answers after MS
 /// milliseconds; an `upgrade: echo` request switches to echoing bytes. While
 /// `failures_left` is above 0 it answers 503 and counts down.
 pub async fn http_pod(addr: SocketAddr, name: &'static str) -> Arc<PodLog> {
@@ -564,6 +571,12 @@ pub async fn http_pod(addr: SocketAddr, name: &'static str) -> Arc<PodLog> {
                             .insert("x-pod", name.parse().unwrap());
                         if let Some(host) = request.headers().get("host") {
                             response.headers_mut().insert("x-host", host.clone());
+                        }
+                        // What only agents may say, if it came this far.
+                        if let Some(address) = request.headers().get("mesh-source-address") {
+                            response
+                                .headers_mut()
+                                .insert("x-mesh-source-address", address.clone());
                         }
                         if let Some(parent) = request.headers().get("traceparent") {
                             response

@@ -292,6 +292,9 @@ fn host_without_port(host: &str) -> &str {
 }
 
 #[cfg(test)]
+mod enforced;
+
+#[cfg(test)]
 mod tests {
     use std::path::Path;
 

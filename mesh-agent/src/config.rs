@@ -1474,6 +1474,81 @@ services:
     }
 
     #[test]
+    fn authorization_is_read_and_checked_by_path() {
+        let with = |policies: &str| {
+            format!(
+                "{VALID}authorization:\n  default_deny: true\n  strict: {{ namespaces: [shop] }}\n  policies:\n    {policies}"
+            )
+        };
+        let good = "\
+    - name: charge
+      namespace: shop
+      target: { service: payments }
+      action: allow
+      rules:
+        - from: [{ principals: ['spiffe://cluster.local/ns/shop/sa/orders', '*/sa/admin'], ip_blocks: [198.18.1.0/24] }]
+          to: [{ ports: [8080], methods: [POST], paths: [/charge, /refunds/*], hosts: ['*.shop'], headers: { x-tenant: acme } }]
+";
+        let c = parse(&with(good)).unwrap();
+        assert!(c.authorization.default_deny);
+        assert!(c.authorization.strict.covers(&"shop".parse().unwrap()));
+        let rule = &c.authorization.policies[0].rules[0];
+        assert_eq!(rule.to[0].paths[1].to_string(), "/refunds/*");
+        let cases = [
+            (
+                good.replace("action: allow", "action: permit"),
+                "node.yaml:26:15: authorization.policies[0].action: unknown variant `permit`",
+            ),
+            (
+                good.replace("'*/sa/admin'", "'spiffe://a*b'"),
+                "node.yaml:28:77: authorization.policies[0].rules[0].from[0].principals[1]: \"spiffe://a*b\": `*` may only start or end a pattern",
+            ),
+            (
+                good.replace("'*/sa/admin'", "'cluster.local/*'"),
+                "node.yaml:28:77: authorization.policies[0].rules[0].from[0].principals[1]: cluster.local/*: a principal's prefix starts with spiffe://",
+            ),
+            (
+                good.replace("'spiffe://cluster.local/ns/shop/sa/orders'", "'spiffe://cluster.local/orders'"),
+                "node.yaml:28:33: authorization.policies[0].rules[0].from[0].principals[0]: \"spiffe://cluster.local/orders\" is not of the form",
+            ),
+            (
+                good.replace("methods: [POST]", "methods: [post]"),
+                "node.yaml:29:43: authorization.policies[0].rules[0].to[0].methods[0]: \"post\" is not an uppercase HTTP method",
+            ),
+            (
+                good.replace("/refunds/*", "refunds/*"),
+                "node.yaml:29:67: authorization.policies[0].rules[0].to[0].paths[1]: refunds/*: a path starts with /",
+            ),
+            (
+                good.replace("ip_blocks: [198.18.1.0/24]", "ip_blocks: [198.18.1.0/33]"),
+                "node.yaml:28:104: authorization.policies[0].rules[0].from[0].ip_blocks[0]: invalid IP address syntax",
+            ),
+            (
+                good.replace("{ service: payments }", "{ workloads: {} }"),
+                "node.yaml:25:17: authorization.policies[0].target.workloads: no labels select every workload",
+            ),
+            (
+                good.replace(
+                    "principals: ['spiffe://cluster.local/ns/shop/sa/orders', '*/sa/admin'], ip_blocks: [198.18.1.0/24]",
+                    "",
+                ),
+                "node.yaml:28:18: authorization.policies[0].rules[0].from[0]: an empty source matches every caller",
+            ),
+            (
+                format!("{good}    {good}"),
+                "node.yaml:30:7: authorization.policies[1].name: policy shop/charge is defined twice",
+            ),
+        ];
+        for (policies, expected) in cases {
+            let e = parse(&with(&policies)).unwrap_err();
+            assert!(
+                e.starts_with(expected),
+                "{e}\nshould start with\n{expected}"
+            );
+        }
+    }
+
+    #[test]
     fn periods_take_milliseconds_to_hours() {
         for (text, ms) in [
             ("250ms", 250),

@@ -16,7 +16,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Map, MapData, MapError, SockHash},
-    programs::{CgroupAttachMode, CgroupSockAddr, SkMsg, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SkMsg, SockOps,
+        links::FdLink,
+    },
 };
 use mesh_common::{KernelLayout, SockPair};
 use tracing::{debug, info, warn};
@@ -36,12 +39,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
 /// The agent's outbound listener port, where captured connects go.
 pub const OUTBOUND_PORT: u16 = 15001;
 
-const CGROUP_PROGRAMS: [&str; 5] = [
+const CGROUP_PROGRAMS: [&str; 6] = [
     "mesh_connect4",
     "mesh_connect6",
     "mesh_getpeername4",
     "mesh_getpeername6",
     "mesh_sockops",
+    "mesh_strict",
 ];
 
 /// The directory holding a node's pins.
@@ -208,6 +212,11 @@ fn attach_to_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_dir: &Path) 
         let p: &mut SockOps = program.try_into()?;
         p.load()?;
         let id = p.attach(cgroup, CgroupAttachMode::Single)?;
+        p.take_link(id)?.try_into()?
+    } else if name == "mesh_strict" {
+        let p: &mut CgroupSkb = program.try_into()?;
+        p.load()?;
+        let id = p.attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)?;
         p.take_link(id)?.try_into()?
     } else {
         let p: &mut CgroupSockAddr = program.try_into()?;

@@ -2,7 +2,7 @@
 
 use std::{
     io,
-    net::{Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -101,6 +101,41 @@ pub fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Every address of the host's (the agent's network namespace's) interfaces: where its
+/// own connections to its pods come from.
+pub fn host_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: an entry of the list getifaddrs made, not freed yet.
+        let (address, next) = unsafe { ((*entry).ifa_addr, (*entry).ifa_next) };
+        // SAFETY: `address` is null or points at a sockaddr of the family it names.
+        match unsafe { address.as_ref() }.map(|a| i32::from(a.sa_family)) {
+            Some(libc::AF_INET) => {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let v4 = unsafe { &*address.cast::<libc::sockaddr_in>() };
+                // In network order: its bytes are the address's.
+                addresses.push(IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()));
+            }
+            Some(libc::AF_INET6) => {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let v6 = unsafe { &*address.cast::<libc::sockaddr_in6>() };
+                addresses.push(IpAddr::from(v6.sin6_addr.s6_addr));
+            }
+            _ => {}
+        }
+        entry = next;
+    }
+    // SAFETY: the list getifaddrs made, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(addresses)
 }
 
 /// Raises the limit on open files as far as allowed (as root, to the kernel's ceiling): a proxy

@@ -164,11 +164,13 @@ pub enum Counter {
     ShortcutResumed = 7,
     /// Bytes of shortcut sockets that went through the TCP/IP stack.
     BytesPassed = 8,
+    /// TCP packets to a strict pod's listening socket from outside its node, dropped.
+    StrictDropped = 9,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::ConnectsCaptured,
         Counter::ConnectsPassed,
         Counter::OrigDstRecorded,
@@ -178,6 +180,7 @@ impl Counter {
         Counter::ShortcutFull,
         Counter::ShortcutResumed,
         Counter::BytesPassed,
+        Counter::StrictDropped,
     ];
 
     /// The counter's name in snake case, as the agent reports it.
@@ -192,6 +195,7 @@ impl Counter {
             Counter::ShortcutFull => "shortcut_full",
             Counter::ShortcutResumed => "shortcut_resumed",
             Counter::BytesPassed => "bytes_passed",
+            Counter::StrictDropped => "strict_dropped",
         }
     }
 }

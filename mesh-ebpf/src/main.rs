@@ -12,6 +12,10 @@
 //!   receive queue of its peer, skipping the TCP/IP stack and the veth between them, as long
 //!   as the peer's sk_msg queue holds less than its receive buffer; past that the socket
 //!   sends through TCP/IP (TCP's own backpressure) until the peer has read everything.
+//! - `mesh_strict` (`cgroup_skb/ingress`): a strict pod (its cgroup or an ancestor in
+//!   `STRICT`) accepts TCP connections only from its node's addresses (`NODE_ADDRESSES`: the
+//!   agent's dials, the kubelet's probes) and loopback; packets from elsewhere to its
+//!   listening sockets are dropped.
 #![no_std]
 #![no_main]
 
@@ -21,10 +25,13 @@ use aya_ebpf::{
         BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         bpf_sock_addr, sk_action::SK_PASS,
     },
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_probe_read_kernel},
-    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_probe_read_kernel,
+        bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
-    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
@@ -52,6 +59,14 @@ static OWNED_SERVICES: HashMap<SockAddr, u8> = HashMap::pinned(262_144, 0);
 /// Set of meshed address ranges (pod CIDRs), any port.
 #[map]
 static OWNED_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(4096, 0);
+
+/// Set of strict pods' cgroup ids: a pod is strict if its cgroup or an ancestor is here.
+#[map]
+static STRICT: HashMap<u64, u8> = HashMap::pinned(16_384, 0);
+
+/// Set of the node's own addresses, from which strict pods accept connections.
+#[map]
+static NODE_ADDRESSES: HashMap<Addr, u8> = HashMap::pinned(1024, 0);
 
 /// The agent's outbound listener, at index 0.
 #[map]
@@ -121,6 +136,22 @@ fn enrolled_cgroup() -> Option<u64> {
         }
     }
     None
+}
+
+/// Whether the socket of `skb` is in a strict pod's cgroup (or below it).
+#[inline(always)]
+fn in_strict_cgroup(skb: *mut aya_ebpf::bindings::__sk_buff) -> bool {
+    for level in 1..=MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call; returns 0 past the socket's own cgroup.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+        if id == 0 {
+            return false;
+        }
+        if unsafe { STRICT.get(id) }.is_some() {
+            return true;
+        }
+    }
+    false
 }
 
 #[inline(always)]
@@ -544,6 +575,62 @@ impl Peer {
 fn read<T>(base: u64, offset: u32) -> Option<T> {
     // SAFETY: `bpf_probe_read_kernel` checks the address; a bad one is an error, not a fault.
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T) }.ok()
+}
+
+/// `cgroup_skb` verdicts.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
+/// `bpf_sock.state` of a listening socket (`BPF_TCP_LISTEN`).
+const TCP_LISTEN: u32 = 10;
+/// Ethertypes as `__sk_buff.protocol` holds them (network byte order).
+const ETH_P_IP: u32 = 0x0008;
+const ETH_P_IPV6: u32 = 0xdd86;
+
+#[cgroup_skb(ingress)]
+pub fn mesh_strict(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: the context's socket field, null-checked before use.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return PASS;
+    }
+    // SAFETY: a socket the kernel gave; the result is null-checked.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return PASS;
+    }
+    // Only packets to a listening TCP socket start connections: everything else (replies to
+    // the pod's own connections, established ones) passes without a lookup.
+    // SAFETY: a full socket, null-checked above.
+    let (protocol, state) = unsafe { ((*sk).protocol, (*sk).state) };
+    if protocol != IPPROTO_TCP || state != TCP_LISTEN || !in_strict_cgroup(skb) {
+        return PASS;
+    }
+    // The data starts at the IP header.
+    // SAFETY: reading the context's protocol field.
+    let source = match unsafe { (*skb).protocol } {
+        ETH_P_IP => ctx.load::<[u8; 4]>(12).ok().map(ipv4_mapped),
+        ETH_P_IPV6 => ctx.load::<Addr>(8).ok(),
+        _ => None,
+    };
+    let from_node = source.is_some_and(|a| {
+        // SAFETY: the values are plain bytes read only for their presence.
+        is_loopback(&a) || unsafe { NODE_ADDRESSES.get(&a) }.is_some()
+    });
+    if from_node {
+        return PASS;
+    }
+    count(Counter::StrictDropped, 1);
+    DROP
+}
+
+/// 127.0.0.0/8 (IPv4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(a: &Addr) -> bool {
+    match ipv4_unmapped(a) {
+        Some(v4) => v4[0] == 127,
+        None => a[..15].iter().all(|b| *b == 0) && a[15] == 1,
+    }
 }
 
 #[cfg(not(test))]

@@ -21,13 +21,17 @@ use tracing::{info, warn};
 use super::{OUTBOUND_PORT, take_map};
 use crate::{
     config::Config,
+    system,
     proxy::outbound::{CapturedConnect, Captures},
     state::reload::Mirror,
 };
 
-/// The maps that mirror the agent's state: the listener, enrolled cgroups, owned destinations.
+/// The maps that mirror the agent's state: the listener, enrolled cgroups, owned
+/// destinations, strict pods and the node's addresses they accept connections from.
 pub struct StateMaps {
     enrolled: HashMap<MapData, u64, u8>,
+    strict: HashMap<MapData, u64, u8>,
+    node_addresses: HashMap<MapData, Addr, u8>,
     owned_services: HashMap<MapData, SockAddr, u8>,
     owned_cidrs: LpmTrie<MapData, Addr, u8>,
     agent: Array<MapData, AgentListener>,
@@ -38,6 +42,8 @@ impl StateMaps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
             enrolled: take_map(ebpf, "ENROLLED")?,
+            strict: take_map(ebpf, "STRICT")?,
+            node_addresses: take_map(ebpf, "NODE_ADDRESSES")?,
             owned_services: take_map(ebpf, "OWNED_SERVICES")?,
             owned_cidrs: take_map(ebpf, "OWNED_CIDRS")?,
             agent: take_map(ebpf, "AGENT")?,
@@ -60,6 +66,28 @@ impl Mirror for StateMaps {
 
         let enrolled: HashSet<u64> = cgroups.iter().flatten().copied().collect();
         sync_set(&mut self.enrolled, &enrolled, "ENROLLED")?;
+
+        let strict: HashSet<u64> = config
+            .workloads
+            .iter()
+            .zip(cgroups)
+            .filter(|(w, _)| config.authorization.strict.covers(&w.namespace))
+            .filter_map(|(_, cgroup)| *cgroup)
+            .collect();
+        sync_set(&mut self.strict, &strict, "STRICT")?;
+        // The node's own connections to its pods come from any of its interfaces' addresses.
+        let host = system::host_addresses().unwrap_or_else(|e| {
+            warn!("cannot list this host's addresses, strict pods accept only the node's configured ones: {e}");
+            Vec::new()
+        });
+        let node_addresses: HashSet<Addr> = config
+            .node
+            .addresses
+            .iter()
+            .chain(&host)
+            .map(|a| addr(*a))
+            .collect();
+        sync_set(&mut self.node_addresses, &node_addresses, "NODE_ADDRESSES")?;
 
         let services: HashSet<SockAddr> = config
             .services
@@ -97,6 +125,7 @@ impl Mirror for StateMaps {
         }
         info!(
             enrolled = enrolled.len(),
+            strict = strict.len(),
             service_ports = services.len(),
             cidrs = cidrs.len(),
             "eBPF maps synced"
@@ -148,13 +177,17 @@ fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
     std::fs::metadata(dir).map(|m| m.ino())
 }
 
-/// A socket address in the maps' form.
-fn sock_addr(addr: SocketAddr) -> SockAddr {
-    let ip = match addr.ip() {
+/// An address in the maps' form (IPv4 mapped into IPv6).
+fn addr(ip: IpAddr) -> Addr {
+    match ip {
         IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
-    };
-    SockAddr::new(ip, addr.port())
+    }
+}
+
+/// A socket address in the maps' form.
+fn sock_addr(socket: SocketAddr) -> SockAddr {
+    SockAddr::new(addr(socket.ip()), socket.port())
 }
 
 /// A socket address from the maps' form, IPv4-mapped addresses as IPv4.

@@ -216,7 +216,11 @@ fn attach_to_cgroup(ebpf: &mut Ebpf, name: &str, cgroup: &File, pin_dir: &Path) 
     } else if name == "mesh_strict" {
         let p: &mut CgroupSkb = program.try_into()?;
         p.load()?;
-        let id = p.attach(cgroup, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)?;
+        let id = p.attach(
+            cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )?;
         p.take_link(id)?.try_into()?
     } else {
         let p: &mut CgroupSockAddr = program.try_into()?;

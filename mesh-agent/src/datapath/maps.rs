@@ -21,9 +21,9 @@ use tracing::{info, warn};
 use super::{OUTBOUND_PORT, take_map};
 use crate::{
     config::Config,
-    system,
     proxy::outbound::{CapturedConnect, Captures},
     state::reload::Mirror,
+    system,
 };
 
 /// The maps that mirror the agent's state: the listener, enrolled cgroups, owned

@@ -94,9 +94,13 @@ pub enum Command {
 
 /// The mesh's CustomResourceDefinitions, as YAML documents.
 pub fn crds_yaml() -> String {
+    use crate::discovery::kubernetes::{authorization::AuthorizationPolicy, policy::TrafficPolicy};
     use kube::CustomResourceExt;
-    let crd = crate::discovery::kubernetes::policy::TrafficPolicy::crd();
     // A CRD always serializes.
-    let yaml = serde_yaml::to_string(&crd).unwrap_or_default();
-    format!("# Made by `mesh-agent crds` from the agent's types; do not edit.\n{yaml}")
+    let yaml = |crd| serde_yaml::to_string(&crd).unwrap_or_default();
+    format!(
+        "# Made by `mesh-agent crds` from the agent's types; do not edit.\n{}---\n{}",
+        yaml(TrafficPolicy::crd()),
+        yaml(AuthorizationPolicy::crd())
+    )
 }

@@ -26,6 +26,7 @@ use mesh_agent::{
     config::{Config, Settings},
     datapath::OUTBOUND_PORT,
     discovery::kubernetes::{
+        authorization::AuthorizationPolicy,
         policy::TrafficPolicy,
         watch::{RESOURCES, VERBS},
     },
@@ -172,7 +173,7 @@ fn every_manifest_parses_into_its_kubernetes_type() {
     m.all::<Service>("Service");
     // The mesh's own resources, as the agent's types define them.
     let crds: Vec<CustomResourceDefinition> = m.all("CustomResourceDefinition");
-    assert_eq!(crds, [TrafficPolicy::crd()]);
+    assert_eq!(crds, [TrafficPolicy::crd(), AuthorizationPolicy::crd()]);
     // The agent's config reference is a valid agent config.
     Config::load(&deploy().join("agent.example.yaml")).unwrap();
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 /// The kinds the agent watches, by the path it lists and watches them at.
-pub const KINDS: [(&str, &str); 8] = [
+pub const KINDS: [(&str, &str); 9] = [
     ("namespaces", "/api/v1/namespaces"),
     ("nodes", "/api/v1/nodes"),
     ("pods", "/api/v1/pods"),
@@ -36,11 +36,20 @@ pub const KINDS: [(&str, &str); 8] = [
         "/apis/gateway.networking.k8s.io/v1/grpcroutes",
     ),
     ("trafficpolicies", "/apis/mesh.dev/v1alpha1/trafficpolicies"),
+    (
+        "authorizationpolicies",
+        "/apis/mesh.dev/v1alpha1/authorizationpolicies",
+    ),
 ];
 /// The kinds of a CRD: served (their CRD installed) only once an object of theirs is applied;
 /// until then their paths answer 404, as a cluster without the Gateway API's CRDs (or the
 /// mesh's) does.
-const CRD_KINDS: [&str; 3] = ["httproutes", "grpcroutes", "trafficpolicies"];
+const CRD_KINDS: [&str; 4] = [
+    "httproutes",
+    "grpcroutes",
+    "trafficpolicies",
+    "authorizationpolicies",
+];
 
 /// The service account token the API server wants.
 const TOKEN: &str = "mesh-agent-test-token";

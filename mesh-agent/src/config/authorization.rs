@@ -7,7 +7,7 @@ use http::{HeaderName, Method};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{Name, ParsedStr, Seg};
+use super::{Name, ParsedStr, Seg, display_path};
 use crate::identity::SpiffeId;
 
 /// The mesh's authorization: its policies, what a workload no ALLOW policy selects gets, and
@@ -244,26 +244,39 @@ pub(super) fn validate(authorization: &Authorization) -> Result<(), (Vec<Seg>, S
                 ),
             ));
         }
-        if let Some(Target::Workloads(labels)) = &policy.target
-            && labels.is_empty()
-        {
-            return Err((
-                at(&[K("target"), K("workloads")]),
-                "no labels select every workload: leave the target out to mean that".into(),
-            ));
+        validate_policy(policy)
+            .map_err(|(path, reason)| ([&[K("policies"), I(p)][..], &path].concat(), reason))?;
+    }
+    Ok(())
+}
+
+/// A policy's own checks, as `path: reason` (`rules[0].to[1].methods[0]: ...`): for a
+/// policy from elsewhere (a Kubernetes object).
+pub fn check_policy(policy: &AuthorizationPolicy) -> Result<(), String> {
+    validate_policy(policy).map_err(|(path, reason)| format!("{}: {reason}", display_path(&path)))
+}
+
+fn validate_policy(policy: &AuthorizationPolicy) -> Result<(), (Vec<Seg>, String)> {
+    use Seg::{Index as I, Key as K};
+    let at = |rest: &[Seg]| rest.to_vec();
+    if let Some(Target::Workloads(labels)) = &policy.target
+        && labels.is_empty()
+    {
+        return Err((
+            at(&[K("target"), K("workloads")]),
+            "no labels select every workload: leave the target out to mean that".into(),
+        ));
+    }
+    for (r, rule) in policy.rules.iter().enumerate() {
+        let at = |rest: &[Seg]| at(&[&[K("rules"), I(r)], rest].concat());
+        for (s, source) in rule.from.iter().enumerate() {
+            validate_source(source).map_err(|(path, reason)| {
+                (at(&[&[K("from"), I(s)], &path[..]].concat()), reason)
+            })?;
         }
-        for (r, rule) in policy.rules.iter().enumerate() {
-            let at = |rest: &[Seg]| at(&[&[K("rules"), I(r)], rest].concat());
-            for (s, source) in rule.from.iter().enumerate() {
-                validate_source(source).map_err(|(path, reason)| {
-                    (at(&[&[K("from"), I(s)], &path[..]].concat()), reason)
-                })?;
-            }
-            for (o, operation) in rule.to.iter().enumerate() {
-                validate_operation(operation).map_err(|(path, reason)| {
-                    (at(&[&[K("to"), I(o)], &path[..]].concat()), reason)
-                })?;
-            }
+        for (o, operation) in rule.to.iter().enumerate() {
+            validate_operation(operation)
+                .map_err(|(path, reason)| (at(&[&[K("to"), I(o)], &path[..]].concat()), reason))?;
         }
     }
     Ok(())

@@ -1,8 +1,9 @@
 //! The Kubernetes source of the mesh's state: the cluster's objects turned into the same
 //! config the YAML file describes (`model`, with the Gateway API's routes: `gateway`, and the
-//! mesh's own TrafficPolicy: `policy`), where
+//! mesh's own TrafficPolicy: `policy`, and AuthorizationPolicy: `authorization`), where
 //! the kubelet keeps each pod's cgroup (`cgroups`), and the watch that follows them (`watch`).
 
+pub mod authorization;
 pub mod cgroups;
 pub mod gateway;
 pub mod model;

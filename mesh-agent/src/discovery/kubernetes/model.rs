@@ -24,6 +24,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
+    authorization::{AuthorizationPolicy, LastGood, authorization},
     gateway::{AnyRoute, GRPCRoute, HTTPRoute, routes_of},
     policy::{TrafficPolicy, attach_policies},
 };
@@ -49,6 +50,9 @@ pub struct Cluster {
     pub http_routes: Vec<Arc<HTTPRoute>>,
     pub grpc_routes: Vec<Arc<GRPCRoute>>,
     pub traffic_policies: Vec<Arc<TrafficPolicy>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
+    /// The authorization policies last seen good, kept from build to build.
+    pub last_good: LastGood,
 }
 
 /// What the cluster's objects make for one node: the config, and what was left out and why.
@@ -56,6 +60,8 @@ pub struct Cluster {
 pub struct Discovered {
     pub config: Config,
     pub skipped: Vec<String>,
+    /// Authorization policies the agent cannot use, object and field named.
+    pub refused: Vec<String>,
     /// Pods whose cgroup is not there yet (the kubelet makes it as the pod starts): worth
     /// building again shortly.
     pub cgroups_pending: bool,
@@ -105,6 +111,13 @@ impl Cluster {
             rate_limit_service,
             &mut skipped,
         );
+        let mut refused = Vec::new();
+        let authorization = authorization(
+            &self.authorization_policies,
+            &self.namespaces,
+            &self.last_good,
+            &mut refused,
+        );
         Some(Discovered {
             config: Config {
                 node: this,
@@ -113,9 +126,10 @@ impl Cluster {
                 workloads,
                 unmeshed_pods,
                 services,
-                authorization: Default::default(),
+                authorization,
             },
             skipped,
+            refused,
             cgroups_pending,
         })
     }
@@ -503,14 +517,15 @@ fn protocol_of(app_protocol: Option<&str>, name: Option<&str>) -> Protocol {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{collections::HashMap, path::PathBuf};
 
     use serde::de::DeserializeOwned;
 
     use super::*;
 
-    fn fixture<T: DeserializeOwned>(name: &str) -> Vec<Arc<T>> {
+    /// The objects of a fixture list (`tests/fixtures/kubernetes/<name>`).
+    pub(crate) fn fixture<T: DeserializeOwned>(name: &str) -> Vec<Arc<T>> {
         #[derive(serde::Deserialize)]
         struct List<T> {
             items: Vec<T>,
@@ -537,6 +552,8 @@ mod tests {
             http_routes: Vec::new(),
             grpc_routes: Vec::new(),
             traffic_policies: Vec::new(),
+            authorization_policies: fixture("authorizationpolicies.yaml"),
+            last_good: LastGood::default(),
         }
     }
 

@@ -1,6 +1,6 @@
-//! Watches the cluster — enrolled Namespaces, Nodes, this node's Pods, Services,
+//! Watches the cluster — Namespaces, Nodes, this node's Pods, Services,
 //! EndpointSlices, the Gateway API's HTTPRoutes and GRPCRoutes and the mesh's TrafficPolicies
-//! (if the cluster has their CRDs) — and sends the config they make whenever it changes.
+//! and AuthorizationPolicies (if the cluster has their CRDs) — and sends the config they make whenever it changes.
 //!
 //! Each kind has a kube-rs watcher (with client-go's backoff) feeding a reflector store. A
 //! watch that fails (the API server unreachable, a dropped connection, a 410 Gone that calls
@@ -27,9 +27,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{
+    authorization::{AuthorizationPolicy, LastGood},
     cgroups::pod_cgroup,
     gateway::{GRPCRoute, HTTPRoute},
-    model::{Cluster, ENROLL_LABEL},
+    model::Cluster,
     policy::TrafficPolicy,
 };
 use crate::{
@@ -47,7 +48,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 const CGROUP_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// What the agent reads from the API, as RBAC names it: (API group, resource). It does
 /// [`VERBS`] on each and nothing else (`deploy/rbac.yaml` grants exactly that).
-pub const RESOURCES: [(&str, &str); 8] = [
+pub const RESOURCES: [(&str, &str); 9] = [
     resource::<Namespace>(),
     resource::<Node>(),
     resource::<Pod>(),
@@ -56,6 +57,7 @@ pub const RESOURCES: [(&str, &str); 8] = [
     resource::<HTTPRoute>(),
     resource::<GRPCRoute>(),
     resource::<TrafficPolicy>(),
+    resource::<AuthorizationPolicy>(),
 ];
 /// The API verbs of a watch.
 pub const VERBS: [&str; 2] = ["list", "watch"];
@@ -84,10 +86,9 @@ impl ClusterWatch {
     /// Sends each new valid config until the task is dropped.
     pub async fn run(self, configs: Snapshots) {
         let client = &self.client;
-        let (namespaces, namespace_events) = watched::<Namespace>(
-            Api::all(client.clone()),
-            watcher::Config::default().labels(&format!("{ENROLL_LABEL}=true")),
-        );
+        // All of them: enrolled ones, and mesh-system's labels, which speak for the mesh.
+        let (namespaces, namespace_events) =
+            watched::<Namespace>(Api::all(client.clone()), Default::default());
         let (nodes, node_events) = watched::<Node>(Api::all(client.clone()), Default::default());
         let (pods, pod_events) = watched::<Pod>(
             Api::all(client.clone()),
@@ -103,6 +104,9 @@ impl ClusterWatch {
             watched::<GRPCRoute>(Api::all(client.clone()), Default::default());
         let (traffic_policies, policy_events) =
             watched::<TrafficPolicy>(Api::all(client.clone()), Default::default());
+        let (authorization_policies, authorization_events) =
+            watched::<AuthorizationPolicy>(Api::all(client.clone()), Default::default());
+        let last_good = LastGood::default();
         let mut events = futures::stream::select_all([
             namespace_events,
             node_events,
@@ -112,6 +116,7 @@ impl ClusterWatch {
             http_route_events,
             grpc_route_events,
             policy_events,
+            authorization_events,
         ]);
 
         let mut listed = HashSet::new();
@@ -146,6 +151,8 @@ impl ClusterWatch {
                         http_routes: http_routes.state(),
                         grpc_routes: grpc_routes.state(),
                         traffic_policies: traffic_policies.state(),
+                        authorization_policies: authorization_policies.state(),
+                        last_good: last_good.clone(),
                     };
                     if self.build(&cluster, &configs) {
                         build_at = Some(Instant::now() + cgroup_retry);
@@ -169,6 +176,9 @@ impl ClusterWatch {
         };
         for why in &discovered.skipped {
             debug!("left out: {why}");
+        }
+        for why in &discovered.refused {
+            warn!("authorization policy refused: {why}");
         }
         let config = discovered.config;
         match config.check() {

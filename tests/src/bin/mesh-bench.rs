@@ -32,6 +32,7 @@ impl Cli {
 }
 
 /// A way from a client pod to a server pod.
+#[derive(Clone)]
 struct Path {
     name: &'static str,
     /// The direct path this one is compared with (itself for a direct path).
@@ -102,8 +103,8 @@ fn spec() -> LabSpec {
         .node("n2")
         .pod("n1", "meshed", true)
         .pod("n1", "plain", false)
-        .pod("n1", "server-1", false)
-        .pod("n2", "server-2", false)
+        .pod("n1", "server-1", true)
+        .pod("n2", "server-2", true)
         .service(service("same", "198.19.0.1", 8080, "server-1"))
         .service(service("same-sink", "198.19.0.2", 9090, "server-1"))
         .service(service("cross", "198.19.0.3", 8080, "server-2"))
@@ -118,6 +119,8 @@ fn spec() -> LabSpec {
 /// trips idle (`rr 64 B, 1 connection`) as well as with the direct path.
 const UNDER_LOAD: &str = "rr 64 B, 1 connection, bulk transfer alongside";
 const IDLE: &str = "rr 64 B, 1 connection";
+/// A new connection for each 64 B round trip, 4 at a time.
+const NEW_CONNECTIONS: &str = "new connection per request, 4 workers";
 /// HTTP/1.1 keep-alive, 1 KiB each way, at a fixed concurrency (to `serve --http`).
 const HTTP: &str = "http/1.1 1 KiB, 16 connections";
 /// Unary gRPC, 1 KiB each way, 16 calls at once on one HTTP/2 connection (to `serve --grpc`).
@@ -168,7 +171,7 @@ fn scenarios(quick: bool) -> Vec<Scenario> {
         rr("rr 1 KiB, 1 connection", 1024, 1, requests),
         rr("rr 64 B, 64 connections", 64, 64, requests / 64 * 4),
         Scenario {
-            name: "new connection per request, 4 workers",
+            name: NEW_CONNECTIONS,
             args: ["--mode", "connect", "--connections", "4", "--requests"]
                 .map(String::from)
                 .into_iter()
@@ -356,17 +359,48 @@ fn run(cli: Cli) -> Result<()> {
 
     // What tracing costs: the HTTP scenarios across nodes through both agents restarted
     // without and with tracing (the default 1 % sampled, to a collector on n1), in turns, so
-    // that neither gains from the order or from the restart.
+    // that neither gains from the order or from the restart. Then what 10,000 authorization
+    // policies cost, the same way, for new connections and HTTP on one node and across.
     let l7: Vec<&Scenario> = scenarios
         .iter()
         .filter(|s| [HTTP, GRPC].contains(&s.name))
         .collect();
-    let variants = [
-        mesh_across("mesh, across nodes, restarted", Vec::new()),
-        mesh_across("mesh, across nodes, traced", Vec::new()),
+    let guarded: Vec<&Scenario> = scenarios
+        .iter()
+        .filter(|s| [NEW_CONNECTIONS, HTTP].contains(&s.name))
+        .collect();
+    let traced = format!("tracing: {{ otlp_endpoint: 'http://{COLLECTOR}' }}\n");
+    let tracing_arms = [
+        (
+            mesh_across("mesh, across nodes, restarted", Vec::new()),
+            String::new(),
+        ),
+        (
+            mesh_across("mesh, across nodes, traced", Vec::new()),
+            traced,
+        ),
+    ];
+    let policies = many_policies(POLICIES);
+    let policy_arms = [
+        (
+            mesh_same("mesh, same node, no policies", Vec::new()),
+            String::new(),
+        ),
+        (
+            mesh_same("mesh, same node, 10,000 policies", Vec::new()),
+            policies.clone(),
+        ),
+        (
+            mesh_across("mesh, across nodes, no policies", Vec::new()),
+            String::new(),
+        ),
+        (
+            mesh_across("mesh, across nodes, 10,000 policies", Vec::new()),
+            policies,
+        ),
     ];
     // n2's agent as the scale section expects it: running with its own config.
-    let _n2 = if l7.is_empty() {
+    let _n2 = if l7.is_empty() && guarded.is_empty() {
         n2
     } else {
         n2.terminate()?;
@@ -374,28 +408,20 @@ fn run(cli: Cli) -> Result<()> {
         let spans = lab.scratch_path("spans.jsonl").display().to_string();
         let _collector =
             lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
-        let mut runs = vec![[Vec::new(), Vec::new()]; l7.len()];
-        for _ in 0..repeats {
-            for (v, variant) in variants.iter().enumerate() {
-                let agents = restart_agents(&lab, v == 1)?;
-                let path = mesh_across(variant.name, agents.iter().map(Agent::pid).collect());
-                for (i, scenario) in l7.iter().enumerate() {
-                    eprintln!("==> {} through {}", scenario.name, path.name);
-                    runs[i][v].push(measure_once(&lab, scenario, &path)?);
-                }
-                for agent in agents {
-                    agent.terminate()?;
-                    agent.wait()?;
-                }
+        for (compared, arms) in [(&l7, &tracing_arms[..]), (&guarded, &policy_arms[..])] {
+            for (scenario, arm, figures) in side_by_side(&lab, compared, arms, repeats)? {
+                // Each arm's row after the mesh row it varies.
+                let base = if arm.name.contains("same node") {
+                    "mesh, same node"
+                } else {
+                    "mesh, across nodes (mTLS)"
+                };
+                let at = results
+                    .iter()
+                    .rposition(|(s, p, _)| *s == scenario && p.name.starts_with(base))
+                    .map_or(results.len(), |i| i + 1);
+                results.insert(at, (scenario, arm, figures));
             }
-        }
-        for (scenario, [restarted, traced]) in l7.iter().zip(runs) {
-            let at = results
-                .iter()
-                .position(|(s, p, _)| *s == scenario.name && p.name == "mesh, across nodes (mTLS)")
-                .map_or(results.len(), |i| i + 1);
-            results.insert(at, (scenario.name, &variants[1], median(traced)?));
-            results.insert(at, (scenario.name, &variants[0], median(restarted)?));
         }
         lab.start_agent("n2", &[])?
     };
@@ -434,22 +460,97 @@ fn mesh_across(name: &'static str, proxies: Vec<u32>) -> Path {
     }
 }
 
+/// Through the mesh to n1's servers (their services' addresses), `name`d; `proxies` are the
+/// agents whose CPU time counts.
+fn mesh_same(name: &'static str, proxies: Vec<u32>) -> Path {
+    Path {
+        name,
+        baseline: "direct, same node",
+        client: "meshed",
+        echo: "198.19.0.1:80".into(),
+        sink: "198.19.0.2:80".into(),
+        http: "198.19.0.5:80".into(),
+        grpc: "198.19.0.7:80".into(),
+        proxies,
+    }
+}
+
 /// Where the agents send their spans when the benchmark traces: a collector on n1.
 const COLLECTOR: &str = "198.18.0.1:4317";
 
-/// The agents of n1 and n2 started again, `traced` (the default 1 % sampled, to
-/// [`COLLECTOR`]) or not.
-fn restart_agents(lab: &Lab, traced: bool) -> Result<Vec<Agent>> {
-    ["n1", "n2"]
-        .iter()
-        .map(|node| {
-            let mut config = lab.agent_config(node)?;
-            if traced {
-                config += &format!("tracing: {{ otlp_endpoint: 'http://{COLLECTOR}' }}\n");
+/// Authorization policies in force in the policy comparison.
+const POLICIES: usize = 10_000;
+
+/// `count` authorization policies (YAML): one per server service allowing the meshed client,
+/// one denying a quarantined namespace everything in the lab, and the rest for services of
+/// other teams (as in a large mesh, where a handful select any one workload).
+fn many_policies(count: usize) -> String {
+    let mut yaml = String::from("authorization:\n  policies:\n");
+    let servers = [
+        "same",
+        "same-sink",
+        "cross",
+        "cross-sink",
+        "same-http",
+        "cross-http",
+        "same-grpc",
+        "cross-grpc",
+    ];
+    for service in servers {
+        yaml += &format!(
+            "    - {{ name: {service}-callers, namespace: lab, target: {{ service: {service} }}, action: allow, rules: [{{ from: [{{ principals: ['spiffe://lab.mesh/ns/lab/sa/meshed'] }}] }}] }}\n"
+        );
+    }
+    yaml += "    - { name: quarantine, namespace: lab, action: deny, rules: [{ from: [{ namespaces: [quarantine] }] }] }\n";
+    for i in servers.len() + 1..count {
+        let team = i % 100;
+        yaml += &format!(
+            "    - {{ name: p{i}, namespace: lab, target: {{ service: svc-{i} }}, action: allow, rules: [{{ from: [{{ principals: ['spiffe://lab.mesh/ns/team-{team}/sa/client-{i}'] }}], to: [{{ ports: [8080], methods: [GET] }}] }}] }}\n"
+        );
+    }
+    yaml
+}
+
+/// Each arm (a mesh path, named for the arm, and what both agents' configs get added) in
+/// turns, `repeats` times: both agents restarted with the arm's config, then each scenario
+/// through its path. The median figures of each scenario through each arm.
+fn side_by_side<'a>(
+    lab: &Lab,
+    scenarios: &[&Scenario],
+    arms: &'a [(Path, String)],
+    repeats: usize,
+) -> Result<Vec<(&'static str, &'a Path, Figures)>> {
+    let mut runs = vec![vec![Vec::new(); arms.len()]; scenarios.len()];
+    for _ in 0..repeats {
+        for (a, (path, extra)) in arms.iter().enumerate() {
+            let agents = ["n1", "n2"]
+                .iter()
+                .map(|node| {
+                    let config = lab.agent_config(node)? + extra;
+                    lab.start_agent_with_config(node, &config, &[])
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let path = Path {
+                proxies: agents.iter().map(Agent::pid).collect(),
+                ..path.clone()
+            };
+            for (i, scenario) in scenarios.iter().enumerate() {
+                eprintln!("==> {} through {}", scenario.name, path.name);
+                runs[i][a].push(measure_once(lab, scenario, &path)?);
             }
-            lab.start_agent_with_config(node, &config, &[])
-        })
-        .collect()
+            for agent in agents {
+                agent.terminate()?;
+                agent.wait()?;
+            }
+        }
+    }
+    let mut compared = Vec::new();
+    for (scenario, by_arm) in scenarios.iter().zip(runs) {
+        for ((path, _), arm_runs) in arms.iter().zip(by_arm) {
+            compared.push((scenario.name, path, median(arm_runs)?));
+        }
+    }
+    Ok(compared)
 }
 
 /// Memory and config-apply time with many services and endpoints, and memory per idle
@@ -668,25 +769,63 @@ fn measure_once(lab: &Lab, scenario: &Scenario, path: &Path) -> Result<Vec<(Stri
     Ok(figures)
 }
 
-type Results<'a> = [(&'static str, &'a Path, Vec<(String, f64, bool)>)];
+/// A scenario's figures through a path: (figure, value, whether more is better).
+type Figures = Vec<(String, f64, bool)>;
+type Results<'a> = [(&'static str, &'a Path, Figures)];
 
-/// Requests per second across nodes through restarted agents without and with tracing, by
-/// scenario.
-fn tracing_cost(results: &Results<'_>) -> Vec<(&'static str, f64, f64)> {
-    let rate = |scenario: &str, path: &str| {
+/// `key` of `scenario` through the arm `with` and through `without`, if both ran.
+fn arm_cost(
+    results: &Results<'_>,
+    scenario: &str,
+    key: &str,
+    without: &str,
+    with: &str,
+) -> Option<(f64, f64)> {
+    let figure = |path: &str| {
         results
             .iter()
             .find(|(s, p, _)| *s == scenario && p.name == path)
-            .and_then(|(_, _, figures)| figures.iter().find(|(k, ..)| k == "per_second"))
+            .and_then(|(_, _, figures)| figures.iter().find(|(k, ..)| k == key))
             .map(|(_, v, _)| *v)
     };
-    [HTTP, GRPC]
-        .into_iter()
-        .filter_map(|s| {
-            let plain = rate(s, "mesh, across nodes, restarted")?;
-            Some((s, plain, rate(s, "mesh, across nodes, traced")?))
-        })
-        .collect()
+    Some((figure(without)?, figure(with)?))
+}
+
+/// What the side-by-side arms cost: (what, figure, without, with).
+fn arm_costs(results: &Results<'_>) -> Vec<(String, &'static str, f64, f64)> {
+    let mut costs = Vec::new();
+    for scenario in [HTTP, GRPC] {
+        let without = "mesh, across nodes, restarted";
+        if let Some((plain, traced)) = arm_cost(
+            results,
+            scenario,
+            "per_second",
+            without,
+            "mesh, across nodes, traced",
+        ) {
+            costs.push((
+                format!("{scenario}, traced (1 % sampled)"),
+                "per_second",
+                plain,
+                traced,
+            ));
+        }
+    }
+    for (scenario, key) in [(NEW_CONNECTIONS, "per_second"), (HTTP, "p50_us")] {
+        for path in ["same node", "across nodes"] {
+            let without = format!("mesh, {path}, no policies");
+            let with = format!("mesh, {path}, 10,000 policies");
+            if let Some((none, many)) = arm_cost(results, scenario, key, &without, &with) {
+                costs.push((
+                    format!("{scenario}, {path}, 10,000 policies"),
+                    key,
+                    none,
+                    many,
+                ));
+            }
+        }
+    }
+    costs
 }
 
 /// The value of `key` for the same scenario through `path`'s baseline.
@@ -737,10 +876,10 @@ fn print_table(results: &Results<'_>, rss: &[(String, f64)], scale: &[(String, f
             );
         }
     }
-    for (scenario, plain, traced) in tracing_cost(results) {
+    for (what, key, without, with) in arm_costs(results) {
         println!(
-            "{scenario}: traced (1 % sampled) {traced:.0}/s, untraced {plain:.0}/s: {:+.1} %",
-            (traced / plain - 1.0) * 100.0
+            "{what}: {key} {with:.1} against {without:.1} without: {:+.1} %",
+            (with / without - 1.0) * 100.0
         );
     }
     for (path, loaded, idle) in under_load_ratios(results) {

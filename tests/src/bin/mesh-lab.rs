@@ -33,6 +33,20 @@ const PODS: [(&str, &str); 6] = [
 const CART_API: &str = "198.19.0.20";
 const PAYMENTS: &str = "198.19.0.21";
 const CATALOG_API: &str = "198.19.0.22";
+/// `orders-api` over orders-0 (a meshed workload, strict): web may read orders (GET) and use
+/// the orders echo service, nothing else; nothing outside the mesh reaches orders-0.
+const ORDERS_API: &str = "198.19.0.23";
+const ORDERS_POLICY: &str = "\
+authorization:
+  strict: { namespaces: [lab] }
+  policies:
+    - name: orders-readers
+      namespace: lab
+      target: { service: orders-api }
+      action: allow
+      rules:
+        - { from: [{ principals: [spiffe://lab.mesh/ns/lab/sa/web] }], to: [{ methods: [GET] }] }
+        - { from: [{ principals: [spiffe://lab.mesh/ns/lab/sa/web] }], to: [{ ports: [8080] }] }";
 const CATALOG_CAP: usize = 4;
 /// The burst against catalog-api: requests, and how many at once (h2load's connections).
 const BURST: (usize, usize) = (400, 16);
@@ -101,9 +115,10 @@ fn shop() -> LabSpec {
         .pod("n1", "web", true)
         .setting(&format!(
             "tracing: {{ otlp_endpoint: 'http://{COLLECTOR}', sampling: 1.0 }}"
-        ));
+        ))
+        .setting(ORDERS_POLICY);
     for (pod, node) in PODS {
-        spec = spec.pod(node, pod, false);
+        spec = spec.pod(node, pod, pod == "orders-0");
     }
     for (name, vip, endpoints) in SERVICES {
         spec = spec.service(ServiceSpec::echo(name, &[vip], endpoints));
@@ -131,6 +146,7 @@ fn shop() -> LabSpec {
             "circuit_breakers: {{ max_requests: {CATALOG_CAP} }}"
         )),
     )
+    .service(http("orders-api", ORDERS_API, &["orders-0"], "[]"))
 }
 
 /// A started shop: the agents of n1 and n2 and the backends' servers.
@@ -418,6 +434,7 @@ fn http_demo(lab: &Lab) -> Result<()> {
     );
     println!();
     rate_limit_demo(lab)?;
+    authorization_demo(lab)?;
     trace_demo(lab)?;
     let metrics = lab
         .http("n1", "GET", "http://198.18.0.1:15020/metrics")?
@@ -473,6 +490,69 @@ fn rate_limit_demo(lab: &Lab) -> Result<()> {
             &metrics,
             "mesh_rate_limited_total{service=\"lab/cart-api\",by=\"local\"}"
         )
+    );
+    println!();
+    Ok(())
+}
+
+/// web reads orders and tries to write one: n2's agent, where orders-0 runs, decides each
+/// request; payments-0, outside the mesh, tries orders-0 directly and the kernel drops it.
+fn authorization_demo(lab: &Lab) -> Result<()> {
+    let (orders, _) = lab.pod_addrs("orders-0")?;
+    let title =
+        "authorization: web reads and writes orders; payments-0 (not meshed) goes around the mesh";
+    let (read, write, around) = step(title, || {
+        let curl = |pod: &str, method: &str, url: &str| -> Result<String> {
+            let args = [
+                "-s",
+                "-m",
+                "10",
+                "--connect-timeout",
+                "2",
+                "-X",
+                method,
+                "-w",
+                " %{http_code}",
+                url,
+            ];
+            Ok(lab
+                .run_program(pod, "curl", &args)?
+                .stdout
+                .trim()
+                .to_owned())
+        };
+        Ok((
+            curl("web", "GET", &format!("http://{ORDERS_API}/orders"))?,
+            curl("web", "POST", &format!("http://{ORDERS_API}/orders"))?,
+            curl("payments-0", "GET", &format!("http://{orders}:8081/orders"))?,
+        ))
+    })?;
+    let metrics = lab
+        .http("n2", "GET", "http://198.18.0.2:15020/metrics")?
+        .body;
+    let last_word = |answer: &str| answer.rsplit(' ').next().unwrap_or_default().to_owned();
+    println!("  policy lab/orders-readers on orders-api: web may GET; lab is strict");
+    println!("    web GET  orders-api -> {}", last_word(&read));
+    let (body, code) = write.rsplit_once(' ').unwrap_or_default();
+    println!(
+        "    web POST orders-api -> {code} {:?} (n2's agent: no ALLOW rule matched)",
+        body.trim()
+    );
+    println!(
+        "    payments-0 -> orders-0 {orders}:8081 directly -> {} (no answer: dropped in n2's kernel)",
+        last_word(&around)
+    );
+    println!(
+        "    n2: mesh_authorization_decisions_total allow {}, deny {}; mesh_ebpf_strict_dropped_total {}",
+        sum(
+            &metrics,
+            "mesh_authorization_decisions_total{action=\"allow\""
+        ),
+        sum(
+            &metrics,
+            "mesh_authorization_decisions_total{action=\"deny\""
+        ),
+        sum(&metrics, "mesh_ebpf_strict_dropped_total"),
     );
     println!();
     Ok(())
@@ -623,7 +703,7 @@ fn up() -> Result<()> {
     let testpod = std::env::current_exe()?.with_file_name("mesh-testpod");
     println!();
     println!(
-        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80 (TCP); cart-api {CART_API}:80, payments {PAYMENTS}:80, catalog-api {CATALOG_API}:80 (HTTP)."
+        "The lab is up. Services: cart 198.19.0.10:80, orders 198.19.0.11:80, catalog 198.19.0.12:80 (TCP); cart-api {CART_API}:80, payments {PAYMENTS}:80, catalog-api {CATALOG_API}:80, orders-api {ORDERS_API}:80 (HTTP)."
     );
     println!("Call one from web (its netns and cgroup, so the mesh captures it):");
     println!(

@@ -1,10 +1,11 @@
 //! End-to-end: who may call whom, driven by stock clients (curl, iperf3) in real pods of two
 //! nodes: policies decided by the serving agent across nodes and by the calling agent on one
-//! node, default deny, strict mode in the kernel (an unenrolled pod and another node shut
-//! out, the node's own probes let in), a change cutting a long transfer it now denies, and a
-//! bad change refused with the last good policies kept.
+//! node, peers of another trust domain or named by no policy, default deny, strict mode in
+//! the kernel (an unenrolled pod and another node shut out, the node's own probes let in), a
+//! change cutting a long transfer it now denies, and a bad change refused with the last good
+//! policies kept.
 
-use mesh_tests::{Daemon, Lab, LabSpec, ServiceSpec, sum};
+use mesh_tests::{Daemon, Lab, LabSpec, ProbeCert, ServiceSpec, sum};
 
 /// `payments` (HTTP) at payments-2 on n2, `payments-here` (HTTP) at payments-1 on n1.
 const PAYMENTS: &str = "198.19.0.30";
@@ -163,6 +164,16 @@ fn callers_on_both_nodes_and_outside_the_mesh_get_what_the_policies_say() {
         "orders' upload to the ledger"
     );
     assert!(!ledger_upload(&lab, "web"), "web's upload to the ledger");
+    // A peer with a certificate of another trust domain is refused at the handshake; one of
+    // this trust domain whose identity no policy names, at the CONNECT.
+    let target = format!("{payments_2}:8080");
+    let foreign = lab
+        .probe_node2(Some(ProbeCert::OtherTrustDomain), &target)
+        .unwrap();
+    assert_eq!(foreign.field("probe"), "refused", "{}", foreign.stdout);
+    let stranger = lab.probe_node2(Some(ProbeCert::Valid), &target).unwrap();
+    assert_eq!(stranger.field("status"), "403", "{}", stranger.stdout);
+    n2.wait_for_log("denied by no-allow-match").unwrap();
     let denials = |m: &str| sum(m, "mesh_authorization_decisions_total{action=\"deny\"");
     // n2 denied web's and orders' wrong requests to payments and web's ledger connection; n1
     // the same requests to payments-here.

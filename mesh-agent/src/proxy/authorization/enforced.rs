@@ -255,3 +255,36 @@ async fn connections_are_decided_at_the_connect_and_cut_when_a_change_denies_the
     sample_reaches(&shop.two.registry, cut, 1.0).await;
     shop.stop().await;
 }
+
+/// Policies that never look into requests decide the pooled HTTP connection's CONNECT: a
+/// denied caller's requests get 403 from the calling agent, and the endpoint is not ejected.
+#[tokio::test]
+async fn an_http_caller_denied_at_the_connect_gets_403_and_ejects_nothing() {
+    let shop = Shop::start(|_| {
+        format!(
+            "policies: [{{ name: orders-only, namespace: shop, action: allow, rules: [{{ from: [{{ principals: ['{ORDERS}'] }}] }}] }}]"
+        )
+    })
+    .await;
+    let mut web = shop.http(shop.web(), PAYMENTS).await;
+    let mut orders = shop.http(shop.orders(), PAYMENTS).await;
+    for _ in 0..3 {
+        let (status, body, _) = call(&mut web, "GET", "/charge").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body, "RBAC: access denied\n");
+    }
+    let (status, body, _) = call(&mut orders, "GET", "/charge").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Each of web's requests asked for a connection, and was refused one.
+    sample_reaches(
+        &shop.two.registry,
+        "mesh_refusals_total{reason=\"denied\"}",
+        3.0,
+    )
+    .await;
+    assert_eq!(
+        sample(&shop.one.registry, "mesh_endpoint_ejections_total"),
+        0.0
+    );
+    shop.stop().await;
+}

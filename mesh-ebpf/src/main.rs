@@ -615,7 +615,7 @@ pub fn mesh_strict(ctx: SkBuffContext) -> i32 {
     };
     let from_node = source.is_some_and(|a| {
         // SAFETY: the values are plain bytes read only for their presence.
-        is_loopback(&a) || unsafe { NODE_ADDRESSES.get(&a) }.is_some()
+        is_loopback(&a) || unsafe { NODE_ADDRESSES.get(a) }.is_some()
     });
     if from_node {
         return PASS;

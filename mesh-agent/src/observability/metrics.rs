@@ -25,7 +25,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    config::Config,
+    config::{Config, Name},
     datapath::counters::Counters,
     proxy::{authorization::Decision, breaker::Tripped},
 };
@@ -609,6 +609,27 @@ impl Metrics {
                 });
             }
         }
+        let policies: HashSet<(&Name, &Name)> = config
+            .authorization
+            .policies
+            .iter()
+            .map(|p| (&p.namespace, &p.name))
+            .collect();
+        let gone = running
+            .authorization
+            .policies
+            .iter()
+            .filter(|p| !policies.contains(&(&p.namespace, &p.name)));
+        for policy in gone {
+            let policy: Arc<str> = format!("{}/{}", policy.namespace, policy.name).into();
+            for action in ["allow", "deny"] {
+                m.authorization_decisions.remove(&DecisionLabels {
+                    action,
+                    policy: policy.clone(),
+                });
+            }
+            m.authorization_cuts.remove(&PolicyLabels { policy });
+        }
         for gone in running
             .peers
             .iter()
@@ -850,6 +871,33 @@ services:
         assert!(text.contains("route=\"kept\""), "{text}");
         assert!(text.contains("route=\"\""), "{text}");
         assert!(!text.contains("route=\"dropped\""), "{text}");
+    }
+
+    #[test]
+    fn decision_series_of_a_removed_policy_are_dropped() {
+        use crate::testing::Mesh;
+        let (registry, m) = fresh();
+        let state = |policies: &str| {
+            Mesh::node("n1", "127.1.1.1".parse().unwrap(), "127.1.101.0/24")
+                .authorization(&format!("policies: {policies}"))
+                .build()
+        };
+        let decided = |allowed, policy: &str| Decision {
+            allowed,
+            policy: policy.into(),
+        };
+        m.authorized(&decided(true, "shop/kept"));
+        m.authorized(&decided(false, "shop/dropped"));
+        m.authorized(&decided(false, "no-allow-match"));
+        m.authorization_cut(&"shop/dropped".into());
+        m.forget_removed(
+            &state("[{ name: kept, namespace: shop, action: allow }, { name: dropped, namespace: shop, action: deny }]"),
+            &state("[{ name: kept, namespace: shop, action: allow }]"),
+        );
+        let text = encode(&registry);
+        assert!(text.contains("policy=\"shop/kept\""), "{text}");
+        assert!(text.contains("policy=\"no-allow-match\""), "{text}");
+        assert!(!text.contains("shop/dropped"), "{text}");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub const DENIED_BODY: &str = "RBAC: access denied";
 /// takes it off before the pod sees the request.
 pub const SOURCE_ADDRESS: HeaderName = HeaderName::from_static("mesh-source-address");
 
+/// The header of a serving agent's 403 to a CONNECT its policies deny: what denied it.
+pub const DENIED_BY: HeaderName = HeaderName::from_static("mesh-denied-by");
+
 /// The caller's address in `headers`, if the calling agent gave one.
 pub fn source_address(headers: &HeaderMap) -> Option<IpAddr> {
     headers.get(SOURCE_ADDRESS)?.to_str().ok()?.parse().ok()

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Empty;
 use hyper::{body::Incoming, server::conn::http2, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -35,7 +35,7 @@ use crate::{
         metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
-        authorization::{self, Call},
+        authorization::{self, Call, DENIED_BY},
         copy,
         dial::{DialError, LocalDialer},
         http::serving::{HttpServing, Parties},
@@ -323,10 +323,15 @@ impl Inbound {
             });
             self.metrics.authorized(&decision);
             if !decision.allowed {
+                let mut response = Response::new(Empty::new());
+                *response.status_mut() = StatusCode::FORBIDDEN;
+                if let Ok(policy) = HeaderValue::from_str(&decision.policy) {
+                    response.headers_mut().insert(DENIED_BY, policy);
+                }
                 record.refuse(Refusal::Denied {
                     policy: decision.policy,
                 });
-                return status(StatusCode::FORBIDDEN);
+                return Ok(response);
             }
         }
         // HTTP is served request by request only where this agent has work to do with the

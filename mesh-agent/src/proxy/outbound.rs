@@ -409,10 +409,9 @@ impl Outbound {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         ..
                     } => Failed::Refused(Refusal::RateLimitedThere(target)),
-                    TunnelError::Refused {
-                        status: StatusCode::FORBIDDEN,
-                        ..
-                    } => Failed::Refused(Refusal::DeniedThere(target)),
+                    TunnelError::Denied { policy, .. } => {
+                        Failed::Refused(Refusal::DeniedThere { target, policy })
+                    }
                     e => Failed::Dial(DialError::Failed(e.to_string())),
                 })?;
                 debug!(%target, %node, %source, "connected over mTLS through the peer agent");

@@ -43,8 +43,11 @@ pub enum Refusal {
     RateLimitedThere(SocketAddr),
     #[error("denied by {policy}")]
     Denied { policy: Arc<str> },
-    #[error("the agent serving {0} denied it (authorization policy)")]
-    DeniedThere(SocketAddr),
+    #[error("the agent serving {target} denied it: {policy}")]
+    DeniedThere {
+        target: SocketAddr,
+        policy: Arc<str>,
+    },
 }
 
 /// A cap on what one peer or pod may hold or start (see `proxy::limit`).
@@ -89,7 +92,7 @@ impl Refusal {
             Refusal::NodeAddress(_) => "node_address",
             Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::RateLimited { .. } | Refusal::RateLimitedThere(_) => "rate_limited",
-            Refusal::Denied { .. } | Refusal::DeniedThere(_) => "denied",
+            Refusal::Denied { .. } | Refusal::DeniedThere { .. } => "denied",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

@@ -33,7 +33,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::{
     identity::{SpiffeId, certificates::Certificates, tls},
     observability::metrics::{Metrics, PeerLabels},
-    proxy::{authorization::SOURCE_ADDRESS, liveness::Liveness},
+    proxy::{
+        authorization::{DENIED_BY, SOURCE_ADDRESS},
+        liveness::Liveness,
+    },
     state::http::Upstream,
 };
 
@@ -82,6 +85,13 @@ pub enum TunnelError {
         agent: SocketAddr,
         target: SocketAddr,
         status: StatusCode,
+    },
+    #[error("the peer agent at {agent} denied the stream to {target}: {policy}")]
+    Denied {
+        agent: SocketAddr,
+        target: SocketAddr,
+        /// What denied it there (see `proxy::authorization::Decision`).
+        policy: Arc<str>,
     },
 }
 
@@ -143,6 +153,14 @@ impl Tunnels {
             .map_err(|source| TunnelError::Request { target, source })?;
         let http = |source| TunnelError::Http { agent, source };
         let response = sender.send_request(request).await.map_err(http)?;
+        if let Some(policy) = response.headers().get(DENIED_BY) {
+            let policy = String::from_utf8_lossy(policy.as_bytes()).into();
+            return Err(TunnelError::Denied {
+                agent,
+                target,
+                policy,
+            });
+        }
         if response.status() != StatusCode::OK {
             return Err(TunnelError::Refused {
                 agent,

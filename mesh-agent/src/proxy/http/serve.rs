@@ -132,7 +132,7 @@ pub(super) enum Answer {
     Timeout,
     CircuitOpen(Tripped),
     RateLimited(Limited),
-    /// By this policy (see `proxy::authorization::Decision`), or by the serving agent.
+    /// By this policy (see `proxy::authorization::Decision`), here or at the serving agent.
     Denied(Arc<str>),
 }
 
@@ -393,9 +393,8 @@ impl HttpProxy {
                     Ok((response, pending)),
                 )
             }
-            Some(Err(e)) if denied_there(&e) => {
+            Some(Err(e)) if let Some(policy) = denied_there(&e) => {
                 // As the serving agent answers a request its policies deny.
-                let policy = Arc::from("the serving agent");
                 let tried = Tried::Answered(StatusCode::FORBIDDEN, None);
                 (tried, Err(Answer::Denied(policy)))
             }
@@ -492,16 +491,16 @@ pub(super) fn authority(parts: &Parts) -> &str {
 
 /// What went wrong, cause by cause (hyper-util's client error says only which step failed;
 /// its sources say why).
-/// Whether the agent serving the endpoint denied the connection to it (its policies).
-fn denied_there(error: &hyper_util::client::legacy::Error) -> bool {
+/// What denied the connection to the endpoint, if its serving agent's policies did.
+fn denied_there(error: &hyper_util::client::legacy::Error) -> Option<Arc<str>> {
     let mut cause = std::error::Error::source(error);
     while let Some(e) = cause {
-        if matches!(e.downcast_ref(), Some(ConnectError::Denied(_))) {
-            return true;
+        if let Some(ConnectError::Denied(policy)) = e.downcast_ref() {
+            return Some(policy.clone());
         }
         cause = e.source();
     }
-    false
+    None
 }
 
 fn causes(error: &hyper_util::client::legacy::Error) -> String {

@@ -15,7 +15,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{StatusCode, Uri};
+use http::Uri;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::{
@@ -119,9 +119,9 @@ pub enum ConnectError {
     NotAnEndpoint(String),
     #[error("the caller has no identity to present to another node's agent")]
     NoIdentity,
-    /// The serving agent's policies deny the caller.
-    #[error("the agent serving {0} denied the caller (authorization policy)")]
-    Denied(SocketAddr),
+    /// The serving agent's policies deny the caller: this one.
+    #[error("the serving agent denied the caller: {0}")]
+    Denied(Arc<str>),
     #[error("{0}")]
     Failed(String),
 }
@@ -165,10 +165,7 @@ impl tower_service::Service<Uri> for Connector {
                         ConnectError::Failed(format!("no answer within {CONNECT_TIMEOUT:?}"))
                     })?
                     .map_err(|e| match e {
-                        TunnelError::Refused {
-                            status: StatusCode::FORBIDDEN,
-                            ..
-                        } => ConnectError::Denied(endpoint),
+                        TunnelError::Denied { policy, .. } => ConnectError::Denied(policy),
                         e => ConnectError::Failed(e.to_string()),
                     })?;
                     Ok(Conn::Tunnel(TokioIo::new(stream)))

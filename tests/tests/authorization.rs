@@ -79,9 +79,9 @@ fn serve(lab: &Lab) -> (Vec<mesh_tests::Running>, Daemon) {
     (vec![http("payments-1"), http("payments-2")], iperf)
 }
 
-/// The status `curl` from `pod` gets for `method url` ("000": no answer within 3 s).
-fn status(lab: &Lab, pod: &str, method: &str, url: &str) -> String {
-    let args = [
+/// `curl` arguments for the status of `method url` ("000": no answer within 3 s).
+fn curl_status<'a>(method: &'a str, url: &'a str) -> [&'a str; 12] {
+    [
         "-s",
         "-o",
         "/dev/null",
@@ -94,7 +94,12 @@ fn status(lab: &Lab, pod: &str, method: &str, url: &str) -> String {
         "-X",
         method,
         url,
-    ];
+    ]
+}
+
+/// The status `curl` from `pod` gets for `method url` ("000": no answer within 3 s).
+fn status(lab: &Lab, pod: &str, method: &str, url: &str) -> String {
+    let args = curl_status(method, url);
     lab.run_program(pod, "curl", &args).unwrap().stdout
 }
 
@@ -202,16 +207,7 @@ fn callers_on_both_nodes_and_outside_the_mesh_get_what_the_policies_say() {
         );
     }
     let from_node = |node: &str, url: &str| {
-        let args = [
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--connect-timeout",
-            "3",
-            url,
-        ];
+        let args = curl_status("GET", url);
         lab.run_program_on_node(node, "curl", &args).unwrap().stdout
     };
     assert_eq!(from_node("n2", &direct_2), "200", "the node's own probe");

@@ -270,16 +270,7 @@ fn run(cli: Cli) -> Result<()> {
             grpc: format!("{s1}:8082"),
             proxies: Vec::new(),
         },
-        Path {
-            name: "mesh, same node",
-            baseline: "direct, same node",
-            client: "meshed",
-            echo: "198.19.0.1:80".into(),
-            sink: "198.19.0.2:80".into(),
-            http: "198.19.0.5:80".into(),
-            grpc: "198.19.0.7:80".into(),
-            proxies: agent_pids.clone(),
-        },
+        mesh_same("mesh, same node", agent_pids.clone()),
         Path {
             name: "haproxy, same node",
             baseline: "direct, same node",
@@ -335,16 +326,7 @@ fn run(cli: Cli) -> Result<()> {
     n1.terminate()?;
     n1.wait()?;
     let n1 = lab.start_agent("n1", &["--no-sk-msg"])?;
-    let unshortcut = Path {
-        name: "mesh, same node, no sk_msg",
-        baseline: "direct, same node",
-        client: "meshed",
-        echo: "198.19.0.1:80".into(),
-        sink: "198.19.0.2:80".into(),
-        http: "198.19.0.5:80".into(),
-        grpc: "198.19.0.7:80".into(),
-        proxies: vec![n1.pid()],
-    };
+    let unshortcut = mesh_same("mesh, same node, no sk_msg", vec![n1.pid()]);
     for scenario in &scenarios {
         let figures = measure(&lab, scenario, &unshortcut, repeats)?;
         // Shown after the same node's mesh row.

@@ -597,6 +597,20 @@ impl Lab {
         self.start_placed(self.placement(node, "host")?, name, program, args)
     }
 
+    /// An iperf3 server in `pod` on `port`, once it listens (its log is
+    /// `iperf3-<pod>-<port>.log`).
+    pub fn start_iperf3_server(&self, pod: &str, port: u16) -> Result<Daemon> {
+        let name = format!("iperf3-{pod}-{port}");
+        let port = port.to_string();
+        let args = ["-s", "-p", &port, "--forceflush"];
+        let server = self.start_in_pod(pod, &name, "iperf3", &args)?;
+        let log = self.scratch_path(&format!("{name}.log"));
+        self.wait_for_lines(&log, |lines| {
+            lines.iter().any(|l| l.starts_with("Server listening"))
+        });
+        Ok(server)
+    }
+
     /// Like [`Lab::start_on_node`], in `pod`.
     pub fn start_in_pod(
         &self,

@@ -68,14 +68,7 @@ fn serve(lab: &Lab) -> (Vec<mesh_tests::Running>, Daemon) {
         ];
         lab.spawn(pod, &args).unwrap()
     };
-    let iperf = lab
-        .start_in_pod(
-            "payments-2",
-            "iperf3-ledger",
-            "iperf3",
-            &["-s", "-p", "5201"],
-        )
-        .unwrap();
+    let iperf = lab.start_iperf3_server("payments-2", IPERF_PORT).unwrap();
     (vec![http("payments-1"), http("payments-2")], iperf)
 }
 
@@ -278,7 +271,7 @@ fn a_change_cuts_a_long_transfer_it_denies_and_a_bad_one_keeps_the_last_good() {
             "orders",
             "iperf3-upload",
             "iperf3",
-            &["-c", LEDGER, "-p", &port, "-t", "60"],
+            &["-c", LEDGER, "-p", &port, "-t", "60", "--forceflush"],
         )
         .unwrap();
     // Under way once iperf3 reports its first second.

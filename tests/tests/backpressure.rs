@@ -61,15 +61,7 @@ fn start() -> Setup {
             )
             .unwrap(),
         );
-        iperf.push(
-            lab.start_in_pod(
-                pod,
-                &format!("iperf3-{pod}"),
-                "iperf3",
-                &["-s", "-p", &IPERF_PORT.to_string()],
-            )
-            .unwrap(),
-        );
+        iperf.push(lab.start_iperf3_server(pod, IPERF_PORT).unwrap());
     }
     Setup {
         lab,
@@ -116,12 +108,7 @@ fn iperf3_upload_and_download_with_four_streams_on_one_node_and_across() {
                 args.push("-R".to_owned());
             }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            // iperf3 may start before its server listens: one retry covers that.
-            let mut out = r.lab.run_program("client", "iperf3", &args).unwrap();
-            if !out.status.success() && out.stdout.contains("unable to connect") {
-                std::thread::sleep(Duration::from_millis(500));
-                out = r.lab.run_program("client", "iperf3", &args).unwrap();
-            }
+            let out = r.lab.run_program("client", "iperf3", &args).unwrap();
             let what = format!("iperf3 {} to {server}", if reverse { "-R" } else { "" });
             assert!(
                 out.status.success(),

@@ -255,6 +255,10 @@ impl Outbound {
     async fn connect(&self, route: &Route, caller: &Caller) -> Result<Connected, NotConnected> {
         let port = match route {
             Route::Pod { target, hop } => {
+                if *hop == Hop::Local {
+                    self.authorize(*target, caller)
+                        .map_err(NotConnected::Refused)?;
+                }
                 let upstream = match self.dial(*target, hop, caller, Dialled::Pod).await {
                     Ok(upstream) => upstream,
                     Err(Failed::Dial(e @ (DialError::Timeout | DialError::Failed(_)))) => {
@@ -287,6 +291,12 @@ impl Outbound {
                 }
             };
             let target = lease.endpoint().addr;
+            if hop == Hop::Local {
+                // This agent decides for the callee, before anything else is spent on the
+                // connection (a rate limit's token); a denial is final.
+                self.authorize(target, caller)
+                    .map_err(NotConnected::Refused)?;
+            }
             if hop == Hop::Local && port.protocol == Protocol::Tcp {
                 // This agent serves the endpoint: the service's rate limits are its to keep.
                 let source = caller.workload.as_ref().map(|w| &w.id);
@@ -375,7 +385,6 @@ impl Outbound {
     ) -> Result<Upstream, Failed> {
         match hop {
             Hop::Local => {
-                self.authorize(target, caller)?;
                 let stream = match dialled {
                     Dialled::Pod => self.local.pod(target).await?,
                     Dialled::Endpoint => self.local.endpoint(target).await?,

@@ -18,6 +18,8 @@ use crate::{
         authorization::{Action, Authorization, AuthorizationPolicy, Operation, Rule, Source},
     },
     identity::{AGENT_NAMESPACE, SpiffeId},
+    observability::metrics::Metrics,
+    state::routes::Routes,
 };
 
 /// The body of a 403 for a request a policy denies (Envoy's words).
@@ -107,6 +109,23 @@ impl Decision {
     pub fn action(&self) -> &'static str {
         if self.allowed { "allow" } else { "deny" }
     }
+}
+
+/// The decision on `call` to the pod at `pod` (of this node) under `routes`' policies,
+/// counted in `metrics`; none where nothing governs the pod (every call allowed, uncounted).
+pub fn decide(
+    routes: &Routes,
+    pod: IpAddr,
+    call: &Call<'_>,
+    metrics: &Metrics,
+) -> Option<Decision> {
+    let governing = &routes.workload_at(pod)?.authorization;
+    if governing.is_open() {
+        return None;
+    }
+    let decision = governing.decide(call);
+    metrics.authorized(&decision);
+    Some(decision)
 }
 
 /// One policy as decisions use it.

@@ -21,7 +21,7 @@ use crate::{
         metrics::{ConnectionLabels, Metrics},
     },
     proxy::{
-        authorization::Call,
+        authorization::{self, Call},
         balance::{Lease, Unpicked},
         breaker::{Slot, Tripped},
         copy,
@@ -344,20 +344,17 @@ impl Outbound {
     /// Whether `caller` may connect to `target`, a pod of this node (this agent decides for
     /// the callee, as a peer's inbound would); the decision is counted.
     fn authorize(&self, target: SocketAddr, caller: &Caller) -> Result<(), Refusal> {
-        let routes = self.routes.borrow();
-        let Some(workload) = routes.workload_at(target.ip()) else {
-            return Ok(());
-        };
-        if workload.authorization.is_open() {
-            return Ok(());
-        }
-        let decision = workload.authorization.decide(&Call {
+        let call = Call {
             source: caller.workload.as_ref().map(|w| &w.id),
             source_address: Some(caller.addr.ip().to_canonical()),
             port: target.port(),
             http: None,
-        });
-        self.metrics.authorized(&decision);
+        };
+        let routes = self.routes.borrow();
+        let Some(decision) = authorization::decide(&routes, target.ip(), &call, &self.metrics)
+        else {
+            return Ok(());
+        };
         if decision.allowed {
             Ok(())
         } else {

@@ -38,7 +38,7 @@ use crate::{
         traces::Tracer,
     },
     proxy::{
-        authorization::{Call, DENIED_BODY, Decision, HttpCall, SOURCE_ADDRESS},
+        authorization::{self, Call, DENIED_BODY, Decision, HttpCall, SOURCE_ADDRESS},
         balance::{Answered, Lease, Unpicked},
         breaker::{Slot, Tripped},
         copy::Ended,
@@ -424,19 +424,13 @@ impl HttpProxy {
         calling: &Calling,
         parts: &Parts,
     ) -> Option<Decision> {
-        let routes = self.routes.borrow();
-        let governing = &routes.workload_at(endpoint.ip())?.authorization;
-        if governing.is_open() {
-            return None;
-        }
-        let decision = governing.decide(&Call {
+        let call = Call {
             source: calling.source.as_ref(),
             source_address: Some(calling.address),
             port: endpoint.port(),
             http: Some(HttpCall::of(parts, authority(parts))),
-        });
-        self.metrics.authorized(&decision);
-        Some(decision)
+        };
+        authorization::decide(&self.routes.borrow(), endpoint.ip(), &call, &self.metrics)
     }
 
     /// Counts `port`'s breaker turning a request away: the answer to give.

@@ -138,19 +138,14 @@ impl HttpServing {
         source_address: Option<IpAddr>,
         parts: &Parts,
     ) -> Option<Decision> {
-        let routes = self.routes.borrow();
-        let governing = &routes.workload_at(stream.target.ip())?.authorization;
-        if governing.is_open() {
-            return None;
-        }
-        let decision = governing.decide(&Call {
+        let call = Call {
             source: Some(&stream.caller),
             source_address,
             port: stream.target.port(),
             http: Some(HttpCall::of(parts, authority(parts))),
-        });
-        self.metrics.authorized(&decision);
-        Some(decision)
+        };
+        let target = stream.target.ip();
+        authorization::decide(&self.routes.borrow(), target, &call, &self.metrics)
     }
 
     /// Serves the requests that come on `tunnel`, in `protocol`, to `pod`, until either side

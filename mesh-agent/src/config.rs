@@ -26,6 +26,7 @@ use serde::{
 use crate::proxy::{
     balance::{OutlierDetection, Strategy},
     breaker::Limits,
+    locality::TrafficDistribution,
     rate_limit::{RateLimits, global::RateLimitService},
 };
 
@@ -398,6 +399,14 @@ impl Config {
                     (at(&[&[K("ports"), I(j)], &path[..]].concat()), reason)
                 })?;
             }
+            for (k, region) in s.allowed_regions.iter().enumerate() {
+                if region.trim().is_empty() || region.contains(',') {
+                    return Err((
+                        at(&[K("allowed_regions"), I(k)]),
+                        format!("{region:?} is not a region name"),
+                    ));
+                }
+            }
             for (k, e) in s.endpoints.iter().enumerate() {
                 if self.node_named(&e.node).is_none() {
                     return Err((
@@ -623,6 +632,10 @@ pub struct Node {
     /// Addresses of the node's pods; the mesh owns them at every port.
     #[serde(default)]
     pub pod_cidrs: Vec<IpNet>,
+    /// The node's labels: its `topology.kubernetes.io/region` and `/zone` are the locality of
+    /// its endpoints that name none of their own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Node {
@@ -798,6 +811,17 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     #[serde(default)]
     pub endpoints: Vec<Endpoint>,
+    /// Which endpoints callers prefer: the closest healthy ones by default.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub traffic_distribution: TrafficDistribution,
+    /// The regions whose endpoints may serve it (data residency); none: any. Calls are never
+    /// sent outside them, even when no endpoint inside is left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_regions: Vec<String>,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// One port of a service.

@@ -139,6 +139,8 @@ impl Mesh {
                     target_ports: Default::default(),
                 })
                 .collect(),
+            traffic_distribution: Default::default(),
+            allowed_regions: Vec::new(),
         });
         self
     }
@@ -262,6 +264,7 @@ fn node(name_: &str, address: IpAddr, pod_cidr: &str) -> Node {
         name: name(name_),
         addresses: vec![address],
         pod_cidrs: vec![pod_cidr.parse().unwrap()],
+        labels: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@ use std::{
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::locality;
 use crate::config::Period;
 
 /// Consecutive connect failures that eject an endpoint.
@@ -267,6 +268,8 @@ pub struct Balancer {
     /// The most connections or requests an endpoint may have at once (a circuit breaker).
     max_per_endpoint: Option<usize>,
     endpoints: Vec<Arc<EndpointState>>,
+    /// Each endpoint's locality level (`locality`): 0 is the closest to this node.
+    levels: Vec<u8>,
     next: AtomicUsize,
 }
 
@@ -280,17 +283,20 @@ pub enum Unpicked {
 }
 
 impl Balancer {
+    /// A balancer over `endpoints`, each with its locality level (in the same order).
     pub fn new(
         strategy: Strategy,
         outliers: Option<OutlierDetection>,
         max_per_endpoint: Option<usize>,
-        endpoints: Vec<Arc<EndpointState>>,
+        endpoints: Vec<(Arc<EndpointState>, u8)>,
     ) -> Self {
+        let (endpoints, levels) = endpoints.into_iter().unzip();
         Self {
             strategy,
             outliers,
             max_per_endpoint,
             endpoints,
+            levels,
             next: AtomicUsize::new(0),
         }
     }
@@ -322,40 +328,52 @@ impl Balancer {
         self.endpoints.len()
     }
 
-    /// Picks an endpoint not in `tried` and below its cap, preferring ones not ejected; if
-    /// every candidate is ejected, one of them is still tried (better a likely failure than a
-    /// certain one).
+    /// Picks an endpoint not in `tried` and below its cap, preferring ones not ejected, and
+    /// among those the closest locality level their health lets (`locality::level_shares`);
+    /// if every candidate is ejected, the closest of them is still tried (better a likely
+    /// failure than a certain one).
     pub fn pick(&self, tried: &[SocketAddr]) -> Result<Lease, Unpicked> {
         let now = Instant::now();
-        let untried: Vec<&Arc<EndpointState>> = self
-            .endpoints
-            .iter()
-            .filter(|e| !tried.contains(&e.addr))
+        let untried: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| !tried.contains(&self.endpoints[i].addr))
             .collect();
         if untried.is_empty() {
             return Err(Unpicked::NoEndpoint);
         }
-        let untried: Vec<&Arc<EndpointState>> = match self.max_per_endpoint {
+        let open: Vec<usize> = match self.max_per_endpoint {
             Some(max) => untried
                 .into_iter()
-                .filter(|e| e.outstanding() < max)
+                .filter(|&i| self.endpoints[i].outstanding() < max)
                 .collect(),
             None => untried,
         };
-        let healthy: Vec<&Arc<EndpointState>> = untried
+        let healthy: Vec<usize> = open
             .iter()
             .copied()
-            .filter(|e| !e.ejected(now))
+            .filter(|&i| !self.endpoints[i].ejected(now))
             .collect();
-        let candidates = if healthy.is_empty() { untried } else { healthy };
+        let candidates = match healthy.is_empty() {
+            false => self.at_level(healthy),
+            true => {
+                let closest = open.iter().map(|&i| self.levels[i]).min();
+                open.into_iter()
+                    .filter(|&i| Some(self.levels[i]) == closest)
+                    .collect()
+            }
+        };
         let chosen = match (self.strategy, candidates.len()) {
             (_, 0) => return Err(Unpicked::AllBusy),
-            (_, 1) => candidates[0],
-            (Strategy::RoundRobin, n) => candidates[self.next.fetch_add(1, Ordering::Relaxed) % n],
+            (_, 1) => &self.endpoints[candidates[0]],
+            (Strategy::RoundRobin, n) => {
+                &self.endpoints[candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]]
+            }
             (Strategy::LeastOutstanding, n) => {
                 let a = fastrand::usize(..n);
                 let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let (a, b) = (candidates[a], candidates[b]);
+                let (a, b) = (
+                    &self.endpoints[candidates[a]],
+                    &self.endpoints[candidates[b]],
+                );
                 if b.outstanding() < a.outstanding() {
                     b
                 } else {
@@ -365,6 +383,37 @@ impl Balancer {
         };
         chosen.outstanding.fetch_add(1, Ordering::Relaxed);
         Ok(Lease(chosen.clone()))
+    }
+
+    /// The endpoints of `healthy` (indexes) at one locality level, drawn by the levels'
+    /// shares of the traffic.
+    fn at_level(&self, healthy: Vec<usize>) -> Vec<usize> {
+        let Some(&deepest) = self.levels.iter().max().filter(|&&l| l > 0) else {
+            return healthy;
+        };
+        let count = usize::from(deepest) + 1;
+        let mut totals = vec![0; count];
+        for &level in &self.levels {
+            totals[usize::from(level)] += 1;
+        }
+        let mut ready = vec![0; count];
+        for &i in &healthy {
+            ready[usize::from(self.levels[i])] += 1;
+        }
+        let shares = locality::level_shares(&totals, &ready);
+        let mut draw = fastrand::f64() * shares.iter().sum::<f64>();
+        let level = shares
+            .iter()
+            .position(|&share| {
+                draw -= share;
+                share > 0.0 && draw < 0.0
+            })
+            .or_else(|| ready.iter().position(|&n| n > 0))
+            .unwrap_or(0) as u8;
+        healthy
+            .into_iter()
+            .filter(|&i| self.levels[i] == level)
+            .collect()
     }
 }
 
@@ -383,7 +432,7 @@ mod tests {
     ) -> (EndpointStates, Balancer) {
         let states = EndpointStates::default();
         let endpoints = (1..=n)
-            .map(|p| states.get(SocketAddr::from(([198, 18, 1, 2], p))))
+            .map(|p| (states.get(SocketAddr::from(([198, 18, 1, 2], p))), 0))
             .collect();
         (states, Balancer::new(strategy, outliers, None, endpoints))
     }
@@ -602,7 +651,7 @@ mod tests {
     fn endpoints_at_their_cap_are_passed_over_and_all_busy_is_told_apart() {
         let states = EndpointStates::default();
         let endpoints = (1..=2)
-            .map(|p| states.get(SocketAddr::from(([198, 18, 1, 2], p))))
+            .map(|p| (states.get(SocketAddr::from(([198, 18, 1, 2], p))), 0))
             .collect();
         let b = Balancer::new(Strategy::RoundRobin, None, Some(2), endpoints);
         let mut leases: Vec<Lease> = (0..4).map(|_| b.pick(&[]).unwrap()).collect();
@@ -614,5 +663,79 @@ mod tests {
             let lease = b.pick(&[]).unwrap();
             assert_eq!(lease.endpoint().addr, freed);
         }
+    }
+
+    /// A balancer over endpoints at the given locality levels (port = index + 1).
+    fn by_levels(levels: &[u8]) -> (EndpointStates, Balancer) {
+        let states = EndpointStates::default();
+        let endpoints = (1..)
+            .zip(levels)
+            .map(|(p, &level)| (states.get(SocketAddr::from(([198, 18, 1, 2], p))), level))
+            .collect();
+        let b = Balancer::new(Strategy::LeastOutstanding, None, None, endpoints);
+        (states, b)
+    }
+
+    /// How many of `n` picks went to each level.
+    fn picks_per_level(b: &Balancer, n: usize, tried: &[SocketAddr]) -> Vec<usize> {
+        let mut counts = vec![0; 3];
+        for _ in 0..n {
+            let lease = b.pick(tried).unwrap();
+            let i = b
+                .endpoints
+                .iter()
+                .position(|e| e.addr == lease.endpoint().addr);
+            counts[usize::from(b.levels[i.unwrap()])] += 1;
+        }
+        counts
+    }
+
+    fn eject(endpoint: &EndpointState) {
+        for _ in 0..EJECT_AFTER {
+            endpoint.failed();
+        }
+    }
+
+    #[test]
+    fn the_closest_healthy_level_takes_the_traffic_and_spills_over_as_it_fails() {
+        fastrand::seed(7);
+        // Three endpoints in the caller's zone, two in its region, two elsewhere.
+        let (_states, b) = by_levels(&[0, 0, 0, 1, 1, 2, 2]);
+        assert_eq!(picks_per_level(&b, 1000, &[]), [1000, 0, 0]);
+        // One of three left in the zone covers 47 %; the region takes the rest.
+        eject(&b.endpoints[0]);
+        eject(&b.endpoints[1]);
+        let counts = picks_per_level(&b, 1000, &[]);
+        assert!((420..=520).contains(&counts[0]), "{counts:?}");
+        assert_eq!(counts[0] + counts[1], 1000, "{counts:?}");
+        // The zone down: the region alone; the region down too: the rest.
+        eject(&b.endpoints[2]);
+        assert_eq!(picks_per_level(&b, 200, &[]), [0, 200, 0]);
+        eject(&b.endpoints[3]);
+        eject(&b.endpoints[4]);
+        assert_eq!(picks_per_level(&b, 200, &[]), [0, 0, 200]);
+        // The zone back: all of it again.
+        for e in &b.endpoints[..3] {
+            e.succeeded();
+        }
+        assert_eq!(picks_per_level(&b, 200, &[]), [200, 0, 0]);
+    }
+
+    #[test]
+    fn a_retry_leaves_a_level_whose_endpoints_were_all_tried() {
+        fastrand::seed(7);
+        let (_states, b) = by_levels(&[0, 1, 1, 2]);
+        let first = b.pick(&[]).unwrap().endpoint().addr;
+        assert_eq!(first, b.endpoints[0].addr);
+        assert_eq!(picks_per_level(&b, 100, &[first]), [0, 100, 0]);
+    }
+
+    #[test]
+    fn with_every_endpoint_ejected_the_closest_is_still_tried() {
+        let (_states, b) = by_levels(&[1, 0, 2]);
+        for e in &b.endpoints {
+            eject(e);
+        }
+        assert_eq!(b.pick(&[]).unwrap().endpoint().addr, b.endpoints[1].addr);
     }
 }

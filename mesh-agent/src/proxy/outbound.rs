@@ -332,6 +332,10 @@ impl Outbound {
                 Err(failed) => return Err(failed.into()),
             }
         }
+        if let Some(pinned) = &port.pinned {
+            // Never to an endpoint outside the pin, however many inside failed.
+            return Err(NotConnected::Refused(pinned.refusal(&port.service)));
+        }
         Err(NotConnected::Unreachable(match tried.len() {
             0 => format!("service {} has no endpoint left to try", port.service),
             n => format!(

@@ -43,6 +43,14 @@ pub enum Refusal {
     RateLimitedThere(SocketAddr),
     #[error("denied by {policy}")]
     Denied { policy: Arc<str> },
+    #[error(
+        "service {service} has no endpoint left in its allowed regions ({regions}); {left_out} outside them are never used"
+    )]
+    Pinned {
+        service: String,
+        regions: String,
+        left_out: usize,
+    },
     #[error("the agent serving {target} denied it: {policy}")]
     DeniedThere {
         target: SocketAddr,
@@ -93,6 +101,7 @@ impl Refusal {
             Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::RateLimited { .. } | Refusal::RateLimitedThere(_) => "rate_limited",
             Refusal::Denied { .. } | Refusal::DeniedThere { .. } => "denied",
+            Refusal::Pinned { .. } => "pinned",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

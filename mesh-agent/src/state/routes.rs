@@ -2,7 +2,7 @@
 //! address as it is; and whether the hop there is local or through a peer node's agent.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -17,7 +17,9 @@ use crate::{
         authorization::{Governing, Policies},
         balance::{Answered, Balancer, EndpointStates, Lease, Unpicked},
         breaker::Breaker,
+        locality::Locality,
         rate_limit::RateLimiter,
+        refusal::Refusal,
     },
     state::http::HttpPort,
 };
@@ -85,11 +87,33 @@ pub struct ServicePort {
     /// Shared by every view of the port (its subsets, a route's backend): one set of buckets.
     pub rate_limits: Option<Arc<RateLimiter>>,
     hops: HashMap<SocketAddr, Hop>,
+    /// Set where pinning to regions left endpoints out.
+    pub pinned: Option<Pinned>,
     /// The endpoints' port.
     target_port: u16,
     /// Set on ports that speak HTTP (`auto` ones included).
     pub http: Option<HttpPort>,
     pub protocol: Protocol,
+}
+
+/// A service pinned to regions that has endpoints outside them, which it never uses.
+#[derive(Debug)]
+pub struct Pinned {
+    /// The allowed regions, comma-separated.
+    pub regions: String,
+    /// How many endpoints are outside them.
+    pub left_out: usize,
+}
+
+impl Pinned {
+    /// The refusal of a call to `service` that found no endpoint inside the pin.
+    pub fn refusal(&self, service: &str) -> Refusal {
+        Refusal::Pinned {
+            service: service.to_owned(),
+            regions: self.regions.clone(),
+            left_out: self.left_out,
+        }
+    }
 }
 
 impl ServicePort {
@@ -178,17 +202,35 @@ impl Routes {
                 Some(((s.name.as_str(), s.namespace.as_str(), port.port), limiter))
             })
             .collect();
+        let no_labels = BTreeMap::new();
+        let node_labels: HashMap<&str, &BTreeMap<String, String>> = std::iter::once(&config.node)
+            .chain(&config.peers)
+            .map(|n| (n.name.as_str(), &n.labels))
+            .collect();
+        let here = Locality::of(config.node.name.as_str(), &no_labels, &config.node.labels);
         // Every port's endpoints first, so that HTTP routes can send to other services'.
         let port_of = |s: &config::Service,
                        port: &config::ServicePort,
                        keep: &dyn Fn(&config::Endpoint) -> bool| {
             let mut hops = HashMap::new();
             let mut endpoints = Vec::new();
+            let mut pinned_out = 0;
             for e in s.endpoints.iter().filter(|e| keep(e)) {
                 let addr = SocketAddr::new(e.address, e.target_port(port));
+                let labels_of_node = node_labels.get(e.node.as_str()).copied();
+                let locality = Locality::of(
+                    e.node.as_str(),
+                    &e.labels,
+                    labels_of_node.unwrap_or(&no_labels),
+                );
+                if !locality.within(&s.allowed_regions) {
+                    pinned_out += 1;
+                    continue;
+                }
                 if let Some(hop) = node_hops.get(e.node.as_str()) {
                     hops.insert(addr, hop.clone());
-                    endpoints.push(states.get(addr));
+                    let level = locality.level(&here, s.traffic_distribution);
+                    endpoints.push((states.get(addr), level));
                 }
             }
             let breaker = Breaker::new(port.circuit_breakers.unwrap_or_default());
@@ -205,6 +247,10 @@ impl Routes {
                     .get(&(s.name.as_str(), s.namespace.as_str(), port.port))
                     .cloned(),
                 hops,
+                pinned: (pinned_out > 0).then(|| Pinned {
+                    regions: s.allowed_regions.join(","),
+                    left_out: pinned_out,
+                }),
                 target_port: port.target_port(),
                 http: None,
                 protocol: port.protocol,
@@ -339,7 +385,8 @@ impl Routes {
     pub fn route(&self, dst: SocketAddr) -> Result<Route, NoRoute> {
         if let Some(port) = self.services.get(&dst) {
             // An HTTP port's routes may send elsewhere: its requests are answered 503 there.
-            if port.endpoint_count() == 0 && port.http.is_none() {
+            // A pinned port is refused as such when the connection tries to pick.
+            if port.endpoint_count() == 0 && port.http.is_none() && port.pinned.is_none() {
                 return Err(NoRoute::NoEndpoints(port.service.clone()));
             }
             return Ok(Route::Service(port.clone()));
@@ -588,5 +635,105 @@ services:
         );
         let stray: SocketAddr = "198.19.0.10:8080".parse().unwrap();
         assert_eq!(r.route(stray).err(), Some(NoRoute::NotOwned(stray)));
+    }
+
+    /// n1 (this node) and n2 in eu-west (zones a and b), n3 in us-east; `payments` pinned to
+    /// eu-west with an endpoint on each node, `catalog` unpinned likewise, and `ledger` pinned
+    /// with endpoints only outside.
+    fn regional_routes() -> Routes {
+        let config = Config::parse(
+            Path::new("t.yaml"),
+            "\
+node:
+  name: n1
+  addresses: [198.18.0.1]
+  pod_cidrs: [198.18.1.0/24]
+  labels: { topology.kubernetes.io/region: eu-west, topology.kubernetes.io/zone: eu-west-a }
+peers:
+  - name: n2
+    addresses: [198.18.0.2]
+    pod_cidrs: [198.18.2.0/24]
+    labels: { topology.kubernetes.io/region: eu-west, topology.kubernetes.io/zone: eu-west-b }
+  - name: n3
+    addresses: [198.18.0.3]
+    pod_cidrs: [198.18.3.0/24]
+    labels: { topology.kubernetes.io/region: us-east, topology.kubernetes.io/zone: us-east-a }
+identity: { ca_cert: ca.crt, ca_key: ca.key }
+services:
+  - name: payments
+    namespace: shop
+    addresses: [198.19.0.10]
+    ports: [{ port: 80 }]
+    allowed_regions: [eu-west]
+    endpoints:
+      - { address: 198.18.1.2, node: n1 }
+      - { address: 198.18.2.2, node: n2 }
+      - { address: 198.18.3.2, node: n3 }
+  - name: catalog
+    namespace: shop
+    addresses: [198.19.0.11]
+    ports: [{ port: 80 }]
+    endpoints:
+      - { address: 198.18.2.3, node: n2 }
+      - { address: 198.18.3.3, node: n3 }
+      # Its own label wins over its node's.
+      - { address: 198.18.3.4, node: n3, labels: { topology.kubernetes.io/region: eu-west } }
+  - name: ledger
+    namespace: shop
+    addresses: [198.19.0.12]
+    ports: [{ port: 80 }]
+    allowed_regions: [eu-west]
+    endpoints: [{ address: 198.18.3.5, node: n3 }]
+",
+        )
+        .unwrap();
+        Routes::new(Arc::new(config), &EndpointStates::default(), &[])
+    }
+
+    fn picked(port: &ServicePort, tried: &[SocketAddr]) -> Option<SocketAddr> {
+        port.pick(tried)
+            .ok()
+            .map(|(lease, _)| lease.endpoint().addr)
+    }
+
+    #[test]
+    fn pinned_services_never_pick_outside_their_regions() {
+        let r = regional_routes();
+        let payments = service(&r, "198.19.0.10:80");
+        assert_eq!(payments.endpoint_count(), 2);
+        let pinned = payments.pinned.as_ref().unwrap();
+        assert_eq!((pinned.regions.as_str(), pinned.left_out), ("eu-west", 1));
+        // The zone first, then the region; never n3, not even with both tried.
+        let zone: SocketAddr = "198.18.1.2:80".parse().unwrap();
+        let region: SocketAddr = "198.18.2.2:80".parse().unwrap();
+        assert_eq!(picked(&payments, &[]), Some(zone));
+        assert_eq!(picked(&payments, &[zone]), Some(region));
+        assert_eq!(picked(&payments, &[zone, region]), None);
+        // Only endpoints outside: routed, then refused as pinned when it picks.
+        let ledger = service(&r, "198.19.0.12:80");
+        assert_eq!(ledger.endpoint_count(), 0);
+        let refusal = ledger.pinned.as_ref().unwrap().refusal(&ledger.service);
+        assert_eq!(refusal.reason(), "pinned");
+        assert_eq!(
+            refusal.to_string(),
+            "service shop/ledger has no endpoint left in its allowed regions (eu-west); 1 outside them are never used"
+        );
+    }
+
+    #[test]
+    fn unpinned_services_prefer_the_region_then_go_anywhere() {
+        let r = regional_routes();
+        let catalog = service(&r, "198.19.0.11:80");
+        assert!(catalog.pinned.is_none());
+        let eu: Vec<SocketAddr> = ["198.18.2.3:80", "198.18.3.4:80"]
+            .map(|a| a.parse().unwrap())
+            .into();
+        for _ in 0..20 {
+            assert!(eu.contains(&picked(&catalog, &[]).unwrap()));
+        }
+        assert_eq!(
+            picked(&catalog, &eu),
+            Some("198.18.3.3:80".parse().unwrap())
+        );
     }
 }

@@ -28,16 +28,21 @@ use super::{
     gateway::{AnyRoute, GRPCRoute, HTTPRoute, routes_of},
     policy::{TrafficPolicy, attach_policies},
 };
-use crate::config::{
-    CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Settings, Workload,
+use crate::{
+    config::{
+        CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Settings,
+        Workload,
+    },
+    proxy::locality::{REGION_LABEL, TrafficDistribution, ZONE_LABEL},
 };
 
 /// The namespace label that enrolls a namespace's pods, with the value `true`.
 pub const ENROLL_LABEL: &str = "mesh.dev/enrolled";
 /// The EndpointSlice label naming its service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The endpoint label carrying its zone.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The Service annotation pinning it to regions: a comma-separated list
+/// (`mesh.dev/allowed-regions: eu-west-1,eu-central-1`).
+pub const ALLOWED_REGIONS_ANNOTATION: &str = "mesh.dev/allowed-regions";
 
 /// The objects the agent watches, as the API returns them (shared with the watchers' stores).
 #[derive(Debug, Clone, Default)]
@@ -380,6 +385,26 @@ fn service(
             endpoint
         })
         .collect();
+    let traffic_distribution = match spec.traffic_distribution.as_deref() {
+        Some("PreferSameNode") => TrafficDistribution::PreferSameNode,
+        // PreferClose, PreferSameZone, none or one this agent does not know: the default,
+        // closest first.
+        _ => TrafficDistribution::PreferClose,
+    };
+    let allowed_regions = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ALLOWED_REGIONS_ANNOTATION))
+        .map(|regions| {
+            regions
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     match (name.parse(), namespace.parse()) {
         (Ok(name), Ok(namespace)) => Some(Service {
             name,
@@ -387,6 +412,8 @@ fn service(
             addresses,
             ports,
             endpoints,
+            traffic_distribution,
+            allowed_regions,
         }),
         _ => {
             skipped.push(format!("service {namespace}/{name}: not a valid name"));
@@ -484,10 +511,20 @@ fn node(node: &KubeNode) -> Result<Node, String> {
         .iter()
         .filter_map(|c| c.parse().ok())
         .collect();
+    // Only what the mesh reads: its locality.
+    let labels = node
+        .metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| [REGION_LABEL, ZONE_LABEL].contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Ok(Node {
         name: name.parse().map_err(|e: String| invalid(&e))?,
         addresses,
         pod_cidrs,
+        labels,
     })
 }
 
@@ -705,6 +742,27 @@ pub(crate) mod tests {
             cart.endpoints[1].labels.get(ZONE_LABEL).map(String::as_str),
             Some("eu-west-1b")
         );
+    }
+
+    #[test]
+    fn locality_comes_from_nodes_slices_and_services() {
+        let d = discovered("worker-1");
+        let region = |n: &Node| n.labels.get(REGION_LABEL).cloned();
+        assert_eq!(region(&d.config.node).as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            d.config.node.labels.len(),
+            2,
+            "only topology labels are kept"
+        );
+        let orders = service(&d.config, "orders").unwrap();
+        assert_eq!(
+            orders.traffic_distribution,
+            TrafficDistribution::PreferSameNode
+        );
+        assert_eq!(orders.allowed_regions, ["eu-west-1", "eu-central-1"]);
+        let cart = service(&d.config, "cart").unwrap();
+        assert_eq!(cart.traffic_distribution, TrafficDistribution::PreferClose);
+        assert!(cart.allowed_regions.is_empty());
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub(super) enum Answer {
     RateLimited(Limited),
     /// By this policy (see `proxy::authorization::Decision`), here or at the serving agent.
     Denied(Arc<str>),
+    /// No endpoint left inside the service's allowed regions (see `Refusal::Pinned`).
+    Pinned(String),
 }
 
 impl Answer {
@@ -183,6 +185,7 @@ impl Answer {
                 format!("{service} is over its {} rate limit", limited.by),
             ),
             Answer::Denied(_) => (StatusCode::FORBIDDEN, 7, "denied", DENIED_BODY.into()),
+            Answer::Pinned(why) => (StatusCode::SERVICE_UNAVAILABLE, 14, "pinned", why.clone()),
         }
     }
 }
@@ -294,7 +297,10 @@ impl HttpProxy {
                 picked => picked,
             }
             .map_err(|unpicked| match unpicked {
-                Unpicked::NoEndpoint => Answer::NoEndpoint,
+                Unpicked::NoEndpoint => match &backend.pinned {
+                    Some(pinned) => Answer::Pinned(pinned.refusal(&backend.service).to_string()),
+                    None => Answer::NoEndpoint,
+                },
                 Unpicked::AllBusy => self.circuit_open(backend, Tripped::PerEndpoint),
             })?;
             if hop == Hop::Local

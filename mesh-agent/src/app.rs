@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use crate::{
     config::{Config, Name, Settings},
     datapath::{Datapath, Loaded, OUTBOUND_PORT, counters::Counters, maps::workload_cgroups},
-    discovery::{Snapshot, file, kubernetes::watch::ClusterWatch},
+    discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
     identity::{FileCa, certificates::Certificates},
     observability::{
         admin::{ADMIN_PORT, Admin, LogFilter},
@@ -138,6 +138,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         logger,
         mut state,
         orig_dst,
+        refused,
     } = Datapath::load(node, &cgroup, opts.ebpf_log_level, opts.sk_msg)?;
     tokio::spawn(drain_ebpf_log(logger));
     metrics::register_ebpf_counters(&mut registry, Counters::open_pinned(node)?);
@@ -155,7 +156,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             certificates: certificates.clone(),
             metrics: metrics.clone(),
         };
-        let applying = tokio::spawn(running.follow(updates));
+        // External hosts' addresses join each snapshot on its way to being applied.
+        let (resolved, updates_resolved) = watch::channel(None);
+        let resolving = Resolving::new(&config.settings.dns_servers)?;
+        tokio::spawn(resolving.follow(config.clone(), updates, resolved));
+        let applying = tokio::spawn(running.follow(updates_resolved));
         let admin_stop = CancellationToken::new();
         let admin = tokio::spawn(
             Admin {
@@ -227,6 +232,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             open.clone(),
             inbound.routes.clone(),
             inbound.metrics.clone(),
+        ));
+        tokio::spawn(refused.follow(
+            inbound.routes.clone(),
+            inbound.metrics.clone(),
+            stop.clone(),
         ));
         let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
         let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));

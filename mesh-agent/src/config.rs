@@ -31,9 +31,11 @@ use crate::proxy::{
 };
 
 pub mod authorization;
+pub mod egress;
 pub mod http;
 
 use authorization::Authorization;
+use egress::Egress;
 use http::HttpRoute;
 
 /// A configuration that could not be used, with where and why.
@@ -74,6 +76,8 @@ pub struct Config {
     pub services: Vec<Service>,
     /// Who may call whom.
     pub authorization: Authorization,
+    /// Where pods may go outside the mesh.
+    pub egress: Egress,
 }
 
 /// What the agent is told rather than discovers, fixed while it runs (a change is rejected
@@ -99,6 +103,10 @@ pub struct Settings {
     /// The Envoy rate limit service that ports with `rate_limits.global` ask.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit_service: Option<RateLimitService>,
+    /// The DNS servers that resolve external hosts' names; those of `/etc/resolv.conf` if
+    /// none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 fn default_detection_timeout() -> Period {
@@ -129,6 +137,8 @@ struct ConfigFile {
     tracing: Option<Tracing>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     rate_limit_service: Option<RateLimitService>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    dns_servers: Vec<SocketAddr>,
     #[serde(default)]
     workloads: Vec<Workload>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -137,6 +147,8 @@ struct ConfigFile {
     services: Vec<Service>,
     #[serde(default)]
     authorization: Authorization,
+    #[serde(default)]
+    egress: Egress,
 }
 
 impl From<ConfigFile> for Config {
@@ -149,6 +161,7 @@ impl From<ConfigFile> for Config {
                 opaque_ports: f.opaque_ports,
                 tracing: f.tracing,
                 rate_limit_service: f.rate_limit_service,
+                dns_servers: f.dns_servers,
             },
             node: f.node,
             peers: f.peers,
@@ -156,6 +169,7 @@ impl From<ConfigFile> for Config {
             unmeshed_pods: f.unmeshed_pods,
             services: f.services,
             authorization: f.authorization,
+            egress: f.egress,
         }
     }
 }
@@ -171,10 +185,12 @@ impl From<Config> for ConfigFile {
             opaque_ports: c.settings.opaque_ports,
             tracing: c.settings.tracing,
             rate_limit_service: c.settings.rate_limit_service,
+            dns_servers: c.settings.dns_servers,
             workloads: c.workloads,
             unmeshed_pods: c.unmeshed_pods,
             services: c.services,
             authorization: c.authorization,
+            egress: c.egress,
         }
     }
 }
@@ -431,6 +447,8 @@ impl Config {
         }
         authorization::validate(&self.authorization)
             .map_err(|(path, reason)| ([&[K("authorization")][..], &path].concat(), reason))?;
+        egress::validate(&self.egress)
+            .map_err(|(path, reason)| ([&[K("egress")][..], &path].concat(), reason))?;
         for (i, namespace) in self.authorization.strict.namespaces.iter().enumerate() {
             if self.authorization.strict.namespaces[..i].contains(namespace) {
                 return Err((

@@ -1,6 +1,7 @@
 //! The kernel side: loading, attaching and pinning the eBPF programs (here), the maps that
 //! mirror the agent's state and hold original destinations (`maps`), the programs' counters
-//! (`counters`), and the kernel's own struct layouts read from its BTF (`btf`).
+//! (`counters`), the connects the outbound policy refused (`refused`), and the kernel's own
+//! struct layouts read from its BTF (`btf`).
 //!
 //! Everything of one node lives under `/sys/fs/bpf/mesh/<node>`: the state maps (by their
 //! names), the programs (`prog_<name>`) and the cgroup links (`link_<name>`). Pinned links keep
@@ -29,9 +30,11 @@ use crate::system::BPFFS;
 pub mod btf;
 pub mod counters;
 pub mod maps;
+pub mod refused;
 
 use btf::Btf;
 use maps::{OrigDstTable, StateMaps};
+use refused::RefusedConnects;
 
 /// The compiled eBPF programs (`cargo xtask build-ebpf`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("MESH_EBPF_OBJECT"));
@@ -66,6 +69,7 @@ pub struct Loaded {
     pub logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     pub state: StateMaps,
     pub orig_dst: OrigDstTable,
+    pub refused: RefusedConnects,
 }
 
 impl Datapath {
@@ -161,6 +165,7 @@ fn load_and_attach(
     Ok(Loaded {
         state: StateMaps::take(&mut ebpf)?,
         orig_dst: OrigDstTable::take(&mut ebpf)?,
+        refused: RefusedConnects::take(&mut ebpf)?,
         logger,
         datapath: Datapath {
             _ebpf: ebpf,

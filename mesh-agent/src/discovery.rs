@@ -1,6 +1,6 @@
 //! Where the mesh's state comes from: the YAML file (`file`) or the Kubernetes API
 //! (`kubernetes`). Each sends whole, immutable snapshots over a `watch` channel (the latest
-//! wins); `state::reload` applies them.
+//! wins); `dns` adds the external hosts' addresses; `state::reload` applies them.
 
 use std::sync::Arc;
 
@@ -14,5 +14,6 @@ pub type Snapshot = Arc<Config>;
 /// Where a source sends its snapshots; `None` until the first.
 pub type Snapshots = watch::Sender<Option<Snapshot>>;
 
+pub mod dns;
 pub mod file;
 pub mod kubernetes;

@@ -74,6 +74,7 @@ impl Mesh {
             unmeshed_pods: Vec::new(),
             services: Vec::new(),
             authorization: Default::default(),
+            egress: Default::default(),
         })
     }
 

@@ -73,9 +73,9 @@ impl SockPair {
     }
 }
 
-/// A captured connect: where its app meant to go, and the enrolled cgroup it came from (the
-/// pod's, an ancestor of the task's own), which says who is calling whatever the source
-/// address claims.
+/// A connect from an enrolled cgroup (the pod's, an ancestor of the task's own), which says
+/// who is calling whatever the source address claims, and where its app meant to go: a
+/// captured one, or (as the key of `REFUSED_CONNECTS`) one the outbound policy refused.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Captured {
@@ -136,8 +136,12 @@ pub const SK_USER_DATA_PSOCK: u64 = 4;
 pub const SK_USER_DATA_FLAGS: u64 = 7;
 
 /// The value of maps that are sets (`ENROLLED`, `OWNED_SERVICES`, `OWNED_CIDRS`,
-/// `MSG_PASSTHROUGH`): only the key's presence means anything.
+/// `EXTERNAL`, `EXTERNAL_PORTS`, `MSG_PASSTHROUGH`): only the key's presence means anything.
 pub const SET_MEMBER: u8 = 1;
+
+/// `OUTBOUND_POLICY[0]` when an enrolled pod may connect only to the mesh, declared external
+/// hosts and loopback (any other value: anywhere).
+pub const REGISTRY_ONLY: u32 = 1;
 
 /// How deep below the cgroup v2 root the capture program looks for an enrolled ancestor.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
@@ -166,11 +170,13 @@ pub enum Counter {
     BytesPassed = 8,
     /// TCP packets to a strict pod's listening socket from outside its node, dropped.
     StrictDropped = 9,
+    /// Connects of enrolled pods to undeclared destinations refused (`registry_only`).
+    ConnectsRefused = 10,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::ConnectsCaptured,
         Counter::ConnectsPassed,
         Counter::OrigDstRecorded,
@@ -181,6 +187,7 @@ impl Counter {
         Counter::ShortcutResumed,
         Counter::BytesPassed,
         Counter::StrictDropped,
+        Counter::ConnectsRefused,
     ];
 
     /// The counter's name in snake case, as the agent reports it.
@@ -196,6 +203,7 @@ impl Counter {
             Counter::ShortcutResumed => "shortcut_resumed",
             Counter::BytesPassed => "bytes_passed",
             Counter::StrictDropped => "strict_dropped",
+            Counter::ConnectsRefused => "connects_refused",
         }
     }
 }

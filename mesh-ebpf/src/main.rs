@@ -2,7 +2,10 @@
 //!
 //! - `mesh_connect4` / `mesh_connect6` (`cgroup/connect4`, `cgroup/connect6`): a TCP connect
 //!   from an enrolled cgroup to a destination the mesh owns is rewritten to the agent's
-//!   outbound listener; the original destination is kept under the socket cookie.
+//!   outbound listener; the original destination is kept under the socket cookie. So is one
+//!   to a declared external host (`EXTERNAL`, or any address at a port of `EXTERNAL_PORTS`).
+//!   Under `registry_only` (`OUTBOUND_POLICY`), an enrolled pod's connect to anything else
+//!   but loopback fails with EPERM, counted per pod and destination in `REFUSED_CONNECTS`.
 //! - `mesh_getpeername4` / `mesh_getpeername6` (`cgroup/getpeername*`): a captured socket
 //!   reports the address its app dialled, not the agent's.
 //! - `mesh_sockops` (`sock_ops`): when a captured connect is established, its original
@@ -30,13 +33,16 @@ use aya_ebpf::{
         bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash,
+        lpm_trie::Key,
+    },
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
     Addr, AgentListener, COUNTER_SLOTS, Captured, Counter, KernelLayout, MAX_CGROUP_DEPTH,
-    SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair, ipv4_mapped,
+    REGISTRY_ONLY, SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair, ipv4_mapped,
     ipv4_unmapped,
 };
 
@@ -59,6 +65,24 @@ static OWNED_SERVICES: HashMap<SockAddr, u8> = HashMap::pinned(262_144, 0);
 /// Set of meshed address ranges (pod CIDRs), any port.
 #[map]
 static OWNED_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(4096, 0);
+
+/// Set of declared external hosts' addresses and ports (resolved by the agent).
+#[map]
+static EXTERNAL: HashMap<SockAddr, u8> = HashMap::pinned(65_536, 0);
+
+/// Set of ports at which connects to any address are external (hosts declared by a wildcard
+/// name: the agent tells them apart by SNI or Host).
+#[map]
+static EXTERNAL_PORTS: HashMap<u16, u8> = HashMap::pinned(1024, 0);
+
+/// At index 0: `REGISTRY_ONLY`, or anything else for `allow_any`.
+#[map]
+static OUTBOUND_POLICY: Array<u32> = Array::pinned(1, 0);
+
+/// Connects refused under `registry_only`, counted by pod cgroup and destination; the agent
+/// reads them to count and log them by workload.
+#[map]
+static REFUSED_CONNECTS: LruPerCpuHashMap<Captured, u64> = LruPerCpuHashMap::pinned(4096, 0);
 
 /// Set of strict pods' cgroup ids: a pod is strict if its cgroup or an ancestor is here.
 #[map]
@@ -162,6 +186,48 @@ fn is_owned(dst: &SockAddr) -> bool {
 }
 
 #[inline(always)]
+fn is_external(dst: &SockAddr) -> bool {
+    // SAFETY: the values are plain bytes read only for their presence.
+    unsafe { EXTERNAL.get(dst) }.is_some() || unsafe { EXTERNAL_PORTS.get(dst.port) }.is_some()
+}
+
+#[inline(always)]
+fn registry_only() -> bool {
+    OUTBOUND_POLICY.get(0).is_some_and(|p| *p == REGISTRY_ONLY)
+}
+
+/// Loopback (127.0.0.0/8, ::1) or unspecified (the local host too): always allowed.
+#[inline(always)]
+fn is_local(addr: &Addr) -> bool {
+    match ipv4_unmapped(addr) {
+        Some(v4) => v4[0] == 127 || v4 == [0, 0, 0, 0],
+        None => {
+            let mut i = 0;
+            while i < 15 {
+                if addr[i] != 0 {
+                    return false;
+                }
+                i += 1;
+            }
+            addr[15] <= 1
+        }
+    }
+}
+
+/// Counts a refused connect under its pod and destination.
+#[inline(always)]
+fn note_refused(refused: &Captured) {
+    match REFUSED_CONNECTS.get_ptr_mut(refused) {
+        // SAFETY: this CPU's slot of a live entry, valid for the program's run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            // Fails only when the entry was just made by another CPU: one count lost.
+            let _ = REFUSED_CONNECTS.insert(refused, 1, 0);
+        }
+    }
+}
+
+#[inline(always)]
 fn agent() -> Option<&'static AgentListener> {
     AGENT.get(0)
 }
@@ -184,7 +250,7 @@ enum Capture {
     /// Not meshed: leave it alone.
     No,
     /// Meshed, but its original destination could not be kept: fail it rather than let it
-    /// out unencrypted.
+    /// out unencrypted; or refused by the outbound policy.
     Refused,
     /// Meshed and recorded: rewrite it to the agent.
     Yes,
@@ -194,18 +260,28 @@ enum Capture {
 /// connect would be rewritten to.
 #[inline(always)]
 fn capture(ctx: &SockAddrContext, dst: &SockAddr, family_ok: bool) -> Capture {
-    let cgroup = match enrolled_cgroup() {
-        Some(cgroup) if family_ok && is_owned(dst) => cgroup,
-        _ => {
-            count(Counter::ConnectsPassed, 1);
-            return Capture::No;
-        }
+    let Some(cgroup) = enrolled_cgroup() else {
+        count(Counter::ConnectsPassed, 1);
+        return Capture::No;
     };
     let captured = Captured {
         cgroup,
         dst: *dst,
         _pad: 0,
     };
+    if !(is_owned(dst) || is_external(dst)) {
+        if registry_only() && !is_local(&dst.addr) {
+            note_refused(&captured);
+            count(Counter::ConnectsRefused, 1);
+            return Capture::Refused;
+        }
+        count(Counter::ConnectsPassed, 1);
+        return Capture::No;
+    }
+    if !family_ok {
+        count(Counter::ConnectsPassed, 1);
+        return Capture::No;
+    }
     if !remember(ctx, &captured) {
         error!(
             ctx,

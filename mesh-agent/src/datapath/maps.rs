@@ -14,13 +14,14 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use mesh_common::{
-    Addr, AgentListener, Captured, SET_MEMBER, SockAddr, ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, Captured, REGISTRY_ONLY, SET_MEMBER, SockAddr, ipv4_mapped,
+    ipv4_unmapped,
 };
 use tracing::{info, warn};
 
 use super::{OUTBOUND_PORT, take_map};
 use crate::{
-    config::Config,
+    config::{Config, egress::OutboundPolicy},
     proxy::outbound::{CapturedConnect, Captures},
     state::reload::Mirror,
     system,
@@ -30,6 +31,9 @@ use crate::{
 /// destinations, strict pods and the node's addresses they accept connections from.
 pub struct StateMaps {
     enrolled: HashMap<MapData, u64, u8>,
+    external: HashMap<MapData, SockAddr, u8>,
+    external_ports: HashMap<MapData, u16, u8>,
+    outbound_policy: Array<MapData, u32>,
     strict: HashMap<MapData, u64, u8>,
     node_addresses: HashMap<MapData, Addr, u8>,
     owned_services: HashMap<MapData, SockAddr, u8>,
@@ -42,6 +46,9 @@ impl StateMaps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(Self {
             enrolled: take_map(ebpf, "ENROLLED")?,
+            external: take_map(ebpf, "EXTERNAL")?,
+            external_ports: take_map(ebpf, "EXTERNAL_PORTS")?,
+            outbound_policy: take_map(ebpf, "OUTBOUND_POLICY")?,
             strict: take_map(ebpf, "STRICT")?,
             node_addresses: take_map(ebpf, "NODE_ADDRESSES")?,
             owned_services: take_map(ebpf, "OWNED_SERVICES")?,
@@ -123,7 +130,25 @@ impl Mirror for StateMaps {
                 .insert(&Key::new(*prefix_len, *addr), SET_MEMBER, 0)
                 .context("cannot fill OWNED_CIDRS")?;
         }
+        let external: HashSet<SockAddr> = config
+            .egress
+            .addresses()
+            .map(|(addr, _)| sock_addr(addr))
+            .collect();
+        sync_set(&mut self.external, &external, "EXTERNAL")?;
+        let external_ports: HashSet<u16> = config.egress.wildcard_ports().collect();
+        sync_set(&mut self.external_ports, &external_ports, "EXTERNAL_PORTS")?;
+        // Last: the external hosts are captured before anything else is refused.
+        let policy = match config.egress.outbound_policy {
+            OutboundPolicy::RegistryOnly => REGISTRY_ONLY,
+            OutboundPolicy::AllowAny => 0,
+        };
+        self.outbound_policy
+            .set(0, policy, 0)
+            .context("cannot set OUTBOUND_POLICY")?;
         info!(
+            external = external.len(),
+            external_ports = external_ports.len(),
             enrolled = enrolled.len(),
             strict = strict.len(),
             service_ports = services.len(),
@@ -191,7 +216,7 @@ fn sock_addr(socket: SocketAddr) -> SockAddr {
 }
 
 /// A socket address from the maps' form, IPv4-mapped addresses as IPv4.
-fn socket_addr(addr: &SockAddr) -> SocketAddr {
+pub(super) fn socket_addr(addr: &SockAddr) -> SocketAddr {
     let ip = match ipv4_unmapped(&addr.addr) {
         Some(v4) => IpAddr::from(v4),
         None => IpAddr::from(addr.addr),

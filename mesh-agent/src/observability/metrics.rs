@@ -27,7 +27,8 @@ use prometheus_client::{
 use crate::{
     config::{Config, Name},
     datapath::counters::Counters,
-    proxy::{authorization::Decision, breaker::Tripped},
+    proxy::{authorization::Decision, breaker::Tripped, http::egress::EGRESS_ROUTE},
+    state::routes::LocalWorkload,
 };
 
 /// Who talked to whom over one proxied connection.
@@ -145,6 +146,19 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Connects of a workload to a destination nobody declared, refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EgressRefusedLabels {
+    pub source_namespace: String,
+    pub source_workload: String,
+    /// The address and port dialled: one of the first [`MAX_REFUSED_DESTINATIONS`] seen,
+    /// else `other`.
+    pub destination: String,
+}
+
+/// The most destinations refused connects are told apart by: they are the pods' choice.
+pub const MAX_REFUSED_DESTINATIONS: usize = 256;
+
 type Durations = Family<ConnectionLabels, Histogram, fn() -> Histogram>;
 type RequestDurations = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
@@ -178,11 +192,13 @@ pub struct Metrics {
     pub rate_limit_service_failures: Family<OutcomeLabels, Counter>,
     pub authorization_decisions: Family<DecisionLabels, Counter>,
     pub authorization_cuts: Family<PolicyLabels, Counter>,
+    pub egress_refused: Family<EgressRefusedLabels, Counter>,
     /// The label sets of the connection families, of the request families, and of the
     /// endpoint families.
     connection_series: Series<ConnectionLabels>,
     request_series: Series<RequestLabels>,
     endpoint_series: Series<EndpointLabels>,
+    egress_series: Series<EgressRefusedLabels>,
 }
 
 /// The label sets some families have series for (a [`Family`] cannot list its own).
@@ -250,6 +266,8 @@ impl Metrics {
             connection_series: Series::new(),
             request_series: Series::new(),
             endpoint_series: Series::new(),
+            egress_refused: Family::default(),
+            egress_series: Series::new(),
         };
         let r = registry;
         r.register(
@@ -376,6 +394,11 @@ impl Metrics {
             m.authorization_decisions.clone(),
         );
         r.register(
+            "egress_refused",
+            "Connects (in the kernel) and requests (in the agent) of workloads to destinations that are neither the mesh's nor declared, refused under registry_only, by workload and destination",
+            m.egress_refused.clone(),
+        );
+        r.register(
             "authorization_cuts",
             "Open connections closed because a policy change denies them, by the policy",
             m.authorization_cuts.clone(),
@@ -398,6 +421,41 @@ impl Metrics {
         let known = self.connections_opened.get(labels).is_some();
         self.connection_series.note(labels, known);
         self.connections_opened.get_or_create(labels).inc();
+    }
+
+    /// Counts `count` connects or requests of `source` to `destination` refused by the
+    /// outbound policy.
+    pub fn egress_refused_by(
+        &self,
+        source: Option<&LocalWorkload>,
+        destination: SocketAddr,
+        count: u64,
+    ) {
+        let [source_namespace, source_workload, _] = LocalWorkload::label_values(source);
+        let mut labels = EgressRefusedLabels {
+            source_namespace,
+            source_workload,
+            destination: destination.to_string(),
+        };
+        {
+            let mut series = self.egress_series.lock();
+            if !series.contains(&labels) {
+                let destinations: HashSet<&str> =
+                    series.iter().map(|l| l.destination.as_str()).collect();
+                if destinations.len() >= MAX_REFUSED_DESTINATIONS
+                    && !destinations.contains(labels.destination.as_str())
+                {
+                    labels.destination = "other".into();
+                }
+                series.insert(labels.clone());
+            }
+        }
+        self.egress_refused.get_or_create(&labels).inc_by(count);
+    }
+
+    /// Counts one request of `source` to `destination` refused by the outbound policy.
+    pub fn egress_refused(&self, source: Option<&LocalWorkload>, destination: SocketAddr) {
+        self.egress_refused_by(source, destination, 1);
     }
 
     /// Counts a connection, tunnel stream or handshake refused, by `reason` (its metric label).
@@ -517,10 +575,13 @@ impl Metrics {
             .iter()
             .map(|w| (w.namespace.as_str(), w.name.as_str()))
             .collect();
+        // External hosts are services too, by their declared names.
+        let hosts = config.egress.hosts.iter().flat_map(|h| &h.names);
         let services: HashSet<String> = config
             .services
             .iter()
             .map(|s| format!("{}/{}", s.namespace, s.name))
+            .chain(hosts.clone().map(|n| n.to_string()))
             .collect();
         let endpoints: HashSet<(String, String)> = config
             .services
@@ -566,6 +627,9 @@ impl Metrics {
                     .chain(["default", ""])
                     .map(move |route| (service.clone(), route))
             })
+            .chain(hosts.map(|n| (n.to_string(), EGRESS_ROUTE)))
+            // Requests for hosts nobody declared (passed on under allow_any).
+            .chain([(String::new(), EGRESS_ROUTE)])
             .collect();
         m.request_series.retain(
             |l| {
@@ -585,6 +649,12 @@ impl Metrics {
                         reason,
                     });
                 }
+            },
+        );
+        m.egress_series.retain(
+            |l| local(&l.source_namespace, &l.source_workload),
+            |l| {
+                m.egress_refused.remove(l);
             },
         );
         m.endpoint_series.retain(

@@ -3,10 +3,12 @@
 //! request routed, balanced, timed and retried on its own (`retry`), over pooled connections
 //! to the endpoints (`upstream`); bodies pass through counted (`body`); how each endpoint
 //! answered goes to its port's outlier detection (`verdict`); each request carries its span's
-//! trace context on (`trace_context`).
+//! trace context on (`trace_context`). Plain HTTP to declared external hosts is served by
+//! `egress`.
 
 pub mod body;
 pub mod detect;
+pub mod egress;
 pub mod retry;
 pub mod serve;
 pub mod serving;

@@ -26,6 +26,7 @@ use crate::{
         breaker::{Slot, Tripped},
         copy,
         dial::{CONNECT_TIMEOUT, DialError, LocalDialer},
+        egress::Egress,
         http::{detect, serve::HttpProxy},
         open::{Authorized, OpenConnections},
         plan::{self, OutboundPlan},
@@ -119,6 +120,22 @@ impl Outbound {
     }
 
     async fn forward(self, client: TcpStream, route: Route, caller: Caller, mut record: Record) {
+        if let Route::External(external) = route {
+            let (policy, hello_wait) = {
+                let routes = self.routes.borrow();
+                let settings = &routes.config().settings;
+                (routes.external().policy, settings.protocol_detection_timeout.0)
+            };
+            let egress = Egress {
+                metrics: self.metrics.clone(),
+                policy,
+                hello_wait,
+                abort: self.abort.clone(),
+            };
+            return egress
+                .carry(client, external, caller.workload, caller.dst, record)
+                .await;
+        }
         if let Route::Service(port) = &route
             && self.speaks_http(&client, port, caller.dst).await
         {
@@ -149,7 +166,7 @@ impl Outbound {
             source_identity,
             destination_service: match &route {
                 Route::Service(port) => port.service.clone(),
-                Route::Pod { .. } => String::new(),
+                Route::Pod { .. } | Route::External(_) => String::new(),
             },
             destination_namespace: destination_workload
                 .as_ref()
@@ -275,6 +292,13 @@ impl Outbound {
                 });
             }
             Route::Service(port) => port,
+            // Carried by `proxy::egress` before any connect.
+            Route::External(e) => {
+                return Err(NotConnected::Unreachable(format!(
+                    "{} is an external host",
+                    e.dialled
+                )));
+            }
         };
         let slot = port
             .breaker

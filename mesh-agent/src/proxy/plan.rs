@@ -109,6 +109,7 @@ mod tests {
                 let source = plan.source.map_or("-".to_owned(), |w| w.name.clone());
                 let route = match plan.route {
                     Route::Service(port) => format!("service {}", port.service),
+                    Route::External(e) => format!("external {}", e.dialled),
                     Route::Pod {
                         hop: Hop::Local, ..
                     } => "pod local".to_owned(),

@@ -51,6 +51,11 @@ pub enum Refusal {
         regions: String,
         left_out: usize,
     },
+    #[error(
+        "{} at {dst} is no declared external host (outbound policy registry_only)",
+        if asked.is_empty() { "a TLS client naming no server" } else { asked }
+    )]
+    UndeclaredHost { asked: String, dst: SocketAddr },
     #[error("the agent serving {target} denied it: {policy}")]
     DeniedThere {
         target: SocketAddr,
@@ -102,6 +107,7 @@ impl Refusal {
             Refusal::RateLimited { .. } | Refusal::RateLimitedThere(_) => "rate_limited",
             Refusal::Denied { .. } | Refusal::DeniedThere { .. } => "denied",
             Refusal::Pinned { .. } => "pinned",
+            Refusal::UndeclaredHost { .. } => "undeclared_host",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

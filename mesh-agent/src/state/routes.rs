@@ -21,7 +21,10 @@ use crate::{
         rate_limit::RateLimiter,
         refusal::Refusal,
     },
-    state::http::HttpPort,
+    state::{
+        egress::{External, ExternalHosts},
+        http::HttpPort,
+    },
 };
 
 /// The port peer agents accept tunnels on.
@@ -42,6 +45,7 @@ pub struct Routes {
     workloads: HashMap<IpAddr, Arc<LocalWorkload>>,
     /// Local workloads by cgroup id: who is calling.
     by_cgroup: HashMap<u64, Arc<LocalWorkload>>,
+    external: ExternalHosts,
     /// What the table was built from.
     config: Snapshot,
 }
@@ -148,6 +152,8 @@ pub enum Route {
     Service(Arc<ServicePort>),
     /// Straight to a pod, as dialled.
     Pod { target: SocketAddr, hop: Hop },
+    /// To a declared external host.
+    External(External),
 }
 
 /// A caller whose source address and cgroup name different workloads (or only one names any).
@@ -168,7 +174,7 @@ pub struct CallerMismatch {
 pub enum NoRoute {
     #[error("service {0} has no endpoints")]
     NoEndpoints(String),
-    #[error("{0} is neither a service address nor in a pod CIDR")]
+    #[error("{0} is neither a service address, nor in a pod CIDR, nor a declared external host")]
     NotOwned(SocketAddr),
     #[error("{0} is in this node's pod CIDR but no pod the mesh knows has the address")]
     UnknownPod(SocketAddr),
@@ -372,6 +378,7 @@ impl Routes {
                 .collect(),
             workloads,
             by_cgroup,
+            external: ExternalHosts::new(&config.egress),
             config,
         }
     }
@@ -413,8 +420,17 @@ impl Routes {
                 target: dst,
                 hop: hop.clone(),
             }),
-            None => Err(NoRoute::NotOwned(dst)),
+            None => self
+                .external
+                .at(dst)
+                .map(Route::External)
+                .ok_or(NoRoute::NotOwned(dst)),
         }
+    }
+
+    /// The declared external hosts.
+    pub fn external(&self) -> &ExternalHosts {
+        &self.external
     }
 
     /// The service ports whose endpoint on this node `target` is.
@@ -438,6 +454,11 @@ impl Routes {
     /// The local workload at `addr` (IPv4-mapped or not).
     pub fn workload_at(&self, addr: IpAddr) -> Option<&Arc<LocalWorkload>> {
         self.workloads.get(&addr.to_canonical())
+    }
+
+    /// The local workload whose (enrolled) cgroup is `cgroup`.
+    pub fn workload_of_cgroup(&self, cgroup: u64) -> Option<&Arc<LocalWorkload>> {
+        self.by_cgroup.get(&cgroup)
     }
 
     /// Who calls from `addr` in the enrolled cgroup `cgroup`: the workload of that cgroup,

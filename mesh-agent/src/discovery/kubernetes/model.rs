@@ -132,6 +132,7 @@ impl Cluster {
                 unmeshed_pods,
                 services,
                 authorization,
+                egress: Default::default(),
             },
             skipped,
             refused,

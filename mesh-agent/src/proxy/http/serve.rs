@@ -136,6 +136,8 @@ pub(super) enum Answer {
     Denied(Arc<str>),
     /// No endpoint left inside the service's allowed regions (see `Refusal::Pinned`).
     Pinned(String),
+    /// For an external host nobody declared, under `registry_only`.
+    UndeclaredHost(String),
 }
 
 impl Answer {
@@ -186,6 +188,7 @@ impl Answer {
             ),
             Answer::Denied(_) => (StatusCode::FORBIDDEN, 7, "denied", DENIED_BODY.into()),
             Answer::Pinned(why) => (StatusCode::SERVICE_UNAVAILABLE, 14, "pinned", why.clone()),
+            Answer::UndeclaredHost(why) => (StatusCode::FORBIDDEN, 7, "undeclared_host", why.clone()),
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod collector;
 pub mod rate_limit_service;
+pub mod third_party;
 
 use std::{
     collections::HashMap,
@@ -243,6 +244,24 @@ impl Mesh {
     /// The mesh's authorization (YAML, as under `authorization:` in a config file).
     pub fn authorization(mut self, yaml: &str) -> Self {
         self.0.authorization = serde_yaml::from_str(yaml).unwrap();
+        self
+    }
+
+    /// The mesh's egress (YAML, as under `egress:` in a config file).
+    pub fn egress(mut self, yaml: &str) -> Self {
+        self.0.egress = serde_yaml::from_str(yaml).unwrap();
+        self
+    }
+
+    /// The external host `name` resolves to `address`, as the agent's resolver would say.
+    pub fn resolved(mut self, name_: &str, address: IpAddr) -> Self {
+        let name_ = name_.parse().unwrap();
+        self.0
+            .egress
+            .resolved
+            .entry(name_)
+            .or_default()
+            .push(address);
         self
     }
 

@@ -32,7 +32,11 @@ impl Egress {
     pub fn addresses(&self) -> impl Iterator<Item = (SocketAddr, &HostName)> {
         self.hosts.iter().flat_map(move |host| {
             host.names.iter().flat_map(move |name| {
-                let addresses = self.resolved.get(name).map(Vec::as_slice).unwrap_or_default();
+                let addresses = self
+                    .resolved
+                    .get(name)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
                 addresses.iter().flat_map(move |a| {
                     host.ports
                         .iter()
@@ -226,12 +230,12 @@ pub(super) fn validate(egress: &Egress) -> Result<(), (Vec<Seg>, String)> {
                 return Err((at("port"), "port 0 is not a port".into()));
             }
             let fault = match (p.tls, p.protocol) {
-                (TlsMode::Originate, ExternalProtocol::Tcp) => Some(
-                    "the agent originates TLS for HTTP only: give the port protocol http",
-                ),
-                (TlsMode::Passthrough, ExternalProtocol::Http) => Some(
-                    "passed-through TLS is opaque to the agent: give the port protocol tcp",
-                ),
+                (TlsMode::Originate, ExternalProtocol::Tcp) => {
+                    Some("the agent originates TLS for HTTP only: give the port protocol http")
+                }
+                (TlsMode::Passthrough, ExternalProtocol::Http) => {
+                    Some("passed-through TLS is opaque to the agent: give the port protocol tcp")
+                }
                 _ => None,
             };
             if let Some(fault) = fault {
@@ -278,7 +282,14 @@ mod tests {
         assert!(wildcard.matches("a.b.sms.example"));
         assert!(!wildcard.matches("sms.example"));
         assert!(!wildcard.matches("evilsms.example"));
-        for bad in ["localhost", "Upper.example", "*example.com", "a..b", "-a.b", "*.*.b.c"] {
+        for bad in [
+            "localhost",
+            "Upper.example",
+            "*example.com",
+            "a..b",
+            "-a.b",
+            "*.*.b.c",
+        ] {
             assert!(bad.parse::<HostName>().is_err(), "{bad}");
         }
     }

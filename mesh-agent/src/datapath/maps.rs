@@ -14,8 +14,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
 };
 use mesh_common::{
-    Addr, AgentListener, Captured, REGISTRY_ONLY, SET_MEMBER, SockAddr, ipv4_mapped,
-    ipv4_unmapped,
+    Addr, AgentListener, Captured, REGISTRY_ONLY, SET_MEMBER, SockAddr, ipv4_mapped, ipv4_unmapped,
 };
 use tracing::{info, warn};
 

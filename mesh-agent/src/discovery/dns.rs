@@ -62,7 +62,10 @@ impl Resolving {
                         true,
                     ));
                 }
-                TokioResolver::builder_with_config(ResolverConfig::from_parts(None, vec![], group), provider)
+                TokioResolver::builder_with_config(
+                    ResolverConfig::from_parts(None, vec![], group),
+                    provider,
+                )
             }
         };
         *builder.options_mut() = options;
@@ -139,7 +142,8 @@ impl Resolving {
                     let mut addresses: Vec<IpAddr> = lookup.iter().collect();
                     addresses.sort();
                     addresses.dedup();
-                    let ttl = Instant::from_std(lookup.valid_until()).saturating_duration_since(now);
+                    let ttl =
+                        Instant::from_std(lookup.valid_until()).saturating_duration_since(now);
                     if addresses != entry.addresses {
                         info!(host = %name, ?addresses, ttl_s = ttl.as_secs(), "external host resolved");
                     }

@@ -112,3 +112,6 @@ impl Egress {
         }
     }
 }
+
+#[cfg(test)]
+mod carried;

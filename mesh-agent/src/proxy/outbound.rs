@@ -124,7 +124,10 @@ impl Outbound {
             let (policy, hello_wait) = {
                 let routes = self.routes.borrow();
                 let settings = &routes.config().settings;
-                (routes.external().policy, settings.protocol_detection_timeout.0)
+                (
+                    routes.external().policy,
+                    settings.protocol_detection_timeout.0,
+                )
             };
             let egress = Egress {
                 metrics: self.metrics.clone(),

@@ -164,10 +164,7 @@ fn system_roots() -> Arc<RootCertStore> {
             let mut roots = RootCertStore::empty();
             let (added, ignored) = roots.add_parsable_certificates(found.certs);
             if ignored > 0 || added == 0 {
-                warn!(
-                    added,
-                    ignored, "system CA certificates for originated TLS"
-                );
+                warn!(added, ignored, "system CA certificates for originated TLS");
             }
             Arc::new(roots)
         })

@@ -106,13 +106,19 @@ impl EgressHttp {
             route: EGRESS_ROUTE.into(),
             method: method_label(&parts.method),
         };
-        let mut record =
-            RequestRecord::new(self.metrics.clone(), labels, &authority, parts.uri.path(), None);
+        let mut record = RequestRecord::new(
+            self.metrics.clone(),
+            labels,
+            &authority,
+            parts.uri.path(),
+            None,
+        );
         let version = parts.version;
         let target = match declared {
             Some((target, _)) => Some(target),
             None if self.policy == OutboundPolicy::RegistryOnly => {
-                self.metrics.egress_refused(self.source.as_deref(), self.dst);
+                self.metrics
+                    .egress_refused(self.source.as_deref(), self.dst);
                 let why = Answer::UndeclaredHost(format!(
                     "{name} is no declared external host (outbound policy registry_only)"
                 ));
@@ -128,7 +134,9 @@ impl EgressHttp {
                 let body = Counted::new(body, record.request_bytes.clone())
                     .map_err(BoxError::from)
                     .boxed_unsync();
-                let sent = upstream.send_request(Request::from_parts(parts, body)).await;
+                let sent = upstream
+                    .send_request(Request::from_parts(parts, body))
+                    .await;
                 // For the next request, once this one's response is read.
                 self.upstreams.lock().await.insert(name.clone(), upstream);
                 sent.map_err(|e| Answer::Reset(e.to_string()))
@@ -176,10 +184,13 @@ impl EgressHttp {
             Some(tls) => {
                 let server = ServerName::try_from(name.to_owned())
                     .map_err(|e| failed(&format!("{name} is no TLS server name: {e}")))?;
-                let tls = timeout(CONNECT_TIMEOUT, TlsConnector::from(tls).connect(server, tcp))
-                    .await
-                    .map_err(|_| failed(&"no TLS handshake in time"))?
-                    .map_err(|e| failed(&format!("TLS to {name}: {e}")))?;
+                let tls = timeout(
+                    CONNECT_TIMEOUT,
+                    TlsConnector::from(tls).connect(server, tcp),
+                )
+                .await
+                .map_err(|_| failed(&"no TLS handshake in time"))?
+                .map_err(|e| failed(&format!("TLS to {name}: {e}")))?;
                 handshake(TokioIo::new(tls)).await.map_err(|e| failed(&e))
             }
             None => handshake(TokioIo::new(tcp)).await.map_err(|e| failed(&e)),
@@ -206,7 +217,9 @@ fn host_of(authority: &str) -> &str {
     if let Some(rest) = authority.strip_prefix('[') {
         return rest.split(']').next().unwrap_or_default();
     }
-    authority.rsplit_once(':').map_or(authority, |(host, _)| host)
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
 }
 
 /// The request's path and query alone.

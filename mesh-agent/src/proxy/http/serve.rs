@@ -188,7 +188,9 @@ impl Answer {
             ),
             Answer::Denied(_) => (StatusCode::FORBIDDEN, 7, "denied", DENIED_BODY.into()),
             Answer::Pinned(why) => (StatusCode::SERVICE_UNAVAILABLE, 14, "pinned", why.clone()),
-            Answer::UndeclaredHost(why) => (StatusCode::FORBIDDEN, 7, "undeclared_host", why.clone()),
+            Answer::UndeclaredHost(why) => {
+                (StatusCode::FORBIDDEN, 7, "undeclared_host", why.clone())
+            }
         }
     }
 }

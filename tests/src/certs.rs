@@ -160,4 +160,26 @@ impl Lab {
         std::fs::write(&path, cert.pem() + &key.serialize_pem())?;
         Ok(path)
     }
+
+    /// Writes the certificate of a third party outside the mesh, for `hosts`, from a CA of
+    /// its own: certificate then key (PEM) in `<name>.pem`; returns that file and the CA's
+    /// certificate (PEM), which its clients must trust.
+    pub fn third_party_pem(&self, name: &str, hosts: &[&str]) -> Result<(PathBuf, String)> {
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.distinguished_name = DistinguishedName::new();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} CA"));
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key)?;
+        let mut params =
+            CertificateParams::new(hosts.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &ca)?;
+        let path = self.scratch_path(&format!("{name}.pem"));
+        std::fs::write(&path, cert.pem() + &key.serialize_pem())?;
+        Ok((path, ca.pem()))
+    }
 }

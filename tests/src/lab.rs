@@ -130,6 +130,32 @@ impl Lab {
             }
         }
 
+        // Hosts outside the mesh answer the pods (that reach them directly) through their
+        // nodes.
+        for (i, name) in self.spec.outside.clone().iter().enumerate() {
+            let ns = self.netns_name(name);
+            self.add_netns(&ns)?;
+            let i = u8::try_from(i + 1)?;
+            plug(
+                &switch,
+                "br0",
+                &format!("o{i}"),
+                &ns,
+                topology::outside_addrs(i),
+            )?;
+            for node in self.spec.nodes.clone() {
+                let k = self.node_index(&node)?;
+                let (via4, via6) = topology::node_addrs(k);
+                let [net4, net6] = topology::pod_cidrs(k);
+                ip_in(&ns, &["route", "add", &net4, "via", &via4.to_string()])?;
+                ip_in(
+                    &ns,
+                    &["-6", "route", "add", &net6, "via", &via6.to_string()],
+                )?;
+            }
+            std::fs::create_dir_all(self.cgroup_root().join(format!("outside-{name}")))?;
+        }
+
         // The nodes route between their pod networks, as a cluster network does: traffic the
         // mesh leaves alone (and the benchmark's baseline) goes pod to pod directly.
         for node in self.spec.nodes.clone() {
@@ -271,8 +297,13 @@ impl Lab {
             let k = self.node_index(node)?;
             let (v4, v6) = topology::node_addrs(k);
             let [c4, c6] = topology::pod_cidrs(k);
+            let labels = spec
+                .node_labels
+                .iter()
+                .find(|(n, _)| n == node)
+                .map_or(String::new(), |(_, l)| format!(", labels: {l}"));
             Ok(format!(
-                "{{ name: {}, addresses: [{v4}, \"{v6}\"], pod_cidrs: [{c4}, \"{c6}\"] }}",
+                "{{ name: {}, addresses: [{v4}, \"{v6}\"], pod_cidrs: [{c4}, \"{c6}\"]{labels} }}",
                 self.agent_node_name(node)
             ))
         };
@@ -325,10 +356,14 @@ impl Lab {
             }
             writeln!(
                 y,
-                "  - name: {}\n    namespace: lab\n    addresses: [{}]\n    ports: [{{ {port} }}]\n    endpoints:",
+                "  - name: {}\n    namespace: lab\n    addresses: [{}]\n    ports: [{{ {port} }}]",
                 s.name,
                 addrs.join(", "),
             )?;
+            for field in &s.service_fields {
+                writeln!(y, "    {field}")?;
+            }
+            writeln!(y, "    endpoints:")?;
             for e in &s.endpoints {
                 let (a4, a6) = pod_addrs(e)?;
                 let addr = if v6_only {
@@ -609,6 +644,44 @@ impl Lab {
             lines.iter().any(|l| l.starts_with("Server listening"))
         });
         Ok(server)
+    }
+
+    /// Like [`Lab::start_on_node`], on the host `name` outside the mesh.
+    pub fn start_outside(
+        &self,
+        name: &str,
+        log: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<Daemon> {
+        let placement = Placement {
+            netns: self.netns_name(name),
+            cgroup: self.cgroup_root().join(format!("outside-{name}")),
+        };
+        self.start_placed(placement, log, program, args)
+    }
+
+    /// Starts `mesh-testpod args` on the host `name` outside the mesh and waits until it
+    /// prints `ready`.
+    pub fn spawn_outside(&self, name: &str, args: &[&str]) -> Result<Running> {
+        let placement = Placement {
+            netns: self.netns_name(name),
+            cgroup: self.cgroup_root().join(format!("outside-{name}")),
+        };
+        spawn_ready(
+            testpod(args),
+            placement,
+            &self.dir.join(format!("outside-{name}.log")),
+        )
+    }
+
+    /// The IPv4 address of the host `name` outside the mesh.
+    pub fn outside_addr(&self, name: &str) -> Result<Ipv4Addr> {
+        let i = self
+            .spec
+            .outside_index(name)
+            .with_context(|| format!("no outside host {name} in the lab"))?;
+        Ok(topology::outside_addrs(i).0)
     }
 
     /// Like [`Lab::start_on_node`], in `pod`.

@@ -1,7 +1,8 @@
 //! What a lab is made of, and the addresses its parts get (see DESIGN.md, "The lab").
 //!
 //! Node `k` (1-based) is 198.18.0.k and 2001:2::k; its pods live in 198.18.k.0/24 and
-//! 2001:2:0:k::/64, with the node's pod bridge at .1 and pod `j` (1-based) at .(j+1).
+//! 2001:2:0:k::/64, with the node's pod bridge at .1 and pod `j` (1-based) at .(j+1). Host
+//! `i` outside the mesh is 198.18.0.(200+i) and 2001:2::(200+i) (hex), beside the nodes.
 //! Service addresses come from the test, inside 198.19.0.0/16 and 2001:2:ff::/64.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -30,6 +31,10 @@ pub struct LabSpec {
     /// Lay the pods' cgroups out as the kubelet does (`<node>/kubepods/pod<uid>`), for agents
     /// that find them from the Kubernetes API.
     pub kubelet_layout: bool,
+    /// Hosts outside the mesh (third parties, a DNS server), on the nodes' network.
+    pub outside: Vec<String>,
+    /// Labels of nodes (a YAML flow mapping by node name).
+    pub node_labels: Vec<(String, String)>,
 }
 
 /// A pod: its own network namespace and cgroup, on one node.
@@ -57,6 +62,8 @@ pub struct ServiceSpec {
     pub labels: Vec<(String, String)>,
     /// More fields of the port, each `key: value` in YAML flow style.
     pub port_fields: Vec<String>,
+    /// More fields of the service, each `key: value` in YAML flow style.
+    pub service_fields: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -75,7 +82,15 @@ impl ServiceSpec {
             routes: None,
             labels: Vec::new(),
             port_fields: Vec::new(),
+            service_fields: Vec::new(),
         }
+    }
+
+    /// Gives the service one more field (`key: value`, YAML flow style), such as
+    /// `allowed_regions: [eu]`.
+    pub fn service_field(mut self, field: &str) -> Self {
+        self.service_fields.push(field.into());
+        self
     }
 
     /// The port speaks `protocol`, with `routes` (a YAML flow list) if given.
@@ -141,6 +156,24 @@ impl LabSpec {
         self
     }
 
+    /// A host outside the mesh on the nodes' network (see [`outside_addrs`]).
+    pub fn outside(mut self, name: &str) -> Self {
+        self.outside.push(name.into());
+        self
+    }
+
+    /// Labels `node` (a YAML flow mapping, like `{ topology.kubernetes.io/zone: a }`).
+    pub fn node_labels(mut self, node: &str, labels: &str) -> Self {
+        self.node_labels.push((node.into(), labels.into()));
+        self
+    }
+
+    /// 1-based index of a host outside the mesh.
+    pub fn outside_index(&self, name: &str) -> Option<u8> {
+        let i = self.outside.iter().position(|n| n == name)?;
+        u8::try_from(i + 1).ok()
+    }
+
     pub fn certificate_ttl(mut self, ttl: &str) -> Self {
         self.certificate_ttl = Some(ttl.into());
         self
@@ -199,6 +232,14 @@ pub fn node_addrs(k: u8) -> (Ipv4Addr, Ipv6Addr) {
     (
         Ipv4Addr::new(198, 18, 0, k),
         Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, u16::from(k)),
+    )
+}
+
+/// The addresses of host `i` outside the mesh: on the nodes' network, above every node.
+pub fn outside_addrs(i: u8) -> (Ipv4Addr, Ipv6Addr) {
+    (
+        Ipv4Addr::new(198, 18, 0, 200 + i),
+        Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x200 + u16::from(i)),
     )
 }
 

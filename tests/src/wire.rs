@@ -20,10 +20,14 @@ use crate::{
 /// A closed port the capture's first packets go to (the discard port).
 pub const KNOCK_PORT: u16 = 9;
 
-/// A capture of every TCP packet between the lab's nodes; stopped when dropped.
+/// A capture of every TCP packet between the lab's nodes (and the hosts outside the mesh);
+/// stopped when dropped.
 pub struct Capture {
     child: Child,
     file: PathBuf,
+    status: PathBuf,
+    /// Knocks seen in the file so far.
+    knocks: usize,
 }
 
 impl Lab {
@@ -31,11 +35,6 @@ impl Lab {
     pub fn capture(&self, name: &str) -> Result<Capture> {
         let file = self.scratch_path(&format!("{name}.pcapng"));
         let status = self.scratch_path(&format!("{name}.tshark.log"));
-        let (first, _) = self
-            .spec
-            .nodes
-            .split_first()
-            .context("a capture needs nodes")?;
         let cgroup = self.cgroup_root().join("capture");
         std::fs::create_dir_all(&cgroup)?;
         let mut cmd = Command::new("tshark");
@@ -52,11 +51,26 @@ impl Lab {
         let child = cmd
             .spawn()
             .context("cannot run tshark (install it: cargo xtask setup)")?;
-        let capture = Capture { child, file };
-        // The capture is live once a packet reaches the file: knock on a closed port of
-        // node 2 from node 1 until the knock shows up.
+        let capture = Capture {
+            child,
+            file,
+            status,
+            knocks: 0,
+        };
+        self.knock(capture)
+    }
+
+    /// Knocks on a closed port of node 2 from node 1 until the knock shows up in the file:
+    /// everything captured before it is in the file too (tshark writes in batches).
+    fn knock(&self, mut capture: Capture) -> Result<Capture> {
+        let (first, _) = self
+            .spec
+            .nodes
+            .split_first()
+            .context("a capture needs nodes")?;
         let start = Instant::now();
         let node2 = topology::node_addrs(2).0;
+        let before = capture.knocks;
         loop {
             self.run_on_node(
                 first,
@@ -64,31 +78,32 @@ impl Lab {
             )?;
             let seen = frames(
                 &capture.file,
-                &format!("tcp.port == {KNOCK_PORT}"),
+                &format!("tcp.dstport == {KNOCK_PORT} && tcp.flags.syn == 1"),
                 &["frame.number"],
             );
-            if seen.is_ok_and(|f| !f.is_empty()) {
-                break;
+            if let Ok(seen) = seen
+                && seen.len() > before
+            {
+                capture.knocks = seen.len();
+                return Ok(capture);
             }
             if start.elapsed() > Duration::from_secs(30) {
                 bail!(
                     "tshark captured nothing: {}",
-                    std::fs::read_to_string(&status)?
+                    std::fs::read_to_string(&capture.status)?
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(capture)
     }
-}
 
-impl Capture {
-    /// Stops the capture and returns the file, once tshark has written all of it.
-    pub fn stop(mut self) -> Result<PathBuf> {
+    /// Stops `capture` and returns its file, once everything captured is in it.
+    pub fn stop_capture(&self, capture: Capture) -> Result<PathBuf> {
+        let mut capture = self.knock(capture)?;
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        process::wait_within(&mut self.child, EXIT_LIMIT).context("tshark did not stop")?;
-        Ok(self.file.clone())
+        unsafe { libc::kill(capture.child.id() as i32, libc::SIGINT) };
+        process::wait_within(&mut capture.child, EXIT_LIMIT).context("tshark did not stop")?;
+        Ok(capture.file.clone())
     }
 }
 

@@ -37,7 +37,7 @@ fn cross_node_traffic_is_byte_exact_and_only_tls_on_the_wire() {
         let peer: SocketAddr = out.field("banner_peer").parse().unwrap();
         assert_eq!(peer.ip().to_canonical().to_string(), "198.18.2.1");
     }
-    let pcap = capture.stop().unwrap();
+    let pcap = lab.stop_capture(capture).unwrap();
 
     // Every byte between the nodes went to or from the tunnel port, inside TLS 1.3 records.
     let outside = frames(

@@ -11,7 +11,8 @@ use crate::shell::{self, Step, human};
 /// lab's network namespaces), tshark (the tests' wire captures between nodes), prometheus
 /// (the tests run their own, inside a lab namespace), haproxy (the benchmark's peer), skopeo
 /// (CI reads the agent's container image back with it), iperf3, ab, h2load and curl (stock
-/// clients the tests drive the mesh and probe the agent with).
+/// clients the tests drive the mesh and probe the agent with), dnsmasq (the DNS server of the
+/// egress tests' third parties) and openssl (their TLS server).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -25,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "apache2-utils",
     "nghttp2-client",
     "curl",
+    "dnsmasq-base",
+    "openssl",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

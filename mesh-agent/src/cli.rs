@@ -94,13 +94,16 @@ pub enum Command {
 
 /// The mesh's CustomResourceDefinitions, as YAML documents.
 pub fn crds_yaml() -> String {
-    use crate::discovery::kubernetes::{authorization::AuthorizationPolicy, policy::TrafficPolicy};
+    use crate::discovery::kubernetes::{
+        authorization::AuthorizationPolicy, egress::ExternalHost, policy::TrafficPolicy,
+    };
     use kube::CustomResourceExt;
     // A CRD always serializes.
     let yaml = |crd| serde_yaml::to_string(&crd).unwrap_or_default();
     format!(
-        "# Made by `mesh-agent crds` from the agent's types; do not edit.\n{}---\n{}",
+        "# Made by `mesh-agent crds` from the agent's types; do not edit.\n{}---\n{}---\n{}",
         yaml(TrafficPolicy::crd()),
-        yaml(AuthorizationPolicy::crd())
+        yaml(AuthorizationPolicy::crd()),
+        yaml(ExternalHost::crd())
     )
 }

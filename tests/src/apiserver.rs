@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 /// The kinds the agent watches, by the path it lists and watches them at.
-pub const KINDS: [(&str, &str); 9] = [
+pub const KINDS: [(&str, &str); 10] = [
     ("namespaces", "/api/v1/namespaces"),
     ("nodes", "/api/v1/nodes"),
     ("pods", "/api/v1/pods"),
@@ -40,15 +40,17 @@ pub const KINDS: [(&str, &str); 9] = [
         "authorizationpolicies",
         "/apis/mesh.dev/v1alpha1/authorizationpolicies",
     ),
+    ("externalhosts", "/apis/mesh.dev/v1alpha1/externalhosts"),
 ];
 /// The kinds of a CRD: served (their CRD installed) only once an object of theirs is applied;
 /// until then their paths answer 404, as a cluster without the Gateway API's CRDs (or the
 /// mesh's) does.
-const CRD_KINDS: [&str; 4] = [
+const CRD_KINDS: [&str; 5] = [
     "httproutes",
     "grpcroutes",
     "trafficpolicies",
     "authorizationpolicies",
+    "externalhosts",
 ];
 
 /// The service account token the API server wants.

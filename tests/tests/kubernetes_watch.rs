@@ -10,7 +10,7 @@ use std::{
 };
 
 use mesh_agent::{
-    config::{Config, Settings},
+    config::{Config, Settings, egress::OutboundPolicy},
     discovery::{Snapshot, kubernetes::watch::ClusterWatch},
     observability::metrics::Metrics,
 };
@@ -439,5 +439,48 @@ async fn authorization_policies_are_followed_and_a_bad_edit_keeps_the_last_good_
     h.api
         .delete("authorizationpolicies", "shop", "cart-callers");
     h.config_where("the deleted policy is gone", |c| principal(c).is_none())
+        .await;
+}
+
+#[tokio::test]
+async fn external_hosts_and_the_outbound_policy_are_followed() {
+    let mut h = start(0).await;
+    h.config_where("the fixtures are listed", |c| services(c).contains(&"cart"))
+        .await;
+    h.api.apply(
+        "externalhosts",
+        json!({
+            "apiVersion": "mesh.dev/v1alpha1",
+            "kind": "ExternalHost",
+            "metadata": {"name": "courier", "namespace": "shop", "uid": "e1"},
+            "spec": {
+                "names": ["api.courier.example"],
+                "ports": [{"port": 80, "protocol": "HTTP", "tls": "Originate"}]
+            }
+        }),
+    );
+    h.api.apply(
+        "namespaces",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {
+                "name": "mesh-system",
+                "uid": "ns-mesh",
+                "labels": {"mesh.dev/outbound-policy": "registry-only"}
+            }
+        }),
+    );
+    let declared = h
+        .config_where("the host and the policy are in force", |c| {
+            !c.egress.hosts.is_empty() && c.egress.outbound_policy == OutboundPolicy::RegistryOnly
+        })
+        .await;
+    let host = &declared.egress.hosts[0];
+    assert_eq!(host.names[0].as_str(), "api.courier.example");
+    assert_eq!(host.ports[0].target_port(), 443);
+    declared.check().unwrap();
+    h.api.delete("externalhosts", "shop", "courier");
+    h.config_where("the deleted host is gone", |c| c.egress.hosts.is_empty())
         .await;
 }

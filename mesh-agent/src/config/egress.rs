@@ -11,7 +11,7 @@ use std::{
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{ParsedStr, Seg};
+use super::{ParsedStr, Seg, display_path};
 
 /// The mesh's egress: declared external hosts and what happens to other destinations.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -201,6 +201,12 @@ pub fn pem_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, Strin
         return Err("no PEM certificate in it".into());
     }
     Ok(certs)
+}
+
+/// The checks of [`validate`], for egress built another way: the first failure as
+/// `path: reason`, the path below `egress`.
+pub fn check(egress: &Egress) -> Result<(), String> {
+    validate(egress).map_err(|(path, reason)| format!("{}: {reason}", display_path(&path)))
 }
 
 /// The checks beyond the shape; a failure names its path below `egress`.

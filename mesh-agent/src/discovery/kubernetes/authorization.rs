@@ -4,17 +4,14 @@
 //! is reported with the object and field; its last good version stays in force (a policy
 //! never seen good is left out), so a bad edit neither opens nor closes anything.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, PoisonError},
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::policy::TargetRef;
+use super::{last_good::LastGood, policy::TargetRef};
 use crate::{
     config::{
         Name,
@@ -126,51 +123,16 @@ impl k8s_openapi::Resource for AuthorizationPolicy {
     type Scope = k8s_openapi::NamespaceResourceScope;
 }
 
-/// The last good version of each policy (by namespace and name), across builds.
-#[derive(Debug, Clone, Default)]
-pub struct LastGood(Arc<Mutex<HashMap<(String, String), Policy>>>);
-
 /// The mesh's authorization from the cluster: the policies (each object's current version
 /// if good, else its last good one), strict namespaces and the mesh-wide default from the
 /// namespaces' labels. What is wrong is added to `refused`, object and field named.
 pub fn authorization(
     objects: &[Arc<AuthorizationPolicy>],
     namespaces: &[Arc<Namespace>],
-    last_good: &LastGood,
+    last_good: &LastGood<Policy>,
     refused: &mut Vec<String>,
 ) -> Authorization {
-    let mut last_good = last_good.0.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut present = Vec::new();
-    let mut policies = Vec::new();
-    for object in objects {
-        let (Some(namespace), Some(name)) = (
-            object.metadata.namespace.as_deref(),
-            object.metadata.name.as_deref(),
-        ) else {
-            continue;
-        };
-        let key = (namespace.to_owned(), name.to_owned());
-        match policy(namespace, name, &object.spec) {
-            Ok(good) => {
-                last_good.insert(key.clone(), good.clone());
-                policies.push(good);
-            }
-            Err(why) => {
-                let kept = last_good.get(&key).cloned();
-                let what = if kept.is_some() {
-                    "its last good version stays"
-                } else {
-                    "left out"
-                };
-                refused.push(format!(
-                    "AuthorizationPolicy {namespace}/{name}: {why} ({what})"
-                ));
-                policies.extend(kept);
-            }
-        }
-        present.push(key);
-    }
-    last_good.retain(|key, _| present.contains(key));
+    let mut policies = last_good.convert(objects, |ns, name, o| policy(ns, name, &o.spec), refused);
     policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     let labelled = |ns: &Namespace, label: &str| {

@@ -24,8 +24,10 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    authorization::{AuthorizationPolicy, LastGood, authorization},
+    authorization::{AuthorizationPolicy, authorization},
+    egress::{ExternalHost, egress},
     gateway::{AnyRoute, GRPCRoute, HTTPRoute, routes_of},
+    last_good::LastGood,
     policy::{TrafficPolicy, attach_policies},
 };
 use crate::{
@@ -57,7 +59,15 @@ pub struct Cluster {
     pub traffic_policies: Vec<Arc<TrafficPolicy>>,
     pub authorization_policies: Vec<Arc<AuthorizationPolicy>>,
     /// The authorization policies last seen good, kept from build to build.
-    pub last_good: LastGood,
+    pub external_hosts: Vec<Arc<ExternalHost>>,
+    pub last_good: LastGoods,
+}
+
+/// The last good version of each of the mesh's own objects, by kind.
+#[derive(Debug, Clone, Default)]
+pub struct LastGoods {
+    pub authorization: LastGood<crate::config::authorization::AuthorizationPolicy>,
+    pub egress: LastGood<crate::config::egress::ExternalHost>,
 }
 
 /// What the cluster's objects make for one node: the config, and what was left out and why.
@@ -120,7 +130,13 @@ impl Cluster {
         let authorization = authorization(
             &self.authorization_policies,
             &self.namespaces,
-            &self.last_good,
+            &self.last_good.authorization,
+            &mut refused,
+        );
+        let egress = egress(
+            &self.external_hosts,
+            &self.namespaces,
+            &self.last_good.egress,
             &mut refused,
         );
         Some(Discovered {
@@ -132,7 +148,7 @@ impl Cluster {
                 unmeshed_pods,
                 services,
                 authorization,
-                egress: Default::default(),
+                egress,
             },
             skipped,
             refused,
@@ -591,7 +607,8 @@ pub(crate) mod tests {
             grpc_routes: Vec::new(),
             traffic_policies: Vec::new(),
             authorization_policies: fixture("authorizationpolicies.yaml"),
-            last_good: LastGood::default(),
+            external_hosts: fixture("externalhosts.yaml"),
+            last_good: LastGoods::default(),
         }
     }
 

@@ -27,10 +27,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::{
-    authorization::{AuthorizationPolicy, LastGood},
+    authorization::AuthorizationPolicy,
     cgroups::pod_cgroup,
+    egress::ExternalHost,
     gateway::{GRPCRoute, HTTPRoute},
-    model::Cluster,
+    model::{Cluster, LastGoods},
     policy::TrafficPolicy,
 };
 use crate::{
@@ -48,7 +49,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 const CGROUP_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// What the agent reads from the API, as RBAC names it: (API group, resource). It does
 /// [`VERBS`] on each and nothing else (`deploy/rbac.yaml` grants exactly that).
-pub const RESOURCES: [(&str, &str); 9] = [
+pub const RESOURCES: [(&str, &str); 10] = [
     resource::<Namespace>(),
     resource::<Node>(),
     resource::<Pod>(),
@@ -58,6 +59,7 @@ pub const RESOURCES: [(&str, &str); 9] = [
     resource::<GRPCRoute>(),
     resource::<TrafficPolicy>(),
     resource::<AuthorizationPolicy>(),
+    resource::<ExternalHost>(),
 ];
 /// The API verbs of a watch.
 pub const VERBS: [&str; 2] = ["list", "watch"];
@@ -106,7 +108,9 @@ impl ClusterWatch {
             watched::<TrafficPolicy>(Api::all(client.clone()), Default::default());
         let (authorization_policies, authorization_events) =
             watched::<AuthorizationPolicy>(Api::all(client.clone()), Default::default());
-        let last_good = LastGood::default();
+        let (external_hosts, external_host_events) =
+            watched::<ExternalHost>(Api::all(client.clone()), Default::default());
+        let last_good = LastGoods::default();
         let mut events = futures::stream::select_all([
             namespace_events,
             node_events,
@@ -117,6 +121,7 @@ impl ClusterWatch {
             grpc_route_events,
             policy_events,
             authorization_events,
+            external_host_events,
         ]);
 
         let mut listed = HashSet::new();
@@ -152,6 +157,7 @@ impl ClusterWatch {
                         grpc_routes: grpc_routes.state(),
                         traffic_policies: traffic_policies.state(),
                         authorization_policies: authorization_policies.state(),
+                        external_hosts: external_hosts.state(),
                         last_good: last_good.clone(),
                     };
                     if self.build(&cluster, &configs) {

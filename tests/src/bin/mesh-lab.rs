@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
-use mesh_tests::{Agent, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted, sum};
+use mesh_tests::{
+    Agent, Daemon, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted, sum,
+};
 
 /// The shop: services, their addresses and the pods behind them. `web` on n1 calls them all.
 const SERVICES: [(&str, &str, &[&str]); 3] = [
@@ -63,6 +65,12 @@ const CHECKOUTS_PER_MINUTE: usize = 5;
 const COLLECTOR: &str = "198.18.0.1:4317";
 /// Where n1's agent dials n1's pods from; n2's agent comes from n2's bridge.
 const N1_POD_BRIDGE: &str = "198.18.1.1";
+/// A third party outside the mesh: the courier's API (openssl's TLS server, a CA of its own)
+/// at 198.18.0.201, its name served by dnsmasq at 198.18.0.202. The shop declares it: orders
+/// speaks plain HTTP to it, the agent originates TLS.
+const COURIER: &str = "api.courier.example";
+const COURIER_ADDRESS: &str = "198.18.0.201";
+const DNS_SERVER: &str = "198.18.0.202";
 const CONNECTIONS_PER_SERVICE: usize = 20;
 const BYTES_PER_CONNECTION: u64 = 256 * 1024;
 
@@ -112,6 +120,9 @@ fn shop() -> LabSpec {
     let mut spec = LabSpec::default()
         .node("n1")
         .node("n2")
+        .outside("courier")
+        .outside("dns")
+        .setting(&format!("dns_servers: [\"{DNS_SERVER}:53\"]"))
         .pod("n1", "web", true)
         .setting(&format!(
             "tracing: {{ otlp_endpoint: 'http://{COLLECTOR}', sampling: 1.0 }}"
@@ -149,17 +160,60 @@ fn shop() -> LabSpec {
     .service(http("orders-api", ORDERS_API, &["orders-0"], "[]"))
 }
 
-/// A started shop: the agents of n1 and n2 and the backends' servers.
+/// The shop with the courier declared (its CA `ca_pem`) under the outbound `policy`.
+fn with_courier(ca_pem: &str, policy: &str) -> LabSpec {
+    shop().setting(&format!(
+        "egress: {{ outbound_policy: {policy}, hosts: [{{ names: [{COURIER}], ports: [{{ port: 80, protocol: http, tls: originate }}], ca_certificates: {ca_pem:?} }}] }}"
+    ))
+}
+
+/// A started shop: the agents of n1 and n2, the backends' servers, the courier and the DNS
+/// server outside the mesh, and the courier's CA.
 struct Shop {
     agents: [Agent; 2],
     servers: Vec<Running>,
+    outside: Vec<Daemon>,
+    courier_ca: String,
 }
 
 fn start(lab: &Lab) -> Result<Shop> {
     let spans = lab.scratch_path("spans.jsonl").display().to_string();
     let collector =
         lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
-    let agents = [lab.start_agent("n1", &[])?, lab.start_agent("n2", &[])?];
+    let (pem, courier_ca) = lab.third_party_pem("courier", &[COURIER])?;
+    let hosts = lab.write_file("hosts", &format!("{COURIER_ADDRESS} {COURIER}\n"))?;
+    let pem = pem.display().to_string();
+    let outside = vec![
+        lab.start_outside(
+            "courier",
+            "courier",
+            "openssl",
+            &[
+                "s_server", "-accept", "443", "-cert", &pem, "-key", &pem, "-www",
+            ],
+        )?,
+        lab.start_outside(
+            "dns",
+            "dnsmasq",
+            "dnsmasq",
+            &[
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--user=root",
+                "--pid-file=",
+                &format!("--listen-address={DNS_SERVER}"),
+                "--bind-interfaces",
+                &format!("--addn-hosts={}", hosts.display()),
+            ],
+        )?,
+    ];
+    let spec = with_courier(&courier_ca, "allow_any");
+    let agents = [
+        lab.start_agent_with_config("n1", &lab.agent_config_for(&spec, "n1")?, &[])?,
+        lab.start_agent_with_config("n2", &lab.agent_config_for(&spec, "n2")?, &[])?,
+    ];
     for (agent, node) in agents.iter().zip(["n1", "n2"]) {
         eprintln!(
             "    agent of {node} is up (pid {}): outbound :15001, mTLS tunnel :15008",
@@ -179,11 +233,17 @@ fn start(lab: &Lab) -> Result<Shop> {
         })
         .chain([Ok(collector)])
         .collect::<Result<Vec<_>>>()?;
-    Ok(Shop { agents, servers })
+    Ok(Shop {
+        agents,
+        servers,
+        outside,
+        courier_ca,
+    })
 }
 
 const LAB_TITLE: &str = "lab: nodes n1 and n2 with a CA; web (meshed), cart-0, catalog-0, \
-                         payments-0 on n1; cart-1, orders-0, payments-1 on n2";
+                         payments-0 on n1; cart-1, orders-0, payments-1 on n2; a courier API \
+                         and a DNS server outside the mesh";
 
 fn demo() -> Result<()> {
     catch_interrupt();
@@ -299,6 +359,7 @@ fn demo() -> Result<()> {
     }
     println!();
     http_demo(&lab)?;
+    egress_demo(&lab, &shop)?;
     println!("What the eBPF programs of n1 counted:");
     let delta = |c: Counter| after[c as usize] - before[c as usize];
     let redirected_mib = delta(Counter::BytesRedirected) as f64 / f64::from(1 << 20);
@@ -330,8 +391,14 @@ fn demo() -> Result<()> {
     step(
         "lab: stopping the agents, removing namespaces, cgroups and pins",
         || {
-            let Shop { agents, servers } = shop;
+            let Shop {
+                agents,
+                servers,
+                outside,
+                ..
+            } = shop;
             drop(servers);
+            drop(outside);
             for agent in agents {
                 agent.terminate()?;
                 let status = agent.wait()?;
@@ -558,6 +625,74 @@ fn authorization_demo(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// orders-0 calls the courier's API in plain HTTP: n2's agent opens TLS to it. Then the mesh
+/// turns registry_only and an undeclared address fails in n2's kernel.
+fn egress_demo(lab: &Lab, shop: &Shop) -> Result<()> {
+    let undeclared = format!("http://{DNS_SERVER}:8080/");
+    let title = format!(
+        "egress: orders-0 calls http://{COURIER}/ (declared, TLS originated), then {undeclared} under registry_only"
+    );
+    let (courier, refused) = step(&title, || {
+        let curl = |url: &str, resolve: Option<String>| -> Result<(String, Option<i32>)> {
+            let mut args = vec![
+                "-s",
+                "-o",
+                "/dev/null",
+                "-m",
+                "10",
+                "--connect-timeout",
+                "2",
+                "-w",
+                "%{http_code}",
+            ];
+            if let Some(resolve) = &resolve {
+                args.extend(["--resolve", resolve]);
+            }
+            args.push(url);
+            let out = lab.run_program("orders-0", "curl", &args)?;
+            Ok((out.stdout.trim().to_owned(), out.status.code()))
+        };
+        let resolve = format!("{COURIER}:80:{COURIER_ADDRESS}");
+        let courier = curl(&format!("http://{COURIER}/"), Some(resolve))?;
+        let spec = with_courier(&shop.courier_ca, "registry_only");
+        for (agent, node) in shop.agents.iter().zip(["n1", "n2"]) {
+            let reloads = agent.log().matches("config reloaded").count();
+            std::fs::write(
+                lab.agent_config_path(node),
+                lab.agent_config_for(&spec, node)?,
+            )?;
+            agent.wait_for_log_times("config reloaded", reloads + 1)?;
+        }
+        let refused = curl(&undeclared, None)?;
+        Ok((courier, refused))
+    })?;
+    let metrics = lab.metrics_when("n2", |m| sum(m, "mesh_egress_refused_total") >= 1.0);
+    println!("  the courier's API is declared (names, port 80 http, tls: originate, its CA)");
+    println!(
+        "    orders-0 GET http://{COURIER}/ -> {} (n2's agent resolved it through dnsmasq, opened TLS to {COURIER_ADDRESS}:443 with SNI {COURIER}, checked its certificate)",
+        courier.0
+    );
+    println!(
+        "    n2: mesh_requests_total{{destination_service=\"{COURIER}\",route=\"egress\"}} {}",
+        sum(
+            &metrics,
+            &format!(
+                "mesh_requests_total{{direction=\"outbound\",source_namespace=\"lab\",source_workload=\"orders-0\",source_identity=\"spiffe://lab.mesh/ns/lab/sa/orders-0\",destination_service=\"{COURIER}\",route=\"egress\""
+            )
+        )
+    );
+    println!(
+        "    registry_only: orders-0 -> {undeclared} -> curl exit {} (EPERM from n2's kernel); mesh_egress_refused_total {}",
+        refused.1.map_or("?".to_owned(), |c| c.to_string()),
+        sum(
+            &metrics,
+            "mesh_egress_refused_total{source_namespace=\"lab\",source_workload=\"orders-0\""
+        )
+    );
+    println!();
+    Ok(())
+}
+
 /// One request from web to cart-api's v2 on n2, carrying web's trace context: the spans the
 /// collector got for it, as a tree.
 fn trace_demo(lab: &Lab) -> Result<()> {
@@ -693,10 +828,16 @@ fn up() -> Result<()> {
     }
     let lab = step(LAB_TITLE, || {
         let lab = Lab::new_kept(shop())?;
-        let Shop { agents, servers } = start(&lab)?;
+        let Shop {
+            agents,
+            servers,
+            outside,
+            ..
+        } = start(&lab)?;
         // They go on running after this process exits; `down` removes them.
         std::mem::forget(agents);
         std::mem::forget(servers);
+        std::mem::forget(outside);
         Ok(lab)
     })?;
     let web_cgroup = lab.cgroup_root().join("n1").join("web");

@@ -1249,6 +1249,18 @@ services:
                 VALID.replace("[198.19.0.10]", "[198.19.0.300]"),
                 "node.yaml:16:17: services[0].addresses[0]: invalid IP address syntax",
             ),
+            (
+                format!(
+                    "{VALID}egress: {{ hosts: [{{ names: [api.courier.example], ports: [{{ port: 443, tls: originate }}] }}] }}\n"
+                ),
+                "node.yaml:19:72: egress.hosts[0].ports[0].tls: the agent originates TLS for HTTP only",
+            ),
+            (
+                format!(
+                    "{VALID}egress: {{ hosts: [{{ names: [Api.example], ports: [{{ port: 443 }}] }}] }}\n"
+                ),
+                "node.yaml:19:29: egress.hosts[0].names[0]: \"Api.example\" is not a lowercase DNS name",
+            ),
         ];
         for (text, expected) in cases {
             let e = parse(&text).unwrap_err();

@@ -108,13 +108,13 @@ pub fn egress(
     // One by one: an object that clashes with those before it is left out.
     for host in named {
         egress.hosts.push(host);
-        if let Err(why) = egress::check(&egress) {
-            if let Some(host) = egress.hosts.pop() {
-                refused.push(format!(
-                    "ExternalHost declaring {}: {why} (left out)",
-                    host.names[0]
-                ));
-            }
+        if let Err(why) = egress::check(&egress)
+            && let Some(host) = egress.hosts.pop()
+        {
+            refused.push(format!(
+                "ExternalHost declaring {}: {why} (left out)",
+                host.names[0]
+            ));
         }
     }
     egress

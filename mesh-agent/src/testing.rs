@@ -247,6 +247,16 @@ impl Mesh {
         self
     }
 
+    /// Labels the node `name_` (this one or a peer) with `key: value`.
+    pub fn node_label(mut self, name_: &str, key: &str, value: &str) -> Self {
+        let node = std::iter::once(&mut self.0.node)
+            .chain(&mut self.0.peers)
+            .find(|n| n.name.as_str() == name_)
+            .unwrap_or_else(|| panic!("no node {name_}"));
+        node.labels.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
     /// The mesh's egress (YAML, as under `egress:` in a config file).
     pub fn egress(mut self, yaml: &str) -> Self {
         self.0.egress = serde_yaml::from_str(yaml).unwrap();

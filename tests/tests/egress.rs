@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use mesh_tests::{Daemon, Lab, LabSpec, frames, sum};
 
 const HOST: &str = "api.courier.example";
+/// Declared to leave only from egress nodes (n2).
+const PIM: &str = "pim.example";
 
 /// n1 with the orders pod, n2 (for captures between nodes), and outside the mesh two
 /// couriers (198.18.0.201 and .202), a DNS server (.203) and a host nobody declares (.204).
@@ -23,14 +25,16 @@ fn lab_spec() -> LabSpec {
         .outside("courier-b")
         .outside("dns")
         .outside("elsewhere")
+        .node_labels("n2", "{ mesh.dev/egress: 'true' }")
         .setting("dns_servers: [\"198.18.0.203:53\"]")
 }
 
 /// The lab with the courier declared (HTTP with TLS originated on 80, TLS passed through on
-/// 443, its CA `ca_pem`) under the outbound `policy`.
+/// 443, its CA `ca_pem`), and the PIM at the same address leaving only from n2, under the
+/// outbound `policy`.
 fn with_egress(policy: &str, ca_pem: &str) -> LabSpec {
     let egress = format!(
-        "egress: {{ outbound_policy: {policy}, hosts: [{{ names: [{HOST}], ports: [{{ port: 80, protocol: http, tls: originate }}, {{ port: 443, tls: passthrough }}], ca_certificates: {ca_pem:?} }}] }}"
+        "egress: {{ outbound_policy: {policy}, hosts: [{{ names: [{HOST}], ports: [{{ port: 80, protocol: http, tls: originate }}, {{ port: 443, tls: passthrough }}], ca_certificates: {ca_pem:?} }}, {{ names: [{PIM}], ports: [{{ port: 80, protocol: http, tls: originate }}], ca_certificates: {ca_pem:?}, egress_nodes: {{ mesh.dev/egress: 'true' }} }}] }}"
     );
     lab_spec().setting(&egress)
 }
@@ -86,11 +90,11 @@ fn change(lab: &Lab, agent: &mesh_tests::Agent, spec: &LabSpec, reloads: usize) 
 #[test]
 fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
     let lab = Lab::new(lab_spec()).unwrap();
-    let (pem, ca) = lab.third_party_pem("courier", &[HOST]).unwrap();
-    let config = lab
-        .agent_config_for(&with_egress("registry_only", &ca), "n1")
-        .unwrap();
-    std::fs::write(lab.scratch_path("hosts"), format!("198.18.0.201 {HOST}\n")).unwrap();
+    let (pem, ca) = lab.third_party_pem("courier", &[HOST, PIM]).unwrap();
+    let registry_only = with_egress("registry_only", &ca);
+    let config = |node| lab.agent_config_for(&registry_only, node).unwrap();
+    let names = |courier: &str| format!("{courier} {HOST}\n198.18.0.201 {PIM}\n");
+    std::fs::write(lab.scratch_path("hosts"), names("198.18.0.201")).unwrap();
     let hosts = lab.scratch_path("hosts");
     let dns_args = [
         "--no-daemon",
@@ -129,8 +133,12 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
             ],
         )
         .unwrap();
-    let n1 = lab.start_agent_with_config("n1", &config, &[]).unwrap();
-    let _n2 = lab.start_agent("n2", &[]).unwrap();
+    let n1 = lab
+        .start_agent_with_config("n1", &config("n1"), &[])
+        .unwrap();
+    let _n2 = lab
+        .start_agent_with_config("n2", &config("n2"), &[])
+        .unwrap();
     n1.wait_for_log("external host resolved").unwrap();
 
     // Plain HTTP from the pod leaves the node as TLS to the host, named by SNI.
@@ -161,10 +169,21 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
         ],
     );
     assert_eq!(status, "200", "{body}");
+    // The PIM leaves from the egress node n2 only: n1's agent sends it there.
+    let (body, status, _) = curl(
+        &lab,
+        "orders",
+        &[
+            "--resolve",
+            &format!("{PIM}:80:198.18.0.201"),
+            &format!("http://{PIM}/"),
+        ],
+    );
+    assert_eq!(status, "200", "{body}");
     let file = lab.stop_capture(capture).unwrap();
     let hellos = frames(
         &file,
-        "tls.handshake.type == 1",
+        "tls.handshake.type == 1 && tcp.dstport == 443",
         &[
             "ip.src",
             "ip.dst",
@@ -178,8 +197,9 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
         [
             format!("198.18.0.1\t198.18.0.201\t443\t{HOST}"),
             format!("198.18.0.1\t198.18.0.201\t443\t{HOST}"),
+            format!("198.18.0.2\t198.18.0.201\t443\t{PIM}"),
         ],
-        "one ClientHello from the agent, one from the pod's curl, both from the node"
+        "the agent's ClientHello and the pod's curl's, from n1; the PIM's from n2, the egress node"
     );
     let plain = frames(
         &file,
@@ -210,7 +230,7 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
     assert!(n1.log().contains("workload=lab/orders"), "{}", n1.log());
 
     // The host moves: the agent follows its DNS record, the old address is refused.
-    std::fs::write(&hosts, format!("198.18.0.202 {HOST}\n")).unwrap();
+    std::fs::write(&hosts, names("198.18.0.202")).unwrap();
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     unsafe { libc::kill(dns.pid() as i32, libc::SIGHUP) };
     let started = Instant::now();
@@ -233,13 +253,16 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
         ],
     );
     assert_eq!(status, "200", "{body}");
+    // At 443, which only the courier declares, its old address is no longer captured.
     let (_, status, _) = curl(
         &lab,
         "orders",
         &[
+            "--cacert",
+            cacert,
             "--resolve",
-            &resolve(80, "198.18.0.201"),
-            &format!("http://{HOST}/"),
+            &resolve(443, "198.18.0.201"),
+            &format!("https://{HOST}/"),
         ],
     );
     assert_eq!(

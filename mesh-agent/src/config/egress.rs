@@ -79,6 +79,11 @@ pub struct ExternalHost {
     /// system's roots if not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificates: Option<String>,
+    /// The labels of the nodes its traffic leaves from (egress nodes, whose addresses a
+    /// firewall can allow): other nodes' agents send it to theirs through the tunnel. None:
+    /// from every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_nodes: BTreeMap<String, String>,
 }
 
 /// A port of an external host and what crosses it.

@@ -14,7 +14,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{maps::socket_addr, take_map};
-use crate::{observability::metrics::Metrics, state::routes::Routes, warn_sampled};
+use crate::{
+    observability::metrics::Metrics,
+    state::routes::{LocalWorkload, Routes},
+    warn_sampled,
+};
 
 /// How often the refusals are read.
 const POLL: Duration = Duration::from_secs(2);
@@ -66,7 +70,8 @@ impl RefusedConnects {
                     continue;
                 }
                 let workload = routes.workload_of_cgroup(cgroup);
-                metrics.egress_refused_by(workload.map(|w| &**w), destination, new);
+                let source = LocalWorkload::label_values(workload.map(|w| &**w));
+                metrics.egress_refused(&source, destination, new);
                 let name = workload.map_or_else(
                     || format!("cgroup {cgroup}"),
                     |w| format!("{}/{}", w.namespace, w.name),

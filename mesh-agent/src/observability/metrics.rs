@@ -28,7 +28,6 @@ use crate::{
     config::{Config, Name},
     datapath::counters::Counters,
     proxy::{authorization::Decision, breaker::Tripped, http::egress::EGRESS_ROUTE},
-    state::routes::LocalWorkload,
 };
 
 /// Who talked to whom over one proxied connection.
@@ -423,15 +422,10 @@ impl Metrics {
         self.connections_opened.get_or_create(labels).inc();
     }
 
-    /// Counts `count` connects or requests of `source` to `destination` refused by the
-    /// outbound policy.
-    pub fn egress_refused_by(
-        &self,
-        source: Option<&LocalWorkload>,
-        destination: SocketAddr,
-        count: u64,
-    ) {
-        let [source_namespace, source_workload, _] = LocalWorkload::label_values(source);
+    /// Counts `count` connects or requests to `destination` refused by the outbound policy,
+    /// of `source` (its namespace, workload and identity as label values).
+    pub fn egress_refused(&self, source: &[String; 3], destination: SocketAddr, count: u64) {
+        let [source_namespace, source_workload, _] = source.clone();
         let mut labels = EgressRefusedLabels {
             source_namespace,
             source_workload,
@@ -451,11 +445,6 @@ impl Metrics {
             }
         }
         self.egress_refused.get_or_create(&labels).inc_by(count);
-    }
-
-    /// Counts one request of `source` to `destination` refused by the outbound policy.
-    pub fn egress_refused(&self, source: Option<&LocalWorkload>, destination: SocketAddr) {
-        self.egress_refused_by(source, destination, 1);
     }
 
     /// Counts a connection, tunnel stream or handshake refused, by `reason` (its metric label).

@@ -28,7 +28,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info_span};
 
 use crate::{
-    config::Protocol,
+    config::{Protocol, egress::ExternalProtocol},
     identity::{SpiffeId, tls},
     observability::{
         access::{Direction, Metered, Record},
@@ -38,6 +38,7 @@ use crate::{
         authorization::{self, Call, DENIED_BY},
         copy,
         dial::{DialError, LocalDialer},
+        egress::{self, Egress},
         http::serving::{HttpServing, Parties},
         limit::{Limit, Permit, Rate, RatePerSource},
         liveness::{Liveness, SilenceLimit},
@@ -47,7 +48,11 @@ use crate::{
         refusal::{Cap, Refusal},
         tunnel,
     },
-    state::{http::Upstream, routes::Routes},
+    state::{
+        egress::{Exit, External},
+        http::Upstream,
+        routes::Routes,
+    },
     system, warn_sampled,
 };
 
@@ -255,6 +260,70 @@ impl Inbound {
         }
     }
 
+    /// The declared external destination `dst`, if its traffic may leave from this node: an
+    /// HTTP port's (each request is checked), or a host's whose egress nodes this node is one
+    /// of (or that names none).
+    fn exit_here(&self, dst: SocketAddr) -> Option<External> {
+        let external = self.routes.borrow().external().at(dst)?;
+        if external.port.protocol == ExternalProtocol::Http {
+            return Some(external);
+        }
+        let target = external.port.declaring(&external.dialled)?;
+        (target.exit == Exit::Here).then_some(external)
+    }
+
+    /// A CONNECT stream from a peer's agent for the external host at `dst`, whose traffic
+    /// leaves the mesh from this node: carried out as this node's own.
+    fn egress(
+        &self,
+        request: Request<Incoming>,
+        caller: SpiffeId,
+        record: Record,
+        external: External,
+        dst: SocketAddr,
+    ) -> Response<Empty<Bytes>> {
+        let (policy, hello_wait) = {
+            let routes = self.routes.borrow();
+            let settings = &routes.config().settings;
+            (
+                routes.external().policy,
+                settings.protocol_detection_timeout.0,
+            )
+        };
+        let egress = Egress {
+            metrics: self.metrics.clone(),
+            policy,
+            hello_wait,
+            abort: self.abort.clone(),
+        };
+        let source = [
+            caller.namespace().to_owned(),
+            String::new(),
+            caller.to_string(),
+        ];
+        let host = match external.port.protocol {
+            ExternalProtocol::Http => "",
+            ExternalProtocol::Tcp => external.dialled.as_str(),
+        };
+        let mut labels = egress::labels(source, host, "egress");
+        labels.direction = Direction::Inbound.as_str();
+        let span = info_span!("egress", %caller, %dst);
+        self.tracker.spawn(
+            async move {
+                match hyper::upgrade::on(request).await {
+                    Ok(upgraded) => {
+                        let stream = TokioIo::new(upgraded);
+                        let port = external.port;
+                        egress.leave(stream, port, dst, labels, record, None).await;
+                    }
+                    Err(e) => debug!("the tunnel stream went away before it was used: {e}"),
+                }
+            }
+            .instrument(span),
+        );
+        Response::new(Empty::new())
+    }
+
     /// Counts and logs a peer whose handshake failed; `kind` is the metric's reason label.
     fn refuse(&self, kind: &'static str, reason: impl Display) {
         self.metrics.handshake_failed("inbound", kind);
@@ -290,6 +359,9 @@ impl Inbound {
             destination,
         } = match planned {
             Ok(plan) => plan,
+            Err(Refusal::NotLocalPod(dst)) if let Some(external) = self.exit_here(dst) => {
+                return Ok(self.egress(request, caller, record, external, dst));
+            }
             Err(refusal) => {
                 let code = match refusal {
                     Refusal::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,

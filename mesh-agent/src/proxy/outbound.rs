@@ -136,7 +136,7 @@ impl Outbound {
                 abort: self.abort.clone(),
             };
             return egress
-                .carry(client, external, caller.workload, caller.dst, record)
+                .carry(self.tunnels.clone(), client, external, caller, record)
                 .await;
         }
         if let Route::Service(port) = &route
@@ -459,12 +459,12 @@ impl Outbound {
 }
 
 /// The local workload behind a captured connection, and where it was going.
-struct Caller {
-    addr: SocketAddr,
+pub struct Caller {
+    pub addr: SocketAddr,
     /// The workload of this node with the address, if any.
-    workload: Option<Arc<LocalWorkload>>,
+    pub workload: Option<Arc<LocalWorkload>>,
     /// The original destination.
-    dst: SocketAddr,
+    pub dst: SocketAddr,
 }
 
 /// What is dialled: an endpoint the state names, or an address the caller chose.

@@ -56,6 +56,8 @@ pub enum Refusal {
         if asked.is_empty() { "a TLS client naming no server" } else { asked }
     )]
     UndeclaredHost { asked: String, dst: SocketAddr },
+    #[error("no node has the labels of {host}'s egress nodes")]
+    NoEgressNode { host: String },
     #[error("the agent serving {target} denied it: {policy}")]
     DeniedThere {
         target: SocketAddr,
@@ -108,6 +110,7 @@ impl Refusal {
             Refusal::Denied { .. } | Refusal::DeniedThere { .. } => "denied",
             Refusal::Pinned { .. } => "pinned",
             Refusal::UndeclaredHost { .. } => "undeclared_host",
+            Refusal::NoEgressNode { .. } => "no_egress_node",
             Refusal::Over(cap) => match cap {
                 Cap::TunnelConnections => "tunnel_connections",
                 Cap::TunnelConnectionsPerPeer => "tunnel_connections_per_peer",

@@ -1,9 +1,9 @@
 //! Where a captured connection to an external host goes: the declared hosts by address and
-//! port (their names resolved) and by port (wildcard names), with what crosses each port and
-//! the TLS the agent originates to each host.
+//! port (their names resolved) and by port (wildcard names), with what crosses each port,
+//! the TLS the agent originates to each host, and the node its traffic leaves from.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, OnceLock},
 };
@@ -11,8 +11,14 @@ use std::{
 use rustls::{ClientConfig, RootCertStore};
 use tracing::warn;
 
-use crate::config::egress::{
-    Egress, ExternalHost, ExternalProtocol, HostName, OutboundPolicy, TlsMode, pem_certificates,
+use crate::{
+    config::{
+        Config, Node,
+        egress::{
+            ExternalHost, ExternalProtocol, HostName, OutboundPolicy, TlsMode, pem_certificates,
+        },
+    },
+    state::routes::TUNNEL_PORT,
 };
 
 /// The declared external hosts as the data path looks them up.
@@ -38,10 +44,50 @@ pub struct ExternalPort {
 #[derive(Debug)]
 pub struct ExternalTarget {
     pub names: Vec<HostName>,
+    /// Where its traffic leaves the mesh from.
+    pub exit: Exit,
     /// Where the agent connects (the TLS port when it originates TLS).
     pub target_port: u16,
     /// The TLS the agent originates to it, if it does.
     pub tls: Option<Arc<ClientConfig>>,
+}
+
+/// Which node a host's traffic leaves from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// This one.
+    Here,
+    /// One of these egress nodes, through the agent at its tunnel address.
+    Via(Vec<(Arc<str>, SocketAddr)>),
+    /// None: no node has the labels its egress nodes must have.
+    Nowhere,
+}
+
+impl Exit {
+    /// The exit of a host whose egress nodes have `labels` (none: every node), from `this`
+    /// node of `config`.
+    fn of(labels: &BTreeMap<String, String>, config: &Config) -> Self {
+        if labels.is_empty() {
+            return Exit::Here;
+        }
+        let matches = |node: &Node| labels.iter().all(|(k, v)| node.labels.get(k) == Some(v));
+        if matches(&config.node) {
+            return Exit::Here;
+        }
+        let via: Vec<(Arc<str>, SocketAddr)> = config
+            .peers
+            .iter()
+            .filter(|peer| matches(peer))
+            .map(|peer| {
+                let agent = SocketAddr::new(peer.addresses[0], TUNNEL_PORT);
+                (peer.name.as_str().into(), agent)
+            })
+            .collect();
+        match via.is_empty() {
+            true => Exit::Nowhere,
+            false => Exit::Via(via),
+        }
+    }
 }
 
 /// An external destination a connection was captured for.
@@ -53,10 +99,13 @@ pub struct External {
 }
 
 impl ExternalHosts {
-    pub fn new(egress: &Egress) -> Self {
+    /// The external hosts `config` declares, as its node reaches them.
+    pub fn new(config: &Config) -> Self {
+        let egress = &config.egress;
         let mut ports: HashMap<u16, ExternalPort> = HashMap::new();
         for host in &egress.hosts {
             let tls = originates(host).then(|| origination_config(host)).flatten();
+            let exit = Exit::of(&host.egress_nodes, config);
             for p in &host.ports {
                 let port = ports.entry(p.port).or_insert_with(|| ExternalPort {
                     port: p.port,
@@ -66,6 +115,7 @@ impl ExternalHosts {
                 });
                 port.hosts.push(ExternalTarget {
                     names: host.names.clone(),
+                    exit: exit.clone(),
                     target_port: p.target_port(),
                     tls: tls.clone().filter(|_| p.tls == TlsMode::Originate),
                 });
@@ -108,6 +158,11 @@ impl ExternalHosts {
 }
 
 impl ExternalPort {
+    /// The host declared by the name (or wildcard) `declared` at this port.
+    pub fn declaring(&self, declared: &HostName) -> Option<&ExternalTarget> {
+        self.hosts.iter().find(|h| h.names.contains(declared))
+    }
+
     /// The declared host named `name` (an SNI, or a Host without its port) at this port.
     pub fn host(&self, name: &str) -> Option<(&ExternalTarget, &HostName)> {
         self.hosts

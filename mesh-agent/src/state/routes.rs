@@ -378,7 +378,7 @@ impl Routes {
                 .collect(),
             workloads,
             by_cgroup,
-            external: ExternalHosts::new(&config.egress),
+            external: ExternalHosts::new(&config),
             config,
         }
     }

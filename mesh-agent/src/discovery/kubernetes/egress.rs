@@ -5,7 +5,7 @@
 //! good version stays (`last_good`); one that declares a name or a port another object
 //! declared first (by namespace, then name) otherwise is left out.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::CustomResource;
@@ -44,6 +44,11 @@ pub struct ExternalHostSpec {
     /// roots if not given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_certificates: Option<String>,
+    /// The labels of the nodes its traffic leaves from (the agent sees the Nodes'
+    /// `mesh.dev/` and topology labels); other nodes send it there through the mesh's
+    /// tunnel. None: it leaves from every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub egress_nodes: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -165,6 +170,7 @@ fn host(spec: &ExternalHostSpec) -> Result<Host, String> {
         names,
         ports,
         ca_certificates: spec.ca_certificates.clone(),
+        egress_nodes: spec.egress_nodes.clone(),
     };
     let alone = Egress {
         hosts: vec![host],

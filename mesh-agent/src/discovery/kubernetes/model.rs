@@ -42,6 +42,8 @@ use crate::{
 pub const ENROLL_LABEL: &str = "mesh.dev/enrolled";
 /// The EndpointSlice label naming its service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The prefix of the labels of the mesh's own (a Node's `mesh.dev/egress`, say).
+const MESH_LABEL_PREFIX: &str = "mesh.dev/";
 /// The Service annotation pinning it to regions: a comma-separated list
 /// (`mesh.dev/allowed-regions: eu-west-1,eu-central-1`).
 pub const ALLOWED_REGIONS_ANNOTATION: &str = "mesh.dev/allowed-regions";
@@ -528,13 +530,15 @@ fn node(node: &KubeNode) -> Result<Node, String> {
         .iter()
         .filter_map(|c| c.parse().ok())
         .collect();
-    // Only what the mesh reads: its locality.
+    // Only what the mesh reads: its locality, and the mesh's own labels (egress nodes).
     let labels = node
         .metadata
         .labels
         .iter()
         .flatten()
-        .filter(|(k, _)| [REGION_LABEL, ZONE_LABEL].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            [REGION_LABEL, ZONE_LABEL].contains(&k.as_str()) || k.starts_with(MESH_LABEL_PREFIX)
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Ok(Node {

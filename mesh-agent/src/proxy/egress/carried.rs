@@ -203,3 +203,68 @@ hosts:
     );
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_host_with_egress_nodes_leaves_from_them_through_the_tunnel() {
+    let net = Loopback::reserve();
+    let address = outside(&net);
+    let third = ThirdParty::start(address, &["api.courier.test"]).await;
+    let tls_port = third.addr.port();
+    let egress = |selector: &str| {
+        format!(
+            "
+outbound_policy: registry_only
+hosts:
+  - names: [api.courier.test]
+    ports: [{{ port: 80, protocol: http, tls: originate, target_port: {tls_port} }}]
+    egress_nodes: {{ mesh.dev/egress: '{selector}' }}
+    ca_certificates: |
+{}
+",
+            indented(&third.ca_pem, 6)
+        )
+    };
+    // n2 is the egress node; web runs on n1.
+    let node = |k: u8| if k == 1 { "n1" } else { "n2" };
+    let build = |k: u8, selector: &str| {
+        let other = 3 - k;
+        let mut mesh = Mesh::node(node(k), net.node(k), &net.pod_cidr(k))
+            .peer(node(other), net.node(other), &net.pod_cidr(other))
+            .node_label("n2", "mesh.dev/egress", "true")
+            .egress(&egress(selector))
+            .resolved("api.courier.test", address);
+        if k == 1 {
+            mesh = mesh.workload("shop", "web-0", "web", net.pod(1, 9));
+        }
+        mesh.build()
+    };
+    let ca = test_ca();
+    let one = Agent::start(build(1, "true"), ca.clone()).await;
+    let two = Agent::start(build(2, "true"), ca.clone()).await;
+    let mut client = http1_client(&one, net.pod(1, 9), WEB, (address, 80).into()).await;
+    let (status, body) = get(&mut client, "api.courier.test").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::OK, "third-party api.courier.test")
+    );
+    // n1 served the request and sent it through the tunnel; n2 carried it out, TLS included.
+    let requests = |workload: &str| {
+        format!(
+            "mesh_requests_total{{direction=\"outbound\",source_namespace=\"shop\",source_workload=\"{workload}\",source_identity=\"spiffe://cluster.local/ns/shop/sa/web\",destination_service=\"api.courier.test\",route=\"egress\",method=\"GET\",code=\"200\""
+        )
+    };
+    crate::testing::sample_reaches(&one.registry, &requests("web-0"), 1.0).await;
+    crate::testing::sample_reaches(&two.registry, &requests(""), 1.0).await;
+    assert_eq!(*third.server_names.lock().unwrap(), ["api.courier.test"]);
+
+    // No node with the labels: answered 503, nothing leaves.
+    one.routes
+        .send_replace(Arc::new(crate::testing::routes(build(1, "elsewhere"))));
+    let mut client = http1_client(&one, net.pod(1, 9), WEB, (address, 80).into()).await;
+    let (status, body) = get(&mut client, "api.courier.test").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("egress nodes"), "{body}");
+    assert_eq!(third.server_names.lock().unwrap().len(), 1);
+    one.stop().await;
+    two.stop().await;
+}

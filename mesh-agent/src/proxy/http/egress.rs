@@ -4,8 +4,9 @@
 //! and certificate checked against the name). A request for a host nobody declared is
 //! answered 403 under `registry_only` and passed on as it is under `allow_any`.
 //!
-//! Each client connection keeps its own connection per host it calls (requests on one
-//! HTTP/1.1 connection come one after another).
+//! A request for a host whose traffic leaves from egress nodes goes through the tunnel to one
+//! of their agents, which serves it as its own pods'. Each client connection keeps its own
+//! connection per host it calls (requests on one HTTP/1.1 connection come one after another).
 
 use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -35,11 +36,8 @@ use crate::{
         metrics::{Metrics, RouteLabels},
         request::RequestRecord,
     },
-    proxy::{copy::Ended, dial::CONNECT_TIMEOUT},
-    state::{
-        egress::{ExternalPort, ExternalTarget},
-        routes::LocalWorkload,
-    },
+    proxy::{copy::Ended, dial::CONNECT_TIMEOUT, egress::Via},
+    state::egress::{Exit, ExternalPort, ExternalTarget},
 };
 
 /// The route label of requests to external hosts.
@@ -52,7 +50,11 @@ pub struct EgressHttp {
     pub policy: OutboundPolicy,
     /// Where the app connected: the address requests go to.
     pub dst: SocketAddr,
-    pub source: Option<Arc<LocalWorkload>>,
+    /// The caller's namespace, workload and identity, as label values.
+    pub source: [String; 3],
+    /// How requests for hosts that leave from other nodes get there (a pod's own agent);
+    /// none: they are refused (an egress node's agent, serving another node's pod).
+    pub via: Option<Via>,
     upstreams: Mutex<HashMap<String, SendRequest<Body>>>,
 }
 
@@ -62,7 +64,8 @@ impl EgressHttp {
         port: Arc<ExternalPort>,
         policy: OutboundPolicy,
         dst: SocketAddr,
-        source: Option<Arc<LocalWorkload>>,
+        source: [String; 3],
+        via: Option<Via>,
     ) -> Self {
         Self {
             metrics,
@@ -70,6 +73,7 @@ impl EgressHttp {
             policy,
             dst,
             source,
+            via,
             upstreams: Mutex::default(),
         }
     }
@@ -95,8 +99,7 @@ impl EgressHttp {
         let authority = authority(&parts).to_owned();
         let name = host_of(&authority).to_ascii_lowercase();
         let declared = self.port.host(&name);
-        let [source_namespace, source_workload, source_identity] =
-            LocalWorkload::label_values(self.source.as_deref());
+        let [source_namespace, source_workload, source_identity] = self.source.clone();
         let labels = RouteLabels {
             direction: "outbound",
             source_namespace: source_namespace.into(),
@@ -117,8 +120,7 @@ impl EgressHttp {
         let target = match declared {
             Some((target, _)) => Some(target),
             None if self.policy == OutboundPolicy::RegistryOnly => {
-                self.metrics
-                    .egress_refused(self.source.as_deref(), self.dst);
+                self.metrics.egress_refused(&self.source, self.dst, 1);
                 let why = Answer::UndeclaredHost(format!(
                     "{name} is no declared external host (outbound policy registry_only)"
                 ));
@@ -156,7 +158,7 @@ impl EgressHttp {
 
     /// This connection's connection to `name` (a declared `target`, or an undeclared host
     /// reached as dialled), taken out of its place until the request is sent; made if it
-    /// has none that is open.
+    /// has none that is open: to the host, or through the tunnel to its egress node.
     async fn upstream(
         &self,
         name: &str,
@@ -168,6 +170,35 @@ impl EgressHttp {
         {
             return Ok(open);
         }
+        match target.map(|t| &t.exit) {
+            Some(Exit::Nowhere) => Err(Answer::NoEgressNode(format!(
+                "no node has the labels of {name}'s egress nodes"
+            ))),
+            Some(Exit::Via(nodes)) => {
+                let Some(via) = &self.via else {
+                    return Err(Answer::NoEgressNode(format!(
+                        "{name} leaves the mesh from other nodes"
+                    )));
+                };
+                let tunnel = via.open(nodes, self.dst).await.ok_or_else(|| {
+                    Answer::ConnectFailed(format!("no egress node of {name} answered"))
+                })?;
+                // The egress node's agent serves the requests as its own pods'.
+                handshake(TokioIo::new(tunnel))
+                    .await
+                    .map_err(|e| Answer::ConnectFailed(format!("{name}'s egress node: {e}")))
+            }
+            _ => self.connect(name, target).await,
+        }
+    }
+
+    /// A connection from this node to `name` (a declared `target`, or an undeclared host
+    /// reached as dialled), with TLS if the agent originates it.
+    async fn connect(
+        &self,
+        name: &str,
+        target: Option<&ExternalTarget>,
+    ) -> Result<SendRequest<Body>, Answer> {
         let port = target.map_or(self.dst.port(), |t| t.target_port);
         let address = SocketAddr::new(self.dst.ip(), port);
         let failed = |e: &dyn std::fmt::Display| Answer::ConnectFailed(format!("{address}: {e}"));

@@ -138,6 +138,8 @@ pub(super) enum Answer {
     Pinned(String),
     /// For an external host nobody declared, under `registry_only`.
     UndeclaredHost(String),
+    /// For an external host whose egress nodes this agent cannot send it to.
+    NoEgressNode(String),
 }
 
 impl Answer {
@@ -191,6 +193,12 @@ impl Answer {
             Answer::UndeclaredHost(why) => {
                 (StatusCode::FORBIDDEN, 7, "undeclared_host", why.clone())
             }
+            Answer::NoEgressNode(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "no_egress_node",
+                why.clone(),
+            ),
         }
     }
 }

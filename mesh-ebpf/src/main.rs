@@ -34,16 +34,15 @@ use aya_ebpf::{
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sk_msg, sock_ops},
     maps::{
-        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash,
-        lpm_trie::Key,
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, SockHash, lpm_trie::Key,
     },
     programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
     Addr, AgentListener, COUNTER_SLOTS, Captured, Counter, KernelLayout, MAX_CGROUP_DEPTH,
-    REGISTRY_ONLY, SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair, ipv4_mapped,
-    ipv4_unmapped,
+    REGISTRY_ONLY, SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair,
+    ipv4_mapped, ipv4_unmapped,
 };
 
 const AF_INET: u32 = 2;

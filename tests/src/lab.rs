@@ -609,6 +609,21 @@ impl Lab {
         )
     }
 
+    /// An HTTP server in `pod` on 8080 (`mesh-testpod serve`, also echoing on 9) that
+    /// answers with `x-pod: <pod>`.
+    pub fn serve_http(&self, pod: &str) -> Result<Running> {
+        let args = [
+            "serve",
+            "--listen",
+            "[::]:9",
+            "--http",
+            "[::]:8080",
+            "--name",
+            pod,
+        ];
+        self.spawn(pod, &args)
+    }
+
     /// Starts `mesh-testpod args` on `node` itself (host network, outside any pod, in a
     /// cgroup of the node's attached subtree that is not enrolled).
     pub fn spawn_on_node(&self, node: &str, args: &[&str]) -> Result<Running> {
@@ -646,44 +661,6 @@ impl Lab {
         Ok(server)
     }
 
-    /// Like [`Lab::start_on_node`], on the host `name` outside the mesh.
-    pub fn start_outside(
-        &self,
-        name: &str,
-        log: &str,
-        program: &str,
-        args: &[&str],
-    ) -> Result<Daemon> {
-        let placement = Placement {
-            netns: self.netns_name(name),
-            cgroup: self.cgroup_root().join(format!("outside-{name}")),
-        };
-        self.start_placed(placement, log, program, args)
-    }
-
-    /// Starts `mesh-testpod args` on the host `name` outside the mesh and waits until it
-    /// prints `ready`.
-    pub fn spawn_outside(&self, name: &str, args: &[&str]) -> Result<Running> {
-        let placement = Placement {
-            netns: self.netns_name(name),
-            cgroup: self.cgroup_root().join(format!("outside-{name}")),
-        };
-        spawn_ready(
-            testpod(args),
-            placement,
-            &self.dir.join(format!("outside-{name}.log")),
-        )
-    }
-
-    /// The IPv4 address of the host `name` outside the mesh.
-    pub fn outside_addr(&self, name: &str) -> Result<Ipv4Addr> {
-        let i = self
-            .spec
-            .outside_index(name)
-            .with_context(|| format!("no outside host {name} in the lab"))?;
-        Ok(topology::outside_addrs(i).0)
-    }
-
     /// Like [`Lab::start_on_node`], in `pod`.
     pub fn start_in_pod(
         &self,
@@ -695,7 +672,7 @@ impl Lab {
         self.start_placed(self.pod_placement(pod)?, name, program, args)
     }
 
-    fn start_placed(
+    pub(crate) fn start_placed(
         &self,
         placement: Placement,
         name: &str,
@@ -1057,7 +1034,7 @@ fn shown(cmd: &Command) -> String {
         .join(" ")
 }
 
-fn testpod(args: &[&str]) -> Command {
+pub(crate) fn testpod(args: &[&str]) -> Command {
     let mut cmd = Command::new(testpod_binary());
     cmd.args(args);
     cmd
@@ -1076,7 +1053,7 @@ fn testpod_binary() -> PathBuf {
 }
 
 /// Starts `cmd` at `placement`, its error output appended to `log`, and waits for `ready`.
-fn spawn_ready(mut cmd: Command, placement: Placement, log: &Path) -> Result<Running> {
+pub(crate) fn spawn_ready(mut cmd: Command, placement: Placement, log: &Path) -> Result<Running> {
     placement.apply(&mut cmd)?;
     let errors = std::fs::OpenOptions::new()
         .create(true)

@@ -10,6 +10,7 @@ mod interrupt;
 mod lab;
 mod metrics;
 mod netns;
+mod outside;
 mod process;
 mod prometheus;
 mod topology;

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_tests::{Daemon, Lab, LabSpec, frames, sum};
+use mesh_tests::{Lab, LabSpec, frames, sum};
 
 const HOST: &str = "api.courier.example";
 /// Declared to leave only from egress nodes (n2).
@@ -66,18 +66,6 @@ fn resolve(port: u16, address: &str) -> String {
     format!("{HOST}:{port}:{address}")
 }
 
-/// The third party's TLS server (openssl's `-www`: a status page) on 443 of `host`.
-fn courier(lab: &Lab, host: &str, pem: &std::path::Path) -> Daemon {
-    let pem = pem.to_str().unwrap();
-    let args = [
-        "s_server", "-accept", "443", "-cert", pem, "-key", pem, "-www",
-    ];
-    let server = lab.start_outside(host, host, "openssl", &args).unwrap();
-    let log = lab.scratch_path(&format!("{host}.log"));
-    lab.wait_for_lines(&log, |lines| lines.iter().any(|l| l.contains("ACCEPT")));
-    server
-}
-
 /// Rewrites n1's config as `spec` and waits for its `reloads`-th reload.
 fn change(lab: &Lab, agent: &mesh_tests::Agent, spec: &LabSpec, reloads: usize) {
     let text = lab.agent_config_for(spec, "n1").unwrap();
@@ -96,28 +84,10 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
     let names = |courier: &str| format!("{courier} {HOST}\n198.18.0.201 {PIM}\n");
     std::fs::write(lab.scratch_path("hosts"), names("198.18.0.201")).unwrap();
     let hosts = lab.scratch_path("hosts");
-    let dns_args = [
-        "--no-daemon",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--user=root",
-        "--pid-file=",
-        "--listen-address=198.18.0.203",
-        "--bind-interfaces",
-        "--local-ttl=1",
-        "--log-queries",
-        "--log-facility=-",
-    ];
-    let addn_hosts = format!("--addn-hosts={}", hosts.display());
-    let mut dns_args = dns_args.to_vec();
-    dns_args.push(&addn_hosts);
-    let dns = lab
-        .start_outside("dns", "dnsmasq", "dnsmasq", &dns_args)
-        .unwrap();
+    let dns = lab.start_dns_server("dns", &hosts).unwrap();
     let _couriers = [
-        courier(&lab, "courier", &pem),
-        courier(&lab, "courier-b", &pem),
+        lab.start_tls_server("courier", &pem).unwrap(),
+        lab.start_tls_server("courier-b", &pem).unwrap(),
     ];
     let _elsewhere = lab
         .spawn_outside(

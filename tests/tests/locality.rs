@@ -39,20 +39,6 @@ fn spec() -> LabSpec {
         )
 }
 
-/// An HTTP server in `pod` answering with its name.
-fn serve(lab: &Lab, pod: &str) -> Running {
-    let args = [
-        "serve",
-        "--listen",
-        "[::]:9",
-        "--http",
-        "[::]:8080",
-        "--name",
-        pod,
-    ];
-    lab.spawn(pod, &args).unwrap()
-}
-
 /// Which pod answered `curl http://vip/` from the client, or `-` if none did.
 fn answered_by(lab: &Lab, vip: &str) -> String {
     let url = format!("http://{vip}/");
@@ -89,11 +75,11 @@ fn calls_stay_in_the_zone_then_the_region_and_pinned_ones_never_leave_it() {
         .collect();
     let mut catalog: Vec<Running> = ["catalog-1", "catalog-2", "catalog-3"]
         .iter()
-        .map(|p| serve(&lab, p))
+        .map(|p| lab.serve_http(p).unwrap())
         .collect();
     let mut payments: Vec<Running> = ["payments-2", "payments-3"]
         .iter()
-        .map(|p| serve(&lab, p))
+        .map(|p| lab.serve_http(p).unwrap())
         .collect();
     let capture = lab.capture("locality").unwrap();
 

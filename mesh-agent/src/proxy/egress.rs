@@ -33,7 +33,7 @@ use crate::{
     },
     state::{
         egress::{Exit, External, ExternalPort},
-        routes::LocalWorkload,
+        routes::{LocalWorkload, Routes},
     },
     system, warn_sampled,
 };
@@ -89,6 +89,16 @@ impl Via {
 }
 
 impl Egress {
+    /// What the agent carries egress with under `routes` (its outbound policy and settings).
+    pub fn new(routes: &Routes, metrics: Arc<Metrics>, abort: CancellationToken) -> Self {
+        Self {
+            metrics,
+            policy: routes.external().policy,
+            hello_wait: routes.config().settings.protocol_detection_timeout.0,
+            abort,
+        }
+    }
+
     /// Carries `client`'s connection, captured from `caller` for `external`: out of this
     /// node, or through `tunnels` to the host's egress node (for HTTP, request by request).
     pub async fn carry(

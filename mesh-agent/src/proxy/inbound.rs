@@ -282,20 +282,11 @@ impl Inbound {
         external: External,
         dst: SocketAddr,
     ) -> Response<Empty<Bytes>> {
-        let (policy, hello_wait) = {
-            let routes = self.routes.borrow();
-            let settings = &routes.config().settings;
-            (
-                routes.external().policy,
-                settings.protocol_detection_timeout.0,
-            )
-        };
-        let egress = Egress {
-            metrics: self.metrics.clone(),
-            policy,
-            hello_wait,
-            abort: self.abort.clone(),
-        };
+        let egress = Egress::new(
+            &self.routes.borrow(),
+            self.metrics.clone(),
+            self.abort.clone(),
+        );
         let source = [
             caller.namespace().to_owned(),
             String::new(),

@@ -121,20 +121,11 @@ impl Outbound {
 
     async fn forward(self, client: TcpStream, route: Route, caller: Caller, mut record: Record) {
         if let Route::External(external) = route {
-            let (policy, hello_wait) = {
-                let routes = self.routes.borrow();
-                let settings = &routes.config().settings;
-                (
-                    routes.external().policy,
-                    settings.protocol_detection_timeout.0,
-                )
-            };
-            let egress = Egress {
-                metrics: self.metrics.clone(),
-                policy,
-                hello_wait,
-                abort: self.abort.clone(),
-            };
+            let egress = Egress::new(
+                &self.routes.borrow(),
+                self.metrics.clone(),
+                self.abort.clone(),
+            );
             return egress
                 .carry(self.tunnels.clone(), client, external, caller, record)
                 .await;

@@ -182,32 +182,9 @@ fn start(lab: &Lab) -> Result<Shop> {
         lab.spawn_on_node("n1", &["collect", "--listen", COLLECTOR, "--out", &spans])?;
     let (pem, courier_ca) = lab.third_party_pem("courier", &[COURIER])?;
     let hosts = lab.write_file("hosts", &format!("{COURIER_ADDRESS} {COURIER}\n"))?;
-    let pem = pem.display().to_string();
     let outside = vec![
-        lab.start_outside(
-            "courier",
-            "courier",
-            "openssl",
-            &[
-                "s_server", "-accept", "443", "-cert", &pem, "-key", &pem, "-www",
-            ],
-        )?,
-        lab.start_outside(
-            "dns",
-            "dnsmasq",
-            "dnsmasq",
-            &[
-                "--no-daemon",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--user=root",
-                "--pid-file=",
-                &format!("--listen-address={DNS_SERVER}"),
-                "--bind-interfaces",
-                &format!("--addn-hosts={}", hosts.display()),
-            ],
-        )?,
+        lab.start_tls_server("courier", &pem)?,
+        lab.start_dns_server("dns", &hosts)?,
     ];
     let spec = with_courier(&courier_ca, "allow_any");
     let agents = [

@@ -270,6 +270,8 @@ pub struct Balancer {
     endpoints: Vec<Arc<EndpointState>>,
     /// Each endpoint's locality level (`locality`): 0 is the closest to this node.
     levels: Vec<u8>,
+    /// The farthest level: 0 if all endpoints are alike (nothing to prefer).
+    deepest: u8,
     next: AtomicUsize,
 }
 
@@ -290,12 +292,13 @@ impl Balancer {
         max_per_endpoint: Option<usize>,
         endpoints: Vec<(Arc<EndpointState>, u8)>,
     ) -> Self {
-        let (endpoints, levels) = endpoints.into_iter().unzip();
+        let (endpoints, levels): (Vec<_>, Vec<u8>) = endpoints.into_iter().unzip();
         Self {
             strategy,
             outliers,
             max_per_endpoint,
             endpoints,
+            deepest: levels.iter().copied().max().unwrap_or(0),
             levels,
             next: AtomicUsize::new(0),
         }
@@ -388,10 +391,10 @@ impl Balancer {
     /// The endpoints of `healthy` (indexes) at one locality level, drawn by the levels'
     /// shares of the traffic.
     fn at_level(&self, healthy: Vec<usize>) -> Vec<usize> {
-        let Some(&deepest) = self.levels.iter().max().filter(|&&l| l > 0) else {
+        if self.deepest == 0 {
             return healthy;
-        };
-        let count = usize::from(deepest) + 1;
+        }
+        let count = usize::from(self.deepest) + 1;
         let mut totals = vec![0; count];
         for &level in &self.levels {
             totals[usize::from(level)] += 1;

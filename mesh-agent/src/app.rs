@@ -158,7 +158,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         };
         // External hosts' addresses join each snapshot on its way to being applied.
         let (resolved, updates_resolved) = watch::channel(None);
-        let resolving = Resolving::new(&config.settings.dns_servers)?;
+        let resolving = Resolving::new(&config.settings.dns_servers);
         tokio::spawn(resolving.follow(config.clone(), updates, resolved));
         let applying = tokio::spawn(running.follow(updates_resolved));
         let admin_stop = CancellationToken::new();

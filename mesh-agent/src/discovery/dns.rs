@@ -10,7 +10,6 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
 use hickory_resolver::{
     TokioResolver,
     config::{LookupIpStrategy, NameServerConfigGroup, ResolverConfig, ResolverOpts},
@@ -42,8 +41,9 @@ struct Known {
 }
 
 impl Resolving {
-    /// A resolver asking `servers` (UDP, then TCP), or those of `/etc/resolv.conf` if none.
-    pub fn new(servers: &[SocketAddr]) -> Result<Self> {
+    /// A resolver asking `servers` (UDP, then TCP), or those of `/etc/resolv.conf` if none
+    /// (none at all if it cannot be read: logged).
+    pub fn new(servers: &[SocketAddr]) -> Self {
         let mut options = ResolverOpts::default();
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         options.timeout = Duration::from_secs(2);
@@ -51,8 +51,12 @@ impl Resolving {
         options.positive_max_ttl = Some(MAX_REFRESH);
         let provider = TokioConnectionProvider::default();
         let mut builder = match servers {
-            [] => TokioResolver::builder(provider)
-                .context("cannot read /etc/resolv.conf: give the settings' dns_servers")?,
+            [] => TokioResolver::builder(provider.clone()).unwrap_or_else(|e| {
+                // Only external hosts need it: the agent runs, and says what to do.
+                warn!("cannot read /etc/resolv.conf, external hosts will not resolve: give the settings' dns_servers ({e})");
+                let nowhere = ResolverConfig::from_parts(None, vec![], NameServerConfigGroup::new());
+                TokioResolver::builder_with_config(nowhere, provider)
+            }),
             servers => {
                 let mut group = NameServerConfigGroup::new();
                 for server in servers {
@@ -69,9 +73,9 @@ impl Resolving {
             }
         };
         *builder.options_mut() = options;
-        Ok(Self {
+        Self {
             resolver: builder.build(),
-        })
+        }
     }
 
     /// Passes `first`, then each snapshot of `upstream`, on to `out` with its hosts' addresses,

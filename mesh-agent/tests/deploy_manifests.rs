@@ -27,6 +27,7 @@ use mesh_agent::{
     datapath::OUTBOUND_PORT,
     discovery::kubernetes::{
         authorization::AuthorizationPolicy,
+        egress::ExternalHost,
         policy::TrafficPolicy,
         watch::{RESOURCES, VERBS},
     },
@@ -173,7 +174,14 @@ fn every_manifest_parses_into_its_kubernetes_type() {
     m.all::<Service>("Service");
     // The mesh's own resources, as the agent's types define them.
     let crds: Vec<CustomResourceDefinition> = m.all("CustomResourceDefinition");
-    assert_eq!(crds, [TrafficPolicy::crd(), AuthorizationPolicy::crd()]);
+    assert_eq!(
+        crds,
+        [
+            TrafficPolicy::crd(),
+            AuthorizationPolicy::crd(),
+            ExternalHost::crd()
+        ]
+    );
     // The agent's config reference is a valid agent config.
     Config::load(&deploy().join("agent.example.yaml")).unwrap();
 }

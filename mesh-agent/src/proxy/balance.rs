@@ -270,8 +270,9 @@ pub struct Balancer {
     endpoints: Vec<Arc<EndpointState>>,
     /// Each endpoint's locality level (`locality`): 0 is the closest to this node.
     levels: Vec<u8>,
-    /// The farthest level: 0 if all endpoints are alike (nothing to prefer).
-    deepest: u8,
+    /// How many endpoints each level has, from the closest to the farthest; one level (or
+    /// none) when there is nothing to prefer.
+    level_sizes: Vec<usize>,
     next: AtomicUsize,
 }
 
@@ -293,13 +294,18 @@ impl Balancer {
         endpoints: Vec<(Arc<EndpointState>, u8)>,
     ) -> Self {
         let (endpoints, levels): (Vec<_>, Vec<u8>) = endpoints.into_iter().unzip();
+        let count = levels.iter().max().map_or(0, |&l| usize::from(l) + 1);
+        let mut level_sizes = vec![0; count];
+        for &level in &levels {
+            level_sizes[usize::from(level)] += 1;
+        }
         Self {
             strategy,
             outliers,
             max_per_endpoint,
             endpoints,
-            deepest: levels.iter().copied().max().unwrap_or(0),
             levels,
+            level_sizes,
             next: AtomicUsize::new(0),
         }
     }
@@ -391,19 +397,14 @@ impl Balancer {
     /// The endpoints of `healthy` (indexes) at one locality level, drawn by the levels'
     /// shares of the traffic.
     fn at_level(&self, healthy: Vec<usize>) -> Vec<usize> {
-        if self.deepest == 0 {
+        if self.level_sizes.len() <= 1 {
             return healthy;
         }
-        let count = usize::from(self.deepest) + 1;
-        let mut totals = vec![0; count];
-        for &level in &self.levels {
-            totals[usize::from(level)] += 1;
-        }
-        let mut ready = vec![0; count];
+        let mut ready = vec![0; self.level_sizes.len()];
         for &i in &healthy {
             ready[usize::from(self.levels[i])] += 1;
         }
-        let shares = locality::level_shares(&totals, &ready);
+        let shares = locality::level_shares(&self.level_sizes, &ready);
         let mut draw = fastrand::f64() * shares.iter().sum::<f64>();
         let level = shares
             .iter()

@@ -609,19 +609,9 @@ impl Lab {
         )
     }
 
-    /// An HTTP server in `pod` on 8080 (`mesh-testpod serve`, also echoing on 9) that
-    /// answers with `x-pod: <pod>`.
-    pub fn serve_http(&self, pod: &str) -> Result<Running> {
-        let args = [
-            "serve",
-            "--listen",
-            "[::]:9",
-            "--http",
-            "[::]:8080",
-            "--name",
-            pod,
-        ];
-        self.spawn(pod, &args)
+    /// An HTTP server in `pod` (see [`http_server_args`]; `extra` arguments of `serve`).
+    pub fn serve_http(&self, pod: &str, extra: &[&str]) -> Result<Running> {
+        self.spawn(pod, &http_server_args(pod, extra))
     }
 
     /// Starts `mesh-testpod args` on `node` itself (host network, outside any pod, in a
@@ -1032,6 +1022,21 @@ fn shown(cmd: &Command) -> String {
         .map(|a| a.to_string_lossy())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `mesh-testpod serve` on 8080 (echoing on 9), answering with `x-pod: <name>`, and `extra`.
+pub(crate) fn http_server_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "[::]:9",
+        "--http",
+        "[::]:8080",
+        "--name",
+        name,
+    ];
+    args.extend(extra);
+    args
 }
 
 pub(crate) fn testpod(args: &[&str]) -> Command {

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::{
     Daemon, Lab, Running,
-    lab::{spawn_ready, testpod},
+    lab::{http_server_args, spawn_ready, testpod},
     netns::Placement,
 };
 
@@ -37,6 +37,11 @@ impl Lab {
     pub fn spawn_outside(&self, name: &str, args: &[&str]) -> Result<Running> {
         let log = self.scratch_path(&format!("outside-{name}.log"));
         spawn_ready(testpod(args), self.outside_placement(name), &log)
+    }
+
+    /// An HTTP server on the host `name` outside the mesh (see [`Lab::serve_http`]).
+    pub fn serve_http_outside(&self, name: &str) -> Result<Running> {
+        self.spawn_outside(name, &http_server_args(name, &[]))
     }
 
     /// A TLS server on port 443 of the host `name` (openssl's `s_server -www`: answers any

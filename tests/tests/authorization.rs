@@ -56,7 +56,7 @@ fn spec(authorization: &str) -> LabSpec {
 
 /// The HTTP pods and the ledger's iperf3 server.
 fn serve(lab: &Lab) -> (Vec<mesh_tests::Running>, Daemon) {
-    let http = |pod: &str| lab.serve_http(pod).unwrap();
+    let http = |pod: &str| lab.serve_http(pod, &[]).unwrap();
     let iperf = lab.start_iperf3_server("payments-2", IPERF_PORT).unwrap();
     (vec![http("payments-1"), http("payments-2")], iperf)
 }

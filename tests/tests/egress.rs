@@ -89,20 +89,7 @@ fn declared_hosts_go_out_through_the_agent_and_nothing_else_does() {
         lab.start_tls_server("courier", &pem).unwrap(),
         lab.start_tls_server("courier-b", &pem).unwrap(),
     ];
-    let _elsewhere = lab
-        .spawn_outside(
-            "elsewhere",
-            &[
-                "serve",
-                "--listen",
-                "[::]:9",
-                "--http",
-                "[::]:8080",
-                "--name",
-                "elsewhere",
-            ],
-        )
-        .unwrap();
+    let _elsewhere = lab.serve_http_outside("elsewhere").unwrap();
     let n1 = lab
         .start_agent_with_config("n1", &config("n1"), &[])
         .unwrap();

@@ -60,19 +60,7 @@ fn spec() -> LabSpec {
 
 /// The HTTP pods of [`spec`], serving on 8080.
 fn serve(lab: &Lab) -> Vec<Running> {
-    let http = |pod: &str, extra: &[&str]| {
-        let mut args = vec![
-            "serve",
-            "--listen",
-            "[::]:9",
-            "--http",
-            "[::]:8080",
-            "--name",
-            pod,
-        ];
-        args.extend(extra);
-        lab.spawn(pod, &args).unwrap()
-    };
+    let http = |pod: &str, extra: &[&str]| lab.serve_http(pod, extra).unwrap();
     vec![
         http("cart-v1", &[]),
         http("cart-v2", &[]),
@@ -408,22 +396,8 @@ fn curl_requests_are_traced_through_both_agents_to_the_app_and_rate_limited_with
         .unwrap();
     let _a1 = lab.start_agent("n1", &[]).unwrap();
     let _a2 = lab.start_agent("n2", &[]).unwrap();
-    let _app = lab
-        .spawn(
-            "shop",
-            &[
-                "serve",
-                "--listen",
-                "[::]:9",
-                "--http",
-                "[::]:8080",
-                "--name",
-                "shop",
-                "--trace-to",
-                &format!("http://{COLLECTOR}"),
-            ],
-        )
-        .unwrap();
+    let trace_to = format!("http://{COLLECTOR}");
+    let _app = lab.serve_http("shop", &["--trace-to", &trace_to]).unwrap();
 
     // The caller's own span is the root: curl sends its traceparent.
     let (trace, root) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");

@@ -75,11 +75,11 @@ fn calls_stay_in_the_zone_then_the_region_and_pinned_ones_never_leave_it() {
         .collect();
     let mut catalog: Vec<Running> = ["catalog-1", "catalog-2", "catalog-3"]
         .iter()
-        .map(|p| lab.serve_http(p).unwrap())
+        .map(|p| lab.serve_http(p, &[]).unwrap())
         .collect();
     let mut payments: Vec<Running> = ["payments-2", "payments-3"]
         .iter()
-        .map(|p| lab.serve_http(p).unwrap())
+        .map(|p| lab.serve_http(p, &[]).unwrap())
         .collect();
     let capture = lab.capture("locality").unwrap();
 

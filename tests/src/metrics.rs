@@ -40,4 +40,24 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// `node`'s metrics once `count` of them is above zero and has not moved for a second:
+    /// for clients whose number of connections the test does not know (a stock client may
+    /// give up early). Fails after a minute with the last scrape.
+    pub fn metrics_settled(&self, node: &str, count: impl Fn(&str) -> f64) -> String {
+        let started = Instant::now();
+        let mut last = self.scrape(node);
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let text = self.scrape(node);
+            if count(&text) > 0.0 && count(&text) == count(&last) {
+                return text;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the agent of {node} never settled:\n{text}"
+            );
+            last = text;
+        }
+    }
 }

@@ -23,10 +23,13 @@ use tracing::{info, warn};
 use prometheus_client::registry::Registry;
 
 use crate::{
+    ca::client::CaClient,
     config::{Config, Name, Settings},
     datapath::{Datapath, Loaded, OUTBOUND_PORT, counters::Counters, maps::workload_cgroups},
     discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
-    identity::{FileCa, certificates::Certificates},
+    identity::{
+        CaFiles, CertificateAuthority, FileCa, bundle::TrustBundle, certificates::Certificates,
+    },
     observability::{
         admin::{ADMIN_PORT, Admin, LogFilter},
         metrics::{self, Metrics},
@@ -119,18 +122,28 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
     let inbound_listener = system::listen(TUNNEL_PORT, "inbound tunnel")?;
     let admin_listener = system::listen(ADMIN_PORT, "admin")?;
+    let (ca, bundle) = identity_source(&config, &opts.config)?;
+    tokio::spawn(bundle.clone().follow(metrics.clone()));
     let certificates = Arc::new(Certificates::new(
-        Arc::new(load_ca(&config, &opts.config)?),
+        ca,
+        bundle,
         config.settings.trust_domain.as_str(),
         config.settings.identity.certificate_ttl.0,
         metrics.clone(),
     ));
-    let server_tls = certificates.server_config()?;
     let states = Arc::new(EndpointStates::default());
     let open = Arc::new(OpenConnections::default());
     let cgroups = workload_cgroups(&config, &cgroup_mount);
     let routes = Routes::new(config.clone(), &states, &cgroups);
-    certificates.hold(&routes.identities())?;
+    // Nothing is captured before the first certificates are here.
+    let identities = routes.identities();
+    certificates.hold(&identities);
+    info!("waiting for the first certificates");
+    tokio::select! {
+        () = certificates.issued(&identities) => {}
+        () = signals.wait() => return Ok(()),
+    }
+    let server_tls = certificates.server_config().await?;
 
     let node = config.node.name.as_str();
     let Loaded {
@@ -339,20 +352,38 @@ async fn first_config(
     }
 }
 
-/// The file-based CA named by `config`; relative paths start at the config file's directory.
-fn load_ca(config: &Config, config_file: &Path) -> Result<FileCa> {
+/// The CA and the trust bundle `config` names (the bundle is the CA certificate if it names
+/// none); relative paths start at the config file's directory.
+fn identity_source(
+    config: &Config,
+    config_file: &Path,
+) -> Result<(Arc<dyn CertificateAuthority>, Arc<TrustBundle>)> {
     let base = config_file.parent().unwrap_or(Path::new("."));
     let identity = &config.settings.identity;
-    FileCa::load(
-        &base.join(&identity.ca_cert),
-        &base.join(&identity.ca_key),
-        identity
-            .trust_bundle
-            .as_ref()
-            .map(|b| base.join(b))
-            .as_deref(),
-    )
-    .context("cannot load the CA named under identity in the config")
+    let bundle = identity
+        .trust_bundle
+        .as_ref()
+        .or(identity.ca_cert.as_ref())
+        .context("the config names no trust bundle")?;
+    let bundle = TrustBundle::load(base.join(bundle)).context("cannot load the trust bundle")?;
+    let ca: Arc<dyn CertificateAuthority> =
+        match (&identity.ca_service, &identity.ca_cert, &identity.ca_key) {
+            (Some(service), _, _) => Arc::new(CaClient::new(
+                &service.address,
+                base.join(&service.token),
+                bundle.clone(),
+                config.settings.trust_domain.as_str(),
+            )?),
+            (None, Some(cert), Some(key)) => Arc::new(
+                FileCa::load(CaFiles {
+                    cert: base.join(cert),
+                    key: base.join(key),
+                })
+                .context("cannot load the CA named under identity in the config")?,
+            ),
+            _ => anyhow::bail!("the config names neither the CA's files nor a CA service"),
+        };
+    Ok((ca, bundle))
 }
 
 /// SIGTERM and SIGINT, caught.

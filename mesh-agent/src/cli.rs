@@ -90,6 +90,40 @@ pub enum Command {
     },
     /// Print the CustomResourceDefinitions of the mesh's own resources (deploy/crds.yaml).
     Crds,
+    /// The cluster's CA service.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+/// What the CA service is to do.
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Sign agents' certificate requests: only identities of pods on the asking agent's node
+    /// (by the Kubernetes API: TokenReview, pods), and the agent's own.
+    Serve {
+        /// The CA certificate (PEM), followed: a rotation moves signing without a restart.
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// The CA key (PEM), followed with the certificate.
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Where certificate requests come (HTTP/2 with TLS).
+        #[arg(long, default_value = "[::]:15012")]
+        listen: std::net::SocketAddr,
+        /// Where /metrics, /ready and /healthz are served (plain HTTP).
+        #[arg(long, default_value = "[::]:15014")]
+        admin: std::net::SocketAddr,
+        /// The audience agents' tokens must be minted for.
+        #[arg(long, default_value = crate::ca::DEFAULT_AUDIENCE)]
+        audience: String,
+        /// The longest certificate lifetime signed, in seconds.
+        #[arg(long, default_value_t = 24 * 3600)]
+        max_ttl: u64,
+    },
 }
 
 /// The mesh's CustomResourceDefinitions, as YAML documents.

@@ -672,14 +672,21 @@ impl Node {
     }
 }
 
-/// Where this node's certificates come from.
+/// Where this node's certificates come from: the CA's own files (the agent signs; lab and
+/// YAML mode), or the cluster's CA service.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Identity {
     /// The CA certificate and key (PEM); a relative path starts at the config file's directory.
-    pub ca_cert: PathBuf,
-    pub ca_key: PathBuf,
-    /// The CA certificates peers may chain to (PEM); the CA certificate if not given.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// The CA service to ask instead (no CA key on the node).
+    #[serde(default)]
+    pub ca_service: Option<CaService>,
+    /// The CA certificates peers may chain to (PEM), followed: roots rotate without a
+    /// restart. The CA certificate if not given (the file CA only).
     #[serde(default)]
     pub trust_bundle: Option<PathBuf>,
     /// How long a workload certificate lives, like `24h`, `30m` or `90s`; renewed at half-life.
@@ -687,15 +694,42 @@ pub struct Identity {
     pub certificate_ttl: Period,
 }
 
+/// The CA service and how the agent shows who it is.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaService {
+    /// `host:port`, like `mesh-ca.mesh-system.svc:15012`.
+    pub address: String,
+    /// The projected service-account token (of the CA's audience), read at each request.
+    pub token: PathBuf,
+}
+
 impl Identity {
     fn validate(&self) -> Result<(), (Vec<Seg>, String)> {
+        let at = |key| vec![Seg::Key("identity"), Seg::Key(key)];
         if self.certificate_ttl.0 < MIN_CERTIFICATE_TTL {
             return Err((
-                vec![Seg::Key("identity"), Seg::Key("certificate_ttl")],
+                at("certificate_ttl"),
                 format!("certificates must live at least {MIN_CERTIFICATE_TTL:?}"),
             ));
         }
-        Ok(())
+        match (&self.ca_cert, &self.ca_key, &self.ca_service) {
+            (Some(_), Some(_), None) => Ok(()),
+            (None, None, Some(_)) if self.trust_bundle.is_none() => Err((
+                at("ca_service"),
+                "name the trust_bundle the CA service's certificates are checked against".into(),
+            )),
+            (None, None, Some(_)) => Ok(()),
+            (_, _, Some(_)) => Err((
+                at("ca_service"),
+                "either the CA's files (ca_cert, ca_key) or a ca_service, not both".into(),
+            )),
+            (None, _, None) => Err((
+                at("ca_cert"),
+                "name the CA's files (ca_cert and ca_key) or a ca_service".into(),
+            )),
+            (Some(_), None, None) => Err((at("ca_key"), "the CA's key file is missing".into())),
+        }
     }
 }
 

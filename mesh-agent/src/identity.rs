@@ -1,29 +1,37 @@
-//! Workload identities: SPIFFE IDs, the certificate authority that vouches for them, and the
-//! trust bundle peers are checked against; the certificates held for local workloads and
+//! Workload identities: SPIFFE IDs and the certificate authority that vouches for them (a
+//! [`FileCa`] signing in the agent, or the cluster's CA service: [`crate::ca`]); the trust
+//! bundle peers are checked against (`bundle`); the certificates held for local workloads and
 //! renewed (`certificates`), and the rustls configs and SPIFFE verifiers built on them (`tls`).
 
 use std::{
     fmt,
-    path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail};
+use futures::future::BoxFuture;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+use rustls::pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
 
+pub mod bundle;
 pub mod certificates;
+pub mod file_ca;
+pub mod signer;
 pub mod tls;
+
+pub use file_ca::{CaFiles, FileCa};
 
 /// The service account the agents themselves run as (the DaemonSet's); peers expect it on
 /// port 15008.
 pub const AGENT_NAMESPACE: &str = "mesh-system";
 pub const AGENT_SERVICE_ACCOUNT: &str = "mesh-agent";
-/// How far back a new certificate's validity starts, for peers whose clocks lag.
-const CLOCK_SKEW: Duration = Duration::from_secs(60);
+/// The service account the CA service runs as; agents expect it when they ask for
+/// certificates.
+pub const CA_SERVICE_ACCOUNT: &str = "mesh-ca";
 
 /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -40,6 +48,11 @@ impl SpiffeId {
     /// The identity every node agent of `trust_domain` holds.
     pub fn agent(trust_domain: &str) -> Self {
         Self::workload(trust_domain, AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT)
+    }
+
+    /// The identity of the CA service of `trust_domain`.
+    pub fn ca(trust_domain: &str) -> Self {
+        Self::workload(trust_domain, AGENT_NAMESPACE, CA_SERVICE_ACCOUNT)
     }
 
     /// Parses a SPIFFE ID of the workload form.
@@ -86,6 +99,10 @@ impl SpiffeId {
         self.part(2)
     }
 
+    pub fn service_account(&self) -> &str {
+        self.part(4)
+    }
+
     /// The `i`th `/`-separated part after `spiffe://` (parse made sure there are five).
     fn part(&self, i: usize) -> &str {
         let rest = &self.0["spiffe://".len()..];
@@ -109,143 +126,63 @@ pub struct Issued {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
     pub not_after: SystemTime,
+    /// The CA certificate that signed it.
+    pub signer: CertificateDer<'static>,
 }
 
-/// Whoever vouches for identities. The file-based CA signs locally; a remote CA service would
-/// take a CSR instead.
+/// What a CA answers a signing request with.
+pub struct Signed {
+    /// The leaf first, then any intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The CA certificate that signed it.
+    pub signer: CertificateDer<'static>,
+}
+
+/// Whoever vouches for identities: it signs certificate requests, and the key pairs stay
+/// with whoever asked. The file CA signs in the agent (lab, YAML mode); the CA service
+/// signs for a whole cluster, only what the asking node may hold.
 pub trait CertificateAuthority: Send + Sync {
-    /// A certificate for `id` with a fresh ECDSA P-256 key, valid for `ttl` from now.
-    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Issued>;
+    /// A certificate for the identity `csr` names (its one URI SAN), valid for `ttl`.
+    fn sign(
+        &self,
+        csr: CertificateSigningRequestDer<'static>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Signed>>;
 
-    /// The certificates a peer's chain must lead to (more than one during a CA rotation).
-    fn trust_bundle(&self) -> &[CertificateDer<'static>];
+    /// The CA certificate signing now: when it changes, held certificates are renewed.
+    fn signer(&self) -> BoxFuture<'_, Result<CertificateDer<'static>>>;
 }
 
-/// A CA whose certificate and key are files (or a Kubernetes Secret mounted as files).
-pub struct FileCa {
-    issuer: Issuer<'static, KeyPair>,
-    bundle: Vec<CertificateDer<'static>>,
-}
-
-/// The files of a CA made by [`FileCa::create`].
-pub struct CaFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl FileCa {
-    /// Reads the CA certificate and key (PEM); the trust bundle is `bundle` (PEM, any number of
-    /// certificates) or else the CA certificate alone.
-    pub fn load(cert: &Path, key: &Path, bundle: Option<&Path>) -> Result<Self> {
-        let read = |path: &Path| {
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
-        };
-        let cert_pem = read(cert)?;
-        let key_pair = KeyPair::from_pem(&read(key)?)
-            .with_context(|| format!("{}: not a PEM private key", key.display()))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key_pair)
-            .with_context(|| format!("{}: not a PEM CA certificate", cert.display()))?;
-        let bundle_file = bundle.unwrap_or(cert);
-        let bundle = CertificateDer::pem_slice_iter(read(bundle_file)?.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("{}: unreadable PEM", bundle_file.display()))?;
-        if bundle.is_empty() {
-            bail!(
-                "{}: no certificate in the trust bundle",
-                bundle_file.display()
-            );
-        }
-        Ok(Self { issuer, bundle })
-    }
-
-    /// Makes a new self-signed CA for `trust_domain`, valid for ten years, and writes its
-    /// certificate and key as `ca.crt` and `ca.key` (mode 0600) in `dir`.
-    pub fn create(dir: &Path, trust_domain: &str) -> Result<CaFiles> {
-        let (cert, key) = self_signed(trust_domain)?;
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let files = CaFiles {
-            cert: dir.join("ca.crt"),
-            key: dir.join("ca.key"),
-        };
-        std::fs::write(&files.cert, cert.pem())
-            .with_context(|| format!("cannot write {}", files.cert.display()))?;
-        write_private(&files.key, &key.serialize_pem())?;
-        Ok(files)
-    }
-
-    /// A new self-signed CA for `trust_domain`, kept in memory (the in-process tests').
-    #[cfg(test)]
-    pub fn generate(trust_domain: &str) -> Result<Self> {
-        let (cert, key) = self_signed(trust_domain)?;
-        let bundle = vec![cert.der().clone()];
-        let issuer = Issuer::from_ca_cert_der(cert.der(), key)?;
-        Ok(Self { issuer, bundle })
-    }
-}
-
-/// A new self-signed CA certificate for `trust_domain`, valid for ten years, and its key.
-fn self_signed(trust_domain: &str) -> Result<(rcgen::Certificate, KeyPair)> {
+/// A certificate for `id` from `ca`, valid for `ttl`, on a fresh ECDSA P-256 key made here.
+pub async fn issue(ca: &dyn CertificateAuthority, id: &SpiffeId, ttl: Duration) -> Result<Issued> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("mesh CA {trust_domain}"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + Duration::from_secs(10 * 365 * 24 * 3600);
-    let cert = params.self_signed(&key)?;
-    Ok((cert, key))
-}
-
-impl CertificateAuthority for FileCa {
-    fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Issued> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.serial_number = Some(SerialNumber::from(fastrand::u64(..).to_be_bytes().to_vec()));
-        params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - CLOCK_SKEW;
-        params.not_after = now + ttl;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            chain: vec![cert.der().clone()],
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            not_after: SystemTime::now() + ttl,
-        })
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    let signed = ca.sign(csr.der().clone(), ttl).await?;
+    let leaf = signed.chain.first().context("the CA sent no certificate")?;
+    let named = SpiffeId::from_certificate(leaf).map_err(anyhow::Error::msg)?;
+    if named != *id {
+        bail!("the CA signed {named} where {id} was asked for");
     }
-
-    fn trust_bundle(&self) -> &[CertificateDer<'static>] {
-        &self.bundle
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf)?;
+    if parsed.public_key().raw != key.subject_public_key_info() {
+        bail!("the CA signed another key than the one sent");
     }
-}
-
-/// Writes a file only its owner can read.
-fn write_private(path: &Path, text: &str) -> Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+    let not_after = parsed.validity().not_after.timestamp();
+    Ok(Issued {
+        chain: signed.chain,
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(not_after)?),
+        signer: signed.signer,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
 
     #[test]
     fn spiffe_ids_parse_only_the_workload_form() {
@@ -264,24 +201,79 @@ mod tests {
         }
     }
 
-    #[test]
-    fn issued_certificates_carry_the_spiffe_id_and_chain_to_the_bundle() {
+    #[tokio::test]
+    async fn issued_certificates_carry_the_spiffe_id_and_chain_to_the_signer() {
         let dir = std::env::temp_dir().join(format!("mesh-ca-test-{}", std::process::id()));
         let files = FileCa::create(&dir, "cluster.local").unwrap();
-        let ca = FileCa::load(&files.cert, &files.key, None).unwrap();
+        let ca = FileCa::load(files.clone()).unwrap();
         let id = SpiffeId::workload("cluster.local", "shop", "cart");
-        let issued = ca.issue(&id, Duration::from_secs(3600)).unwrap();
+        let issued = issue(&ca, &id, Duration::from_secs(3600)).await.unwrap();
         assert_eq!(SpiffeId::from_certificate(&issued.chain[0]).unwrap(), id);
+        let root = CertificateDer::from_pem_file(&files.cert).unwrap();
+        assert_eq!(issued.signer, root);
 
         let (_, leaf) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
-        let (_, root) = x509_parser::parse_x509_certificate(&ca.trust_bundle()[0]).unwrap();
+        let (_, root) = x509_parser::parse_x509_certificate(&root).unwrap();
         assert_eq!(leaf.issuer(), root.subject());
         leaf.verify_signature(Some(root.public_key())).unwrap();
+        let left = issued.not_after.duration_since(SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(3590) && left <= Duration::from_secs(3600));
         let key_mode = std::fs::metadata(&files.key).unwrap().permissions();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&key_mode) & 0o777,
             0o600
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_file_ca_signs_with_its_new_files_once_they_make_a_ca() {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-rotate-{}", std::process::id()));
+        let files = FileCa::create(&dir, "cluster.local").unwrap();
+        let ca = FileCa::load(files.clone()).unwrap();
+        let first = ca.signer().await.unwrap();
+        // A half-written change (a new certificate with the old key) is not used.
+        let (cert, key) = signer::Signer::self_signed("cluster.local").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&files.cert, &cert).unwrap();
+        assert_eq!(ca.signer().await.unwrap(), first);
+        file_ca::write_private(&files.key, &key).unwrap();
+        let second = ca.signer().await.unwrap();
+        assert_ne!(second, first);
+        let id = SpiffeId::workload("cluster.local", "shop", "cart");
+        let issued = issue(&ca, &id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(issued.signer, second);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn requests_must_name_one_spiffe_id() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let request = |sans: Vec<SanType>| {
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = sans;
+            let csr = params.serialize_request(&key).unwrap();
+            signer::SigningRequest::parse(csr.der()).map(|r| r.id)
+        };
+        let uri = |u: &str| SanType::URI(u.try_into().unwrap());
+        let cart = "spiffe://cluster.local/ns/shop/sa/cart";
+        assert_eq!(request(vec![uri(cart)]).unwrap().as_str(), cart);
+        for sans in [
+            vec![],
+            vec![uri(cart), uri("spiffe://cluster.local/ns/shop/sa/web")],
+            vec![uri(cart), SanType::DnsName("cart".try_into().unwrap())],
+            vec![uri("https://cart.shop")],
+        ] {
+            assert!(request(sans).is_err());
+        }
+        let tampered = {
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = vec![uri(cart)];
+            let mut der = params.serialize_request(&key).unwrap().der().to_vec();
+            let last = der.len() - 1;
+            der[last] ^= 1;
+            der
+        };
+        assert!(signer::SigningRequest::parse(&tampered.into()).is_err());
     }
 }

@@ -3,10 +3,11 @@
 //!
 //! `app` is the composition root; `config` reads the YAML; `discovery` brings the mesh's
 //! state, `state` models it; `proxy` carries connections; `identity` holds SPIFFE IDs, the CA,
-//! certificates and TLS configs; `datapath` is the kernel side; `observability` is metrics,
+//! certificates and TLS configs, and `ca` is the cluster's CA service; `datapath` is the kernel side; `observability` is metrics,
 //! logs and the admin API.
 
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datapath;

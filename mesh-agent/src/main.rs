@@ -4,9 +4,10 @@ use anyhow::Result;
 use clap::Parser;
 use mesh_agent::{
     app::{self, Kubernetes, RunOptions},
-    cli::{Cli, Command, LogFormat},
+    ca::server::{self, CaOptions},
+    cli::{CaCommand, Cli, Command, LogFormat},
     datapath::{self, Datapath},
-    identity::FileCa,
+    identity::{CaFiles, FileCa},
     proxy::liveness::Liveness,
     system,
 };
@@ -81,6 +82,28 @@ fn run(cli: Cli) -> Result<()> {
             print!("{}", mesh_agent::cli::crds_yaml());
             Ok(())
         }
+        Command::Ca {
+            command:
+                CaCommand::Serve {
+                    ca_cert,
+                    ca_key,
+                    trust_domain,
+                    listen,
+                    admin,
+                    audience,
+                    max_ttl,
+                },
+        } => tokio::runtime::Runtime::new()?.block_on(server::run(CaOptions {
+            files: CaFiles {
+                cert: ca_cert,
+                key: ca_key,
+            },
+            trust_domain,
+            listen,
+            admin,
+            audience,
+            max_ttl: Duration::from_secs(max_ttl),
+        })),
     }
 }
 

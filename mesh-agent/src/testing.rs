@@ -33,7 +33,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Workload},
     discovery::Snapshot,
-    identity::{CertificateAuthority, FileCa, certificates::Certificates},
+    identity::{FileCa, bundle::TrustBundle, certificates::Certificates, signer::Signer},
     observability::{metrics::Metrics, traces::Tracer},
     proxy::{
         balance::{EndpointStates, Strategy},
@@ -307,8 +307,21 @@ pub fn routes(snapshot: Snapshot) -> Routes {
 }
 
 /// A CA of `cluster.local` in memory.
-pub fn test_ca() -> Arc<dyn CertificateAuthority> {
-    Arc::new(FileCa::generate("cluster.local").unwrap())
+pub fn test_ca() -> Arc<FileCa> {
+    Arc::new(FileCa::in_memory(
+        Signer::generate("cluster.local").unwrap(),
+    ))
+}
+
+/// A trust bundle of `ca`'s certificate alone.
+pub fn bundle_of(ca: &FileCa) -> Arc<TrustBundle> {
+    TrustBundle::fixed(vec![ca.signer_now().cert().clone()]).unwrap()
+}
+
+/// Certificates of `ca` (trusting it alone) for identities of `cluster.local`, living `ttl`.
+pub fn certificates(ca: Arc<FileCa>, ttl: Duration, metrics: Arc<Metrics>) -> Arc<Certificates> {
+    let bundle = bundle_of(&ca);
+    Arc::new(Certificates::new(ca, bundle, "cluster.local", ttl, metrics))
 }
 
 /// Metrics registered in a registry of their own.
@@ -401,11 +414,13 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent of `snapshot`'s node with certificates of `ca`.
-    pub async fn start(snapshot: Snapshot, ca: Arc<dyn CertificateAuthority>) -> Self {
+    pub async fn start(snapshot: Snapshot, ca: Arc<FileCa>) -> Self {
         let (registry, metrics) = metrics();
         let node = snapshot.node.addresses[0];
+        let bundle = bundle_of(&ca);
         let certificates = Arc::new(Certificates::new(
             ca,
+            bundle,
             snapshot.settings.trust_domain.as_str(),
             snapshot.settings.identity.certificate_ttl.0,
             metrics.clone(),
@@ -419,7 +434,8 @@ impl Agent {
             .as_ref()
             .map(|service| Arc::new(GlobalLimiter::new(service, metrics.clone()).unwrap()));
         let routes = routes(snapshot);
-        certificates.hold(&routes.identities()).unwrap();
+        certificates.hold(&routes.identities());
+        within(certificates.issued(&routes.identities())).await;
         let (routes, routes_rx) = watch::channel(Arc::new(routes));
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -450,7 +466,7 @@ impl Agent {
             abort: stop.clone(),
         };
         let inbound = Inbound {
-            tls: certificates.server_config().unwrap(),
+            tls: certificates.server_config().await.unwrap(),
             http: Arc::new(HttpServing {
                 metrics: metrics.clone(),
                 routes: routes_rx.clone(),

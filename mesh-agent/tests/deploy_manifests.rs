@@ -13,8 +13,9 @@ use std::{
 use clap::Parser;
 use k8s_openapi::{
     api::{
-        apps::v1::DaemonSet,
+        apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Container, Namespace, PodSpec, Secret, Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -22,7 +23,8 @@ use k8s_openapi::{
 };
 use kube::CustomResourceExt;
 use mesh_agent::{
-    cli::{Cli, Command},
+    ca::{CA_ADMIN_PORT, CA_PORT, DEFAULT_AUDIENCE, review::CALLS},
+    cli::{CaCommand, Cli, Command},
     config::{Config, Settings},
     datapath::OUTBOUND_PORT,
     discovery::kubernetes::{
@@ -31,7 +33,7 @@ use mesh_agent::{
         policy::TrafficPolicy,
         watch::{RESOURCES, VERBS},
     },
-    identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT},
+    identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, CA_SERVICE_ACCOUNT},
     observability::admin::ADMIN_PORT,
     state::routes::TUNNEL_PORT,
     system::BPFFS,
@@ -156,8 +158,10 @@ fn every_manifest_parses_into_its_kubernetes_type() {
             "ConfigMap",
             "CustomResourceDefinition",
             "DaemonSet",
+            "Deployment",
             "Kustomization",
             "Namespace",
+            "PodDisruptionBudget",
             "Secret",
             "Service",
             "ServiceAccount",
@@ -171,6 +175,8 @@ fn every_manifest_parses_into_its_kubernetes_type() {
     m.all::<ConfigMap>("ConfigMap");
     m.all::<Secret>("Secret");
     m.all::<DaemonSet>("DaemonSet");
+    m.all::<Deployment>("Deployment");
+    m.all::<PodDisruptionBudget>("PodDisruptionBudget");
     m.all::<Service>("Service");
     // The mesh's own resources, as the agent's types define them.
     let crds: Vec<CustomResourceDefinition> = m.all("CustomResourceDefinition");
@@ -315,10 +321,9 @@ fn names_referenced_across_manifests_exist() {
     );
 }
 
-#[test]
-fn rbac_grants_exactly_what_the_agent_calls() {
-    let m = Manifests::load();
-    let role: ClusterRole = m.named("ClusterRole", None, "mesh-agent");
+/// What the ClusterRole `name` grants: (API group, resource, verb).
+fn granted(m: &Manifests, name: &str) -> BTreeSet<(String, String, String)> {
+    let role: ClusterRole = m.named("ClusterRole", None, name);
     let mut granted = BTreeSet::new();
     for rule in role.rules.unwrap() {
         for group in rule.api_groups.iter().flatten() {
@@ -329,6 +334,25 @@ fn rbac_grants_exactly_what_the_agent_calls() {
             }
         }
     }
+    granted
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_agent_and_the_ca_call() {
+    let m = Manifests::load();
+    let ca_calls: BTreeSet<(String, String, String)> = CALLS
+        .iter()
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(granted(&m, "mesh-ca"), ca_calls);
+    let binding: ClusterRoleBinding = m.named("ClusterRoleBinding", None, "mesh-ca");
+    assert_eq!(binding.role_ref.name, "mesh-ca");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        (CA_SERVICE_ACCOUNT, Some(AGENT_NAMESPACE))
+    );
+    let granted = granted(&m, "mesh-agent");
     let called: BTreeSet<(String, String, String)> = RESOURCES
         .iter()
         .flat_map(|(group, resource)| {
@@ -351,7 +375,7 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
     let cli =
         Cli::try_parse_from(command_line(agent, "worker-1")).unwrap_or_else(|e| panic!("{e}"));
     let Command::Run {
-        config,
+        config: _,
         kubernetes_node,
         keep_pins,
         grace_period,
@@ -368,8 +392,9 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
         "the kubelet waits longer than the agent's own grace period"
     );
 
-    // --config is the ConfigMap's settings, which the agent accepts, naming the CA files
-    // the Secret mounts.
+    // --config is the ConfigMap's settings, which the agent accepts: they name the CA
+    // service, a token for its audience from a projected volume, and the trust bundle from
+    // its ConfigMap. No Secret (so no CA key) is mounted on the node.
     let mounts = agent.volume_mounts.clone().unwrap();
     let volumes = pod.volumes.clone().unwrap();
     let mount_of = |path: &Path| {
@@ -380,32 +405,47 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
             .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()))
     };
     let volume = |name: &str| volumes.iter().find(|v| v.name == name).unwrap().clone();
-    let settings_mount = mount_of(&config);
-    let cm = volume(&settings_mount.name).config_map.unwrap();
+    let settings = agent_settings(&m);
+    let identity = &settings.identity;
+    assert_eq!((&identity.ca_cert, &identity.ca_key), (&None, &None));
+    let service = identity.ca_service.as_ref().unwrap();
+    assert_eq!(
+        service.address,
+        format!("mesh-ca.mesh-system.svc:{CA_PORT}")
+    );
+    let token_mount = mount_of(&service.token);
+    let sources = volume(&token_mount.name)
+        .projected
+        .unwrap()
+        .sources
+        .unwrap();
+    let token = sources[0].service_account_token.as_ref().unwrap();
+    assert_eq!(token.audience.as_deref(), Some(DEFAULT_AUDIENCE));
+    assert_eq!(
+        service.token.strip_prefix(&token_mount.mount_path).unwrap(),
+        Path::new(&token.path)
+    );
+    let bundle = identity.trust_bundle.as_ref().unwrap();
+    let bundle_mount = mount_of(bundle);
+    assert!(
+        bundle_mount.sub_path.is_none(),
+        "a subPath would hide the ConfigMap's updates"
+    );
+    let cm = volume(&bundle_mount.name).config_map.unwrap();
     let cm: ConfigMap = m.named("ConfigMap", Some("mesh-system"), &cm.name);
-    let key = settings_mount.sub_path.as_deref().unwrap();
-    let settings_file =
-        std::env::temp_dir().join(format!("mesh-settings-{}.yaml", std::process::id()));
-    std::fs::write(&settings_file, &cm.data.unwrap()[key]).unwrap();
-    let settings = Settings::load(&settings_file);
-    std::fs::remove_file(&settings_file).unwrap();
-    let settings = settings.unwrap();
-    for file in [&settings.identity.ca_cert, &settings.identity.ca_key] {
-        let mount = mount_of(file);
-        let secret = volume(&mount.name).secret.unwrap();
-        let secret: Secret = m.named(
-            "Secret",
-            Some("mesh-system"),
-            secret.secret_name.as_deref().unwrap(),
-        );
-        let key = file
-            .strip_prefix(&mount.mount_path)
-            .unwrap()
-            .to_str()
-            .unwrap();
+    let key = bundle.strip_prefix(&bundle_mount.mount_path).unwrap();
+    assert!(cm.data.unwrap().contains_key(key.to_str().unwrap()));
+    for v in &volumes {
         assert!(
-            secret.string_data.unwrap().contains_key(key),
-            "the CA Secret has no {key}"
+            v.secret.is_none(),
+            "the DaemonSet mounts the Secret {:?}",
+            v.name
+        );
+        let projected = v.projected.iter().flat_map(|p| p.sources.iter().flatten());
+        assert!(
+            projected.clone().all(|s| s.secret.is_none()),
+            "{} projects a Secret",
+            v.name
         );
     }
 
@@ -457,6 +497,159 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
         assert_eq!(mount.mount_path, path);
         let host = volume(&mount.name).host_path.unwrap();
         assert_eq!(host.path, path, "the host's own {path}");
+    }
+}
+
+/// The agents' settings, from the ConfigMap the DaemonSet mounts at --config.
+fn agent_settings(m: &Manifests) -> Settings {
+    let (_, pod) = m.daemonset("mesh-agent");
+    let agent = &pod.containers[0];
+    let cli = Cli::try_parse_from(command_line(agent, "worker-1")).unwrap();
+    let Command::Run { config, .. } = cli.command else {
+        panic!("the DaemonSet does not run `mesh-agent run`");
+    };
+    let mount = agent
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == config.to_str().unwrap())
+        .unwrap();
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let cm = volume.config_map.as_ref().unwrap();
+    let cm: ConfigMap = m.named("ConfigMap", Some("mesh-system"), &cm.name);
+    let key = mount.sub_path.as_deref().unwrap();
+    let file = std::env::temp_dir().join(format!("mesh-settings-{}.yaml", std::process::id()));
+    std::fs::write(&file, &cm.data.unwrap()[key]).unwrap();
+    let settings = Settings::load(&file);
+    std::fs::remove_file(&file).unwrap();
+    settings.unwrap()
+}
+
+#[test]
+fn the_ca_service_runs_twice_holds_the_key_and_is_reachable_where_agents_ask() {
+    let m = Manifests::load();
+    let deployment: Deployment = m.named("Deployment", Some("mesh-system"), "mesh-ca");
+    let spec = deployment.spec.unwrap();
+    assert_eq!(spec.replicas, Some(2));
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    let selects = |selector: &BTreeMap<String, String>| {
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    };
+    assert!(selects(spec.selector.match_labels.as_ref().unwrap()));
+    let pdb: PodDisruptionBudget = m.named("PodDisruptionBudget", Some("mesh-system"), "mesh-ca");
+    let pdb = pdb.spec.unwrap();
+    assert!(selects(
+        pdb.selector.unwrap().match_labels.as_ref().unwrap()
+    ));
+    assert_eq!(
+        serde_json::to_value(pdb.min_available.unwrap()).unwrap(),
+        serde_json::json!(1)
+    );
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some(CA_SERVICE_ACCOUNT)
+    );
+    let ca = &pod.containers[0];
+    let args: Vec<String> = ca
+        .command
+        .iter()
+        .flatten()
+        .chain(ca.args.iter().flatten())
+        .cloned()
+        .collect();
+    let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+    let Command::Ca {
+        command:
+            CaCommand::Serve {
+                ca_cert,
+                ca_key,
+                trust_domain,
+                listen,
+                admin,
+                audience,
+                ..
+            },
+    } = cli.command
+    else {
+        panic!("the Deployment does not run `mesh-agent ca serve`");
+    };
+    // It signs for the agents' trust domain, for tokens minted for it.
+    let settings = agent_settings(&m);
+    assert_eq!(trust_domain, settings.trust_domain.as_str());
+    assert_eq!(audience, DEFAULT_AUDIENCE);
+    // Its Secret holds the key and certificate where it reads them.
+    let mounts = ca.volume_mounts.clone().unwrap();
+    for file in [&ca_cert, &ca_key] {
+        let mount = mounts
+            .iter()
+            .find(|m| file.starts_with(&m.mount_path))
+            .unwrap();
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        let secret = volume
+            .secret
+            .as_ref()
+            .unwrap()
+            .secret_name
+            .as_deref()
+            .unwrap();
+        let secret: Secret = m.named("Secret", Some("mesh-system"), secret);
+        let key = file
+            .strip_prefix(&mount.mount_path)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(
+            secret.string_data.unwrap().contains_key(key),
+            "the CA Secret has no {key}"
+        );
+    }
+    // Its ports; the Service the agents ask sends to the CA's port.
+    let port = |name: &str| {
+        ca.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .unwrap()
+            .container_port
+    };
+    assert_eq!(
+        (listen.port(), port("https")),
+        (CA_PORT, i32::from(CA_PORT))
+    );
+    assert_eq!(
+        (admin.port(), port("admin")),
+        (CA_ADMIN_PORT, i32::from(CA_ADMIN_PORT))
+    );
+    let service: Service = m.named("Service", Some("mesh-system"), "mesh-ca");
+    let service = service.spec.unwrap();
+    assert!(selects(service.selector.as_ref().unwrap()));
+    let service_port = &service.ports.unwrap()[0];
+    assert_eq!(service_port.port, i32::from(CA_PORT));
+    assert_eq!(
+        serde_json::to_value(service_port.target_port.as_ref().unwrap()).unwrap(),
+        serde_json::json!("https")
+    );
+    for (probe, path) in [
+        (ca.readiness_probe.as_ref(), "/ready"),
+        (ca.liveness_probe.as_ref(), "/healthz"),
+    ] {
+        let get = probe.unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            serde_json::to_value(&get.port).unwrap(),
+            serde_json::json!("admin")
+        );
     }
 }
 

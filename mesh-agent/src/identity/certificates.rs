@@ -1,39 +1,78 @@
-//! The certificates this agent holds: one per local workload identity plus its own, each
-//! renewed at half its lifetime (with jitter, so a node's renewals do not bunch up) and
-//! swapped in without touching established connections.
+//! The certificates this agent holds: one per local workload identity plus its own. Each is
+//! kept by a task of its own: asked of the CA (again with backoff while it fails), renewed at
+//! half its lifetime (with jitter, so a node's renewals do not bunch up), and soon after the
+//! CA moves signing to another key; a new certificate is swapped in without touching
+//! established connections, and while the CA is down the current one goes on serving.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex, PoisonError, Weak},
-    time::{Duration, SystemTime},
+    sync::{Arc, Mutex, OnceLock, PoisonError},
+    time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
-use rustls::{ClientConfig, ServerConfig};
+use anyhow::Result;
+use rustls::{ClientConfig, ServerConfig, pki_types::CertificateDer};
+use tokio::{sync::watch, task::AbortHandle};
 use tracing::{info, warn};
 
 use crate::{
     identity::{
-        CertificateAuthority, SpiffeId,
+        CertificateAuthority, Issued, SpiffeId,
+        bundle::TrustBundle,
+        issue,
         tls::{self, CertSlot},
     },
-    observability::metrics::{IdentityLabels, Metrics},
+    observability::metrics::{IdentityLabels, Metrics, ResultLabels},
 };
 
 /// Renewal happens at half the lifetime, give or take this share of it.
 const JITTER: f64 = 0.1;
+/// The first wait before asking the CA again after it failed; it doubles from there.
+const FIRST_RETRY: Duration = Duration::from_millis(250);
 /// The longest wait before another try when the CA fails.
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How often the CA is asked which certificate it signs with.
+const SIGNER_CHECK: Duration = Duration::from_secs(5);
+/// After the CA's signer changed, every certificate is renewed within this long (spread, so
+/// that a node's requests do not all come at once).
+const ROTATION_SPREAD: Duration = Duration::from_secs(5);
 
 /// Issues, renews and hands out the certificates of this node's identities.
 pub struct Certificates {
+    shared: Arc<Shared>,
+    held: Mutex<HashMap<SpiffeId, Holding>>,
+}
+
+/// What every identity's task needs.
+struct Shared {
     ca: Arc<dyn CertificateAuthority>,
+    bundle: Arc<TrustBundle>,
     trust_domain: String,
     ttl: Duration,
-    /// Tunnel client configurations by identity; each keeps its certificate slot alive
-    /// (renewal holds only a weak reference).
-    held: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
-    expiries: Arc<Expiries>,
+    /// Ticks when a certificate is issued for the first time.
+    issued: watch::Sender<u64>,
+    /// Ticks when the CA's signer changed: every certificate is to be renewed soon.
+    rotation: watch::Sender<u64>,
+    expiries: Expiries,
+    metrics: Arc<Metrics>,
+}
+
+/// One held identity: its certificate once issued, and the task keeping it.
+struct Holding {
+    ready: Arc<OnceLock<Ready>>,
+    keeper: AbortHandle,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// An identity's certificate slot and the tunnel client configuration presenting it.
+struct Ready {
+    slot: Arc<CertSlot>,
+    client: Arc<ClientConfig>,
 }
 
 /// When each held certificate expires, kept up to date by issuing and renewal, and its gauge.
@@ -43,130 +82,228 @@ struct Expiries {
 }
 
 impl Certificates {
+    /// Certificates of `ca`, checked against `bundle`, living `ttl`; the agent's own identity
+    /// is held from the start.
     pub fn new(
         ca: Arc<dyn CertificateAuthority>,
+        bundle: Arc<TrustBundle>,
         trust_domain: &str,
         ttl: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
+        let shared = Arc::new(Shared {
             ca,
+            bundle,
             trust_domain: trust_domain.to_owned(),
             ttl,
-            held: Mutex::new(HashMap::new()),
-            expiries: Arc::new(Expiries {
+            issued: watch::Sender::new(0),
+            rotation: watch::Sender::new(0),
+            expiries: Expiries {
                 by_id: Mutex::default(),
-                metrics,
-            }),
-        }
+                metrics: metrics.clone(),
+            },
+            metrics,
+        });
+        tokio::spawn(watch_signer(Arc::downgrade(&shared)));
+        let certificates = Self {
+            shared,
+            held: Mutex::new(HashMap::new()),
+        };
+        certificates.hold(&BTreeSet::new());
+        certificates
     }
 
-    /// The inbound tunnel's server configuration, presenting the agent identity (issued now
-    /// and renewed from here on).
-    pub fn server_config(&self) -> Result<Arc<ServerConfig>> {
-        let id = SpiffeId::agent(&self.trust_domain);
-        let slot = Arc::new(self.issue_slot(&id)?);
-        tokio::spawn(renew(
-            self.ca.clone(),
-            id,
-            Arc::downgrade(&slot),
-            self.ttl,
-            self.expiries.clone(),
-        ));
-        tls::server_config(self.ca.trust_bundle(), &self.trust_domain, slot)
+    /// The agent's own identity.
+    fn agent(&self) -> SpiffeId {
+        SpiffeId::agent(&self.shared.trust_domain)
     }
 
-    /// Holds certificates for exactly `ids`: new ones are issued now, ones no longer wanted are
-    /// dropped (their renewal stops). If an issue fails, nothing changes.
-    pub fn hold(&self, ids: &BTreeSet<SpiffeId>) -> Result<()> {
+    /// Holds certificates for exactly `ids` and the agent's own identity: new ones are asked
+    /// for now (see [`Self::issued`]), ones no longer wanted are dropped (their renewal stops).
+    pub fn hold(&self, ids: &BTreeSet<SpiffeId>) {
+        let agent = self.agent();
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut issued = Vec::new();
-        for id in ids.iter().filter(|id| !held.contains_key(*id)) {
-            let slot = Arc::new(self.issue_slot(id)?);
-            let client =
-                tls::client_config(self.ca.trust_bundle(), &self.trust_domain, slot.clone())?;
-            issued.push((id.clone(), client, slot));
-        }
         held.retain(|id, _| {
-            let keep = ids.contains(id);
+            let keep = ids.contains(id) || *id == agent;
             if !keep {
-                self.expiries.forget(id);
+                self.shared.expiries.forget(id);
             }
             keep
         });
-        for (id, client, slot) in issued {
-            tokio::spawn(renew(
-                self.ca.clone(),
+        for id in ids.iter().chain([&agent]) {
+            if held.contains_key(id) {
+                continue;
+            }
+            let ready = Arc::new(OnceLock::new());
+            let keeper = tokio::spawn(keep(self.shared.clone(), id.clone(), ready.clone()));
+            held.insert(
                 id.clone(),
-                Arc::downgrade(&slot),
-                self.ttl,
-                self.expiries.clone(),
-            ));
-            held.insert(id, client);
+                Holding {
+                    ready,
+                    keeper: keeper.abort_handle(),
+                },
+            );
         }
-        Ok(())
+    }
+
+    /// Waits until every held one of `ids` (and the agent's identity) has its certificate.
+    pub async fn issued(&self, ids: &BTreeSet<SpiffeId>) {
+        let mut ticks = self.shared.issued.subscribe();
+        let agent = self.agent();
+        loop {
+            let missing = {
+                let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+                ids.iter()
+                    .chain([&agent])
+                    .any(|id| held.get(id).is_some_and(|h| h.ready.get().is_none()))
+            };
+            if !missing || ticks.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The held identities still waiting for their first certificate.
+    pub fn pending(&self) -> Vec<SpiffeId> {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.iter()
+            .filter(|(_, h)| h.ready.get().is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The inbound tunnel's server configuration, presenting the agent identity, once it
+    /// has its first certificate.
+    pub async fn server_config(&self) -> Result<Arc<ServerConfig>> {
+        self.issued(&BTreeSet::new()).await;
+        let slot = {
+            let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            held.get(&self.agent())
+                .and_then(|h| h.ready.get())
+                .map(|ready| ready.slot.clone())
+        };
+        let slot = slot.ok_or_else(|| anyhow::anyhow!("the agent's identity is not held"))?;
+        tls::server_config(self.shared.bundle.clone(), &self.shared.trust_domain, slot)
     }
 
     /// Every held identity (the agent's too) and when its certificate expires.
     pub fn expiries(&self) -> BTreeMap<SpiffeId, SystemTime> {
-        self.expiries
+        self.shared
+            .expiries
             .by_id
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// The tunnel client configuration presenting `id`'s certificate, if it is held.
+    /// The tunnel client configuration presenting `id`'s certificate, if it is held and
+    /// issued.
     pub fn client_config(&self, id: &SpiffeId) -> Option<Arc<ClientConfig>> {
         let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        held.get(id).cloned()
+        held.get(id)?.ready.get().map(|ready| ready.client.clone())
     }
 
-    fn issue_slot(&self, id: &SpiffeId) -> Result<CertSlot> {
-        let issued = self
-            .ca
-            .issue(id, self.ttl)
-            .with_context(|| format!("cannot get a certificate for {id}"))?;
-        info!(%id, valid_for = ?self.ttl, "certificate issued");
-        self.expiries.record(id, issued.not_after);
-        CertSlot::new(issued)
+    /// The trust bundle the certificates are checked against.
+    pub fn bundle(&self) -> &Arc<TrustBundle> {
+        &self.shared.bundle
     }
 }
 
-/// Renews `slot`'s certificate at half-life until the slot is dropped.
-async fn renew(
-    ca: Arc<dyn CertificateAuthority>,
-    id: SpiffeId,
-    slot: Weak<CertSlot>,
-    ttl: Duration,
-    expiries: Arc<Expiries>,
-) {
-    let mut wait = half_life_with_jitter(ttl);
+impl Shared {
+    /// Puts a new certificate of `id` in place (the first one makes its slot).
+    fn put(&self, id: &SpiffeId, ready: &OnceLock<Ready>, issued: Issued) -> Result<SystemTime> {
+        let not_after = issued.not_after;
+        match ready.get() {
+            Some(ready) => ready.slot.replace(issued)?,
+            None => {
+                let slot = Arc::new(CertSlot::new(issued)?);
+                let client =
+                    tls::client_config(self.bundle.clone(), &self.trust_domain, slot.clone())?;
+                // Only this identity's task sets it.
+                let _ = ready.set(Ready { slot, client });
+                self.issued.send_modify(|n| *n += 1);
+            }
+        }
+        self.expiries.record(id, not_after);
+        Ok(not_after)
+    }
+}
+
+/// Keeps `id`'s certificate: asks for it until it comes, then renews it at half-life and
+/// after the CA's signer changed, until aborted.
+async fn keep(shared: Arc<Shared>, id: SpiffeId, ready: Arc<OnceLock<Ready>>) {
+    let mut rotation = shared.rotation.subscribe();
+    let mut failures = 0;
     loop {
-        tokio::time::sleep(wait).await;
-        let Some(slot) = slot.upgrade() else { return };
-        let renewed = ca.issue(&id, ttl).and_then(|issued| {
-            let not_after = issued.not_after;
-            slot.replace(issued).map(|()| {
-                expiries.record(&id, not_after);
-                not_after
-            })
-        });
-        wait = match renewed {
+        let started = Instant::now();
+        let issued = issue(&*shared.ca, &id, shared.ttl).await;
+        let metrics = &shared.metrics;
+        metrics
+            .certificate_request_duration
+            .observe(started.elapsed().as_secs_f64());
+        let put = issued.and_then(|issued| shared.put(&id, &ready, issued));
+        let result = if put.is_ok() { "issued" } else { "failed" };
+        metrics
+            .certificate_requests
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        let wait = match put {
             Ok(not_after) => {
+                failures = 0;
                 let left = not_after
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
-                info!(%id, valid_for = ?left, "certificate renewed");
-                half_life_with_jitter(ttl)
+                info!(%id, valid_for = ?left, "certificate issued");
+                half_life_with_jitter(shared.ttl)
             }
             Err(e) => {
-                let retry = (ttl / 20).min(MAX_RETRY);
-                warn!(%id, ?retry, "certificate renewal failed, the current one stays: {e:#}");
+                failures += 1;
+                let retry = retry_after(failures, shared.ttl);
+                if ready.get().is_some() {
+                    warn!(%id, ?retry, "certificate renewal failed, the current one stays: {e:#}");
+                } else {
+                    warn!(%id, ?retry, "cannot get a certificate yet: {e:#}");
+                }
                 retry
             }
         };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            Ok(()) = rotation.changed() => {
+                tokio::time::sleep(ROTATION_SPREAD.mul_f64(fastrand::f64())).await;
+            }
+        }
     }
+}
+
+/// Asks the CA every few seconds which certificate it signs with; when that changes, every
+/// held certificate is renewed soon (a rotation moved signing to a new key).
+async fn watch_signer(shared: std::sync::Weak<Shared>) {
+    let mut last: Option<CertificateDer<'static>> = None;
+    loop {
+        let Some(ca) = shared.upgrade().map(|s| s.ca.clone()) else {
+            return;
+        };
+        if let Ok(signer) = ca.signer().await {
+            if last.as_ref().is_some_and(|last| *last != signer) {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                info!("the CA signs with another certificate now: renewing every certificate");
+                shared.rotation.send_modify(|n| *n += 1);
+            }
+            last = Some(signer);
+        }
+        tokio::time::sleep(SIGNER_CHECK).await;
+    }
+}
+
+/// The wait before the `failures`th retry: doubling from [`FIRST_RETRY`] to a twentieth of
+/// the lifetime or [`MAX_RETRY`], whichever is less, with jitter.
+fn retry_after(failures: u32, ttl: Duration) -> Duration {
+    let ceiling = (ttl / 20).min(MAX_RETRY);
+    let doubled = FIRST_RETRY.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    doubled.min(ceiling).mul_f64(0.8 + 0.4 * fastrand::f64())
 }
 
 fn expiry_labels(id: &SpiffeId) -> IdentityLabels {
@@ -214,42 +351,102 @@ mod tests {
 
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use rustls::pki_types::CertificateDer;
+    use futures::future::BoxFuture;
+    use rustls::pki_types::CertificateSigningRequestDer;
 
-    use crate::{identity::Issued, testing};
+    use crate::{
+        identity::{FileCa, Signed, signer::Signer},
+        testing,
+    };
 
-    /// The test CA, failing while `down` is set.
+    /// A CA in memory, failing while `down` is set; `rotate` moves it to a new key.
     struct FlakyCa {
-        ca: Arc<dyn CertificateAuthority>,
+        ca: Mutex<Arc<FileCa>>,
         down: AtomicBool,
     }
 
-    impl CertificateAuthority for FlakyCa {
-        fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Issued> {
-            if self.down.load(Ordering::Relaxed) {
-                anyhow::bail!("the CA is down");
-            }
-            self.ca.issue(id, ttl)
+    impl FlakyCa {
+        fn new() -> Arc<Self> {
+            Arc::new(Self {
+                ca: Mutex::new(testing::test_ca()),
+                down: AtomicBool::new(false),
+            })
         }
 
-        fn trust_bundle(&self) -> &[CertificateDer<'static>] {
-            self.ca.trust_bundle()
+        fn current(&self) -> Arc<FileCa> {
+            self.ca.lock().unwrap().clone()
         }
+
+        fn rotate(&self) {
+            *self.ca.lock().unwrap() = Arc::new(FileCa::in_memory(
+                Signer::generate("cluster.local").unwrap(),
+            ));
+        }
+
+        fn set_down(&self, down: bool) {
+            self.down.store(down, Ordering::Relaxed);
+        }
+    }
+
+    impl CertificateAuthority for FlakyCa {
+        fn sign(
+            &self,
+            csr: CertificateSigningRequestDer<'static>,
+            ttl: Duration,
+        ) -> BoxFuture<'_, Result<Signed>> {
+            let ca = self.current();
+            let down = self.down.load(Ordering::Relaxed);
+            Box::pin(async move {
+                if down {
+                    anyhow::bail!("the CA is down");
+                }
+                ca.sign(csr, ttl).await
+            })
+        }
+
+        fn signer(&self) -> BoxFuture<'_, Result<CertificateDer<'static>>> {
+            let ca = self.current();
+            let down = self.down.load(Ordering::Relaxed);
+            Box::pin(async move {
+                if down {
+                    anyhow::bail!("the CA is down");
+                }
+                ca.signer().await
+            })
+        }
+    }
+
+    fn web() -> SpiffeId {
+        SpiffeId::workload("cluster.local", "shop", "web")
+    }
+
+    fn certificates(
+        ca: &Arc<FlakyCa>,
+        ttl: Duration,
+    ) -> (prometheus_client::registry::Registry, Certificates) {
+        let (registry, metrics) = testing::metrics();
+        let bundle = testing::bundle_of(&ca.current());
+        let certificates = Certificates::new(ca.clone(), bundle, "cluster.local", ttl, metrics);
+        (registry, certificates)
     }
 
     #[tokio::test(start_paused = true)]
     async fn certificates_are_renewed_at_half_life_and_retried_while_the_ca_fails() {
-        let ca = Arc::new(FlakyCa {
-            ca: testing::test_ca(),
-            down: AtomicBool::new(false),
-        });
-        let (registry, metrics) = testing::metrics();
+        let ca = FlakyCa::new();
         let ttl = Duration::from_secs(100);
-        let certificates = Certificates::new(ca.clone(), "cluster.local", ttl, metrics);
-        let web = SpiffeId::workload("cluster.local", "shop", "web");
-        certificates.hold(&BTreeSet::from([web.clone()])).unwrap();
-        let expiry = || certificates.expiries()[&web];
+        let (registry, certificates) = certificates(&ca, ttl);
+        certificates.hold(&BTreeSet::from([web()]));
+        testing::within(certificates.issued(&BTreeSet::from([web()]))).await;
+        let expiry = || certificates.expiries()[&web()];
         let first = expiry();
+        // Two identities held: the agent's and web's.
+        let issued = || {
+            testing::sample(
+                &registry,
+                "mesh_certificate_requests_total{result=\"issued\"}",
+            )
+        };
+        assert_eq!(issued(), 2.0);
         let gauge = "mesh_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/web\"}";
         assert_eq!(
             testing::sample(&registry, gauge),
@@ -258,25 +455,74 @@ mod tests {
 
         // Before the earliest renewal (half-life less the jitter), nothing changes.
         tokio::time::sleep(ttl.mul_f64(0.5 - JITTER) - Duration::from_secs(1)).await;
-        assert_eq!(expiry(), first);
-        // After the latest, it has been renewed.
+        assert_eq!(issued(), 2.0);
+        // After the latest, both have been renewed.
         tokio::time::sleep(ttl.mul_f64(2.0 * JITTER) + Duration::from_secs(2)).await;
-        let renewed = expiry();
-        assert!(renewed > first);
+        assert_eq!(issued(), 4.0);
+        assert!(expiry() >= first);
 
-        // With the CA down, the certificate stays, and renewal is tried again every 5 s.
-        ca.down.store(true, Ordering::Relaxed);
+        // With the CA down, the certificate stays, and renewal is tried again, ever more
+        // slowly up to a twentieth of the lifetime.
+        ca.set_down(true);
         tokio::time::sleep(ttl.mul_f64(0.5 + JITTER) + Duration::from_secs(1)).await;
-        assert_eq!(expiry(), renewed);
-        assert!(certificates.client_config(&web).is_some());
-        ca.down.store(false, Ordering::Relaxed);
+        assert_eq!(issued(), 4.0);
+        assert!(certificates.client_config(&web()).is_some());
+        let failed = "mesh_certificate_requests_total{result=\"failed\"}";
+        assert!(testing::sample(&registry, failed) >= 6.0);
+        ca.set_down(false);
         tokio::time::sleep(ttl / 20 + Duration::from_secs(1)).await;
-        assert!(expiry() > renewed);
+        assert_eq!(issued(), 6.0);
 
         // An identity no longer held is forgotten, and its gauge with it.
-        certificates.hold(&BTreeSet::new()).unwrap();
-        assert!(certificates.expiries().is_empty());
+        certificates.hold(&BTreeSet::new());
+        assert!(!certificates.expiries().contains_key(&web()));
         assert_eq!(testing::sample(&registry, gauge), 0.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_ca_down_at_first_the_certificates_come_once_it_answers() {
+        let ca = FlakyCa::new();
+        ca.set_down(true);
+        let (_, certificates) = certificates(&ca, Duration::from_secs(3600));
+        certificates.hold(&BTreeSet::from([web()]));
+        let waited = tokio::time::timeout(
+            Duration::from_secs(60),
+            certificates.issued(&BTreeSet::from([web()])),
+        )
+        .await;
+        assert!(waited.is_err(), "issued while the CA was down");
+        assert!(certificates.client_config(&web()).is_none());
+        assert_eq!(certificates.pending().len(), 2, "the agent's and web's");
+        ca.set_down(false);
+        // The next try is at most MAX_RETRY (with jitter) away.
+        tokio::time::sleep(MAX_RETRY.mul_f64(1.2)).await;
+        testing::within(certificates.issued(&BTreeSet::from([web()]))).await;
+        assert!(certificates.client_config(&web()).is_some());
+        assert!(certificates.server_config().await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_the_ca_signs_with_a_new_key_every_certificate_is_renewed_soon() {
+        let ca = FlakyCa::new();
+        let ttl = Duration::from_secs(24 * 3600);
+        let (registry, certificates) = certificates(&ca, ttl);
+        certificates.hold(&BTreeSet::from([web()]));
+        testing::within(certificates.issued(&BTreeSet::from([web()]))).await;
+        let issued = || {
+            testing::sample(
+                &registry,
+                "mesh_certificate_requests_total{result=\"issued\"}",
+            )
+        };
+        tokio::time::sleep(SIGNER_CHECK * 2).await;
+        assert_eq!(issued(), 2.0, "nothing renewed without a change");
+
+        ca.rotate();
+        tokio::time::sleep(SIGNER_CHECK + ROTATION_SPREAD + Duration::from_secs(1)).await;
+        assert_eq!(issued(), 4.0, "both renewed");
+        // And they stay: the signer did not change again.
+        tokio::time::sleep(SIGNER_CHECK * 4).await;
+        assert_eq!(issued(), 4.0);
     }
 
     #[test]
@@ -286,5 +532,16 @@ mod tests {
             let wait = half_life_with_jitter(ttl);
             assert!((45.0..=55.0).contains(&wait.as_secs_f64()), "{wait:?}");
         }
+    }
+
+    #[test]
+    fn retries_double_up_to_a_ceiling() {
+        let ttl = Duration::from_secs(3600);
+        let first = retry_after(1, ttl).as_secs_f64();
+        assert!((0.2..=0.3).contains(&first), "{first}");
+        let tenth = retry_after(10, ttl).as_secs_f64();
+        assert!((24.0..=36.0).contains(&tenth), "{tenth}");
+        let short = retry_after(10, Duration::from_secs(100)).as_secs_f64();
+        assert!(short <= 6.0, "{short}");
     }
 }

@@ -6,8 +6,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use anyhow::{Context, Result};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig,
+    SignatureScheme,
     client::{
         ResolvesClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -16,18 +16,19 @@ use rustls::{
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::{
-        ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
+        ClientHello, ParsedCertificate, ResolvesServerCert,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
     sign::CertifiedKey,
 };
 
-use crate::identity::{Issued, SpiffeId};
+use crate::identity::{Issued, SpiffeId, bundle::TrustBundle};
 
 /// The one application protocol spoken on the tunnel.
 const ALPN_H2: &[u8] = b"h2";
 
-fn provider() -> Arc<CryptoProvider> {
+/// The crypto the mesh's TLS uses.
+pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -84,56 +85,69 @@ impl ResolvesServerCert for CertSlot {
     }
 }
 
-fn roots(bundle: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>> {
-    let mut roots = RootCertStore::empty();
-    for cert in bundle {
-        roots
-            .add(cert.clone())
-            .context("a trust bundle certificate is not a usable trust anchor")?;
-    }
-    Ok(Arc::new(roots))
-}
-
 /// The client side of a tunnel: presents `slot`'s certificate (the source workload's) and
-/// accepts only a peer agent of `trust_domain` whose chain leads to `bundle`.
+/// accepts only a peer agent of `trust_domain` whose chain leads to the bundle.
 pub fn client_config(
-    bundle: &[CertificateDer<'static>],
+    bundle: Arc<TrustBundle>,
     trust_domain: &str,
     slot: Arc<CertSlot>,
 ) -> Result<Arc<ClientConfig>> {
+    let config = builder(bundle, SpiffeId::agent(trust_domain))?.with_client_cert_resolver(slot);
+    Ok(Arc::new(with_h2(config)))
+}
+
+/// A client of the CA service: no certificate of its own (it shows a token instead), and it
+/// accepts only the CA service of `trust_domain` whose chain leads to the bundle.
+pub fn ca_client_config(bundle: Arc<TrustBundle>, trust_domain: &str) -> Result<Arc<ClientConfig>> {
+    let config = builder(bundle, SpiffeId::ca(trust_domain))?.with_no_client_auth();
+    Ok(Arc::new(with_h2(config)))
+}
+
+fn builder(
+    bundle: Arc<TrustBundle>,
+    expected: SpiffeId,
+) -> Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>> {
     let provider = provider();
-    let verifier = Arc::new(PeerAgentVerifier {
-        roots: roots(bundle)?,
-        expected: SpiffeId::agent(trust_domain),
+    let verifier = Arc::new(PeerVerifier {
+        bundle,
+        expected,
         algorithms: provider.signature_verification_algorithms,
     });
-    let mut config = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(slot);
+        .with_custom_certificate_verifier(verifier))
+}
+
+fn with_h2(mut config: ClientConfig) -> ClientConfig {
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config
+}
+
+/// The server side of a tunnel: presents the agent's certificate and requires a client
+/// certificate with a SPIFFE ID of `trust_domain` whose chain leads to the bundle.
+pub fn server_config(
+    bundle: Arc<TrustBundle>,
+    trust_domain: &str,
+    slot: Arc<CertSlot>,
+) -> Result<Arc<ServerConfig>> {
+    let verifier = Arc::new(WorkloadVerifier {
+        bundle,
+        trust_domain: trust_domain.to_owned(),
+    });
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(slot);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
 
-/// The server side of a tunnel: presents the agent's certificate and requires a client
-/// certificate with a SPIFFE ID of `trust_domain` whose chain leads to `bundle`.
-pub fn server_config(
-    bundle: &[CertificateDer<'static>],
-    trust_domain: &str,
-    slot: Arc<CertSlot>,
-) -> Result<Arc<ServerConfig>> {
-    let provider = provider();
-    let webpki = WebPkiClientVerifier::builder_with_provider(roots(bundle)?, provider.clone())
-        .build()
-        .context("cannot build the client certificate verifier")?;
-    let verifier = Arc::new(WorkloadVerifier {
-        webpki,
-        trust_domain: trust_domain.to_owned(),
-    });
-    let mut config = ServerConfig::builder_with_provider(provider)
+/// A server presenting `slot`'s certificate to clients that show none (the CA service's).
+pub fn plain_server_config(slot: Arc<CertSlot>) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_no_client_auth()
         .with_cert_resolver(slot);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
@@ -182,15 +196,22 @@ fn identity_error(reason: impl Into<String>) -> Error {
 struct IdentityRejected(String);
 
 /// Accepts a server whose chain leads to the trust bundle and whose SPIFFE ID is `expected`
-/// (the node agents' identity); the server name is not used.
-#[derive(Debug)]
-struct PeerAgentVerifier {
-    roots: Arc<RootCertStore>,
+/// (the node agents', or the CA service's); the server name is not used.
+struct PeerVerifier {
+    bundle: Arc<TrustBundle>,
     expected: SpiffeId,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for PeerAgentVerifier {
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier")
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -202,7 +223,7 @@ impl ServerCertVerifier for PeerAgentVerifier {
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            &self.bundle.roots().store,
             intermediates,
             now,
             self.algorithms.all,
@@ -210,7 +231,7 @@ impl ServerCertVerifier for PeerAgentVerifier {
         let id = SpiffeId::from_certificate(end_entity).map_err(identity_error)?;
         if id != self.expected {
             return Err(identity_error(format!(
-                "the peer is {id}, not a node agent ({})",
+                "the peer is {id}, not {}",
                 self.expected
             )));
         }
@@ -242,17 +263,25 @@ impl ServerCertVerifier for PeerAgentVerifier {
     }
 }
 
-/// webpki's client verification (chain, validity, client-auth usage), then a SPIFFE ID of
-/// the trust domain.
-#[derive(Debug)]
+/// webpki's client verification (chain, validity, client-auth usage) against the bundle as
+/// it is at the handshake, then a SPIFFE ID of the trust domain.
 struct WorkloadVerifier {
-    webpki: Arc<dyn ClientCertVerifier>,
+    bundle: Arc<TrustBundle>,
     trust_domain: String,
 }
 
+impl std::fmt::Debug for WorkloadVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ClientCertVerifier for WorkloadVerifier {
+    /// No hints: the roots may change between handshakes, and peers need none.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.webpki.root_hint_subjects()
+        &[]
     }
 
     fn verify_client_cert(
@@ -261,7 +290,9 @@ impl ClientCertVerifier for WorkloadVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.webpki
+        self.bundle
+            .roots()
+            .client_verifier
             .verify_client_cert(end_entity, intermediates, now)?;
         let id = SpiffeId::from_certificate(end_entity).map_err(identity_error)?;
         if id.trust_domain() != self.trust_domain {
@@ -279,7 +310,10 @@ impl ClientCertVerifier for WorkloadVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
+        self.bundle
+            .roots()
+            .client_verifier
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -288,11 +322,17 @@ impl ClientCertVerifier for WorkloadVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
+        self.bundle
+            .roots()
+            .client_verifier
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
+        self.bundle
+            .roots()
+            .client_verifier
+            .supported_verify_schemes()
     }
 }
 
@@ -303,17 +343,29 @@ mod tests {
     use tokio_rustls::{TlsAcceptor, TlsConnector};
 
     use super::*;
-    use crate::identity::{CertificateAuthority, FileCa};
+    use crate::identity::{FileCa, issue, signer::Signer};
 
     const DOMAIN: &str = "cluster.local";
 
     fn ca() -> FileCa {
-        FileCa::generate(DOMAIN).unwrap()
+        FileCa::in_memory(Signer::generate(DOMAIN).unwrap())
     }
 
-    fn slot(ca: &FileCa, id: &SpiffeId) -> Arc<CertSlot> {
-        let issued = ca.issue(id, Duration::from_secs(3600)).unwrap();
-        Arc::new(CertSlot::new(issued).unwrap())
+    async fn issued(ca: &FileCa, id: &SpiffeId) -> Issued {
+        issue(ca, id, Duration::from_secs(3600)).await.unwrap()
+    }
+
+    async fn slot(ca: &FileCa, id: &SpiffeId) -> Arc<CertSlot> {
+        Arc::new(CertSlot::new(issued(ca, id).await).unwrap())
+    }
+
+    fn bundle(cas: &[&FileCa]) -> Arc<TrustBundle> {
+        TrustBundle::fixed(
+            cas.iter()
+                .map(|ca| ca.signer_now().cert().clone())
+                .collect(),
+        )
+        .unwrap()
     }
 
     fn web() -> SpiffeId {
@@ -324,31 +376,20 @@ mod tests {
     /// `trusted`: what the server saw of the client (its SPIFFE ID) or why it refused, and
     /// whether the client accepted the server or why not.
     async fn handshake(
-        trusted: &FileCa,
+        trusted: &Arc<TrustBundle>,
         client: Option<Arc<CertSlot>>,
         server: Arc<CertSlot>,
     ) -> (Result<SpiffeId, &'static str>, Result<(), &'static str>) {
-        let bundle = trusted.trust_bundle();
         let client_config = match client {
-            Some(slot) => client_config(bundle, DOMAIN, slot).unwrap(),
+            Some(slot) => client_config(trusted.clone(), DOMAIN, slot).unwrap(),
             None => {
-                let provider = provider();
-                let verifier = Arc::new(PeerAgentVerifier {
-                    roots: roots(bundle).unwrap(),
-                    expected: SpiffeId::agent(DOMAIN),
-                    algorithms: provider.signature_verification_algorithms,
-                });
-                let mut config = ClientConfig::builder_with_provider(provider)
-                    .with_protocol_versions(&[&rustls::version::TLS13])
+                let config = builder(trusted.clone(), SpiffeId::agent(DOMAIN))
                     .unwrap()
-                    .dangerous()
-                    .with_custom_certificate_verifier(verifier)
                     .with_no_client_auth();
-                config.alpn_protocols = vec![ALPN_H2.to_vec()];
-                Arc::new(config)
+                Arc::new(with_h2(config))
             }
         };
-        let server_config = server_config(bundle, DOMAIN, server).unwrap();
+        let server_config = server_config(trusted.clone(), DOMAIN, server).unwrap();
         let (a, b) = tokio::io::duplex(64 << 10);
         let name = ServerName::try_from("198.18.0.2").unwrap();
         let (client, server) = crate::testing::within(async {
@@ -367,8 +408,9 @@ mod tests {
     #[tokio::test]
     async fn a_workload_and_a_node_agent_of_one_ca_agree() {
         let ca = ca();
-        let agent = slot(&ca, &SpiffeId::agent(DOMAIN));
-        let (seen, accepted) = handshake(&ca, Some(slot(&ca, &web())), agent).await;
+        let agent = slot(&ca, &SpiffeId::agent(DOMAIN)).await;
+        let client = Some(slot(&ca, &web()).await);
+        let (seen, accepted) = handshake(&bundle(&[&ca]), client, agent).await;
         assert_eq!(seen, Ok(web()));
         assert_eq!(accepted, Ok(()));
     }
@@ -376,21 +418,16 @@ mod tests {
     #[tokio::test]
     async fn the_server_refuses_clients_it_cannot_trust() {
         let (ca, other) = (ca(), ca());
-        let agent = || slot(&ca, &SpiffeId::agent(DOMAIN));
+        let other_domain = SpiffeId::workload("other.domain", "shop", "web");
         let cases = [
             // (client certificate, the server's reason)
-            (Some(slot(&other, &web())), "untrusted"),
-            (
-                Some(slot(
-                    &ca,
-                    &SpiffeId::workload("other.domain", "shop", "web"),
-                )),
-                "identity",
-            ),
+            (Some(slot(&other, &web()).await), "untrusted"),
+            (Some(slot(&ca, &other_domain).await), "identity"),
             (None, "no_certificate"),
         ];
         for (client, reason) in cases {
-            let (seen, _) = handshake(&ca, client, agent()).await;
+            let agent = slot(&ca, &SpiffeId::agent(DOMAIN)).await;
+            let (seen, _) = handshake(&bundle(&[&ca]), client, agent).await;
             assert_eq!(seen, Err(reason));
         }
     }
@@ -400,12 +437,13 @@ mod tests {
         let (ca, other) = (ca(), ca());
         let cases = [
             // (server certificate, the client's reason)
-            (slot(&other, &SpiffeId::agent(DOMAIN)), "untrusted"),
+            (slot(&other, &SpiffeId::agent(DOMAIN)).await, "untrusted"),
             // A workload's certificate is no node agent's, though the CA is the same.
-            (slot(&ca, &web()), "identity"),
+            (slot(&ca, &web()).await, "identity"),
         ];
         for (server, reason) in cases {
-            let (_, accepted) = handshake(&ca, Some(slot(&ca, &web())), server).await;
+            let client = Some(slot(&ca, &web()).await);
+            let (_, accepted) = handshake(&bundle(&[&ca]), client, server).await;
             assert_eq!(accepted, Err(reason));
         }
     }
@@ -413,15 +451,46 @@ mod tests {
     #[tokio::test]
     async fn a_renewed_certificate_takes_the_old_ones_place_and_verifies() {
         let ca = ca();
-        let client = slot(&ca, &web());
-        let agent = slot(&ca, &SpiffeId::agent(DOMAIN));
+        let client = slot(&ca, &web()).await;
+        let agent = slot(&ca, &SpiffeId::agent(DOMAIN)).await;
         let serial = |slot: &CertSlot| slot.get().cert[0].clone();
         let before = serial(&client);
-        client
-            .replace(ca.issue(&web(), Duration::from_secs(3600)).unwrap())
-            .unwrap();
+        client.replace(issued(&ca, &web()).await).unwrap();
         assert_ne!(serial(&client), before);
-        let (seen, accepted) = handshake(&ca, Some(client), agent).await;
+        let (seen, accepted) = handshake(&bundle(&[&ca]), Some(client), agent).await;
+        assert_eq!((seen, accepted), (Ok(web()), Ok(())));
+    }
+
+    #[tokio::test]
+    async fn a_root_added_to_the_bundle_is_trusted_and_one_removed_is_not_from_the_next_handshake()
+    {
+        let (old, new) = (ca(), ca());
+        let trusted = bundle(&[&old]);
+        let agent = slot(&old, &SpiffeId::agent(DOMAIN)).await;
+        let from_new = || async { Some(slot(&new, &web()).await) };
+        let (seen, _) = handshake(&trusted, from_new().await, agent.clone()).await;
+        assert_eq!(seen, Err("untrusted"));
+
+        trusted
+            .replace(vec![
+                old.signer_now().cert().clone(),
+                new.signer_now().cert().clone(),
+            ])
+            .unwrap();
+        let (seen, accepted) = handshake(&trusted, from_new().await, agent.clone()).await;
+        assert_eq!((seen, accepted), (Ok(web()), Ok(())));
+
+        // The old root removed: the agent's certificate (of the old CA) is refused by the
+        // client, until the agent's is renewed by the new CA.
+        trusted
+            .replace(vec![new.signer_now().cert().clone()])
+            .unwrap();
+        let (_, accepted) = handshake(&trusted, from_new().await, agent.clone()).await;
+        assert_eq!(accepted, Err("untrusted"));
+        agent
+            .replace(issued(&new, &SpiffeId::agent(DOMAIN)).await)
+            .unwrap();
+        let (seen, accepted) = handshake(&trusted, from_new().await, agent).await;
         assert_eq!((seen, accepted), (Ok(web()), Ok(())));
     }
 }

@@ -262,12 +262,11 @@ mod tests {
         let net = Loopback::reserve();
         let (registry, metrics) = testing::metrics();
         let snapshot = Mesh::node("n1", net.node(1), &net.pod_cidr(1)).build();
-        let certificates = Arc::new(Certificates::new(
+        let certificates = testing::certificates(
             testing::test_ca(),
-            "cluster.local",
             Duration::from_secs(3600),
             metrics.clone(),
-        ));
+        );
         let (_, log_filter) = reload::Layer::new(EnvFilter::new("info"));
         let open = Arc::new(OpenConnections::default());
         let admin = Admin {

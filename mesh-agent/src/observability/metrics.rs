@@ -179,6 +179,11 @@ pub struct Metrics {
     pub tunnel_streams: Family<PeerLabels, Gauge>,
     pub certificate_expiry: Family<IdentityLabels, Gauge>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Certificates asked of the CA: `issued` or `failed`.
+    pub certificate_requests: Family<ResultLabels, Counter>,
+    pub certificate_request_duration: Histogram,
+    pub trust_bundle_certificates: Gauge,
+    pub trust_bundle_reloads: Family<ResultLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: RequestDurations,
     /// Request bodies, from the source; response bodies, back to it.
@@ -251,6 +256,10 @@ impl Metrics {
             tunnel_streams: Family::default(),
             certificate_expiry: Family::default(),
             config_reloads: Family::default(),
+            certificate_requests: Family::default(),
+            certificate_request_duration: duration_histogram(),
+            trust_bundle_certificates: Gauge::default(),
+            trust_bundle_reloads: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             request_bytes: Family::default(),
@@ -340,6 +349,27 @@ impl Metrics {
             "config_reloads",
             "Config changes applied or rejected",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "certificate_requests",
+            "Certificates asked of the CA, by result (issued, failed)",
+            m.certificate_requests.clone(),
+        );
+        r.register_with_unit(
+            "certificate_request_duration",
+            "How long the CA took to answer a certificate request",
+            Unit::Seconds,
+            m.certificate_request_duration.clone(),
+        );
+        r.register(
+            "trust_bundle_certificates",
+            "CA certificates in the trust bundle peers are checked against",
+            m.trust_bundle_certificates.clone(),
+        );
+        r.register(
+            "trust_bundle_reloads",
+            "Changes of the trust bundle's file applied or rejected",
+            m.trust_bundle_reloads.clone(),
         );
         r.register(
             "requests",
@@ -800,6 +830,14 @@ mod tests {
             })
             .set(1_800_000_000);
         m.config_reloads
+            .get_or_create(&ResultLabels { result: "applied" })
+            .inc();
+        m.certificate_requests
+            .get_or_create(&ResultLabels { result: "issued" })
+            .inc();
+        m.certificate_request_duration.observe(0.002);
+        m.trust_bundle_certificates.set(2);
+        m.trust_bundle_reloads
             .get_or_create(&ResultLabels { result: "applied" })
             .inc();
     }

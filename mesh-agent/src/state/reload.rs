@@ -2,7 +2,7 @@
 //! to the eBPF maps and the routes without a restart; an invalid one is logged and the
 //! running config stays.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -12,6 +12,9 @@ use crate::{
     identity::certificates::Certificates, observability::metrics::Metrics,
     proxy::balance::EndpointStates, state::routes::Routes, system,
 };
+
+/// How long a change waits for its new identities' certificates before it applies anyway.
+const ISSUE_WAIT: Duration = Duration::from_secs(2);
 
 /// Where the running state is mirrored for the kernel: the eBPF maps
 /// (`datapath::maps::StateMaps`), or nowhere (the in-process tests).
@@ -39,14 +42,15 @@ impl<M: Mirror> Running<M> {
         while updates.changed().await.is_ok() {
             let new = updates.borrow_and_update().clone();
             if let Some(new) = new {
-                self.apply(new);
+                self.apply(new).await;
             }
         }
     }
 
     /// Makes `new` the running config, unless it changes what cannot change while the agent
-    /// runs or its certificates cannot be issued.
-    pub fn apply(&mut self, new: Snapshot) {
+    /// runs. New identities' certificates are waited for a moment; any still missing then
+    /// come when the CA answers (their workloads' connections are refused until then).
+    pub async fn apply(&mut self, new: Snapshot) {
         let started = std::time::Instant::now();
         // The running config is the one the current routes were built from.
         let current = self.routes.borrow().clone();
@@ -73,9 +77,15 @@ impl<M: Mirror> Running<M> {
         }
         let cgroups = workload_cgroups(&new, &self.cgroup_mount);
         let routes = Routes::new(new.clone(), &self.states, &cgroups);
-        if let Err(e) = self.certificates.hold(&routes.identities()) {
-            rejected(&self.metrics, &format!("{e:#}"));
-            return;
+        let identities = routes.identities();
+        self.certificates.hold(&identities);
+        let issued = self.certificates.issued(&identities);
+        if tokio::time::timeout(ISSUE_WAIT, issued).await.is_err() {
+            let pending = self.certificates.pending();
+            warn!(
+                ?pending,
+                "the CA has not issued every new certificate yet: applying the change, they follow when it answers"
+            );
         }
         if let Err(e) = self.state.sync(&new, &cgroups) {
             warn!("config change only partly applied to the eBPF maps: {e:#}");
@@ -112,7 +122,7 @@ mod tests {
     use super::*;
     use crate::{
         identity::SpiffeId,
-        testing::{Loopback, Mesh, metrics, routes, sample, test_ca},
+        testing::{self, Loopback, Mesh, metrics, routes, sample, test_ca},
     };
 
     /// The kernel's side, as the agent last synced it: the workloads' names.
@@ -148,12 +158,11 @@ mod tests {
 
     fn reload(first: Snapshot) -> Reload {
         let (registry, metrics) = metrics();
-        let certificates = Arc::new(Certificates::new(
+        let certificates = testing::certificates(
             test_ca(),
-            first.settings.trust_domain.as_str(),
             first.settings.identity.certificate_ttl.0,
             metrics.clone(),
-        ));
+        );
         let (sender, routes_rx) = watch::channel(Arc::new(routes(first)));
         let synced = Synced::default();
         Reload {
@@ -181,7 +190,7 @@ mod tests {
         let changed = base(&net)
             .workload("shop", "cart-0", "cart", net.pod(1, 2))
             .build();
-        r.running.apply(changed.clone());
+        r.running.apply(changed.clone()).await;
         assert!(Arc::ptr_eq(r.routes.borrow().config(), &changed));
         assert_eq!(*r.synced.lock().unwrap(), ["web-0", "cart-0"]);
         let cart = SpiffeId::workload("cluster.local", "shop", "cart");
@@ -189,7 +198,7 @@ mod tests {
         assert_eq!(sample(&r.registry, APPLIED), 1.0);
 
         // The same state again changes nothing and counts nothing.
-        r.running.apply(Arc::new((*changed).clone()));
+        r.running.apply(Arc::new((*changed).clone())).await;
         assert_eq!(sample(&r.registry, APPLIED), 1.0);
         assert!(Arc::ptr_eq(r.routes.borrow().config(), &changed));
     }
@@ -199,12 +208,14 @@ mod tests {
         let net = Loopback::reserve();
         let first = base(&net).build();
         let mut r = reload(first.clone());
-        r.running.apply(
-            base(&net)
-                .trust_domain("other.domain")
-                .workload("shop", "cart-0", "cart", net.pod(1, 2))
-                .build(),
-        );
+        r.running
+            .apply(
+                base(&net)
+                    .trust_domain("other.domain")
+                    .workload("shop", "cart-0", "cart", net.pod(1, 2))
+                    .build(),
+            )
+            .await;
         assert_eq!(sample(&r.registry, REJECTED), 1.0);
         assert_eq!(sample(&r.registry, APPLIED), 0.0);
         assert!(Arc::ptr_eq(r.routes.borrow().config(), &first));

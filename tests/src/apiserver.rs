@@ -64,6 +64,45 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// An open watch, and the field selector it asked with.
+struct Watch {
+    tx: mpsc::UnboundedSender<Chunk>,
+    fields: String,
+}
+
+/// Whether `object` passes the field selector `fields` (`spec.nodeName=NODE` is told apart;
+/// any other selects everything).
+fn selected(fields: &str, object: &Value) -> bool {
+    match fields.strip_prefix("spec.nodeName=") {
+        Some(node) => object["spec"]["nodeName"].as_str() == Some(node),
+        None => true,
+    }
+}
+
+/// Where TokenReviews are created.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// Answers a TokenReview for the tokens minted.
+fn token_review(state: &Mutex<State>, body: &[u8]) -> Response<Body> {
+    let Ok(mut review) = serde_json::from_slice::<Value>(body) else {
+        return status(400, "BadRequest");
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or("").to_owned();
+    let audiences: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
+    let mut state = lock(state);
+    state.reviews += 1;
+    review["status"] = match state.tokens.get(&token) {
+        Some(known) => known.status(&audiences),
+        None => json!({"authenticated": false, "error": "[invalid bearer token, unknown]"}),
+    };
+    Response::new(full(review.to_string()))
+}
+
 /// One kind's objects, the events that made them and the watches open on them.
 #[derive(Default)]
 struct Kind {
@@ -71,7 +110,7 @@ struct Kind {
     events: Vec<(u64, Value)>,
     /// Watches from a resource version below this get 410 Gone.
     oldest: u64,
-    watches: Vec<mpsc::UnboundedSender<Chunk>>,
+    watches: Vec<Watch>,
     lists: usize,
     /// The resource version of each watch request, in order.
     watched_from: Vec<u64>,
@@ -85,6 +124,79 @@ struct Kind {
 struct State {
     version: u64,
     kinds: BTreeMap<&'static str, Kind>,
+    /// Service-account tokens TokenReview knows, by their text.
+    tokens: BTreeMap<String, Token>,
+    /// TokenReviews and single pod lookups answered.
+    reviews: usize,
+    pod_gets: usize,
+}
+
+/// A service-account token, as TokenReview answers for it.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub namespace: String,
+    pub service_account: String,
+    /// The pod it is bound to: name and UID.
+    pub pod: Option<(String, String)>,
+    /// The node it names (tokens of Kubernetes 1.32 and later do; older ones do not).
+    pub node: Option<String>,
+    pub audiences: Vec<String>,
+    pub expired: bool,
+}
+
+impl Token {
+    /// A token of `namespace/service_account` for `audience`, bound to the pod `pod` (whose UID
+    /// is `pod-uid-<pod>`) on `node`.
+    pub fn bound(
+        namespace: &str,
+        service_account: &str,
+        pod: &str,
+        node: &str,
+        audience: &str,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            pod: Some((pod.into(), format!("pod-uid-{pod}"))),
+            node: Some(node.into()),
+            audiences: vec![audience.into()],
+            expired: false,
+        }
+    }
+
+    /// TokenReview's status for this token asked for `audiences`.
+    fn status(&self, audiences: &[String]) -> Value {
+        if self.expired {
+            return json!({"authenticated": false, "error": "[invalid bearer token, service account token has expired]"});
+        }
+        if !audiences.iter().any(|a| self.audiences.contains(a)) {
+            return json!({"authenticated": false, "error": format!(
+                "[invalid bearer token, token audiences {:?} is invalid for the target audiences {audiences:?}]",
+                self.audiences
+            )});
+        }
+        let mut extra = serde_json::Map::new();
+        if let Some((pod, uid)) = &self.pod {
+            extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
+            extra.insert("authentication.kubernetes.io/pod-uid".into(), json!([uid]));
+        }
+        if let Some(node) = &self.node {
+            extra.insert(
+                "authentication.kubernetes.io/node-name".into(),
+                json!([node]),
+            );
+        }
+        json!({
+            "authenticated": true,
+            "audiences": audiences,
+            "user": {
+                "username": format!("system:serviceaccount:{}:{}", self.namespace, self.service_account),
+                "uid": format!("uid-{}-{}", self.namespace, self.service_account),
+                "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", self.namespace)],
+                "extra": extra,
+            },
+        })
+    }
 }
 
 /// A Kubernetes API server for the watch: it lists and watches the kinds the agent reads,
@@ -189,6 +301,26 @@ impl ApiServer {
         self.state().kinds.get(kind)?.objects.get(key).cloned()
     }
 
+    /// A token TokenReview will answer for: its text.
+    pub fn mint(&self, token: Token) -> String {
+        let text = format!("token-{:016x}", fastrand::u64(..));
+        self.state().tokens.insert(text.clone(), token);
+        text
+    }
+
+    /// Makes a minted token expired.
+    pub fn expire(&self, token: &str) {
+        if let Some(t) = self.state().tokens.get_mut(token) {
+            t.expired = true;
+        }
+    }
+
+    /// How many TokenReviews and single pod lookups were answered.
+    pub fn reviews(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.reviews, state.pod_gets)
+    }
+
     /// How many times `kind` was listed.
     pub fn lists(&self, kind: &str) -> usize {
         self.kind(kind, |k, _| k.lists)
@@ -210,7 +342,7 @@ impl ApiServer {
 
     fn kind<R>(&self, kind: &str, f: impl FnOnce(&mut Kind, &mut u64) -> R) -> R {
         let mut state = self.state();
-        let State { version, kinds } = &mut *state;
+        let State { version, kinds, .. } = &mut *state;
         if CRD_KINDS.contains(&kind) {
             let kind = KINDS.iter().find(|(k, _)| *k == kind).map(|(k, _)| *k);
             kinds
@@ -264,7 +396,7 @@ impl ApiServer {
             k.oldest = *version + 1;
             let gone = event_line(&gone());
             for w in k.watches.drain(..) {
-                let _ = w.send(Ok(Frame::data(gone.clone())));
+                let _ = w.tx.send(Ok(Frame::data(gone.clone())));
             }
         });
     }
@@ -273,7 +405,7 @@ impl ApiServer {
     pub fn drop_watches(&self, kind: &str) {
         self.kind(kind, |k, _| {
             for w in k.watches.drain(..) {
-                let _ = w.send(Err(std::io::Error::other("connection dropped")));
+                let _ = w.tx.send(Err(std::io::Error::other("connection dropped")));
             }
         });
     }
@@ -292,9 +424,31 @@ async fn handle(
         form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
+    if path == TOKEN_REVIEWS && request.method() == hyper::Method::POST {
+        let Ok(body) = request.into_body().collect().await else {
+            return status(400, "BadRequest");
+        };
+        return token_review(&state, &body.to_bytes());
+    }
+    if let Some(pod) = path.strip_prefix("/api/v1/namespaces/") {
+        let Some((namespace, name)) = pod.split_once("/pods/") else {
+            return status(404, "NotFound");
+        };
+        let mut state = lock(&state);
+        state.pod_gets += 1;
+        let pod = state
+            .kinds
+            .get("pods")
+            .and_then(|k| k.objects.get(&format!("{namespace}/{name}")));
+        return match pod {
+            Some(pod) => Response::new(full(pod.to_string())),
+            None => status(404, "NotFound"),
+        };
+    }
     let Some((kind, _)) = KINDS.iter().find(|(_, p)| *p == path) else {
         return status(404, "NotFound");
     };
+    let fields = query.get("fieldSelector").cloned().unwrap_or_default();
     let mut state = lock(&state);
     let version = state.version;
     let Some(k) = state.kinds.get_mut(kind) else {
@@ -315,7 +469,7 @@ async fn handle(
             "apiVersion": "v1",
             "kind": "List",
             "metadata": {"resourceVersion": version.to_string()},
-            "items": k.objects.values().collect::<Vec<_>>(),
+            "items": k.objects.values().filter(|o| selected(&fields, o)).collect::<Vec<_>>(),
         });
         return Response::new(full(list.to_string()));
     }
@@ -329,9 +483,11 @@ async fn handle(
         let _ = tx.send(Ok(Frame::data(event_line(&gone()))));
     } else {
         for (_, event) in k.events.iter().filter(|(v, _)| *v > from) {
-            let _ = tx.send(Ok(Frame::data(event_line(event))));
+            if selected(&fields, &event["object"]) {
+                let _ = tx.send(Ok(Frame::data(event_line(event))));
+            }
         }
-        k.watches.push(tx);
+        k.watches.push(Watch { tx, fields });
     }
     let body = StreamBody::new(futures::stream::unfold(rx, |mut rx| async {
         rx.recv().await.map(|chunk| (chunk, rx))
@@ -342,9 +498,11 @@ async fn handle(
 impl Kind {
     fn publish(&mut self, version: u64, event: Value) {
         let line = event_line(&event);
+        let object = event["object"].clone();
         self.events.push((version, event));
-        self.watches
-            .retain(|w| w.send(Ok(Frame::data(line.clone()))).is_ok());
+        self.watches.retain(|w| {
+            !selected(&w.fields, &object) || w.tx.send(Ok(Frame::data(line.clone()))).is_ok()
+        });
     }
 }
 

@@ -16,7 +16,7 @@ mod prometheus;
 mod topology;
 mod wire;
 
-pub use apiserver::ApiServer;
+pub use apiserver::{ApiServer, Token};
 pub use certs::{CertFiles, ProbeCert};
 pub use interrupt::{catch_interrupt, interrupted};
 pub use lab::{

@@ -1,0 +1,454 @@
+//! The CA service against the test API server (TokenReview, pods by node, pod lookups), with
+//! agents asking over HTTP/2 with TLS as they do in a cluster: what it signs and refuses, the
+//! tokens it takes, and an agent's certificates while it is down and through a CA rotation.
+//! No root: everything is on loopback in this process.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_agent::{
+    ca::{
+        client::CaClient,
+        review::Reviewer,
+        server::{CaMetrics, CaService},
+    },
+    identity::{
+        CaFiles, FileCa, SpiffeId, bundle::TrustBundle, certificates::Certificates, issue,
+        signer::Signer,
+    },
+    observability::metrics::Metrics,
+};
+use mesh_tests::{ApiServer, Token};
+use prometheus_client::registry::Registry;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+const DOMAIN: &str = "cluster.local";
+const AUDIENCE: &str = "mesh-ca";
+/// How long a test waits for what it expects before it fails (not a speed target).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn pod(
+    namespace: &str,
+    name: &str,
+    account: &str,
+    node: &str,
+    phase: &str,
+) -> (&'static str, Value) {
+    (
+        "pods",
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": namespace, "name": name, "uid": format!("pod-uid-{name}")},
+            "spec": {"nodeName": node, "serviceAccountName": account, "containers": []},
+            "status": {"phase": phase},
+        }),
+    )
+}
+
+/// A directory the test makes and removes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-ca-{}-{:x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A cluster of two nodes with the pods the tests ask about, its CA's files, and the CA
+/// service running.
+struct Cluster {
+    dir: TempDir,
+    api: ApiServer,
+    files: CaFiles,
+    bundle: Arc<TrustBundle>,
+    ca: RunningCa,
+}
+
+/// The CA service on its own runtime and thread: stopping it ends every connection.
+struct RunningCa {
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningCa {
+    fn start(api: &ApiServer, files: &CaFiles, port: u16) -> Self {
+        let mut registry = Registry::with_prefix("mesh_ca");
+        let metrics = CaMetrics::new(&mut registry);
+        let (kubeconfig, files) = (api.kubeconfig().to_owned(), files.clone());
+        let (bound, address) = std::sync::mpsc::channel();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
+                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                    .await
+                    .unwrap();
+                let client = kube::Client::try_from(config).unwrap();
+                let service = Arc::new(CaService {
+                    ca: Arc::new(FileCa::load(files).unwrap()),
+                    reviewer: Reviewer::new(client, AUDIENCE, DOMAIN),
+                    trust_domain: DOMAIN.into(),
+                    max_ttl: Duration::from_secs(24 * 3600),
+                    metrics,
+                });
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .unwrap();
+                bound.send(listener.local_addr().unwrap()).unwrap();
+                tokio::spawn(service.serve(listener, CancellationToken::new()));
+                tokio::task::spawn_blocking(move || stopped.recv())
+                    .await
+                    .unwrap()
+                    .ok();
+            });
+        });
+        Self {
+            addr: address.recv_timeout(PATIENCE).unwrap(),
+            registry: Arc::new(registry),
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// The CA's count of requests with `result`.
+    fn count(&self, result: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        let series = format!("mesh_ca_requests_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    fn stop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+}
+
+impl Drop for RunningCa {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = TempDir::new();
+        let objects = vec![
+            pod(
+                "mesh-system",
+                "mesh-agent-a",
+                "mesh-agent",
+                "worker-1",
+                "Running",
+            ),
+            pod(
+                "mesh-system",
+                "mesh-agent-b",
+                "mesh-agent",
+                "worker-2",
+                "Running",
+            ),
+            pod("shop", "cart-0", "cart", "worker-1", "Running"),
+            pod("shop", "web-0", "web", "worker-1", "Pending"),
+            pod("shop", "report-0", "report", "worker-1", "Succeeded"),
+            pod("shop", "payments-0", "payments", "worker-2", "Running"),
+        ];
+        let api = ApiServer::start(None, &dir.0, objects, 0).unwrap();
+        let files = FileCa::create(&dir.0.join("ca"), DOMAIN).unwrap();
+        let bundle = TrustBundle::load(files.cert.clone()).unwrap();
+        let ca = RunningCa::start(&api, &files, 0);
+        Self {
+            dir,
+            api,
+            files,
+            bundle,
+            ca,
+        }
+    }
+
+    /// An agent's client of the CA, showing `token`.
+    fn client(&self, token: &str) -> CaClient {
+        let file = self.dir.0.join(format!("token-{:x}", fastrand::u64(..)));
+        std::fs::write(&file, token).unwrap();
+        CaClient::new(&self.ca.addr.to_string(), file, self.bundle.clone(), DOMAIN).unwrap()
+    }
+
+    /// The token of the agent on worker-1 (`node` false: one without the node's name).
+    fn agent_token(&self, node: bool) -> String {
+        let mut token = Token::bound(
+            "mesh-system",
+            "mesh-agent",
+            "mesh-agent-a",
+            "worker-1",
+            AUDIENCE,
+        );
+        if !node {
+            token.node = None;
+        }
+        self.api.mint(token)
+    }
+}
+
+fn id(namespace: &str, account: &str) -> SpiffeId {
+    SpiffeId::workload(DOMAIN, namespace, account)
+}
+
+/// What the CA answers `client` asking for `id`: `Ok` with the certificate's signer, or the
+/// reason it gave.
+async fn ask(client: &CaClient, id: &SpiffeId) -> Result<CertificateDer<'static>, String> {
+    tokio::time::timeout(PATIENCE, issue(client, id, Duration::from_secs(3600)))
+        .await
+        .expect("the CA did not answer")
+        .map(|issued| issued.signer)
+        .map_err(|e| format!("{e:#}"))
+}
+
+#[tokio::test]
+async fn an_agent_gets_its_own_identity_and_its_nodes_pods_and_nothing_else() {
+    let cluster = Cluster::start();
+    let client = cluster.client(&cluster.agent_token(true));
+    let root = CertificateDer::from_pem_file(&cluster.files.cert).unwrap();
+    for allowed in [
+        SpiffeId::agent(DOMAIN),
+        id("shop", "cart"),
+        id("shop", "web"),
+    ] {
+        assert_eq!(ask(&client, &allowed).await, Ok(root.clone()), "{allowed}");
+    }
+    let refused = [
+        // A pod of another node.
+        (
+            id("shop", "payments"),
+            "no pod of spiffe://cluster.local/ns/shop/sa/payments runs on node worker-1",
+        ),
+        // A pod that has finished.
+        (id("shop", "report"), "runs on node worker-1"),
+        // Nobody's.
+        (id("kube-system", "default"), "runs on node worker-1"),
+        (
+            SpiffeId::workload("other.domain", "shop", "cart"),
+            "another trust domain",
+        ),
+    ];
+    for (id, reason) in refused {
+        let answer = ask(&client, &id).await;
+        assert!(
+            answer
+                .as_ref()
+                .is_err_and(|e| e.contains("403") && e.contains(reason)),
+            "{id}: {answer:?}"
+        );
+    }
+    assert_eq!(cluster.ca.count("issued"), 3.0);
+    assert_eq!(cluster.ca.count("not_on_node"), 3.0);
+    assert_eq!(cluster.ca.count("other_trust_domain"), 1.0);
+}
+
+#[tokio::test]
+async fn tokens_of_another_audience_expired_unknown_or_not_an_agents_are_refused() {
+    let cluster = Cluster::start();
+    let api = &cluster.api;
+    let mut other_audience = Token::bound(
+        "mesh-system",
+        "mesh-agent",
+        "mesh-agent-a",
+        "worker-1",
+        AUDIENCE,
+    );
+    other_audience.audiences = vec!["https://kubernetes.default.svc".into()];
+    let expired = cluster.agent_token(true);
+    api.expire(&expired);
+    let cases = [
+        (api.mint(other_audience), "401", "token audiences"),
+        (expired, "401", "expired"),
+        ("not-a-token".to_owned(), "401", "invalid bearer token"),
+        (
+            api.mint(Token::bound("shop", "cart", "cart-0", "worker-1", AUDIENCE)),
+            "403",
+            "system:serviceaccount:shop:cart is no node agent",
+        ),
+    ];
+    for (token, status, reason) in cases {
+        let answer = ask(&cluster.client(&token), &id("shop", "cart")).await;
+        assert!(
+            answer
+                .as_ref()
+                .is_err_and(|e| e.contains(status) && e.contains(reason)),
+            "{answer:?}, not {status} {reason}"
+        );
+    }
+    assert_eq!(cluster.ca.count("unauthenticated"), 3.0);
+    assert_eq!(cluster.ca.count("not_an_agent"), 1.0);
+
+    // A token without the node's name (Kubernetes before 1.32): the node comes from the
+    // agent's pod, looked up by name and checked by UID.
+    let client = cluster.client(&cluster.agent_token(false));
+    assert!(ask(&client, &id("shop", "cart")).await.is_ok());
+    assert!(ask(&client, &id("shop", "payments")).await.is_err());
+    assert!(api.reviews().1 >= 1, "the agent's pod was not looked up");
+    let mut stale = Token::bound(
+        "mesh-system",
+        "mesh-agent",
+        "mesh-agent-a",
+        "worker-1",
+        AUDIENCE,
+    );
+    stale.node = None;
+    stale.pod = Some(("mesh-agent-a".into(), "the-uid-of-a-deleted-pod".into()));
+    let answer = ask(&cluster.client(&api.mint(stale)), &id("shop", "cart")).await;
+    assert!(
+        answer
+            .as_ref()
+            .is_err_and(|e| e.contains("bound to no pod")),
+        "{answer:?}"
+    );
+}
+
+/// The agent's certificates of `client`, living `ttl`.
+fn certificates(cluster: &Cluster, client: CaClient, ttl: Duration) -> (Registry, Certificates) {
+    let mut registry = Registry::with_prefix("mesh");
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let certificates = Certificates::new(
+        Arc::new(client),
+        cluster.bundle.clone(),
+        DOMAIN,
+        ttl,
+        metrics,
+    );
+    (registry, certificates)
+}
+
+fn requests(registry: &Registry, result: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    let series = format!("mesh_certificate_requests_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Waits until `done` holds, checking every 100 ms; fails after [`PATIENCE`] saying `what`.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what} did not happen within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_the_ca_down_for_a_while_the_agents_certificates_stay_and_renew_after() {
+    let mut cluster = Cluster::start();
+    let client = cluster.client(&cluster.agent_token(true));
+    // Renewed every ~2 s.
+    let (registry, certificates) = certificates(&cluster, client, Duration::from_secs(4));
+    let cart = id("shop", "cart");
+    certificates.hold(&BTreeSet::from([cart.clone()]));
+    tokio::time::timeout(
+        PATIENCE,
+        certificates.issued(&BTreeSet::from([cart.clone()])),
+    )
+    .await
+    .unwrap();
+    let expiry = certificates.expiries()[&cart];
+
+    let port = cluster.ca.addr.port();
+    cluster.ca.stop();
+    let failed_before = requests(&registry, "failed");
+    eventually("renewals failing", || {
+        requests(&registry, "failed") >= failed_before + 4.0
+    })
+    .await;
+    // Still held, still the same certificate, still valid.
+    assert!(certificates.client_config(&cart).is_some());
+    assert_eq!(certificates.expiries()[&cart], expiry);
+    assert!(expiry > std::time::SystemTime::now());
+
+    cluster.ca = RunningCa::start(&cluster.api, &cluster.files, port);
+    let issued_before = requests(&registry, "issued");
+    eventually("renewals after the CA is back", || {
+        requests(&registry, "issued") >= issued_before + 2.0
+    })
+    .await;
+    assert!(cluster.ca.count("issued") >= 2.0);
+}
+
+#[tokio::test]
+async fn when_the_ca_moves_to_a_new_key_the_agent_renews_everything_under_it() {
+    let cluster = Cluster::start();
+    let client = cluster.client(&cluster.agent_token(true));
+    let (registry, certificates) = certificates(&cluster, client, Duration::from_secs(3600));
+    let cart = id("shop", "cart");
+    certificates.hold(&BTreeSet::from([cart.clone()]));
+    tokio::time::timeout(
+        PATIENCE,
+        certificates.issued(&BTreeSet::from([cart.clone()])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(requests(&registry, "issued"), 2.0);
+
+    // Step 1: the bundle trusts both; step 2: the CA's files become the new CA's.
+    let old = std::fs::read_to_string(&cluster.files.cert).unwrap();
+    let (cert, key) = Signer::self_signed(DOMAIN).unwrap();
+    let new_root = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+    cluster
+        .bundle
+        .replace(vec![
+            CertificateDer::from_pem_slice(old.as_bytes()).unwrap(),
+            new_root.clone(),
+        ])
+        .unwrap();
+    write_ca(&cluster.files, &cert, &key);
+    // Both certificates (the agent's and cart's) renewed under the new key.
+    eventually("both certificates renewed", || {
+        requests(&registry, "issued") >= 4.0
+    })
+    .await;
+    // Step 3: the old root goes; a new handshake with the new certificates passes: checked
+    // by the CA's own answer, which chains to the new root alone now.
+    cluster.bundle.replace(vec![new_root.clone()]).unwrap();
+    let client = cluster.client(&cluster.agent_token(true));
+    assert_eq!(ask(&client, &cart).await, Ok(new_root));
+}
+
+/// Replaces the CA's files (the certificate, then the key, as a Secret's update may land).
+fn write_ca(files: &CaFiles, cert: &str, key: &str) {
+    write_atomically(&files.cert, cert);
+    write_atomically(&files.key, key);
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}

@@ -101,7 +101,8 @@ impl Lab {
 
     fn build(&mut self) -> Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        mesh_agent::identity::FileCa::create(&self.ca_dir(), TRUST_DOMAIN)?;
+        let ca = mesh_agent::identity::FileCa::create(&self.ca_dir(), TRUST_DOMAIN)?;
+        std::fs::copy(&ca.cert, self.trust_bundle())?;
         std::fs::create_dir_all(self.cgroup_root())?;
         let switch = self.netns_name("switch");
         self.add_netns(&switch)?;
@@ -281,6 +282,11 @@ impl Lab {
         self.dir.join("ca")
     }
 
+    /// The trust bundle the lab's agents follow (at first, the CA's certificate).
+    pub fn trust_bundle(&self) -> PathBuf {
+        self.ca_dir().join("bundle.pem")
+    }
+
     /// The agent configuration of `node`.
     pub fn agent_config(&self, node: &str) -> Result<String> {
         self.agent_config_for(&self.spec, node)
@@ -316,9 +322,10 @@ impl Lab {
         let ca = self.ca_dir();
         writeln!(
             y,
-            "trust_domain: {TRUST_DOMAIN}\nidentity:\n  ca_cert: {}\n  ca_key: {}\n  certificate_ttl: {}",
+            "trust_domain: {TRUST_DOMAIN}\nidentity:\n  ca_cert: {}\n  ca_key: {}\n  trust_bundle: {}\n  certificate_ttl: {}",
             ca.join("ca.crt").display(),
             ca.join("ca.key").display(),
+            self.trust_bundle().display(),
             spec.certificate_ttl.as_deref().unwrap_or("1h"),
         )?;
         for setting in &spec.settings {

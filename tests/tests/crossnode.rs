@@ -374,3 +374,95 @@ fn reload_adds_a_workload_that_calls_across_nodes_with_its_own_identity() {
     call("late").unwrap();
     echo(&lab, 1000, 1);
 }
+
+/// Writes `text` to `path` at once (a rename), as a ConfigMap's or Secret's update lands.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_ca_rotation_under_traffic_loses_no_byte_and_restarts_nothing() {
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
+    let a1 = lab.start_agent("n1", &[]).unwrap();
+    let a2 = lab.start_agent("n2", &[]).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    // One connection stays open, half sent, across the whole rotation.
+    let go = lab.scratch_path("go");
+    let bytes = (8u64 << 20).to_string();
+    let target = format!("{VIP}:80");
+    let held = lab
+        .spawn(
+            "client",
+            &[
+                "echo",
+                "--connect",
+                &target,
+                "--bytes",
+                &bytes,
+                "--pause-until",
+                go.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    let ca = lab.ca_dir();
+    let old = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
+    let (new, new_key) = mesh_agent::identity::signer::Signer::self_signed("lab.mesh").unwrap();
+    // Echoes through the mesh, round after round, until `done` holds for both agents' logs.
+    let mut rounds = 0;
+    let mut traffic_until = |what: &str, done: &dyn Fn(&str) -> bool| {
+        let started = std::time::Instant::now();
+        while !(done(&a1.log()) && done(&a2.log())) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "{what} did not happen within 60 s:\n{}\n{}",
+                a1.log(),
+                a2.log()
+            );
+            assert_eq!(
+                echo(&lab, 64 << 10, 2).field("echoed"),
+                (64 << 10).to_string()
+            );
+            rounds += 1;
+        }
+    };
+
+    // 1. The bundle trusts both roots.
+    replace_file(&lab.trust_bundle(), &format!("{old}{new}"));
+    traffic_until("the new root trusted", &|log| {
+        log.contains("trust bundle changed") && log.contains("roots=2")
+    });
+    // 2. The CA signs with the new key: every certificate is renewed under it (n1: the
+    // agent's and the client's; n2: the agent's).
+    replace_file(&ca.join("ca.crt"), &new);
+    replace_file(&ca.join("ca.key"), &new_key);
+    traffic_until("every certificate renewed", &|log| {
+        log.contains("renewing every certificate")
+            && log.matches("certificate renewed").count()
+                == log.matches("certificate issued").count()
+    });
+    // 3. The old root goes.
+    let opened = || a1.log().matches("tunnel connection opened").count();
+    let opened_before = opened();
+    replace_file(&lab.trust_bundle(), &new);
+    traffic_until("the old root removed", &|log| log.contains("roots=1"));
+    assert!(
+        rounds >= 3,
+        "the traffic was not continuous: {rounds} rounds"
+    );
+    // More streams than one TLS connection carries: a new handshake, which only passes
+    // with certificates of the new root on both sides.
+    let many = echo(&lab, 64 << 10, 150);
+    assert_eq!(many.field("connections"), "150");
+    assert!(opened() > opened_before, "{}", a1.log());
+    // Nothing restarted, and the held connection ends byte-exact.
+    assert_eq!(a1.log().matches("mesh agent ready").count(), 1);
+    assert_eq!(a2.log().matches("mesh agent ready").count(), 1);
+    std::fs::write(&go, "").unwrap();
+    let out = held.wait_output().unwrap();
+    assert!(out.status.success(), "{}", out.stdout);
+    assert_eq!(out.field("echoed"), bytes);
+}

@@ -241,6 +241,7 @@ async fn keep(shared: Arc<Shared>, id: SpiffeId, ready: Arc<OnceLock<Ready>>) {
         metrics
             .certificate_request_duration
             .observe(started.elapsed().as_secs_f64());
+        let renewal = ready.get().is_some();
         let put = issued.and_then(|issued| shared.put(&id, &ready, issued));
         let result = if put.is_ok() { "issued" } else { "failed" };
         metrics
@@ -253,13 +254,17 @@ async fn keep(shared: Arc<Shared>, id: SpiffeId, ready: Arc<OnceLock<Ready>>) {
                 let left = not_after
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
-                info!(%id, valid_for = ?left, "certificate issued");
+                if renewal {
+                    info!(%id, valid_for = ?left, "certificate renewed");
+                } else {
+                    info!(%id, valid_for = ?left, "certificate issued");
+                }
                 half_life_with_jitter(shared.ttl)
             }
             Err(e) => {
                 failures += 1;
                 let retry = retry_after(failures, shared.ttl);
-                if ready.get().is_some() {
+                if renewal {
                     warn!(%id, ?retry, "certificate renewal failed, the current one stays: {e:#}");
                 } else {
                     warn!(%id, ?retry, "cannot get a certificate yet: {e:#}");

@@ -70,3 +70,67 @@ fn pods_join_and_leave_the_mesh_as_the_api_says() {
     agent.wait_for_log_times("config reloaded", 2).unwrap();
     assert_eq!(backend_peer(&lab, backend), gateway, "client is back");
 }
+
+#[test]
+fn the_agents_certificates_come_from_the_ca_service_which_may_be_down_a_while() {
+    // Renewed every 2 s, so the CA being down shows at once.
+    let lab = Lab::new(
+        LabSpec::client_and_echo()
+            .kubelet_layout()
+            .certificate_ttl("4s"),
+    )
+    .unwrap();
+    let mut objects = lab.kubernetes_objects().unwrap();
+    objects.push(("pods", lab.kubernetes_agent_pod("n1")));
+    let api = ApiServer::start(Some(&lab.netns_name("n1")), lab.scratch_dir(), objects, 0).unwrap();
+    let ca = lab.start_ca_service("n1", &api).unwrap();
+    let token = lab.agent_token("n1", &api);
+    let agent = lab
+        .start_agent_kubernetes_via_ca("n1", &api, &token)
+        .unwrap();
+    // No CA key on the node: the CA service signed the agent's identity and the client's,
+    // each an audit line naming the node.
+    for id in ["ns/mesh-system/sa/mesh-agent", "ns/lab/sa/client"] {
+        let signed = ca
+            .log()
+            .lines()
+            .filter(|l| l.contains("certificate signed") && l.contains(id))
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        assert!(
+            signed
+                .first()
+                .is_some_and(|l| l.contains(&format!("node={}", agent.node_name))),
+            "{id}: {signed:?}\n{}",
+            ca.log()
+        );
+    }
+    let echo = || {
+        let out = lab
+            .run(
+                "client",
+                &["echo", "--connect", "198.19.0.10:80", "--bytes", "65536"],
+            )
+            .unwrap();
+        out.field("echoed").to_owned()
+    };
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    assert_eq!(echo(), "65536");
+
+    // The CA goes: renewals fail, the certificates in hand go on, traffic too.
+    ca.kill().unwrap();
+    agent
+        .wait_for_log_times("certificate renewal failed, the current one stays", 2)
+        .unwrap();
+    assert_eq!(echo(), "65536");
+    // It comes back: renewals succeed again.
+    let renewed = agent.log().matches("certificate renewed").count();
+    let ca = lab.start_ca_service("n1", &api).unwrap();
+    agent
+        .wait_for_log_times("certificate renewed", renewed + 2)
+        .unwrap();
+    assert!(ca.log().contains("certificate signed"));
+    assert_eq!(echo(), "65536");
+}

@@ -11,6 +11,8 @@ use crate::{ApiServer, topology};
 
 /// The namespace of the lab's enrolled pods and of its services, labelled to join the mesh.
 pub const ENROLLED_NAMESPACE: &str = "lab";
+/// Where the lab's CA service listens on its node (that node's loopback).
+pub const CA_SERVICE: &str = "127.0.0.1:15012";
 /// The namespace of the pods that are not enrolled.
 const OTHER_NAMESPACE: &str = "outside";
 
@@ -114,23 +116,106 @@ impl Lab {
         })
     }
 
+    /// The Pod object of `node`'s agent (`mesh-system/mesh-agent-<node>`, UID
+    /// `pod-uid-mesh-agent-<node>`, as [`crate::Token::bound`] names it).
+    pub fn kubernetes_agent_pod(&self, node: &str) -> Value {
+        let name = format!("mesh-agent-{node}");
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "mesh-system", "uid": format!("pod-uid-{name}")},
+            "spec": {"nodeName": self.agent_node_name(node), "serviceAccountName": "mesh-agent",
+                "hostNetwork": true, "containers": [{"name": "agent", "image": "mesh-agent"}]},
+            "status": {"phase": "Running"}})
+    }
+
+    /// A token of `node`'s agent for the CA service, as its projected volume holds it.
+    pub fn agent_token(&self, node: &str, api: &ApiServer) -> String {
+        api.mint(crate::Token::bound(
+            "mesh-system",
+            "mesh-agent",
+            &format!("mesh-agent-{node}"),
+            &self.agent_node_name(node),
+            mesh_agent::ca::DEFAULT_AUDIENCE,
+        ))
+    }
+
+    /// Starts the CA service (`mesh-agent ca serve`) on `node`, at [`CA_SERVICE`] there, with
+    /// the lab CA's files and the cluster `api` serves; waits until it serves.
+    pub fn start_ca_service(&self, node: &str, api: &ApiServer) -> Result<Agent> {
+        let ca = self.ca_dir();
+        let log = self.dir.join(format!("ca-{node}.log"));
+        let mut cmd = std::process::Command::new(super::agent_binary()?);
+        cmd.args([
+            "--log-level",
+            "info",
+            "ca",
+            "serve",
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ])
+        .arg("--ca-cert")
+        .arg(ca.join("ca.crt"))
+        .arg("--ca-key")
+        .arg(ca.join("ca.key"))
+        .args(["--listen", CA_SERVICE, "--admin", "127.0.0.1:15014"])
+        .env("KUBECONFIG", api.kubeconfig());
+        let child = self.spawn_logged(cmd, node, "host", &log)?;
+        let service = Agent {
+            child,
+            log,
+            node_name: self.agent_node_name(node),
+        };
+        service.wait_for_log("CA service ready")?;
+        Ok(service)
+    }
+
     /// Starts the agent of `node` on the cluster `api` serves (`run --kubernetes-node`, the
-    /// kubelet's cgroup root being the node's), and waits until it is ready.
+    /// kubelet's cgroup root being the node's), and waits until it is ready. Its
+    /// certificates come from the lab CA's files.
     pub fn start_agent_kubernetes(
         &self,
         node: &str,
         api: &ApiServer,
         extra: &[&str],
     ) -> Result<Agent> {
-        let settings = self.dir.join(format!("{node}-settings.yaml"));
         let ca = self.ca_dir();
+        let identity = format!(
+            "ca_cert: {}\n  ca_key: {}",
+            ca.join("ca.crt").display(),
+            ca.join("ca.key").display()
+        );
+        self.start_agent_with_identity(node, api, &identity, extra)
+    }
+
+    /// Starts the agent of `node` as [`Self::start_agent_kubernetes`] does, but asking the CA
+    /// service on its node for certificates, showing `token`.
+    pub fn start_agent_kubernetes_via_ca(
+        &self,
+        node: &str,
+        api: &ApiServer,
+        token: &str,
+    ) -> Result<Agent> {
+        let token_file = self.dir.join(format!("{node}-ca-token"));
+        std::fs::write(&token_file, token)?;
+        let identity = format!(
+            "ca_service: {{ address: \"{CA_SERVICE}\", token: {} }}\n  trust_bundle: {}",
+            token_file.display(),
+            self.trust_bundle().display()
+        );
+        self.start_agent_with_identity(node, api, &identity, &[])
+    }
+
+    fn start_agent_with_identity(
+        &self,
+        node: &str,
+        api: &ApiServer,
+        identity: &str,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let settings = self.dir.join(format!("{node}-settings.yaml"));
         std::fs::write(
             &settings,
             format!(
-                "trust_domain: {TRUST_DOMAIN}\nidentity:\n  ca_cert: {}\n  ca_key: {}\n  \
-                 certificate_ttl: {}\n",
-                ca.join("ca.crt").display(),
-                ca.join("ca.key").display(),
+                "trust_domain: {TRUST_DOMAIN}\nidentity:\n  {identity}\n  certificate_ttl: {}\n",
                 self.spec.certificate_ttl.as_deref().unwrap_or("1h"),
             ),
         )?;

@@ -5,6 +5,7 @@
 //! behind by a test process that was killed is removed by the next lab that starts.
 
 mod apiserver;
+mod ca_service;
 mod certs;
 mod interrupt;
 mod lab;
@@ -17,6 +18,7 @@ mod topology;
 mod wire;
 
 pub use apiserver::{ApiServer, Token};
+pub use ca_service::InProcessCa;
 pub use certs::{CertFiles, ProbeCert};
 pub use interrupt::{catch_interrupt, interrupted};
 pub use lab::{

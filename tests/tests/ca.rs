@@ -5,29 +5,23 @@
 
 use std::{
     collections::BTreeSet,
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
 
 use mesh_agent::{
-    ca::{
-        client::CaClient,
-        review::Reviewer,
-        server::{CaMetrics, CaService},
-    },
+    ca::client::CaClient,
     identity::{
         CaFiles, FileCa, SpiffeId, bundle::TrustBundle, certificates::Certificates, issue,
         signer::Signer,
     },
     observability::metrics::Metrics,
 };
-use mesh_tests::{ApiServer, Token};
+use mesh_tests::{ApiServer, InProcessCa, Token};
 use prometheus_client::registry::Registry;
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 const DOMAIN: &str = "cluster.local";
 const AUDIENCE: &str = "mesh-ca";
@@ -80,80 +74,7 @@ struct Cluster {
     api: ApiServer,
     files: CaFiles,
     bundle: Arc<TrustBundle>,
-    ca: RunningCa,
-}
-
-/// The CA service on its own runtime and thread: stopping it ends every connection.
-struct RunningCa {
-    addr: SocketAddr,
-    registry: Arc<Registry>,
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RunningCa {
-    fn start(api: &ApiServer, files: &CaFiles, port: u16) -> Self {
-        let mut registry = Registry::with_prefix("mesh_ca");
-        let metrics = CaMetrics::new(&mut registry);
-        let (kubeconfig, files) = (api.kubeconfig().to_owned(), files.clone());
-        let (bound, address) = std::sync::mpsc::channel();
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            runtime.block_on(async move {
-                let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-                let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                    .await
-                    .unwrap();
-                let client = kube::Client::try_from(config).unwrap();
-                let service = Arc::new(CaService {
-                    ca: Arc::new(FileCa::load(files).unwrap()),
-                    reviewer: Reviewer::new(client, AUDIENCE, DOMAIN),
-                    trust_domain: DOMAIN.into(),
-                    max_ttl: Duration::from_secs(24 * 3600),
-                    metrics,
-                });
-                let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-                    .await
-                    .unwrap();
-                bound.send(listener.local_addr().unwrap()).unwrap();
-                tokio::spawn(service.serve(listener, CancellationToken::new()));
-                tokio::task::spawn_blocking(move || stopped.recv())
-                    .await
-                    .unwrap()
-                    .ok();
-            });
-        });
-        Self {
-            addr: address.recv_timeout(PATIENCE).unwrap(),
-            registry: Arc::new(registry),
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// The CA's count of requests with `result`.
-    fn count(&self, result: &str) -> f64 {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
-        let series = format!("mesh_ca_requests_total{{result=\"{result}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .map_or(0.0, |v| v.parse().unwrap())
-    }
-
-    fn stop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            thread.join().unwrap();
-        }
-    }
-}
-
-impl Drop for RunningCa {
-    fn drop(&mut self) {
-        self.stop();
-    }
+    ca: InProcessCa,
 }
 
 impl Cluster {
@@ -182,7 +103,7 @@ impl Cluster {
         let api = ApiServer::start(None, &dir.0, objects, 0).unwrap();
         let files = FileCa::create(&dir.0.join("ca"), DOMAIN).unwrap();
         let bundle = TrustBundle::load(files.cert.clone()).unwrap();
-        let ca = RunningCa::start(&api, &files, 0);
+        let ca = InProcessCa::start(&api, &files, DOMAIN, 0).unwrap();
         Self {
             dir,
             api,
@@ -393,7 +314,7 @@ async fn with_the_ca_down_for_a_while_the_agents_certificates_stay_and_renew_aft
     assert_eq!(certificates.expiries()[&cart], expiry);
     assert!(expiry > std::time::SystemTime::now());
 
-    cluster.ca = RunningCa::start(&cluster.api, &cluster.files, port);
+    cluster.ca = InProcessCa::start(&cluster.api, &cluster.files, DOMAIN, port).unwrap();
     let issued_before = requests(&registry, "issued");
     eventually("renewals after the CA is back", || {
         requests(&registry, "issued") >= issued_before + 2.0

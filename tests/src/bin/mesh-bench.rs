@@ -408,11 +408,14 @@ fn run(cli: Cli) -> Result<()> {
         lab.start_agent("n2", &[])?
     };
 
-    let scale = if cli.selects("scale") {
+    let mut scale = if cli.selects("scale") {
         scale(&lab, cli.quick)?
     } else {
         Vec::new()
     };
+    if cli.selects("ca") {
+        scale.extend(ca_service(&lab, cli.quick)?);
+    }
 
     print_table(&results, &rss, &scale);
     write_report(&cli, &results, &rss, &scale)?;
@@ -425,6 +428,114 @@ fn run(cli: Cli) -> Result<()> {
         plot.display()
     );
     Ok(())
+}
+
+/// The CA service, one replica, asked as agents ask it (HTTP/2 with TLS, a token each, every
+/// request checked with TokenReview and the node's pods against the test API server): the
+/// certificates it signs per second for the agents of eight nodes asking 64 at a time, and
+/// how long one node's agent takes to get certificates for 100 new pods.
+fn ca_service(lab: &Lab, quick: bool) -> Result<Vec<(String, f64)>> {
+    use mesh_agent::{
+        ca::{DEFAULT_AUDIENCE, client::CaClient},
+        identity::{FileCa, SpiffeId, bundle::TrustBundle, certificates::Certificates, issue},
+        observability::metrics::Metrics,
+    };
+    use mesh_tests::{ApiServer, InProcessCa, Token};
+    use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+    const DOMAIN: &str = "cluster.local";
+    const NODES: usize = 8;
+    const PODS: usize = 100;
+    eprintln!("==> bench: CA service (one replica; {NODES} nodes of {PODS} pods)");
+    let dir = lab.scratch_path("ca-bench");
+    std::fs::create_dir_all(&dir)?;
+    let node = |n: usize| format!("worker-{n}");
+    let pod = |name: String, account: &str, node: &str| {
+        (
+            "pods",
+            json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"namespace": if account == "mesh-agent" { "mesh-system" } else { "bench" },
+                "name": name, "uid": format!("pod-uid-{name}")},
+            "spec": {"nodeName": node, "serviceAccountName": account, "containers": []},
+            "status": {"phase": "Running"}}),
+        )
+    };
+    let mut objects = Vec::new();
+    for n in 0..NODES {
+        objects.push(pod(format!("mesh-agent-{n}"), "mesh-agent", &node(n)));
+        for p in 0..PODS {
+            objects.push(pod(
+                format!("app-{n}-{p}"),
+                &format!("app-{n}-{p}"),
+                &node(n),
+            ));
+        }
+    }
+    let api = ApiServer::start(None, &dir, objects, 0)?;
+    let files = FileCa::create(&dir.join("ca"), DOMAIN)?;
+    let bundle = TrustBundle::load(files.cert.clone())?;
+    let ca = InProcessCa::start(&api, &files, DOMAIN, 0)?;
+    let client = |n: usize| -> Result<CaClient> {
+        let token = api.mint(Token::bound(
+            "mesh-system",
+            "mesh-agent",
+            &format!("mesh-agent-{n}"),
+            &node(n),
+            DEFAULT_AUDIENCE,
+        ));
+        let file = dir.join(format!("token-{n}-{:x}", fastrand::u64(..)));
+        std::fs::write(&file, token)?;
+        CaClient::new(&ca.addr.to_string(), file, bundle.clone(), DOMAIN)
+    };
+    let clients = (0..NODES).map(client).collect::<Result<Vec<_>>>()?;
+    let fresh_node = client(0)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let total = if quick { 400 } else { 8000 };
+    let ttl = Duration::from_secs(24 * 3600);
+    let (per_second, new_pods_ms) = runtime.block_on(async {
+        use futures::{StreamExt, TryStreamExt};
+        let started = Instant::now();
+        futures::stream::iter(0..total)
+            .map(|i| {
+                let n = i % NODES;
+                let id = SpiffeId::workload(DOMAIN, "bench", &format!("app-{n}-{}", i % PODS));
+                let client = &clients[n];
+                async move { issue(client, &id, ttl).await }
+            })
+            .buffer_unordered(64)
+            .try_for_each(|_| async { Ok(()) })
+            .await?;
+        let per_second = total as f64 / started.elapsed().as_secs_f64();
+
+        let metrics = Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let certificates =
+            Certificates::new(Arc::new(fresh_node), bundle.clone(), DOMAIN, ttl, metrics);
+        let ids: BTreeSet<SpiffeId> = (0..PODS)
+            .map(|p| SpiffeId::workload(DOMAIN, "bench", &format!("app-0-{p}")))
+            .collect();
+        let started = Instant::now();
+        certificates.hold(&ids);
+        tokio::time::timeout(Duration::from_secs(120), certificates.issued(&ids))
+            .await
+            .context("100 new pods got no certificates within 2 min")?;
+        anyhow::Ok((per_second, started.elapsed().as_secs_f64() * 1e3))
+    })?;
+    let refused = ca.count("not_on_node") + ca.count("unauthenticated");
+    if refused > 0.0 {
+        bail!("the CA refused {refused} requests of the benchmark");
+    }
+    Ok(vec![
+        (
+            "CA service: certificates signed per second (one replica)".into(),
+            per_second,
+        ),
+        (
+            "CA service: ms until a node's 100 new pods hold certificates".into(),
+            new_pods_ms,
+        ),
+    ])
 }
 
 /// Through the mesh to n2's servers (their services' addresses), `name`d; `proxies` are the

@@ -413,7 +413,7 @@ fn run(cli: Cli) -> Result<()> {
     } else {
         Vec::new()
     };
-    if cli.selects("ca") {
+    if cli.selects("CA") {
         scale.extend(ca_service(&lab, cli.quick)?);
     }
 

@@ -725,10 +725,13 @@ impl Identity {
                 "either the CA's files (ca_cert, ca_key) or a ca_service, not both".into(),
             )),
             (None, _, None) => Err((
-                at("ca_cert"),
+                vec![Seg::Key("identity")],
                 "name the CA's files (ca_cert and ca_key) or a ca_service".into(),
             )),
-            (Some(_), None, None) => Err((at("ca_key"), "the CA's key file is missing".into())),
+            (Some(_), None, None) => Err((
+                vec![Seg::Key("identity")],
+                "name the CA's key file (ca_key) beside its certificate".into(),
+            )),
         }
     }
 }
@@ -1278,6 +1281,24 @@ services:
             (
                 VALID.replace("certificate_ttl: 1h", "certificate_ttl: 1d"),
                 "node.yaml:6:63: identity.certificate_ttl: \"1d\" is not a duration like 250ms, 90s, 30m or 24h",
+            ),
+            (
+                VALID.replace(
+                    "ca_key: ca.key,",
+                    "ca_key: ca.key, ca_service: { address: \"ca:15012\", token: t },",
+                ),
+                "node.yaml:6:46: identity.ca_service: either the CA's files (ca_cert, ca_key) or a ca_service, not both",
+            ),
+            (
+                VALID.replace(
+                    "ca_cert: ca.crt, ca_key: ca.key,",
+                    "ca_service: { address: \"ca:15012\", token: t },",
+                ),
+                "node.yaml:6:13: identity.ca_service: name the trust_bundle",
+            ),
+            (
+                VALID.replace("ca_cert: ca.crt, ca_key: ca.key,", ""),
+                "node.yaml:6:1: identity: name the CA's files (ca_cert and ca_key) or a ca_service",
             ),
             (
                 VALID.replace("[198.19.0.10]", "[198.19.0.300]"),

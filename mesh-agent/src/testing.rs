@@ -16,12 +16,15 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::Duration,
 };
 
+use anyhow::Result;
+use futures::future::BoxFuture;
 use prometheus_client::registry::Registry;
+use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpSocket, TcpStream},
@@ -33,7 +36,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{CgroupPath, Config, Endpoint, Name, Node, Protocol, Service, ServicePort, Workload},
     discovery::Snapshot,
-    identity::{FileCa, bundle::TrustBundle, certificates::Certificates, signer::Signer},
+    identity::{
+        CertificateAuthority, FileCa, Signed, bundle::TrustBundle, certificates::Certificates,
+        signer::Signer,
+    },
     observability::{metrics::Metrics, traces::Tracer},
     proxy::{
         balance::{EndpointStates, Strategy},
@@ -311,6 +317,63 @@ pub fn test_ca() -> Arc<FileCa> {
     Arc::new(FileCa::in_memory(
         Signer::generate("cluster.local").unwrap(),
     ))
+}
+
+/// A CA in memory, failing while `down` is set; `rotate` moves it to a new key.
+pub struct FlakyCa {
+    ca: Mutex<Arc<FileCa>>,
+    down: AtomicBool,
+}
+
+impl FlakyCa {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            ca: Mutex::new(test_ca()),
+            down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn current(&self) -> Arc<FileCa> {
+        self.ca.lock().unwrap().clone()
+    }
+
+    pub fn rotate(&self) {
+        *self.ca.lock().unwrap() = Arc::new(FileCa::in_memory(
+            Signer::generate("cluster.local").unwrap(),
+        ));
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
+    }
+}
+
+impl CertificateAuthority for FlakyCa {
+    fn sign(
+        &self,
+        csr: CertificateSigningRequestDer<'static>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Signed>> {
+        let ca = self.current();
+        let down = self.down.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if down {
+                anyhow::bail!("the CA is down");
+            }
+            ca.sign(csr, ttl).await
+        })
+    }
+
+    fn signer(&self) -> BoxFuture<'_, Result<CertificateDer<'static>>> {
+        let ca = self.current();
+        let down = self.down.load(Ordering::Relaxed);
+        Box::pin(async move {
+            if down {
+                anyhow::bail!("the CA is down");
+            }
+            ca.signer().await
+        })
+    }
 }
 
 /// A trust bundle of `ca`'s certificate alone.

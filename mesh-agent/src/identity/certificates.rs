@@ -354,72 +354,7 @@ fn half_life_with_jitter(ttl: Duration) -> Duration {
 mod tests {
     use super::*;
 
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use futures::future::BoxFuture;
-    use rustls::pki_types::CertificateSigningRequestDer;
-
-    use crate::{
-        identity::{FileCa, Signed, signer::Signer},
-        testing,
-    };
-
-    /// A CA in memory, failing while `down` is set; `rotate` moves it to a new key.
-    struct FlakyCa {
-        ca: Mutex<Arc<FileCa>>,
-        down: AtomicBool,
-    }
-
-    impl FlakyCa {
-        fn new() -> Arc<Self> {
-            Arc::new(Self {
-                ca: Mutex::new(testing::test_ca()),
-                down: AtomicBool::new(false),
-            })
-        }
-
-        fn current(&self) -> Arc<FileCa> {
-            self.ca.lock().unwrap().clone()
-        }
-
-        fn rotate(&self) {
-            *self.ca.lock().unwrap() = Arc::new(FileCa::in_memory(
-                Signer::generate("cluster.local").unwrap(),
-            ));
-        }
-
-        fn set_down(&self, down: bool) {
-            self.down.store(down, Ordering::Relaxed);
-        }
-    }
-
-    impl CertificateAuthority for FlakyCa {
-        fn sign(
-            &self,
-            csr: CertificateSigningRequestDer<'static>,
-            ttl: Duration,
-        ) -> BoxFuture<'_, Result<Signed>> {
-            let ca = self.current();
-            let down = self.down.load(Ordering::Relaxed);
-            Box::pin(async move {
-                if down {
-                    anyhow::bail!("the CA is down");
-                }
-                ca.sign(csr, ttl).await
-            })
-        }
-
-        fn signer(&self) -> BoxFuture<'_, Result<CertificateDer<'static>>> {
-            let ca = self.current();
-            let down = self.down.load(Ordering::Relaxed);
-            Box::pin(async move {
-                if down {
-                    anyhow::bail!("the CA is down");
-                }
-                ca.signer().await
-            })
-        }
-    }
+    use crate::testing::{self, FlakyCa};
 
     fn web() -> SpiffeId {
         SpiffeId::workload("cluster.local", "shop", "web")

@@ -117,12 +117,14 @@ pub fn rejected(metrics: &Metrics, why: &dyn std::fmt::Display) {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use prometheus_client::registry::Registry;
 
     use super::*;
     use crate::{
-        identity::SpiffeId,
-        testing::{self, Loopback, Mesh, metrics, routes, sample, test_ca},
+        identity::{CertificateAuthority, SpiffeId, bundle::TrustBundle},
+        testing::{self, FlakyCa, Loopback, Mesh, metrics, routes, sample, test_ca},
     };
 
     /// The kernel's side, as the agent last synced it: the workloads' names.
@@ -157,12 +159,25 @@ mod tests {
     }
 
     fn reload(first: Snapshot) -> Reload {
+        let ca = test_ca();
+        let bundle = testing::bundle_of(&ca);
+        reload_with(first, ca, bundle)
+    }
+
+    /// The agent's running state with certificates of `ca`.
+    fn reload_with(
+        first: Snapshot,
+        ca: Arc<dyn CertificateAuthority>,
+        bundle: Arc<TrustBundle>,
+    ) -> Reload {
         let (registry, metrics) = metrics();
-        let certificates = testing::certificates(
-            test_ca(),
+        let certificates = Arc::new(Certificates::new(
+            ca,
+            bundle,
+            first.settings.trust_domain.as_str(),
             first.settings.identity.certificate_ttl.0,
             metrics.clone(),
-        );
+        ));
         let (sender, routes_rx) = watch::channel(Arc::new(routes(first)));
         let synced = Synced::default();
         Reload {
@@ -201,6 +216,30 @@ mod tests {
         r.running.apply(Arc::new((*changed).clone())).await;
         assert_eq!(sample(&r.registry, APPLIED), 1.0);
         assert!(Arc::ptr_eq(r.routes.borrow().config(), &changed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_applies_while_the_ca_is_down_and_its_certificates_follow() {
+        let net = Loopback::reserve();
+        let ca = FlakyCa::new();
+        let bundle = testing::bundle_of(&ca.current());
+        let mut r = reload_with(base(&net).build(), ca.clone(), bundle);
+        let web = BTreeSet::from([SpiffeId::workload("cluster.local", "shop", "web")]);
+        r.running.certificates.hold(&web);
+        testing::within(r.running.certificates.issued(&web)).await;
+        ca.set_down(true);
+        let changed = base(&net)
+            .workload("shop", "cart-0", "cart", net.pod(1, 2))
+            .build();
+        r.running.apply(changed.clone()).await;
+        assert!(Arc::ptr_eq(r.routes.borrow().config(), &changed));
+        assert_eq!(sample(&r.registry, APPLIED), 1.0);
+        let cart = SpiffeId::workload("cluster.local", "shop", "cart");
+        assert!(r.running.certificates.client_config(&cart).is_none());
+        assert_eq!(r.running.certificates.pending(), [cart.clone()]);
+        ca.set_down(false);
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert!(r.running.certificates.client_config(&cart).is_some());
     }
 
     #[tokio::test]

@@ -236,7 +236,10 @@ mod tests {
         assert_eq!(sample(&r.registry, APPLIED), 1.0);
         let cart = SpiffeId::workload("cluster.local", "shop", "cart");
         assert!(r.running.certificates.client_config(&cart).is_none());
-        assert_eq!(r.running.certificates.pending(), std::slice::from_ref(&cart));
+        assert_eq!(
+            r.running.certificates.pending(),
+            std::slice::from_ref(&cart)
+        );
         ca.set_down(false);
         tokio::time::sleep(Duration::from_secs(40)).await;
         assert!(r.running.certificates.client_config(&cart).is_some());

@@ -120,8 +120,8 @@ pub enum CaCommand {
         /// The audience agents' tokens must be minted for.
         #[arg(long, default_value = crate::ca::DEFAULT_AUDIENCE)]
         audience: String,
-        /// The longest certificate lifetime signed, in seconds.
-        #[arg(long, default_value_t = 24 * 3600)]
+        /// The longest certificate lifetime signed, in seconds (at least 60, the shortest).
+        #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
         max_ttl: u64,
     },
 }

@@ -462,17 +462,7 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
     assert_eq!(port("outbound"), i32::from(OUTBOUND_PORT));
     assert_eq!(port("tunnel"), i32::from(TUNNEL_PORT));
     assert_eq!(port("admin"), i32::from(ADMIN_PORT));
-    for (probe, path) in [
-        (agent.readiness_probe.as_ref(), "/ready"),
-        (agent.liveness_probe.as_ref(), "/healthz"),
-    ] {
-        let get = probe.unwrap().http_get.as_ref().unwrap();
-        assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(
-            serde_json::to_value(&get.port).unwrap(),
-            serde_json::json!("admin")
-        );
-    }
+    assert_probes_on_admin(agent);
     let annotations = ds
         .spec
         .unwrap()
@@ -497,6 +487,22 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
         assert_eq!(mount.mount_path, path);
         let host = volume(&mount.name).host_path.unwrap();
         assert_eq!(host.path, path, "the host's own {path}");
+    }
+}
+
+/// The container's readiness probe asks `/ready`, its liveness probe `/healthz`, both on the
+/// port named `admin`.
+fn assert_probes_on_admin(container: &Container) {
+    for (probe, path) in [
+        (container.readiness_probe.as_ref(), "/ready"),
+        (container.liveness_probe.as_ref(), "/healthz"),
+    ] {
+        let get = probe.unwrap().http_get.as_ref().unwrap();
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(
+            serde_json::to_value(&get.port).unwrap(),
+            serde_json::json!("admin")
+        );
     }
 }
 
@@ -640,17 +646,7 @@ fn the_ca_service_runs_twice_holds_the_key_and_is_reachable_where_agents_ask() {
         serde_json::to_value(service_port.target_port.as_ref().unwrap()).unwrap(),
         serde_json::json!("https")
     );
-    for (probe, path) in [
-        (ca.readiness_probe.as_ref(), "/ready"),
-        (ca.liveness_probe.as_ref(), "/healthz"),
-    ] {
-        let get = probe.unwrap().http_get.as_ref().unwrap();
-        assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(
-            serde_json::to_value(&get.port).unwrap(),
-            serde_json::json!("admin")
-        );
-    }
+    assert_probes_on_admin(ca);
 }
 
 #[test]

@@ -251,8 +251,10 @@ async fn tokens_of_another_audience_expired_unknown_or_not_an_agents_are_refused
     );
 }
 
-/// The agent's certificates of `client`, living `ttl`.
-fn certificates(cluster: &Cluster, client: CaClient, ttl: Duration) -> (Registry, Certificates) {
+/// Worker-1's agent asking the CA service, holding certificates (living `ttl`) for itself
+/// and for cart, both issued.
+async fn agent_holding_cart(cluster: &Cluster, ttl: Duration) -> (Registry, Certificates) {
+    let client = cluster.client(&cluster.agent_token(true));
     let mut registry = Registry::with_prefix("mesh");
     let metrics = Arc::new(Metrics::new(&mut registry));
     let certificates = Certificates::new(
@@ -262,6 +264,11 @@ fn certificates(cluster: &Cluster, client: CaClient, ttl: Duration) -> (Registry
         ttl,
         metrics,
     );
+    let cart = BTreeSet::from([id("shop", "cart")]);
+    certificates.hold(&cart);
+    tokio::time::timeout(PATIENCE, certificates.issued(&cart))
+        .await
+        .expect("no certificates from the CA service");
     (registry, certificates)
 }
 
@@ -289,17 +296,9 @@ async fn eventually(what: &str, done: impl Fn() -> bool) {
 #[tokio::test]
 async fn with_the_ca_down_for_a_while_the_agents_certificates_stay_and_renew_after() {
     let mut cluster = Cluster::start();
-    let client = cluster.client(&cluster.agent_token(true));
     // Renewed every ~2 s.
-    let (registry, certificates) = certificates(&cluster, client, Duration::from_secs(4));
+    let (registry, certificates) = agent_holding_cart(&cluster, Duration::from_secs(4)).await;
     let cart = id("shop", "cart");
-    certificates.hold(&BTreeSet::from([cart.clone()]));
-    tokio::time::timeout(
-        PATIENCE,
-        certificates.issued(&BTreeSet::from([cart.clone()])),
-    )
-    .await
-    .unwrap();
     let expiry = certificates.expiries()[&cart];
 
     let port = cluster.ca.addr.port();
@@ -326,16 +325,8 @@ async fn with_the_ca_down_for_a_while_the_agents_certificates_stay_and_renew_aft
 #[tokio::test]
 async fn when_the_ca_moves_to_a_new_key_the_agent_renews_everything_under_it() {
     let cluster = Cluster::start();
-    let client = cluster.client(&cluster.agent_token(true));
-    let (registry, certificates) = certificates(&cluster, client, Duration::from_secs(3600));
+    let (registry, _certificates) = agent_holding_cart(&cluster, Duration::from_secs(3600)).await;
     let cart = id("shop", "cart");
-    certificates.hold(&BTreeSet::from([cart.clone()]));
-    tokio::time::timeout(
-        PATIENCE,
-        certificates.issued(&BTreeSet::from([cart.clone()])),
-    )
-    .await
-    .unwrap();
     assert_eq!(requests(&registry, "issued"), 2.0);
 
     // Step 1: the bundle trusts both; step 2: the CA's files become the new CA's.

@@ -191,6 +191,43 @@ fn echo(lab: &Lab, bytes: u64, connections: usize) -> mesh_tests::Output {
     .unwrap()
 }
 
+/// An 8 MiB echo through the service from `client`, paused halfway until finished.
+struct HeldEcho {
+    running: mesh_tests::Running,
+    go: std::path::PathBuf,
+}
+
+impl HeldEcho {
+    const BYTES: u64 = 8 << 20;
+
+    fn start(lab: &Lab) -> Self {
+        let go = lab.scratch_path("go");
+        let running = lab
+            .spawn(
+                "client",
+                &[
+                    "echo",
+                    "--connect",
+                    &format!("{VIP}:80"),
+                    "--bytes",
+                    &Self::BYTES.to_string(),
+                    "--pause-until",
+                    go.to_str().unwrap(),
+                ],
+            )
+            .unwrap();
+        Self { running, go }
+    }
+
+    /// Lets it go on, and checks every byte came back.
+    fn finish(self) {
+        std::fs::write(&self.go, "").unwrap();
+        let out = self.running.wait_output().unwrap();
+        assert!(out.status.success(), "{}", out.stdout);
+        assert_eq!(out.field("echoed"), Self::BYTES.to_string());
+    }
+}
+
 #[test]
 fn certificate_renewal_under_traffic_loses_nothing() {
     let lab = Lab::new(LabSpec::client_and_echo_across_nodes().certificate_ttl("4s")).unwrap();
@@ -201,23 +238,7 @@ fn certificate_renewal_under_traffic_loses_nothing() {
         .unwrap();
 
     // One connection stays open, half sent, across every renewal.
-    let go = lab.scratch_path("go");
-    let bytes = (8u64 << 20).to_string();
-    let target = format!("{VIP}:80");
-    let held = lab
-        .spawn(
-            "client",
-            &[
-                "echo",
-                "--connect",
-                &target,
-                "--bytes",
-                &bytes,
-                "--pause-until",
-                go.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+    let held = HeldEcho::start(&lab);
     // Traffic goes on until the client's certificate was renewed three times: its first
     // certificate has expired by then.
     let renewals = || {
@@ -251,10 +272,7 @@ fn certificate_renewal_under_traffic_loses_nothing() {
             .contains("certificate renewed id=spiffe://lab.mesh/ns/mesh-system/sa/mesh-agent")
     );
 
-    std::fs::write(&go, "").unwrap();
-    let out = held.wait_output().unwrap();
-    assert!(out.status.success(), "{}", out.stdout);
-    assert_eq!(out.field("echoed"), bytes);
+    held.finish();
 }
 
 #[test]
@@ -391,23 +409,7 @@ fn a_ca_rotation_under_traffic_loses_no_byte_and_restarts_nothing() {
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
     // One connection stays open, half sent, across the whole rotation.
-    let go = lab.scratch_path("go");
-    let bytes = (8u64 << 20).to_string();
-    let target = format!("{VIP}:80");
-    let held = lab
-        .spawn(
-            "client",
-            &[
-                "echo",
-                "--connect",
-                &target,
-                "--bytes",
-                &bytes,
-                "--pause-until",
-                go.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
+    let held = HeldEcho::start(&lab);
     let ca = lab.ca_dir();
     let old = std::fs::read_to_string(ca.join("ca.crt")).unwrap();
     let (new, new_key) = mesh_agent::identity::signer::Signer::self_signed("lab.mesh").unwrap();
@@ -461,8 +463,5 @@ fn a_ca_rotation_under_traffic_loses_no_byte_and_restarts_nothing() {
     // Nothing restarted, and the held connection ends byte-exact.
     assert_eq!(a1.log().matches("mesh agent ready").count(), 1);
     assert_eq!(a2.log().matches("mesh agent ready").count(), 1);
-    std::fs::write(&go, "").unwrap();
-    let out = held.wait_output().unwrap();
-    assert!(out.status.success(), "{}", out.stdout);
-    assert_eq!(out.field("echoed"), bytes);
+    held.finish();
 }

@@ -245,18 +245,26 @@ impl CaService {
         let csr = CertificateSigningRequestDer::from_pem_slice(asked.csr.as_bytes())
             .map_err(|e| Refusal::BadRequest(format!("csr: {e}")))?;
         let signing = SigningRequest::parse(&csr).map_err(Refusal::BadRequest)?;
-        let caller = self.reviewer.caller(&token).await;
-        let allowed = match &caller {
-            Ok(caller) => self.reviewer.may_hold(caller, &signing.id).await,
-            Err(_) => Ok(()),
+        let ttl = Duration::from_secs(asked.ttl_seconds)
+            .min(self.max_ttl)
+            .max(MIN_TTL);
+        let refused = |node: &str, refusal: Refusal| {
+            warn!(
+                target: "mesh_agent::ca::audit",
+                node,
+                identity = %signing.id,
+                reason = refusal.label(),
+                "certificate refused: {refusal}"
+            );
+            refusal
         };
-        let ttl = Duration::from_secs(asked.ttl_seconds).clamp(MIN_TTL, self.max_ttl);
-        match caller.and_then(|caller| allowed.map(|()| caller)) {
-            Ok(caller) => self.sign(&caller, &signing, ttl),
-            Err(refusal) => {
-                warn!(target: "mesh_agent::ca::audit", identity = %signing.id, reason = refusal.label(), "certificate refused: {refusal}");
-                Err(refusal)
-            }
+        let caller = match self.reviewer.caller(&token).await {
+            Ok(caller) => caller,
+            Err(refusal) => return Err(refused("-", refusal)),
+        };
+        match self.reviewer.may_hold(&caller, &signing.id).await {
+            Ok(()) => self.sign(&caller, &signing, ttl),
+            Err(refusal) => Err(refused(&caller.node, refusal)),
         }
     }
 

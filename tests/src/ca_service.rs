@@ -53,7 +53,8 @@ impl InProcessCa {
                 });
                 let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
                 let _ = bound.send(listener.local_addr());
-                tokio::spawn(service.serve(listener, CancellationToken::new()));
+                let acceptor = service.acceptor().await?;
+                tokio::spawn(service.serve(listener, acceptor, CancellationToken::new()));
                 let _ = tokio::task::spawn_blocking(move || stopped.recv()).await;
                 anyhow::Ok(())
             };

@@ -134,7 +134,8 @@ pub async fn run(opts: CaOptions) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", opts.admin))?;
     let stop = CancellationToken::new();
-    let serving = tokio::spawn(service.clone().serve(listener, stop.clone()));
+    let acceptor = service.acceptor().await?;
+    let serving = tokio::spawn(service.clone().serve(listener, acceptor, stop.clone()));
     tokio::spawn(serve_admin(admin, Arc::new(registry), stop.clone()));
     info!(listen = %opts.listen, admin = %opts.admin, "CA service ready");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -144,16 +145,13 @@ pub async fn run(opts: CaOptions) -> Result<()> {
     }
     info!("shutting down");
     stop.cancel();
-    serving.await?
+    Ok(serving.await?)
 }
 
 impl CaService {
-    /// Serves certificate requests on `listener` until `stop` is cancelled.
-    pub async fn serve(
-        self: Arc<Self>,
-        listener: TcpListener,
-        stop: CancellationToken,
-    ) -> Result<()> {
+    /// The TLS side of the service: its serving certificate, issued now and renewed from
+    /// here on.
+    pub async fn acceptor(&self) -> Result<TlsAcceptor> {
         let id = SpiffeId::ca(&self.trust_domain);
         let issued = issue(&*self.ca, &id, SERVING_TTL).await?;
         let slot = Arc::new(CertSlot::new(issued)?);
@@ -162,7 +160,16 @@ impl CaService {
             id,
             Arc::downgrade(&slot),
         ));
-        let acceptor = TlsAcceptor::from(tls::plain_server_config(slot)?);
+        Ok(TlsAcceptor::from(tls::plain_server_config(slot)?))
+    }
+
+    /// Serves certificate requests on `listener` with `acceptor` until `stop` is cancelled.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        stop: CancellationToken,
+    ) {
         while let Some((tcp, peer)) = system::accept(&listener, &stop).await {
             let (service, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
@@ -186,7 +193,6 @@ impl CaService {
                 }
             });
         }
-        Ok(())
     }
 
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {

@@ -56,5 +56,11 @@ pub struct ErrorResponse {
 
 /// A DER certificate as PEM.
 pub fn pem(der: &[u8]) -> String {
-    ::pem::encode(&::pem::Pem::new("CERTIFICATE", der))
+    pem_of("CERTIFICATE", der)
+}
+
+/// DER as PEM with the tag `tag`, lines ending in `\n`.
+pub fn pem_of(tag: &str, der: &[u8]) -> String {
+    let unix = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(tag, der), unix)
 }

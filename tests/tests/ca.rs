@@ -364,3 +364,62 @@ fn write_atomically(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// `curl` (TLS without checking, HTTP/2) at the CA service: its status and body.
+fn curl(cluster: &Cluster, args: &[&str], path: &str) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "--http2", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(format!("https://{}{path}", cluster.ca.addr))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.to_owned(), body.to_owned())
+}
+
+#[tokio::test]
+async fn a_stock_client_gets_the_signer_and_clear_refusals() {
+    let cluster = Cluster::start();
+    let (status, body) = curl(&cluster, &[], "/v1/signer");
+    assert_eq!(status, "200", "{body}");
+    let root = std::fs::read_to_string(&cluster.files.cert).unwrap();
+    let signer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(signer["signer"].as_str().unwrap().trim(), root.trim());
+
+    let token = format!("authorization: Bearer {}", cluster.agent_token(true));
+    let cases: [(&[&str], &str, &str); 4] = [
+        (&["-d", "{}"], "401", "no bearer token"),
+        (
+            &["-H", &token, "-d", "not json"],
+            "400",
+            "not a certificate request",
+        ),
+        (
+            &[
+                "-H",
+                &token,
+                "-d",
+                r#"{"csr": "nonsense", "ttl_seconds": 60}"#,
+            ],
+            "400",
+            "csr",
+        ),
+        (&["-X", "DELETE"], "404", "no DELETE /v1/certificates"),
+    ];
+    for (args, status, reason) in cases {
+        let (got, body) = curl(&cluster, args, "/v1/certificates");
+        assert_eq!(got, status, "{args:?}: {body}");
+        let error: Value = serde_json::from_str(&body).unwrap();
+        assert!(error["error"].as_str().unwrap().contains(reason), "{body}");
+    }
+    // Still serving.
+    assert!(
+        ask(
+            &cluster.client(&cluster.agent_token(true)),
+            &id("shop", "cart")
+        )
+        .await
+        .is_ok()
+    );
+}

@@ -22,7 +22,7 @@ use tokio_rustls::TlsConnector;
 use crate::{
     ca::{
         CERTIFICATES_PATH, CertificateRequest, CertificateResponse, ErrorResponse, SIGNER_PATH,
-        SignerResponse,
+        SignerResponse, pem_of,
     },
     identity::{CertificateAuthority, Signed, bundle::TrustBundle, tls},
 };
@@ -123,7 +123,7 @@ impl CaClient {
             .await
             .with_context(|| format!("cannot read the token {}", self.token.display()))?;
         let body = serde_json::to_vec(&CertificateRequest {
-            csr: ::pem::encode(&::pem::Pem::new("CERTIFICATE REQUEST", csr.as_ref())),
+            csr: pem_of("CERTIFICATE REQUEST", csr.as_ref()),
             ttl_seconds: ttl.as_secs(),
         })?;
         let request = Request::builder()

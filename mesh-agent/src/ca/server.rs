@@ -25,10 +25,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use rustls::pki_types::{CertificateSigningRequestDer, pem::PemObject};
-use tokio::{net::TcpListener, time::timeout};
+use tokio::{net::TcpListener, sync::Semaphore, time::timeout};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     ca::{
@@ -41,9 +41,13 @@ use crate::{
         signer::SigningRequest,
         tls::{self, CertSlot},
     },
-    system,
+    system, warn_sampled,
 };
 
+/// The most connections open at once (agents keep one each).
+const MAX_CONNECTIONS: usize = 8192;
+/// Pings on an idle connection this often; a peer that answers none within as long is gone.
+const KEEPALIVE: Duration = Duration::from_secs(30);
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request body taken (a CSR is well under 1 KiB).
@@ -170,14 +174,23 @@ impl CaService {
         acceptor: TlsAcceptor,
         stop: CancellationToken,
     ) {
+        let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         while let Some((tcp, peer)) = system::accept(&listener, &stop).await {
+            let Ok(place) = connections.clone().try_acquire_owned() else {
+                warn_sampled!(%peer, "connection shed: {MAX_CONNECTIONS} are open");
+                system::reset_on_close(&tcp);
+                continue;
+            };
             let (service, acceptor) = (self.clone(), acceptor.clone());
             tokio::spawn(async move {
+                let _place = place;
                 let _ = tcp.set_nodelay(true);
                 let tls = match timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return warn!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => return warn!(%peer, "no TLS handshake within {HANDSHAKE_TIMEOUT:?}"),
+                    Ok(Err(e)) => return warn_sampled!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => {
+                        return warn_sampled!(%peer, "no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                    }
                 };
                 let handler = service_fn(move |request| {
                     let service = service.clone();
@@ -185,11 +198,13 @@ impl CaService {
                 });
                 let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .keep_alive_interval(KEEPALIVE)
+                    .keep_alive_timeout(KEEPALIVE)
                     .max_concurrent_streams(256)
                     .serve_connection(TokioIo::new(tls), handler)
                     .await;
                 if let Err(e) = served {
-                    warn!(%peer, "connection ended: {e}");
+                    debug!(%peer, "connection ended: {e}");
                 }
             });
         }

@@ -368,14 +368,22 @@ fn write_atomically(path: &Path, text: &str) {
 /// `curl` (TLS without checking, HTTP/2) at the CA service: its status and body.
 fn curl(cluster: &Cluster, args: &[&str], path: &str) -> (String, String) {
     let out = std::process::Command::new("curl")
-        .args(["-sk", "--http2", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args([
+            "-sSk",
+            "--http2",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+        ])
         .args(args)
         .arg(format!("https://{}{path}", cluster.ca.addr))
         .output()
         .expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (status.to_owned(), body.to_owned())
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (status.to_owned(), format!("{body}{stderr}"))
 }
 
 #[tokio::test]

@@ -254,13 +254,15 @@ impl CaService {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned)
-            .ok_or_else(|| Refusal::Unauthenticated("no bearer token".into()))?;
+            .map(str::to_owned);
+        // The whole (small) body first, even for a refusal: an answer before the request
+        // has been sent ends in a stream reset that some clients take for a failure.
         let body = Limited::new(request.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| Refusal::BadRequest(format!("unreadable body: {e}")))?
             .to_bytes();
+        let token = token.ok_or_else(|| Refusal::Unauthenticated("no bearer token".into()))?;
         let asked: CertificateRequest = serde_json::from_slice(&body)
             .map_err(|e| Refusal::BadRequest(format!("not a certificate request: {e}")))?;
         let csr = CertificateSigningRequestDer::from_pem_slice(asked.csr.as_bytes())

@@ -27,7 +27,7 @@ use tracing::debug;
 
 use super::{
     body::{Counted, Recorded},
-    serve::{Answer, answer, authority, method_label, served_unless},
+    serve::{Answer, answer, authority, method_label, served_unless, strip_hop_by_hop},
     upstream::{Body, BoxError},
 };
 use crate::{
@@ -146,7 +146,12 @@ impl EgressHttp {
             Err(why) => Err(why),
         };
         match sent {
-            Ok(response) => {
+            Ok(mut response) => {
+                // This hop's framing, not the host's: an HTTP/1.0 answer ended by closing its
+                // connection goes on as an HTTP/1.1 one (chunked), so the next hop's end
+                // does not hang on a close that may race with its own writes.
+                *response.version_mut() = version;
+                strip_hop_by_hop(response.headers_mut());
                 record.answered(response.status().as_u16(), None, None);
                 response.map(|body| {
                     Recorded::new(body.map_err(BoxError::from), record, None).boxed_unsync()

@@ -584,7 +584,7 @@ fn upstream_request(
 
 /// Drops the headers that belong to one connection, not to the request (RFC 9110 7.6.1);
 /// `te: trailers` stays (gRPC needs it).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()

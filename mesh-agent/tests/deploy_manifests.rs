@@ -529,7 +529,12 @@ fn agent_settings(m: &Manifests) -> Settings {
     let cm = volume.config_map.as_ref().unwrap();
     let cm: ConfigMap = m.named("ConfigMap", Some("mesh-system"), &cm.name);
     let key = mount.sub_path.as_deref().unwrap();
-    let file = std::env::temp_dir().join(format!("mesh-settings-{}.yaml", std::process::id()));
+    // Tests run side by side: a file of this call's own.
+    let file = std::env::temp_dir().join(format!(
+        "mesh-settings-{}-{:x}.yaml",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
     std::fs::write(&file, &cm.data.unwrap()[key]).unwrap();
     let settings = Settings::load(&file);
     std::fs::remove_file(&file).unwrap();

@@ -25,13 +25,14 @@ use prometheus_client::registry::Registry;
 use crate::{
     ca::client::CaClient,
     config::{Config, Name, Settings},
-    datapath::{Datapath, Loaded, OUTBOUND_PORT, counters::Counters, maps::workload_cgroups},
+    datapath::{Datapath, Loaded, counters::Counters, maps::workload_cgroups},
     discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
+    handover::{self, Ending, Listeners},
     identity::{
         CaFiles, CertificateAuthority, FileCa, bundle::TrustBundle, certificates::Certificates,
     },
     observability::{
-        admin::{ADMIN_PORT, Admin, LogFilter},
+        admin::{Admin, LogFilter},
         metrics::{self, Metrics},
         traces::Tracer,
     },
@@ -48,7 +49,7 @@ use crate::{
     },
     state::{
         reload::{self, Mirror},
-        routes::{Routes, TUNNEL_PORT},
+        routes::Routes,
     },
     system,
 };
@@ -77,6 +78,9 @@ pub struct RunOptions {
     pub sk_msg: bool,
     /// Changes the log filter (the admin API's `/logging`).
     pub log_filter: LogFilter,
+    /// Where the listeners are taken over from and offered to the next agent (by default
+    /// `/run/mesh/<node>.sock`).
+    pub handover_socket: Option<PathBuf>,
 }
 
 /// Where the agent is in the cluster.
@@ -119,9 +123,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             (config, (watching, updates))
         }
     };
-    let outbound_listener = system::listen(OUTBOUND_PORT, "outbound")?;
-    let inbound_listener = system::listen(TUNNEL_PORT, "inbound tunnel")?;
-    let admin_listener = system::listen(ADMIN_PORT, "admin")?;
+    let node = config.node.name.as_str();
+    let handover_socket = opts
+        .handover_socket
+        .clone()
+        .unwrap_or_else(|| handover::default_socket(node));
+    let (listeners, takeover) = Listeners::take_over_or_listen(&handover_socket)?;
+    let offer = listeners.offer()?;
     let (ca, bundle) = identity_source(&config, &opts.config)?;
     tokio::spawn(bundle.clone().follow(metrics.clone()));
     let certificates = Arc::new(Certificates::new(
@@ -145,7 +153,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let server_tls = certificates.server_config().await?;
 
-    let node = config.node.name.as_str();
     let Loaded {
         datapath,
         logger,
@@ -186,7 +193,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 certificates: certificates.clone(),
                 log_filter: opts.log_filter.clone(),
             }
-            .serve(admin_listener, admin_stop.clone()),
+            .serve(listeners.admin, admin_stop.clone()),
         );
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
@@ -251,17 +258,30 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             inbound.metrics.clone(),
             stop.clone(),
         ));
-        let accepting = tokio::spawn(outbound.serve(outbound_listener, orig_dst));
-        let accepting_tunnels = tokio::spawn(inbound.serve(inbound_listener));
+        let accepting = tokio::spawn(outbound.serve(listeners.outbound, orig_dst));
+        let accepting_tunnels = tokio::spawn(inbound.serve(listeners.tunnel));
         system::release_freed_memory();
         ready.store(true, Ordering::Relaxed);
+        if let Some(takeover) = takeover {
+            takeover.ready();
+        }
         info!(node, config = %opts.config.display(), "mesh agent ready");
 
-        signals.wait().await;
+        let ending = tokio::select! {
+            () = signals.wait() => Ending::Signal,
+            () = offer.serve(&handover_socket, &ready) => Ending::HandedOver,
+        };
         ready.store(false, Ordering::Relaxed);
         source.abort();
         applying.abort();
         stop.cancel();
+        if ending == Ending::HandedOver {
+            // The listeners are the new agent's: so are the scrapes and probes.
+            admin_stop.cancel();
+            info!("handed over to the new agent: no longer accepting, draining");
+        } else {
+            handover::withdraw(&handover_socket);
+        }
         accepting.await.context("the outbound listener failed")?;
         accepting_tunnels
             .await
@@ -299,16 +319,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         admin_stop.cancel();
         admin.await.context("the admin listener failed")?;
-        anyhow::Ok(())
+        anyhow::Ok(ending)
     }
     .await;
 
-    if opts.keep_pins {
+    if served.as_ref().is_ok_and(|e| *e == Ending::HandedOver) {
+        info!(pins = %datapath.pin_dir().display(), "the programs and maps are the new agent's");
+    } else if opts.keep_pins {
         info!(pins = %datapath.pin_dir().display(), "keeping the programs attached and pinned");
     } else {
         datapath.unpin()?;
     }
-    served
+    served.map(|_| ())
 }
 
 /// Starts watching the cluster with the settings in `file`: the watch task, and the configs

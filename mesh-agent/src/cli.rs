@@ -67,6 +67,10 @@ pub enum Command {
         /// what the shortcut saves).
         #[arg(long)]
         no_sk_msg: bool,
+        /// The Unix socket where a new agent takes the listeners over from this one (an
+        /// upgrade that refuses no connection); by default /run/mesh/<node>.sock.
+        #[arg(long)]
+        handover_socket: Option<PathBuf>,
     },
     /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
     Load {

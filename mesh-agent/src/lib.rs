@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
+pub mod handover;
 pub mod identity;
 pub mod observability;
 pub mod proxy;

@@ -48,6 +48,7 @@ fn run(cli: Cli) -> Result<()> {
             grace_period,
             tunnel_keepalive,
             no_sk_msg,
+            handover_socket,
         } => tokio::runtime::Runtime::new()?.block_on(app::run(RunOptions {
             config,
             kubernetes: kubernetes_node.map(|node| Kubernetes {
@@ -61,6 +62,7 @@ fn run(cli: Cli) -> Result<()> {
             ebpf_log_level,
             sk_msg: !no_sk_msg,
             log_filter,
+            handover_socket,
         })),
         Command::Load { node, cgroup } => {
             system::require_root()?;

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use mesh_agent::handover;
 
 mod kubernetes;
 
@@ -422,7 +423,8 @@ impl Lab {
         run_args: &[OsString],
         env: &[(&str, &Path)],
     ) -> Result<Agent> {
-        let log = self.dir.join(format!("agent-{node}.log"));
+        let log = self.agent_logs(node).len() + 1;
+        let log = self.dir.join(agent_log_name(node, log));
         let mut cmd = match &self.spec.agent_capabilities {
             None => Command::new(agent_binary()?),
             Some(capabilities) => {
@@ -474,6 +476,14 @@ impl Lab {
         output(cmd)
     }
 
+    /// The logs of `node`'s agents so far, the first started first.
+    pub fn agent_logs(&self, node: &str) -> Vec<PathBuf> {
+        (1..)
+            .map(|n| self.dir.join(agent_log_name(node, n)))
+            .take_while(|log| log.exists())
+            .collect()
+    }
+
     /// The path of `name` in the lab's scratch directory (removed with the lab).
     pub fn scratch_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
@@ -509,12 +519,11 @@ impl Lab {
     /// tree, the agents' pins and its scratch directory.
     pub fn footprint(&self) -> Footprint {
         let mut paths = vec![self.cgroup_root(), self.dir.clone()];
-        paths.extend(
-            self.spec
-                .nodes
-                .iter()
-                .map(|n| mesh_agent::datapath::pin_dir(&self.agent_node_name(n))),
-        );
+        for node in &self.spec.nodes {
+            let name = self.agent_node_name(node);
+            paths.push(mesh_agent::datapath::pin_dir(&name));
+            paths.push(handover::default_socket(&name));
+        }
         Footprint {
             netns: self.netns.clone(),
             paths,
@@ -750,6 +759,13 @@ impl Lab {
             {
                 problems.push(format!("cannot remove {}: {e}", pins.display()));
             }
+            // Left by an agent that was killed.
+            let socket = handover::default_socket(&self.agent_node_name(node));
+            if let Err(e) = std::fs::remove_file(&socket)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                problems.push(format!("cannot remove {}: {e}", socket.display()));
+            }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             problems.push(format!("cannot remove {}: {e}", self.dir.display()));
@@ -791,9 +807,13 @@ impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for node in &self.spec.nodes {
-                let log = self.dir.join(format!("agent-{node}.log"));
-                if let Ok(text) = std::fs::read_to_string(&log) {
-                    eprintln!("--- agent log of {node} ---\n{text}--- end of agent log ---");
+                for log in self.agent_logs(node) {
+                    if let Ok(text) = std::fs::read_to_string(&log) {
+                        eprintln!(
+                            "--- agent log {} ---\n{text}--- end of agent log ---",
+                            log.display()
+                        );
+                    }
                 }
             }
         }
@@ -1032,6 +1052,14 @@ fn shown(cmd: &Command) -> String {
 }
 
 /// `mesh-testpod serve` on 8080 (echoing on 9), answering with `x-pod: <name>`, and `extra`.
+/// The log of the `n`th agent started on `node`: `agent-n1.log`, then `agent-n1.2.log`...
+fn agent_log_name(node: &str, n: usize) -> String {
+    match n {
+        1 => format!("agent-{node}.log"),
+        n => format!("agent-{node}.{n}.log"),
+    }
+}
+
 pub(crate) fn http_server_args<'a>(name: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "serve",

@@ -19,23 +19,22 @@ use k8s_openapi::{
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use kube::CustomResourceExt;
 use mesh_agent::{
     ca::{CA_ADMIN_PORT, CA_PORT, DEFAULT_AUDIENCE, review::CALLS},
     cli::{CaCommand, Cli, Command},
     config::{Config, Settings},
-    datapath::OUTBOUND_PORT,
     discovery::kubernetes::{
         authorization::AuthorizationPolicy,
         egress::ExternalHost,
         policy::TrafficPolicy,
         watch::{RESOURCES, VERBS},
     },
+    handover,
     identity::{AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT, CA_SERVICE_ACCOUNT},
     observability::admin::ADMIN_PORT,
-    state::routes::TUNNEL_PORT,
     system::BPFFS,
 };
 use serde::{Deserialize, de::DeserializeOwned};
@@ -449,28 +448,26 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
         );
     }
 
-    // Ports, probes and scrape annotations are the agent's.
-    let port = |name: &str| {
-        agent
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name))
-            .unwrap()
-            .container_port
-    };
-    assert_eq!(port("outbound"), i32::from(OUTBOUND_PORT));
-    assert_eq!(port("tunnel"), i32::from(TUNNEL_PORT));
-    assert_eq!(port("admin"), i32::from(ADMIN_PORT));
-    assert_probes_on_admin(agent);
-    let annotations = ds
-        .spec
-        .unwrap()
-        .template
-        .metadata
-        .unwrap()
-        .annotations
-        .unwrap();
+    // Updates start the new agent beside the old one, which hands its listeners over (in the
+    // host's /run/mesh): no host ports are declared (on the host network every port is one),
+    // or the scheduler would keep the surge pod off the node.
+    let spec = ds.spec.unwrap();
+    let rolling = spec.update_strategy.unwrap().rolling_update.unwrap();
+    assert_eq!(
+        (rolling.max_surge, rolling.max_unavailable),
+        (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+    );
+    assert_eq!(
+        agent.ports, None,
+        "host ports keep the surge pod off the node"
+    );
+    let run = mount_of(Path::new(handover::RUN_DIR));
+    assert_eq!(run.mount_path, handover::RUN_DIR);
+    assert_eq!(volume(&run.name).host_path.unwrap().path, handover::RUN_DIR);
+
+    // Probes and scrape annotations are the agent's.
+    assert_probes_on(agent, &IntOrString::Int(i32::from(ADMIN_PORT)));
+    let annotations = spec.template.metadata.unwrap().annotations.unwrap();
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], ADMIN_PORT.to_string());
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
@@ -490,19 +487,16 @@ fn the_agents_arguments_ports_probes_and_mounts_are_the_agents() {
     }
 }
 
-/// The container's readiness probe asks `/ready`, its liveness probe `/healthz`, both on the
-/// port named `admin`.
-fn assert_probes_on_admin(container: &Container) {
+/// The container's readiness probe asks `/ready`, its liveness probe `/healthz`, both on
+/// `port`.
+fn assert_probes_on(container: &Container, port: &IntOrString) {
     for (probe, path) in [
         (container.readiness_probe.as_ref(), "/ready"),
         (container.liveness_probe.as_ref(), "/healthz"),
     ] {
         let get = probe.unwrap().http_get.as_ref().unwrap();
         assert_eq!(get.path.as_deref(), Some(path));
-        assert_eq!(
-            serde_json::to_value(&get.port).unwrap(),
-            serde_json::json!("admin")
-        );
+        assert_eq!(&get.port, port);
     }
 }
 
@@ -651,7 +645,7 @@ fn the_ca_service_runs_twice_holds_the_key_and_is_reachable_where_agents_ask() {
         serde_json::to_value(service_port.target_port.as_ref().unwrap()).unwrap(),
         serde_json::json!("https")
     );
-    assert_probes_on_admin(ca);
+    assert_probes_on(ca, &IntOrString::String("admin".into()));
 }
 
 #[test]

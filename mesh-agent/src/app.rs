@@ -25,7 +25,7 @@ use prometheus_client::registry::Registry;
 use crate::{
     ca::client::CaClient,
     config::{Config, Name, Settings},
-    datapath::{Datapath, Loaded, counters::Counters, maps::workload_cgroups},
+    datapath::{Datapath, Loaded, maps::workload_cgroups, pins::Capacities},
     discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
     handover::{self, Ending, Listeners},
     identity::{
@@ -81,6 +81,8 @@ pub struct RunOptions {
     /// Where the listeners are taken over from and offered to the next agent (by default
     /// `/run/mesh/<node>.sock`).
     pub handover_socket: Option<PathBuf>,
+    /// Maps made with another number of entries than the programs'.
+    pub map_capacities: Capacities,
 }
 
 /// Where the agent is in the cluster.
@@ -154,19 +156,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let server_tls = certificates.server_config().await?;
 
     let Loaded {
-        datapath,
+        mut datapath,
         logger,
         mut state,
         orig_dst,
         refused,
-    } = Datapath::load(node, &cgroup, opts.ebpf_log_level, opts.sk_msg)?;
+        counters,
+    } = Datapath::load(node, opts.ebpf_log_level, opts.sk_msg, &opts.map_capacities)?;
     tokio::spawn(drain_ebpf_log(logger));
-    metrics::register_ebpf_counters(&mut registry, Counters::open_pinned(node)?);
+    // The maps hold the state before any program reads them: new maps (a changed layout)
+    // start full, so no connect passes uncaptured meanwhile.
+    state.sync(&config, &cgroups)?;
+    datapath.attach(&cgroup)?;
+    tokio::spawn(datapath.retire_replaced_maps());
+    metrics::register_ebpf_counters(&mut registry, counters);
     let registry = Arc::new(registry);
     let ready = Arc::new(AtomicBool::new(false));
 
     let served = async {
-        state.sync(&config, &cgroups)?;
         let (routes, routes_rx) = watch::channel(Arc::new(routes));
         let running = reload::Running {
             state,

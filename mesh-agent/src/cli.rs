@@ -71,6 +71,11 @@ pub enum Command {
         /// upgrade that refuses no connection); by default /run/mesh/<node>.sock.
         #[arg(long)]
         handover_socket: Option<PathBuf>,
+        /// Make the map NAME with ENTRIES entries instead of the programs' own number (a
+        /// larger node); repeatable. A changed size is a new map layout: an upgrade makes new
+        /// maps beside the old ones, which serve the old connections until they are done.
+        #[arg(long, value_name = "NAME=ENTRIES", value_parser = parse_capacity)]
+        map_capacity: Vec<(String, u32)>,
     },
     /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
     Load {
@@ -128,6 +133,20 @@ pub enum CaCommand {
         #[arg(long, default_value_t = 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
         max_ttl: u64,
     },
+}
+
+/// `NAME=ENTRIES`, with at least one entry.
+fn parse_capacity(text: &str) -> Result<(String, u32), String> {
+    let (name, entries) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=ENTRIES"))?;
+    let entries: u32 = entries
+        .parse()
+        .map_err(|e| format!("{entries:?} is not a number of entries: {e}"))?;
+    if entries == 0 {
+        return Err("a map needs at least one entry".into());
+    }
+    Ok((name.to_owned(), entries))
 }
 
 /// The mesh's CustomResourceDefinitions, as YAML documents.

@@ -3,8 +3,8 @@
 //! (`counters`), the connects the outbound policy refused (`refused`), and the kernel's own
 //! struct layouts read from its BTF (`btf`).
 //!
-//! Everything of one node lives under `/sys/fs/bpf/mesh/<node>`: the state maps (by their
-//! names), the programs (`prog_<name>`) and the cgroup links (`link_<name>`). Pinned links keep
+//! Everything of one node lives under `/sys/fs/bpf/mesh/<node>`: the maps (by their names and
+//! layouts, see `pins`), the programs (`prog_<name>`) and the cgroup links (`link_<name>`). Pinned links keep
 //! the programs attached after the agent exits; a restarted agent reuses the pinned maps, so
 //! enrollment and counters survive it. Removing the directory detaches and frees everything.
 
@@ -30,10 +30,13 @@ use crate::system::BPFFS;
 pub mod btf;
 pub mod counters;
 pub mod maps;
+pub mod pins;
 pub mod refused;
 
 use btf::Btf;
+use counters::Counters;
 use maps::{OrigDstTable, StateMaps};
+use pins::{Capacities, MapPin};
 use refused::RefusedConnects;
 
 /// The compiled eBPF programs (`cargo xtask build-ebpf`).
@@ -56,10 +59,15 @@ pub fn pin_dir(node: &str) -> PathBuf {
     Path::new(BPFFS).join("mesh").join(node)
 }
 
-/// Loaded, attached and pinned programs.
+/// Loaded programs, and the maps they use, pinned.
 pub struct Datapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// No agent had pinned anything on this node before.
+    fresh: bool,
+    maps: Vec<MapPin>,
+    shortcut: bool,
+    layout: KernelLayout,
 }
 
 /// What [`Datapath::load`] hands out: the programs and, each to its one user, their log and maps.
@@ -70,40 +78,89 @@ pub struct Loaded {
     pub state: StateMaps,
     pub orig_dst: OrigDstTable,
     pub refused: RefusedConnects,
+    pub counters: Counters,
 }
 
 impl Datapath {
-    /// Loads the programs, reusing the node's pinned maps if any, attaches them to the cgroup
-    /// v2 directory `cgroup` (replacing the node's earlier attachments) and pins them.
-    /// `log_level` is the most verbose aya-log level the programs emit.
+    /// Loads the programs with the node's pinned maps where their layout is the programs'
+    /// (see [`pins`]), making and pinning the others; `capacities` size maps beyond the
+    /// programs' own numbers. Nothing is attached yet: fill the state maps, then
+    /// [`Datapath::attach`]. `log_level` is the most verbose aya-log level the programs emit.
     ///
-    /// If it fails on a node that had no pins, it removes what it pinned; an earlier agent's
-    /// pins stay (in use: what was replaced was replaced by working programs).
-    /// Without `shortcut`, the sk_msg program is not attached: same-node traffic between
+    /// Without `shortcut`, the sk_msg program will not be attached: same-node traffic between
     /// pods and the agent goes through TCP/IP (to measure what the shortcut saves).
     pub fn load(
         node: &str,
-        cgroup: &Path,
         log_level: aya_log::Level,
         shortcut: bool,
+        capacities: &Capacities,
     ) -> Result<Loaded> {
         let pin_dir = pin_dir(node);
         let fresh = !pin_dir.exists();
         std::fs::create_dir_all(&pin_dir)
             .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
-        let loaded = load_and_attach(&pin_dir, cgroup, log_level, shortcut);
-        if loaded.is_err()
-            && fresh
-            && let Err(e) = std::fs::remove_dir_all(&pin_dir)
-        {
-            warn!(pins = %pin_dir.display(), "cannot remove a failed load's pins: {e}");
+        let loaded = load(&pin_dir, log_level, shortcut, capacities);
+        match loaded {
+            Ok(mut loaded) => {
+                loaded.datapath.fresh = fresh;
+                Ok(loaded)
+            }
+            Err(e) => {
+                remove_if_fresh(&pin_dir, fresh);
+                Err(e)
+            }
         }
-        loaded
+    }
+
+    /// Attaches the programs to the cgroup v2 directory `cgroup` and pins them, replacing
+    /// the node's earlier attachments (each new one is in place before the old one goes).
+    ///
+    /// If it fails on a node that had no pins, it removes what it pinned; an earlier agent's
+    /// pins stay (in use: what was replaced was replaced by working programs).
+    pub fn attach(&mut self, cgroup: &Path) -> Result<()> {
+        let attached = self.attach_all(cgroup);
+        if attached.is_err() {
+            remove_if_fresh(&self.pin_dir, self.fresh);
+        }
+        attached
+    }
+
+    fn attach_all(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_fd = File::open(cgroup)
+            .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
+        for name in CGROUP_PROGRAMS {
+            attach_to_cgroup(&mut self.ebpf, name, &cgroup_fd, &self.pin_dir)
+                .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
+        }
+        if self.shortcut && self.layout.is_known() {
+            attach_sk_msg(&mut self.ebpf, &self.pin_dir)
+                .context("cannot attach mesh_redirect to SOCKETS")?;
+        } else if self.shortcut {
+            warn!(
+                "this kernel cannot bound what the sk_msg shortcut queues (its struct sk_psock \
+                 has no msg_tot_len, from the 2026 sockmap FIONREAD fix): the shortcut is off and same-node \
+                 traffic goes through TCP/IP"
+            );
+        } else {
+            warn!("the sk_msg shortcut is off: same-node traffic goes through TCP/IP");
+        }
+        info!(
+            cgroup = %cgroup.display(),
+            pins = %self.pin_dir.display(),
+            "eBPF programs attached"
+        );
+        Ok(())
     }
 
     /// Where this node's pins live.
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// Unpins, as each stops being needed, the maps of earlier layouts that this agent's
+    /// maps replaced (see [`pins::retire`]); run once attached.
+    pub fn retire_replaced_maps(&self) -> impl Future<Output = ()> + use<> {
+        pins::retire(self.maps.clone())
     }
 
     /// Unpins everything of this node: once the agent's handles close, the programs are
@@ -113,11 +170,17 @@ impl Datapath {
     }
 }
 
-fn load_and_attach(
+fn remove_if_fresh(pin_dir: &Path, fresh: bool) {
+    if fresh && let Err(e) = std::fs::remove_dir_all(pin_dir) {
+        warn!(pins = %pin_dir.display(), "cannot remove a failed load's pins: {e}");
+    }
+}
+
+fn load(
     pin_dir: &Path,
-    cgroup: &Path,
     log_level: aya_log::Level,
     shortcut: bool,
+    capacities: &Capacities,
 ) -> Result<Loaded> {
     if !shortcut && pin_dir.join("prog_mesh_redirect").exists() {
         bail!(
@@ -130,46 +193,34 @@ fn load_and_attach(
     } else {
         KernelLayout::default()
     };
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+    let maps = pins::plan(OBJECT, pin_dir, capacities)?;
+    let mut loader = EbpfLoader::new();
+    for map in &maps {
+        loader.map_pin_path(&map.name, map.path.as_path());
+    }
+    for (name, capacity) in capacities {
+        loader.map_max_entries(name, *capacity);
+    }
+    let mut ebpf = loader
         .override_global(aya_log::LEVEL, &(log_level as u8), true)
         .override_global("KERNEL_LAYOUT", &layout, true)
         .load(OBJECT)
         .context("cannot load the eBPF programs (does this kernel have BPF and BTF?)")?;
     let logger =
         aya_log::EbpfLogger::init(&mut ebpf).context("cannot read the eBPF programs' log")?;
-
-    let cgroup_fd = File::open(cgroup)
-        .with_context(|| format!("cannot open the cgroup {}", cgroup.display()))?;
-    for name in CGROUP_PROGRAMS {
-        attach_to_cgroup(&mut ebpf, name, &cgroup_fd, pin_dir)
-            .with_context(|| format!("cannot attach {name} to {}", cgroup.display()))?;
-    }
-    if shortcut && layout.is_known() {
-        attach_sk_msg(&mut ebpf, pin_dir).context("cannot attach mesh_redirect to SOCKETS")?;
-    } else if shortcut {
-        warn!(
-            "this kernel cannot bound what the sk_msg shortcut queues (its struct sk_psock \
-             has no msg_tot_len, from the 2026 sockmap FIONREAD fix): the shortcut is off and same-node \
-             traffic goes through TCP/IP"
-        );
-    } else {
-        warn!("the sk_msg shortcut is off: same-node traffic goes through TCP/IP");
-    }
-    info!(
-        cgroup = %cgroup.display(),
-        pins = %pin_dir.display(),
-        "eBPF programs attached"
-    );
-
     Ok(Loaded {
         state: StateMaps::take(&mut ebpf)?,
-        orig_dst: OrigDstTable::take(&mut ebpf)?,
+        orig_dst: OrigDstTable::take(&mut ebpf, &maps)?,
         refused: RefusedConnects::take(&mut ebpf)?,
+        counters: Counters::take(&mut ebpf)?,
         logger,
         datapath: Datapath {
-            _ebpf: ebpf,
+            ebpf,
             pin_dir: pin_dir.to_owned(),
+            fresh: false,
+            maps,
+            shortcut,
+            layout,
         },
     })
 }

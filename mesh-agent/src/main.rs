@@ -6,7 +6,7 @@ use mesh_agent::{
     app::{self, Kubernetes, RunOptions},
     ca::server::{self, CaOptions},
     cli::{CaCommand, Cli, Command, LogFormat},
-    datapath::{self, Datapath},
+    datapath::{self, Datapath, pins::Capacities},
     identity::{CaFiles, FileCa},
     proxy::liveness::Liveness,
     system,
@@ -49,6 +49,7 @@ fn run(cli: Cli) -> Result<()> {
             tunnel_keepalive,
             no_sk_msg,
             handover_socket,
+            map_capacity,
         } => tokio::runtime::Runtime::new()?.block_on(app::run(RunOptions {
             config,
             kubernetes: kubernetes_node.map(|node| Kubernetes {
@@ -63,13 +64,14 @@ fn run(cli: Cli) -> Result<()> {
             sk_msg: !no_sk_msg,
             log_filter,
             handover_socket,
+            map_capacities: map_capacity.into_iter().collect(),
         })),
         Command::Load { node, cgroup } => {
             system::require_root()?;
             system::require_bpffs()?;
             let dir = system::cgroup_dir(&system::cgroup2_mount()?, &cgroup)?;
-            Datapath::load(&node, &dir, ebpf_log_level, true)?;
-            Ok(())
+            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new())?;
+            loaded.datapath.attach(&dir)
         }
         Command::Unload { node } => {
             system::require_root()?;

@@ -130,6 +130,11 @@ impl KernelLayout {
     }
 }
 
+/// Part of every pinned map's layout fingerprint: raise it when a key or value changes
+/// meaning without changing size, so that a new agent makes new maps rather than misread the
+/// old ones.
+pub const MAP_ABI: u32 = 1;
+
 /// The bit of `sk_user_data` that says it points at an `sk_psock`.
 pub const SK_USER_DATA_PSOCK: u64 = 4;
 /// The flag bits of `sk_user_data`, below the pointer.

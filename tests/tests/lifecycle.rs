@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_agent::datapath::{counters::Counters, pin_dir};
+use mesh_agent::datapath::{counters::Counters, pin_dir, pins};
 use mesh_common::Counter;
 use mesh_tests::{Lab, LabSpec, Running};
 
@@ -61,10 +61,10 @@ fn restarted_agent_reuses_pins_and_connects_fail_closed_meanwhile() {
         "link_mesh_connect4",
         "link_mesh_connect6",
         "link_mesh_sockops",
-        "ENROLLED",
     ] {
         assert!(pins.join(pin).exists(), "{pin} is pinned");
     }
+    assert_eq!(pins::find(&pins, "ENROLLED").len(), 1, "ENROLLED is pinned");
     let out = lab.run("client", &["connect", "--addr", VIP]).unwrap();
     assert_eq!(out.field("connect"), "ConnectionRefused");
     assert_eq!(captured(&node_name), 2);
@@ -175,10 +175,10 @@ fn load_and_unload_attach_and_detach() {
         "prog_mesh_connect4",
         "prog_mesh_redirect",
         "link_mesh_sockops",
-        "SOCKETS",
     ] {
         assert!(pins.join(pin).exists(), "{pin} is pinned");
     }
+    assert_eq!(pins::find(&pins, "SOCKETS").len(), 1, "SOCKETS is pinned");
     let out = lab
         .agent_command("n1", &["unload", "--node", &node_name], |_| {})
         .unwrap();

@@ -2,9 +2,12 @@
 //! running one, which drains; a stock client (curl) opening connections all along and a long
 //! transfer started before see no failure.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use mesh_agent::datapath::pin_dir;
+use mesh_agent::datapath::{pin_dir, pins};
 use mesh_tests::{Agent, Daemon, Lab, LabSpec, Running, ServiceSpec};
 
 /// The HTTP service (the backend's `serve --http`, on 8080).
@@ -69,10 +72,10 @@ fn paused_transfer(lab: &Lab) -> (Running, PathBuf, u64) {
     (client, release, bytes)
 }
 
-/// Starts a new agent on `node` beside `old`, waits until the old one has handed over, and
-/// returns the new one.
-fn upgrade(lab: &Lab, node: &str, old: &Agent) -> Agent {
-    let new = lab.start_agent(node, &["--grace-period", "60"]).unwrap();
+/// Starts a new agent on `node` beside `old` with `args`, waits until the old one has handed
+/// over, and returns the new one.
+fn upgrade(lab: &Lab, node: &str, old: &Agent, args: &[&str]) -> Agent {
+    let new = lab.start_agent(node, args).unwrap();
     assert!(
         new.log()
             .contains("took the listeners over from the running agent"),
@@ -83,23 +86,26 @@ fn upgrade(lab: &Lab, node: &str, old: &Agent) -> Agent {
     new
 }
 
-#[test]
-fn an_upgrade_refuses_no_connection_and_finishes_open_transfers() {
+/// Upgrades both nodes' agents to ones started with `new_args` while curl opens connections
+/// through them and a transfer opened before waits; checks that no request failed and the
+/// transfer finished byte-exact, and hands back the lab and the new agents.
+fn upgrade_under_load(new_args: &[&str]) -> (Lab, [Agent; 2]) {
     let lab = lab();
-    let _backend = lab.serve_http("backend", &[]).unwrap();
+    let backend = lab.serve_http("backend", &[]).unwrap();
     let grace = ["--grace-period", "60"];
     let old1 = lab.start_agent("n1", &grace).unwrap();
     let old2 = lab.start_agent("n2", &grace).unwrap();
     let (transfer, release, bytes) = paused_transfer(&lab);
-    let requests = curl_loop(&lab);
+    let mut requests = curl_loop(&lab);
 
     // Both ends upgraded while curl connects: the calling node (its outbound listener) and
     // the called one (its tunnel listener; the calling agent's tunnels to the old one are
     // told to go away).
+    let args: Vec<&str> = grace.iter().chain(new_args).copied().collect();
     std::thread::sleep(Duration::from_secs(2));
-    let new1 = upgrade(&lab, "n1", &old1);
+    let new1 = upgrade(&lab, "n1", &old1, &args);
     std::thread::sleep(Duration::from_secs(2));
-    let new2 = upgrade(&lab, "n2", &old2);
+    let new2 = upgrade(&lab, "n2", &old2, &args);
 
     // The transfer opened before goes on through the old agents, which drain, to the end.
     std::fs::write(&release, "").unwrap();
@@ -112,7 +118,6 @@ fn an_upgrade_refuses_no_connection_and_finishes_open_transfers() {
         assert!(!log.contains("grace period over"), "{log}");
     }
 
-    let mut requests = requests;
     let status = requests.wait_within(Duration::from_secs(60)).unwrap();
     let log = std::fs::read_to_string(lab.scratch_path("curl-loop.log")).unwrap();
     let results: Vec<&str> = log.lines().filter(|l| l.starts_with("code=")).collect();
@@ -123,23 +128,59 @@ fn an_upgrade_refuses_no_connection_and_finishes_open_transfers() {
     assert_eq!(results.len(), REQUESTS, "{status}: {log}");
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
 
-    // The new agents own the programs and maps, and serve.
-    for (node, new) in [("n1", &new1), ("n2", &new2)] {
-        assert!(pin_dir(&new.node_name).join("ENROLLED").exists(), "{node}");
-    }
-    let out = lab
-        .run_program(
-            "client",
-            "curl",
-            &[
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("http://{WEB}/"),
-            ],
-        )
-        .unwrap();
+    // The new agents serve on their own.
+    let url = format!("http://{WEB}/");
+    let args = ["-s", "-o", "/dev/null", "-w", "%{http_code}", &url];
+    let out = lab.run_program("client", "curl", &args).unwrap();
     assert_eq!(out.stdout, "200");
+    drop(backend);
+    (lab, [new1, new2])
+}
+
+#[test]
+fn an_upgrade_refuses_no_connection_and_finishes_open_transfers() {
+    let (_lab, new) = upgrade_under_load(&[]);
+    // Same layout: the new agents took the very maps over.
+    for agent in &new {
+        let pins = pin_dir(&agent.node_name);
+        for map in ["ENROLLED", "SOCKETS", "CAPTURED_BY_CLIENT"] {
+            assert_eq!(pins::find(&pins, map).len(), 1, "{map}");
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_to_another_map_layout_refuses_nothing_and_retires_the_old_maps() {
+    // Other sizes are other layouts: the new agents make new maps beside the old ones.
+    let resized = [
+        "--map-capacity",
+        "ENROLLED=8192",
+        "--map-capacity",
+        "CAPTURED_BY_CLIENT=32768",
+        "--map-capacity",
+        "SOCKETS=65536",
+    ];
+    let (_lab, new) = upgrade_under_load(&resized);
+    for agent in &new {
+        let pins = pin_dir(&agent.node_name);
+        assert!(
+            agent.log().contains("unpinned a map of an earlier layout"),
+            "{}",
+            agent.log()
+        );
+        // The old state maps go at once; the old socket map once its sockets have closed.
+        let started = Instant::now();
+        while pins::find(&pins, "SOCKETS").len() > 1 || pins::find(&pins, "ENROLLED").len() > 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "old maps still pinned: {:?}",
+                std::fs::read_dir(&pins)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect::<Vec<_>>()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }

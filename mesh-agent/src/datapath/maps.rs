@@ -5,20 +5,24 @@ use std::{
     collections::HashSet,
     hash::Hash,
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 use aya::{
     Ebpf, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
 };
 use mesh_common::{
     Addr, AgentListener, Captured, REGISTRY_ONLY, SET_MEMBER, SockAddr, ipv4_mapped, ipv4_unmapped,
 };
 use tracing::{info, warn};
 
-use super::{OUTBOUND_PORT, take_map};
+use super::{
+    OUTBOUND_PORT,
+    pins::{self, MapPin},
+    take_map,
+};
 use crate::{
     config::{Config, egress::OutboundPolicy},
     proxy::outbound::{CapturedConnect, Captures},
@@ -224,22 +228,55 @@ pub(super) fn socket_addr(addr: &SockAddr) -> SocketAddr {
 }
 
 /// Captured connections, by the client's address.
-pub struct OrigDstTable(HashMap<MapData, SockAddr, Captured>);
+pub struct OrigDstTable {
+    table: CapturedByClient,
+    /// Where the same table of other layouts may be pinned (another agent's programs, during
+    /// an upgrade), and this one's own pin.
+    pins: (PathBuf, PathBuf),
+}
+
+type CapturedByClient = HashMap<MapData, SockAddr, Captured>;
 
 impl OrigDstTable {
-    /// Takes the table out of the loaded object.
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
-        Ok(Self(take_map(ebpf, "CAPTURED_BY_CLIENT")?))
+    /// Takes the table out of the loaded object; `maps` say where it is pinned.
+    pub(super) fn take(ebpf: &mut Ebpf, maps: &[MapPin]) -> Result<Self> {
+        let own = maps
+            .iter()
+            .find(|m| m.name == "CAPTURED_BY_CLIENT")
+            .context("the eBPF object has no pinned CAPTURED_BY_CLIENT")?;
+        let dir = own.path.parent().unwrap_or(Path::new("/")).to_owned();
+        Ok(Self {
+            table: take_map(ebpf, "CAPTURED_BY_CLIENT")?,
+            pins: (dir, own.path.clone()),
+        })
+    }
+
+    /// The same table pinned with other layouts whose keys and values this agent reads (a
+    /// resized one), for connects captured by the other agent's programs while both run.
+    fn others(&self) -> impl Iterator<Item = CapturedByClient> {
+        let (dir, own) = &self.pins;
+        pins::find(dir, "CAPTURED_BY_CLIENT")
+            .into_iter()
+            .filter(move |p| p != own)
+            .filter_map(|path| {
+                let data = MapData::from_pin(&path).ok()?;
+                HashMap::try_from(Map::LruHashMap(data)).ok()
+            })
     }
 }
 
 impl Captures for OrigDstTable {
     fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
         let key = sock_addr(client);
-        let captured = self.0.get(&key, 0).ok()?;
-        if let Err(e) = self.0.remove(&key) {
-            warn!(%client, "cannot forget an original destination: {e}");
-        }
+        let take_from = |table: &mut CapturedByClient| {
+            let captured = table.get(&key, 0).ok()?;
+            if let Err(e) = table.remove(&key) {
+                warn!(%client, "cannot forget an original destination: {e}");
+            }
+            Some(captured)
+        };
+        let captured = take_from(&mut self.table)
+            .or_else(|| self.others().find_map(|mut t| take_from(&mut t)))?;
         Some(CapturedConnect {
             dst: socket_addr(&captured.dst),
             cgroup: captured.cgroup,

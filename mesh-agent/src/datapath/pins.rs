@@ -64,7 +64,8 @@ pub fn plan(object: &[u8], pin_dir: &Path, capacities: &Capacities) -> Result<Ve
     Ok(pins)
 }
 
-/// Every pin of the map `name` under `pin_dir`, whatever its layout, the newest first.
+/// Every pin of the map `name` under `pin_dir`, whatever its layout (also the plain `NAME`
+/// of agents from before layouts were named), the newest first.
 pub fn find(pin_dir: &Path, name: &str) -> Vec<PathBuf> {
     let prefix = format!("{name}-");
     let Ok(entries) = std::fs::read_dir(pin_dir) else {
@@ -73,12 +74,12 @@ pub fn find(pin_dir: &Path, name: &str) -> Vec<PathBuf> {
     let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
         .flatten()
         .filter(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|f| f.strip_prefix(&prefix))
-                .is_some_and(|layout| {
-                    layout.len() == 8 && layout.bytes().all(|b| b.is_ascii_hexdigit())
-                })
+            e.file_name().to_str().is_some_and(|f| {
+                f == name
+                    || f.strip_prefix(&prefix).is_some_and(|layout| {
+                        layout.len() == 8 && layout.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+            })
         })
         .map(|e| {
             let modified = e.metadata().and_then(|m| m.modified());
@@ -173,6 +174,8 @@ mod tests {
     fn the_pins_of_a_map_are_found_newest_first_and_only_theirs() {
         let dir = std::env::temp_dir().join(format!("mesh-pins-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("SOCKETS"), "").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
         for name in [
             "SOCKETS-00000001",
             "SOCKET_ADDRS-00000002",
@@ -186,7 +189,11 @@ mod tests {
         let found = find(&dir, "SOCKETS");
         assert_eq!(
             found,
-            [dir.join("SOCKETS-0000000a"), dir.join("SOCKETS-00000001")]
+            [
+                dir.join("SOCKETS-0000000a"),
+                dir.join("SOCKETS-00000001"),
+                dir.join("SOCKETS")
+            ]
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

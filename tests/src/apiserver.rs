@@ -129,6 +129,8 @@ struct State {
     /// TokenReviews and single pod lookups answered.
     reviews: usize,
     pod_gets: usize,
+    /// Unreachable: new connections are closed at once, requests fail.
+    gone: bool,
 }
 
 /// A service-account token, as TokenReview answers for it.
@@ -401,6 +403,20 @@ impl ApiServer {
         });
     }
 
+    /// Takes the server off the network (every watch cut, new connections closed at once,
+    /// requests on open ones failing), or brings it back with its objects as they were.
+    pub fn set_reachable(&self, reachable: bool) {
+        let mut state = self.state();
+        state.gone = !reachable;
+        if !reachable {
+            for kind in state.kinds.values_mut() {
+                for w in kind.watches.drain(..) {
+                    let _ = w.tx.send(Err(std::io::Error::other("connection dropped")));
+                }
+            }
+        }
+    }
+
     /// Cuts every open watch of `kind` mid-stream, as a dropped connection does.
     pub fn drop_watches(&self, kind: &str) {
         self.kind(kind, |k, _| {
@@ -415,6 +431,9 @@ async fn handle(
     state: Arc<Mutex<State>>,
     request: Request<hyper::body::Incoming>,
 ) -> Response<Body> {
+    if lock(&state).gone {
+        return status(503, "the API server is gone");
+    }
     let bearer = request.headers().get(hyper::header::AUTHORIZATION);
     if bearer.and_then(|b| b.to_str().ok()) != Some(&format!("Bearer {TOKEN}")) {
         return status(401, "Unauthorized");
@@ -550,6 +569,9 @@ async fn serve(
     state: Arc<Mutex<State>>,
 ) {
     while let Ok((stream, _)) = listener.accept().await {
+        if lock(&state).gone {
+            continue;
+        }
         let (acceptor, state) = (acceptor.clone(), state.clone());
         tokio::spawn(async move {
             let Ok(stream) = acceptor.accept(stream).await else {

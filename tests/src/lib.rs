@@ -7,6 +7,7 @@
 mod apiserver;
 mod ca_service;
 mod certs;
+pub mod curl;
 mod interrupt;
 mod lab;
 mod metrics;

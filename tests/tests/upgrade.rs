@@ -8,7 +8,10 @@ use std::{
 };
 
 use mesh_agent::datapath::{pin_dir, pins};
-use mesh_tests::{Agent, Daemon, Lab, LabSpec, Running, ServiceSpec};
+use mesh_tests::{
+    Agent, Lab, LabSpec, Running, ServiceSpec,
+    curl::{CurlLoop, failures},
+};
 
 /// The HTTP service (the backend's `serve --http`, on 8080).
 const WEB: &str = "198.19.0.10";
@@ -16,39 +19,12 @@ const WEB: &str = "198.19.0.10";
 const BULK: &str = "198.19.0.11:80";
 /// New connections curl opens, one per request, at `RATE` a second.
 const REQUESTS: usize = 1200;
-const RATE: &str = "80/s";
+const RATE: u32 = 80;
 
 fn lab() -> Lab {
     let mut bulk = ServiceSpec::echo("bulk", &["198.19.0.11"], &["backend"]);
     bulk.target_port = 9;
     Lab::new(LabSpec::client_and_echo_across_nodes().service(bulk)).unwrap()
-}
-
-/// curl from `client`: `REQUESTS` GETs of the web service at `RATE`, each on a connection of
-/// its own; its log (`curl-loop.log`) has a line `code=<status> exit=<curl's exit code>` per
-/// request.
-fn curl_loop(lab: &Lab) -> Daemon {
-    let urls = format!("http://{WEB}/[1-{REQUESTS}]");
-    lab.start_in_pod(
-        "client",
-        "curl-loop",
-        "curl",
-        &[
-            "-s",
-            "-H",
-            "Connection: close",
-            "--rate",
-            RATE,
-            "--connect-timeout",
-            "3",
-            "-m",
-            "10",
-            "-w",
-            "\ncode=%{http_code} exit=%{exitcode}\n",
-            &urls,
-        ],
-    )
-    .unwrap()
 }
 
 /// A 4 MiB echo through the bulk service that sends half, then waits for the returned file.
@@ -96,7 +72,8 @@ fn upgrade_under_load(new_args: &[&str]) -> (Lab, [Agent; 2]) {
     let old1 = lab.start_agent("n1", &grace).unwrap();
     let old2 = lab.start_agent("n2", &grace).unwrap();
     let (transfer, release, bytes) = paused_transfer(&lab);
-    let mut requests = curl_loop(&lab);
+    let requests =
+        CurlLoop::start(&lab, "client", &format!("http://{WEB}"), REQUESTS, RATE).unwrap();
 
     // Both ends upgraded while curl connects: the calling node (its outbound listener) and
     // the called one (its tunnel listener; the calling agent's tunnels to the old one are
@@ -118,14 +95,8 @@ fn upgrade_under_load(new_args: &[&str]) -> (Lab, [Agent; 2]) {
         assert!(!log.contains("grace period over"), "{log}");
     }
 
-    let status = requests.wait_within(Duration::from_secs(60)).unwrap();
-    let log = std::fs::read_to_string(lab.scratch_path("curl-loop.log")).unwrap();
-    let results: Vec<&str> = log.lines().filter(|l| l.starts_with("code=")).collect();
-    let failed: Vec<&&str> = results
-        .iter()
-        .filter(|r| **r != "code=200 exit=0")
-        .collect();
-    assert_eq!(results.len(), REQUESTS, "{status}: {log}");
+    let outcomes = requests.outcomes().unwrap();
+    let failed = failures(&outcomes);
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
 
     // The new agents serve on their own.

@@ -12,6 +12,8 @@ pub mod cli;
 pub mod config;
 pub mod datapath;
 pub mod discovery;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod handover;
 pub mod identity;
 pub mod observability;

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks, each doing its own set-up.
 
 mod compile;
+mod fuzz;
 mod image;
 mod setup;
 mod shell;
@@ -80,6 +81,15 @@ enum Task {
         #[arg(long, default_value = image::DEFAULT_NAME)]
         name: String,
     },
+    /// The fuzzers (cargo-fuzz) of what the agent parses from outside: the YAML config,
+    /// Kubernetes objects, tunnel CONNECT authorities, protocol detection, HTTP requests.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target.
+        target: Option<String>,
+    },
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
@@ -148,6 +158,10 @@ fn main() -> Result<()> {
         Task::Image { name } => {
             setup::run()?;
             image::run(&root, &name)
+        }
+        Task::Fuzz { seconds, target } => {
+            setup::run()?;
+            fuzz::run(&root, seconds, target.as_deref())
         }
         Task::Test { args } => test::run(&root, &args),
     }

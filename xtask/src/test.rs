@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    compile, image, setup,
+    compile, fuzz, image, setup,
     shell::{self, Step},
 };
 
@@ -32,6 +32,7 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     let totals = run_counting(&mut cmd)?;
     step.done();
     if extra.is_empty() && totals.failed == 0 {
+        fuzz::run(root, FUZZ_SECONDS, None)?;
         quick_bench(root)?;
         image::run(root, image::DEFAULT_NAME)?;
         image::verify(root)?;
@@ -46,6 +47,9 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long CI runs each fuzzer: a check that they build and run, not a hunt.
+const FUZZ_SECONDS: u64 = 10;
 
 /// `cargo xtask bench --quick` with the debug builds the tests used: the benchmark still
 /// runs end to end (it asserts nothing about speed).
@@ -163,6 +167,7 @@ fn lint(root: &Path) -> Result<()> {
     };
     shell::run(&mut cargo(root, &["fmt", "--all", "--check"]))?;
     shell::run(&mut cargo(&ebpf, &["fmt", "--check"]))?;
+    shell::run(&mut cargo(&root.join("fuzz"), &["fmt", "--check"]))?;
     let deny = ["--", "-D", "warnings"];
     shell::run(cargo(root, &["clippy", "--workspace", "--all-targets"]).args(deny))?;
     // The eBPF crate is linted for the host target: clippy cannot drive Debian's compiler,

@@ -16,14 +16,14 @@ const PEEK_AGAIN: Duration = Duration::from_millis(2);
 
 /// What first bytes say.
 #[derive(Debug, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Http,
     Other,
     /// Too few bytes to tell.
     Unsure,
 }
 
-fn judge(first: &[u8]) -> Verdict {
+pub(crate) fn judge(first: &[u8]) -> Verdict {
     let candidates = METHODS
         .iter()
         .map(|m| [*m, b" "].concat())

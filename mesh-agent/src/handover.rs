@@ -266,22 +266,27 @@ pub fn withdraw(socket: &Path) {
     }
 }
 
+/// A message of one buffer, `iov`, with the control buffer `control`.
+fn message(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
 /// Sends `bytes` with `fds` attached on the Unix socket `fd`.
 fn send_fds(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let fds_len = std::mem::size_of_val(fds);
     // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(fds_len as u32) } as usize;
-    let mut control = vec![0u8; space];
+    let mut control = vec![0u8; unsafe { libc::CMSG_SPACE(fds_len as u32) } as usize];
     let mut iov = libc::iovec {
         iov_base: bytes.as_ptr() as *mut libc::c_void,
         iov_len: bytes.len(),
     };
-    // SAFETY: an all-zero msghdr is a valid empty one.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let msg = message(&mut iov, &mut control);
     // SAFETY: `control` has room for one header and `fds` (CMSG_SPACE), so the first header
     // exists and its data holds `fds_len` bytes; `iov` and `control` outlive the call.
     let sent = unsafe {
@@ -313,12 +318,7 @@ fn receive_fds(stream: &StdUnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: an all-zero msghdr is a valid empty one.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
+    let mut msg = message(&mut iov, &mut control);
     // SAFETY: `iov` and `control` are valid for writes of the lengths given and outlive the call.
     let len = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     let len = usize::try_from(len).map_err(|_| io::Error::last_os_error())?;

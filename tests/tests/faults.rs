@@ -15,7 +15,7 @@ use std::{
 use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
 use mesh_tests::{
-    ApiServer, Daemon, ENROLLED_NAMESPACE, Lab, LabSpec, ServiceSpec,
+    Daemon, ENROLLED_NAMESPACE, Lab, LabSpec, ServiceSpec,
     curl::{CurlLoop, failures},
     node_addrs, sum,
 };
@@ -222,13 +222,7 @@ fn loss_on_the_link_between_nodes_loses_no_byte() {
 #[test]
 fn the_api_server_gone_leaves_the_last_state_serving() {
     let lab = Lab::new(LabSpec::client_and_echo().kubelet_layout()).unwrap();
-    let api = ApiServer::start(
-        Some(&lab.netns_name("n1")),
-        lab.scratch_dir(),
-        lab.kubernetes_objects().unwrap(),
-        0,
-    )
-    .unwrap();
+    let api = lab.start_api_server("n1").unwrap();
     let agent = lab.start_agent_kubernetes("n1", &api, &[]).unwrap();
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
@@ -288,13 +282,10 @@ fn bursts_of_endpoint_changes_while_serving_fail_no_request() {
     let mut spec = spec;
     spec.services[0].endpoints.push("backend-2".into());
     let lab = Lab::new(spec).unwrap();
-    let objects = lab.kubernetes_objects().unwrap();
-    let (_, both) = objects
-        .iter()
-        .find(|(kind, _)| *kind == "endpointslices")
-        .cloned()
+    let api = lab.start_api_server("n1").unwrap();
+    let both = api
+        .object("endpointslices", &format!("{ENROLLED_NAMESPACE}/echo-0"))
         .unwrap();
-    let api = ApiServer::start(Some(&lab.netns_name("n1")), lab.scratch_dir(), objects, 0).unwrap();
     let agent = lab.start_agent_kubernetes("n1", &api, &[]).unwrap();
     let _backends = ["backend", "backend-2"].map(|p| lab.serve_http(p, &[]).unwrap());
     let mut one = both.clone();

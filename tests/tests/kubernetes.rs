@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_tests::{ApiServer, ENROLLED_NAMESPACE, Lab, LabSpec};
+use mesh_tests::{ENROLLED_NAMESPACE, Lab, LabSpec};
 
 /// Who the backend saw connecting when `client` dialled it directly: the agent (from the
 /// node's address on the pods' bridge) if the connect was captured, the client otherwise.
@@ -24,13 +24,7 @@ fn backend_peer(lab: &Lab, backend: SocketAddr) -> IpAddr {
 #[test]
 fn pods_join_and_leave_the_mesh_as_the_api_says() {
     let lab = Lab::new(LabSpec::client_and_echo().kubelet_layout()).unwrap();
-    let api = ApiServer::start(
-        Some(&lab.netns_name("n1")),
-        lab.scratch_dir(),
-        lab.kubernetes_objects().unwrap(),
-        0,
-    )
-    .unwrap();
+    let api = lab.start_api_server("n1").unwrap();
     let agent = lab.start_agent_kubernetes("n1", &api, &[]).unwrap();
     // Its state came from the API: every kind listed, the pods of its node only.
     assert!(agent.log().contains("cluster state changed"));
@@ -80,9 +74,8 @@ fn the_agents_certificates_come_from_the_ca_service_which_may_be_down_a_while() 
             .certificate_ttl("4s"),
     )
     .unwrap();
-    let mut objects = lab.kubernetes_objects().unwrap();
-    objects.push(("pods", lab.kubernetes_agent_pod("n1")));
-    let api = ApiServer::start(Some(&lab.netns_name("n1")), lab.scratch_dir(), objects, 0).unwrap();
+    let api = lab.start_api_server("n1").unwrap();
+    api.apply("pods", lab.kubernetes_agent_pod("n1"));
     let ca = lab.start_ca_service("n1", &api).unwrap();
     let token = lab.agent_token("n1", &api);
     let agent = lab

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand};
 use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
 use mesh_tests::{
-    Agent, Daemon, Lab, LabSpec, Running, ServiceSpec, catch_interrupt, interrupted, sum,
+    Agent, Daemon, Lab, LabSpec, Running, ServiceSpec, catch_interrupt,
+    curl::{CurlLoop, failures},
+    interrupted, sum,
 };
 
 /// The shop: services, their addresses and the pods behind them. `web` on n1 calls them all.
@@ -72,6 +74,8 @@ const COURIER: &str = "api.courier.example";
 const COURIER_ADDRESS: &str = "198.18.0.201";
 const DNS_SERVER: &str = "198.18.0.202";
 const CONNECTIONS_PER_SERVICE: usize = 20;
+/// Calls during the upgrade step, at 100 a second.
+const UPGRADE_REQUESTS: usize = 400;
 const BYTES_PER_CONNECTION: u64 = 256 * 1024;
 
 /// The mesh lab: two nodes of a small shop, with an agent each.
@@ -224,7 +228,7 @@ const LAB_TITLE: &str = "lab: nodes n1 and n2 with a CA; web (meshed), cart-0, c
 
 fn demo() -> Result<()> {
     catch_interrupt();
-    let (lab, shop) = step(LAB_TITLE, || {
+    let (lab, mut shop) = step(LAB_TITLE, || {
         let lab = Lab::new(shop()).context("cannot build the lab")?;
         let shop = start(&lab)?;
         Ok((lab, shop))
@@ -337,6 +341,7 @@ fn demo() -> Result<()> {
     println!();
     http_demo(&lab)?;
     egress_demo(&lab, &shop)?;
+    upgrade_demo(&lab, &mut shop)?;
     println!("What the eBPF programs of n1 counted:");
     let delta = |c: Counter| after[c as usize] - before[c as usize];
     let redirected_mib = delta(Counter::BytesRedirected) as f64 / f64::from(1 << 20);
@@ -387,6 +392,44 @@ fn demo() -> Result<()> {
             Ok(())
         },
     )
+}
+
+/// n1's agent is replaced while web calls cart-api, a new connection each time: the new agent
+/// takes the listeners over, the old one drains and exits; no call fails.
+fn upgrade_demo(lab: &Lab, shop: &mut Shop) -> Result<()> {
+    let title = format!(
+        "upgrade: n1's agent replaced while web calls cart-api {UPGRADE_REQUESTS} times, a new \
+         connection each"
+    );
+    let (outcomes, old_pid, new_pid) = step(&title, || {
+        let url = format!("http://{CART_API}");
+        let requests = CurlLoop::start(lab, "web", &url, UPGRADE_REQUESTS, 100)?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let config = std::fs::read_to_string(lab.agent_config_path("n1"))?;
+        let new = lab.start_agent_with_config("n1", &config, &[])?;
+        let new_pid = new.pid();
+        let old = std::mem::replace(&mut shop.agents[0], new);
+        old.wait_for_log("handed over to the new agent")?;
+        let old_pid = old.pid();
+        let status = old.wait()?;
+        if !status.success() {
+            bail!("the old agent exited with {status}");
+        }
+        Ok((requests.outcomes()?, old_pid, new_pid))
+    })?;
+    let failed = failures(&outcomes);
+    println!(
+        "  the new agent (pid {new_pid}) took the listening sockets over from pid {old_pid}, which \
+         stopped accepting, drained and exited"
+    );
+    println!(
+        "  {} calls: {} answered 200, {} failed",
+        outcomes.len(),
+        outcomes.len() - failed.len(),
+        failed.len()
+    );
+    println!();
+    Ok(())
 }
 
 /// web calls the HTTP services: the split, the retries, the timeout, then the per-route table.

@@ -168,6 +168,17 @@ impl Lab {
         Ok(service)
     }
 
+    /// A test API server serving the lab's objects ([`Lab::kubernetes_objects`]) on `node`'s
+    /// loopback.
+    pub fn start_api_server(&self, node: &str) -> Result<ApiServer> {
+        ApiServer::start(
+            Some(&self.netns_name(node)),
+            self.scratch_dir(),
+            self.kubernetes_objects()?,
+            0,
+        )
+    }
+
     /// Starts the agent of `node` on the cluster `api` serves (`run --kubernetes-node`, the
     /// kubelet's cgroup root being the node's), and waits until it is ready. Its
     /// certificates come from the lab CA's files.

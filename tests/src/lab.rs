@@ -448,7 +448,7 @@ impl Lab {
             .as_deref()
             .unwrap_or("info,mesh_agent=debug,mesh_ebpf=debug");
         cmd.args(["--log-level", log_level, "run", "--cgroup"])
-            .arg(self.cgroup_rel(&self.node_cgroup(node)))
+            .arg(self.agent_cgroup(node))
             .args(run_args)
             .envs(env.iter().copied());
         let child = self.spawn_logged(cmd, node, "agent", &log)?;
@@ -474,6 +474,11 @@ impl Lab {
         self.placement(node, "agent")?.apply(&mut cmd)?;
         prepare(&mut cmd);
         output(cmd)
+    }
+
+    /// What `node`'s agent is given as `run --cgroup`: the node's subtree.
+    pub fn agent_cgroup(&self, node: &str) -> String {
+        self.cgroup_rel(&self.node_cgroup(node))
     }
 
     /// The logs of `node`'s agents so far, the first started first.

@@ -155,3 +155,46 @@ fn an_upgrade_to_another_map_layout_refuses_nothing_and_retires_the_old_maps() {
         }
     }
 }
+
+#[test]
+fn a_new_agent_that_fails_after_taking_over_leaves_the_old_one_serving() {
+    let lab = lab();
+    let _backend = lab.serve_http("backend", &[]).unwrap();
+    let old = lab.start_agent("n1", &[]).unwrap();
+    let _n2 = lab.start_agent("n2", &[]).unwrap();
+    let requests = CurlLoop::start(&lab, "client", &format!("http://{WEB}"), 300, 100).unwrap();
+
+    // A new version that cannot make its maps (a capacity no kernel grants) fails after it has
+    // taken the listeners over, before it is ready.
+    std::thread::sleep(Duration::from_secs(1));
+    let out = lab
+        .agent_command(
+            "n1",
+            &[
+                "run",
+                "--config",
+                lab.agent_config_path("n1").to_str().unwrap(),
+                "--cgroup",
+                &lab.agent_cgroup("n1"),
+                "--map-capacity",
+                "SOCKETS=4294967295",
+            ],
+            |_| {},
+        )
+        .unwrap();
+    let said = format!("{}{}", out.stdout, out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("took the listeners over"), "{said}");
+    assert!(said.contains("SOCKETS"), "it failed for another reason: {said}");
+    // The old agent serves on, ready again; curl saw nothing of it.
+    old.wait_for_log("a handover to a new agent failed; serving on")
+        .unwrap();
+    let ready = lab
+        .http("n1", "GET", "http://198.18.0.1:15020/ready")
+        .unwrap();
+    assert_eq!(ready.status, 200);
+    let outcomes = requests.outcomes().unwrap();
+    let failed = failures(&outcomes);
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(!old.log().contains("handed over to the new agent"));
+}

@@ -185,7 +185,10 @@ fn a_new_agent_that_fails_after_taking_over_leaves_the_old_one_serving() {
     let said = format!("{}{}", out.stdout, out.stderr);
     assert!(!out.status.success(), "{said}");
     assert!(said.contains("took the listeners over"), "{said}");
-    assert!(said.contains("SOCKETS"), "it failed for another reason: {said}");
+    assert!(
+        said.contains("SOCKETS"),
+        "it failed for another reason: {said}"
+    );
     // The old agent serves on, ready again; curl saw nothing of it.
     old.wait_for_log("a handover to a new agent failed; serving on")
         .unwrap();

@@ -99,17 +99,11 @@ impl Datapath {
         let fresh = !pin_dir.exists();
         std::fs::create_dir_all(&pin_dir)
             .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
-        let loaded = load(&pin_dir, log_level, shortcut, capacities);
-        match loaded {
-            Ok(mut loaded) => {
-                loaded.datapath.fresh = fresh;
-                Ok(loaded)
-            }
-            Err(e) => {
-                remove_if_fresh(&pin_dir, fresh);
-                Err(e)
-            }
+        let loaded = load(&pin_dir, fresh, log_level, shortcut, capacities);
+        if loaded.is_err() {
+            remove_if_fresh(&pin_dir, fresh);
         }
+        loaded
     }
 
     /// Attaches the programs to the cgroup v2 directory `cgroup` and pins them, replacing
@@ -178,6 +172,7 @@ fn remove_if_fresh(pin_dir: &Path, fresh: bool) {
 
 fn load(
     pin_dir: &Path,
+    fresh: bool,
     log_level: aya_log::Level,
     shortcut: bool,
     capacities: &Capacities,
@@ -217,7 +212,7 @@ fn load(
         datapath: Datapath {
             ebpf,
             pin_dir: pin_dir.to_owned(),
-            fresh: false,
+            fresh,
             maps,
             shortcut,
             layout,

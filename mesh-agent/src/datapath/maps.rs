@@ -230,9 +230,9 @@ pub(super) fn socket_addr(addr: &SockAddr) -> SocketAddr {
 /// Captured connections, by the client's address.
 pub struct OrigDstTable {
     table: CapturedByClient,
-    /// Where the same table of other layouts may be pinned (another agent's programs, during
-    /// an upgrade), and this one's own pin.
-    pins: (PathBuf, PathBuf),
+    /// Its pin; the same table of other layouts (another agent's programs, during an
+    /// upgrade) is pinned beside it.
+    pin: PathBuf,
 }
 
 type CapturedByClient = HashMap<MapData, SockAddr, Captured>;
@@ -244,20 +244,19 @@ impl OrigDstTable {
             .iter()
             .find(|m| m.name == "CAPTURED_BY_CLIENT")
             .context("the eBPF object has no pinned CAPTURED_BY_CLIENT")?;
-        let dir = own.path.parent().unwrap_or(Path::new("/")).to_owned();
         Ok(Self {
             table: take_map(ebpf, "CAPTURED_BY_CLIENT")?,
-            pins: (dir, own.path.clone()),
+            pin: own.path.clone(),
         })
     }
 
     /// The same table pinned with other layouts whose keys and values this agent reads (a
     /// resized one), for connects captured by the other agent's programs while both run.
     fn others(&self) -> impl Iterator<Item = CapturedByClient> {
-        let (dir, own) = &self.pins;
+        let dir = self.pin.parent().unwrap_or(Path::new("/"));
         pins::find(dir, "CAPTURED_BY_CLIENT")
             .into_iter()
-            .filter(move |p| p != own)
+            .filter(|p| *p != self.pin)
             .filter_map(|path| {
                 let data = MapData::from_pin(&path).ok()?;
                 HashMap::try_from(Map::LruHashMap(data)).ok()

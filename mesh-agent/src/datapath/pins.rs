@@ -95,32 +95,52 @@ pub fn find(pin_dir: &Path, name: &str) -> Vec<PathBuf> {
 /// [`CAPTURES_KEPT`], and the socket map once its last socket has closed (unpinning it
 /// sooner would tear the shortcut down under open connections).
 pub async fn retire(pins: Vec<MapPin>) {
-    let mut waiting: Vec<(PathBuf, &'static str)> = Vec::new();
+    let mut waiting: Vec<(PathBuf, Retire)> = Vec::new();
     for pin in &pins {
         let Some(dir) = pin.path.parent() else {
             continue;
         };
         for old in find(dir, &pin.name).into_iter().filter(|p| *p != pin.path) {
-            match pin.name.as_str() {
-                "SOCKETS" => waiting.push((old, "SOCKETS")),
-                "CAPTURED_BY_CLIENT" => waiting.push((old, "CAPTURED_BY_CLIENT")),
-                _ => unpin(&old),
+            match Retire::of(&pin.name) {
+                Retire::Now => unpin(&old),
+                later => waiting.push((old, later)),
             }
         }
     }
     let started = tokio::time::Instant::now();
     while !waiting.is_empty() {
         tokio::time::sleep(RETIRE_EVERY).await;
-        waiting.retain(|(path, name)| {
-            let done = match *name {
-                "SOCKETS" => sockets_empty(path),
-                _ => started.elapsed() >= CAPTURES_KEPT,
+        waiting.retain(|(path, rule)| {
+            let done = match rule {
+                Retire::WhenEmpty => sockets_empty(path),
+                Retire::AfterCapturesKept => started.elapsed() >= CAPTURES_KEPT,
+                Retire::Now => true,
             };
             if done {
                 unpin(path);
             }
             !done
         });
+    }
+}
+
+/// When a map of an earlier layout may go.
+enum Retire {
+    /// Only the old programs use it, through their own references.
+    Now,
+    /// The captured-connect table: once the connects the old programs captured are accepted.
+    AfterCapturesKept,
+    /// The socket map: once its last socket has closed.
+    WhenEmpty,
+}
+
+impl Retire {
+    fn of(map: &str) -> Self {
+        match map {
+            "SOCKETS" => Self::WhenEmpty,
+            "CAPTURED_BY_CLIENT" => Self::AfterCapturesKept,
+            _ => Self::Now,
+        }
     }
 }
 

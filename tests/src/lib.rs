@@ -26,7 +26,7 @@ pub use lab::{
     Agent, Daemon, ENROLLED_NAMESPACE, Footprint, HttpReply, Lab, Output, Running, alive,
     says_reset,
 };
-pub use metrics::sum;
+pub use metrics::{kernel_count, sum};
 pub use prometheus::{Prometheus, Sample};
 pub use topology::{LabSpec, PodSpec, ServiceSpec, node_addrs, pod_addrs};
 pub use wire::{Capture, frames};

@@ -2,7 +2,18 @@
 
 use std::time::{Duration, Instant};
 
+use mesh_agent::datapath::counters::Counters;
+use mesh_common::Counter;
+
 use crate::Lab;
+
+/// What the eBPF programs of the agent named `node_name` counted of `counter` (from their
+/// pinned counters, which outlive the agent).
+pub fn kernel_count(node_name: &str, counter: Counter) -> u64 {
+    Counters::open_pinned(node_name)
+        .and_then(|c| c.get(counter))
+        .unwrap_or_else(|e| panic!("cannot read the counters of {node_name}: {e:#}"))
+}
 
 /// The sum of the series in `scrape` whose lines start with `prefix` (a name and any leading
 /// labels).
@@ -59,5 +70,23 @@ impl Lab {
             );
             last = text;
         }
+    }
+
+    /// Checks that `node`'s agent, flooded with failing TLS handshakes since `since`, let at
+    /// most its burst (500) and rate (100 a second) of them through and shed the rest, once
+    /// its counts settle; returns the seconds that took. `context` (what the flood printed,
+    /// say) goes into a failure.
+    pub fn assert_handshakes_within_rate(&self, node: &str, since: Instant, context: &str) -> f64 {
+        let failed = |s: &str| sum(s, "mesh_tls_handshake_failures_total{side=\"inbound\"");
+        let shed = |s: &str| sum(s, "mesh_refusals_total{reason=\"handshake_rate\"}");
+        let scrape = self.metrics_settled(node, |s| failed(s) + shed(s));
+        let elapsed = since.elapsed().as_secs_f64();
+        let (handshakes, shed) = (failed(&scrape), shed(&scrape));
+        assert!(
+            handshakes <= 500.0 + 100.0 * (elapsed + 1.0),
+            "{handshakes} handshakes in {elapsed:.1} s\n{context}"
+        );
+        assert!(shed > 0.0, "nothing shed in {elapsed:.1} s: {context}");
+        elapsed
     }
 }

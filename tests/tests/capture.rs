@@ -2,9 +2,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
-use mesh_tests::{Lab, LabSpec, ServiceSpec};
+use mesh_tests::{Lab, LabSpec, ServiceSpec, kernel_count};
 
 /// The `echo` service of [`LabSpec::client_and_echo`].
 const VIP4: &str = "198.19.0.10";
@@ -16,10 +15,6 @@ fn one_node() -> LabSpec {
     LabSpec::client_and_echo()
         .pod("n1", "outsider", false)
         .service(ServiceSpec::echo("echo6", &[VIP6], &["backend"]))
-}
-
-fn counter(node_name: &str, c: Counter) -> u64 {
-    Counters::open_pinned(node_name).unwrap().get(c).unwrap()
 }
 
 #[test]
@@ -64,11 +59,11 @@ fn service_traffic_is_byte_exact_through_the_agent() {
     }
     // Every client connect was captured once; the agent's own dials to the backend were not.
     assert_eq!(
-        counter(&agent.node_name, Counter::ConnectsCaptured),
+        kernel_count(&agent.node_name, Counter::ConnectsCaptured),
         connections
     );
     assert_eq!(
-        counter(&agent.node_name, Counter::OrigDstRecorded),
+        kernel_count(&agent.node_name, Counter::OrigDstRecorded),
         connections
     );
 }
@@ -86,7 +81,7 @@ fn connects_outside_the_mesh_are_not_touched() {
     let (backend4, _) = lab.pod_addrs("backend").unwrap();
     let (outsider4, _) = lab.pod_addrs("outsider").unwrap();
     let (client4, _) = lab.pod_addrs("client").unwrap();
-    let captured = || counter(&agent.node_name, Counter::ConnectsCaptured);
+    let captured = || kernel_count(&agent.node_name, Counter::ConnectsCaptured);
     let before = captured();
 
     // A pod that is not enrolled reaches a meshed pod address directly, as itself.
@@ -148,7 +143,7 @@ fn sk_msg_shortcut_carries_the_app_agent_bytes() {
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
-    let read = |c| counter(&agent.node_name, c);
+    let read = |c| kernel_count(&agent.node_name, c);
     let (bytes_before, passed_before) =
         (read(Counter::BytesRedirected), read(Counter::BytesPassed));
 
@@ -192,7 +187,7 @@ fn thousand_concurrent_connections_each_get_their_own_destination() {
             &["serve", "--listen", &format!("{backend4}:20000-20999")],
         )
         .unwrap();
-    let before = counter(&agent.node_name, Counter::ConnectsCaptured);
+    let before = kernel_count(&agent.node_name, Counter::ConnectsCaptured);
 
     let out = lab
         .run(
@@ -208,7 +203,7 @@ fn thousand_concurrent_connections_each_get_their_own_destination() {
         .unwrap();
     assert_eq!(out.field("ok"), "1000", "{}", out.stdout);
     assert_eq!(
-        counter(&agent.node_name, Counter::ConnectsCaptured) - before,
+        kernel_count(&agent.node_name, Counter::ConnectsCaptured) - before,
         1000
     );
 }
@@ -220,7 +215,7 @@ fn processes_in_cgroups_below_an_enrolled_one_are_meshed() {
     let _backend = lab
         .spawn("backend", &["serve", "--listen", "[::]:8080"])
         .unwrap();
-    let before = counter(&agent.node_name, Counter::ConnectsCaptured);
+    let before = kernel_count(&agent.node_name, Counter::ConnectsCaptured);
     // Kubernetes puts a pod's containers in cgroups below the pod's; only the pod is enrolled.
     for container in ["app", "app/nested/deeper"] {
         let out = lab
@@ -233,7 +228,7 @@ fn processes_in_cgroups_below_an_enrolled_one_are_meshed() {
         assert_eq!(out.field("echoed"), "5000");
     }
     assert_eq!(
-        counter(&agent.node_name, Counter::ConnectsCaptured) - before,
+        kernel_count(&agent.node_name, Counter::ConnectsCaptured) - before,
         2
     );
 }

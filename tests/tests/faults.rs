@@ -12,12 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_agent::datapath::counters::Counters;
 use mesh_common::Counter;
 use mesh_tests::{
     Daemon, ENROLLED_NAMESPACE, Lab, LabSpec, ServiceSpec,
     curl::{CurlLoop, failures},
-    node_addrs, sum,
+    kernel_count, node_addrs,
 };
 
 /// The web service: `serve --http` on 8080 of `web-2` (on n2) and `web-3` (on n3).
@@ -61,28 +60,6 @@ fn handshake_flood(lab: &Lab, pod: &str, node: &str, seconds: u32) -> Daemon {
     .unwrap()
 }
 
-/// Checks that `node`'s agent, started `since` ago, let at most its burst (500) and rate
-/// (100 a second) of handshakes through the flood and shed the rest.
-fn assert_handshakes_bounded(lab: &Lab, node: &str, since: Instant) {
-    let failed = |s: &str| sum(s, "mesh_tls_handshake_failures_total{side=\"inbound\"");
-    let shed = |s: &str| sum(s, "mesh_refusals_total{reason=\"handshake_rate\"}");
-    let scrape = lab.metrics_settled(node, |s| failed(s) + shed(s));
-    let elapsed = since.elapsed().as_secs_f64();
-    let (handshakes, shed) = (failed(&scrape), shed(&scrape));
-    assert!(
-        handshakes <= 500.0 + 100.0 * (elapsed + 1.0),
-        "{handshakes} handshakes in {elapsed:.1} s"
-    );
-    assert!(shed > 0.0, "nothing shed in {elapsed:.1} s");
-}
-
-fn captured(node_name: &str) -> u64 {
-    Counters::open_pinned(node_name)
-        .unwrap()
-        .get(Counter::ConnectsCaptured)
-        .unwrap()
-}
-
 #[test]
 fn an_agent_killed_under_load_fails_closed_then_serves_again_on_its_pins() {
     let lab = Lab::new(three_nodes()).unwrap();
@@ -93,7 +70,7 @@ fn an_agent_killed_under_load_fails_closed_then_serves_again_on_its_pins() {
     let requests = CurlLoop::start(&lab, "client", &web_url(), 800, 80).unwrap();
 
     std::thread::sleep(Duration::from_secs(3));
-    let before = captured(&node_name);
+    let before = kernel_count(&node_name, Counter::ConnectsCaptured);
     n1.kill().unwrap();
     // No agent: the pod's connects are still captured and refused at once, never sent
     // around the mesh in the clear.
@@ -127,8 +104,8 @@ fn an_agent_killed_under_load_fails_closed_then_serves_again_on_its_pins() {
     );
     // The kernel counted every refused connect as captured.
     // (and the probe connect besides)
-    assert!(captured(&node_name) - before > failed.len() as u64);
-    assert_handshakes_bounded(&lab, "n1", restarted);
+    assert!(kernel_count(&node_name, Counter::ConnectsCaptured) - before > failed.len() as u64);
+    lab.assert_handshakes_within_rate("n1", restarted, "");
     assert!(n1.log().contains("mesh agent ready"));
 }
 
@@ -306,5 +283,5 @@ fn bursts_of_endpoint_changes_while_serving_fail_no_request() {
     assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
     let changes = agent.log().matches("cluster state changed").count();
     assert!(changes >= 3, "only {changes} changes applied");
-    assert_handshakes_bounded(&lab, "n1", flood_started);
+    lab.assert_handshakes_within_rate("n1", flood_started, "");
 }

@@ -5,17 +5,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_agent::datapath::{counters::Counters, pin_dir, pins};
+use mesh_agent::datapath::{pin_dir, pins};
 use mesh_common::Counter;
-use mesh_tests::{Lab, LabSpec, Running};
+use mesh_tests::{Lab, LabSpec, Running, kernel_count};
 
 const VIP: &str = "198.19.0.10:80";
 
 fn captured(node_name: &str) -> u64 {
-    Counters::open_pinned(node_name)
-        .unwrap()
-        .get(Counter::ConnectsCaptured)
-        .unwrap()
+    kernel_count(node_name, Counter::ConnectsCaptured)
 }
 
 /// Starts a client in `client` that sends half of `bytes` through the echo service, then

@@ -233,6 +233,12 @@ pub fn unpin(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether this kernel lets the sk_msg shortcut be attached: its layout (BTF) has every field
+/// the shortcut's bound on queued bytes reads. Elsewhere the agent leaves the shortcut off.
+pub fn shortcut_possible() -> bool {
+    kernel_layout().is_ok_and(|layout| layout.is_known())
+}
+
 /// The offsets `mesh_redirect` reads, from the running kernel's BTF; a missing field is 0, and
 /// a layout that is not wholly known keeps the shortcut off rather than queue without a bound.
 fn kernel_layout() -> Result<KernelLayout> {

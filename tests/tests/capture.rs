@@ -162,6 +162,18 @@ fn sk_msg_shortcut_carries_the_app_agent_bytes() {
         .unwrap();
     assert_eq!(out.field("echoed"), payload.to_string());
     let banner: u64 = out.field("banner_bytes").parse().unwrap();
+    if !mesh_agent::datapath::shortcut_possible() {
+        // This kernel cannot bound what the shortcut queues: the agent leaves it off, says
+        // so, and every byte goes through TCP/IP.
+        let redirected = read(Counter::BytesRedirected) - bytes_before;
+        assert_eq!(redirected + read(Counter::BytesPassed) - passed_before, 0);
+        assert!(
+            agent.log().contains("the shortcut is off"),
+            "{}",
+            agent.log()
+        );
+        return;
+    }
 
     // Client to agent: the payload. Agent to client: the banner and the echo. Every byte
     // went socket to socket or, while the reader's queue was full, through TCP/IP.

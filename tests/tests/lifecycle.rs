@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use mesh_agent::datapath::{pin_dir, pins};
+use mesh_agent::datapath::{pin_dir, pins, shortcut_possible};
 use mesh_common::Counter;
 use mesh_tests::{Lab, LabSpec, Running, kernel_count};
 
@@ -168,13 +168,14 @@ fn load_and_unload_attach_and_detach() {
         .unwrap();
     assert!(out.status.success(), "{}", out.stderr);
     let pins = pin_dir(&node_name);
-    for pin in [
-        "prog_mesh_connect4",
-        "prog_mesh_redirect",
-        "link_mesh_sockops",
-    ] {
+    for pin in ["prog_mesh_connect4", "link_mesh_sockops"] {
         assert!(pins.join(pin).exists(), "{pin} is pinned");
     }
+    // The shortcut is attached where the kernel lets its queue be bounded, and only there.
+    assert_eq!(
+        pins.join("prog_mesh_redirect").exists(),
+        shortcut_possible()
+    );
     assert_eq!(pins::find(&pins, "SOCKETS").len(), 1, "SOCKETS is pinned");
     let out = lab
         .agent_command("n1", &["unload", "--node", &node_name], |_| {})

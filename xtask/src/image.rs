@@ -108,7 +108,7 @@ pub fn verify(root: &Path) -> Result<()> {
 
 /// Builds the agent linked statically (glibc's static libraries) and checks it needs no
 /// loader: the image holds nothing else.
-fn static_agent(root: &Path) -> Result<PathBuf> {
+pub fn static_agent(root: &Path) -> Result<PathBuf> {
     let step = Step::start("image: mesh-agent, static (release)");
     shell::run(
         compile::host_cargo(root, root)

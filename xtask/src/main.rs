@@ -3,6 +3,7 @@
 mod compile;
 mod fuzz;
 mod image;
+mod kernel;
 mod setup;
 mod shell;
 mod test;
@@ -92,6 +93,10 @@ enum Task {
     },
     /// Everything CI runs: set-up, build, format and lint checks, unit and end-to-end tests.
     Test {
+        /// Instead, boot this kernel (5.10, 6.1 or 6.12: Debian's, under qemu) and run the
+        /// capture and data-path end-to-end tests there.
+        #[arg(long)]
+        kernel: Option<String>,
         /// Extra arguments for `cargo test` (a test name filter, `--nocapture`, ...).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -163,7 +168,11 @@ fn main() -> Result<()> {
             setup::run()?;
             fuzz::run(&root, seconds, target.as_deref())
         }
-        Task::Test { args } => test::run(&root, &args),
+        Task::Test { kernel: None, args } => test::run(&root, &args),
+        Task::Test {
+            kernel: Some(version),
+            args,
+        } => test::run_on_kernel(&root, &version, &args),
     }
 }
 

@@ -32,14 +32,28 @@ const APT_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// What booting other kernels needs (`cargo xtask test --kernel`): qemu (TCG), a static
+/// busybox for the guest's init, xz for 6.12's compressed modules.
+const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "xz-utils"];
+
+/// Installs what builds and tests need.
 pub fn run() -> Result<()> {
-    let step = Step::start("setup: checking the toolchain");
-    let missing: Vec<&str> = APT_PACKAGES
+    ensure("setup: checking the toolchain", APT_PACKAGES, true)
+}
+
+/// Installs what `cargo xtask test --kernel` needs besides [`run`]'s.
+pub fn vm() -> Result<()> {
+    ensure("setup: checking qemu and busybox", VM_PACKAGES, false)
+}
+
+fn ensure(what: &str, packages: &[&str], with_linker: bool) -> Result<()> {
+    let step = Step::start(what);
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| !deb_installed(pkg))
         .collect();
-    let linker_missing = !bpf_linker_installed();
+    let linker_missing = with_linker && !bpf_linker_installed();
     if missing.is_empty() && !linker_missing {
         eprintln!("    everything is present");
         step.done();

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    compile, fuzz, image, setup,
+    compile, fuzz, image, kernel, setup,
     shell::{self, Step},
 };
 
@@ -37,15 +37,15 @@ pub fn run(root: &Path, extra: &[String]) -> Result<()> {
         image::run(root, image::DEFAULT_NAME)?;
         image::verify(root)?;
     }
-    // One closing line for the whole run, in the form CI reads.
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
-    if totals.failed > 0 {
-        bail!("{} tests failed", totals.failed);
-    }
-    Ok(())
+    totals.close()
+}
+
+/// `cargo xtask test --kernel VERSION`: the capture and data-path tests in a guest booting
+/// that kernel.
+pub fn run_on_kernel(root: &Path, version: &str, extra: &[String]) -> Result<()> {
+    shell::require_root("test")?;
+    setup::run()?;
+    kernel::test(root, version, extra)?.close()
 }
 
 /// How long CI runs each fuzzer: a check that they build and run, not a hunt.
@@ -67,11 +67,41 @@ fn quick_bench(root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The tests' outcomes, added up from libtest's `test result:` lines.
 #[derive(Default)]
-struct Totals {
+pub struct Totals {
     passed: u64,
-    failed: u64,
+    pub failed: u64,
     ignored: u64,
+}
+
+impl Totals {
+    /// Adds `line` in if it is a `test result:` line.
+    pub fn add(&mut self, line: &str) {
+        if let Some(result) = line.strip_prefix("test result: ") {
+            let count = |what: &str| {
+                result
+                    .split([';', '.'])
+                    .find_map(|part| part.trim().strip_suffix(what)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            self.passed += count(" passed");
+            self.failed += count(" failed");
+            self.ignored += count(" ignored");
+        }
+    }
+
+    /// Prints the closing line, in the form CI reads, and fails if a test failed.
+    fn close(&self) -> Result<()> {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+        if self.failed > 0 {
+            bail!("{} tests failed", self.failed);
+        }
+        Ok(())
+    }
 }
 
 /// How long the whole of `cargo test` may take before it is killed: a hung test must fail
@@ -103,17 +133,7 @@ fn run_counting(cmd: &mut Command) -> Result<Totals> {
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            let count = |what: &str| {
-                result
-                    .split([';', '.'])
-                    .find_map(|part| part.trim().strip_suffix(what)?.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            totals.passed += count(" passed");
-            totals.failed += count(" failed");
-            totals.ignored += count(" ignored");
-        }
+        totals.add(&line);
     }
     let status = child.wait()?;
     finished.store(true, Ordering::Relaxed);

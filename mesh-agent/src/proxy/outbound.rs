@@ -138,7 +138,12 @@ impl Outbound {
         let connected = match self.connect(&route, &caller).await {
             Ok(connected) => connected,
             Err(NotConnected::Refused(refusal)) => return record.refuse(refusal),
-            Err(NotConnected::Unreachable(why)) => return record.unreachable(why),
+            Err(NotConnected::Unreachable(why)) => {
+                // As a connect of its own would have failed: the app sees a reset, never an
+                // end it could take for an empty answer.
+                system::reset_on_close(&client);
+                return record.unreachable(why);
+            }
         };
         if let Err(e) = client.set_nodelay(true) {
             debug!("cannot set TCP_NODELAY: {e}");

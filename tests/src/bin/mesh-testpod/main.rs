@@ -628,7 +628,7 @@ async fn echo(
         println!("ready");
     }
 
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
         let half = bytes / 2;
@@ -656,8 +656,14 @@ async fn echo(
 
     let received = read_pattern(&mut rd).await?;
     if received != bytes {
+        // A reset is reported to whichever call on the socket comes first; when that was the
+        // writer's, the reader saw only the end. Say what the writer saw.
+        let sending = match tokio::time::timeout(Duration::from_secs(1), &mut writer).await {
+            Ok(Ok(Err(e))) => format!(" (sending: {e})"),
+            _ => String::new(),
+        };
         writer.abort();
-        bail!("{received} of {bytes} bytes came back before the connection closed");
+        bail!("{received} of {bytes} bytes came back before the connection closed{sending}");
     }
     writer.await??;
     Ok(banner)

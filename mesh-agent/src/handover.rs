@@ -83,6 +83,11 @@ impl Listeners {
                 socket.display()
             )
         })?;
+        let Some(stream) = stream else {
+            // Its sockets are this agent's alone now: serve on them.
+            info!(socket = %socket.display(), "took the listeners over; the agent they came from has gone already");
+            return Ok((listeners, None));
+        };
         info!(socket = %socket.display(), "took the listeners over from the running agent");
         Ok((listeners, Some(Takeover { stream })))
     }
@@ -122,7 +127,8 @@ impl Takeover {
     }
 }
 
-fn receive(mut stream: StdUnixStream) -> Result<(Listeners, StdUnixStream)> {
+/// The listeners offered on `stream`, and the stream while the offering agent still runs.
+fn receive(mut stream: StdUnixStream) -> Result<(Listeners, Option<StdUnixStream>)> {
     stream.set_read_timeout(Some(OFFER_WAIT))?;
     let mut greeting = [0u8; 64];
     let (len, fds) = receive_fds(&stream, &mut greeting)?;
@@ -146,13 +152,13 @@ fn receive(mut stream: StdUnixStream) -> Result<(Listeners, StdUnixStream)> {
     stream.set_read_timeout(None)?;
     stream.set_nonblocking(true)?;
     match stream.read(&mut rest) {
-        Ok(0) => bail!("it went away"),
+        Ok(0) => return Ok((listeners, None)),
         Ok(_) => bail!("it sent more than its offer"),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
         Err(e) => return Err(e.into()),
     }
     stream.set_nonblocking(false)?;
-    Ok((listeners, stream))
+    Ok((listeners, Some(stream)))
 }
 
 /// A received socket, checked to be a TCP listener on `port`.

@@ -21,7 +21,7 @@ fn start() -> (Lab, Vec<mesh_tests::Agent>, mesh_tests::Running) {
     .unwrap();
     let agents = ["n1", "n2"]
         .iter()
-        .map(|n| lab.start_agent(n, &["--no-sk-msg"]).unwrap())
+        .map(|n| lab.start_agent(n, &[]).unwrap())
         .collect();
     let server = lab
         .spawn(

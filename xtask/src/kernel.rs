@@ -34,13 +34,20 @@ pub const KERNELS: &[(&str, &str)] = &[
 
 /// The end-to-end test targets run in the guest: capture, the data path on one node and across
 /// nodes (with its backpressure), aborts, and the agent's lifecycle on its pinned maps.
-const TEST_TARGETS: &[&str] = &[
+pub const TEST_TARGETS: &[&str] = &[
     "capture",
     "backpressure",
     "crossnode",
     "aborts",
     "lifecycle",
 ];
+
+/// Tests of [`TEST_TARGETS`] not run in the guest, and why: counted as skipped.
+const NOT_IN_GUEST: &[(&str, &str)] = &[(
+    "five_hundred_concurrent_cross_node_connections_are_byte_exact",
+    "its 1 GB through TLS outlasts its bound under emulation; capture's thousand concurrent \
+     connections run there",
+)];
 
 /// Stock programs the tests run, copied with the libraries they link.
 const TOOLS: &[&str] = &["ip", "iperf3", "curl", "setpriv", "tshark", "dumpcap"];
@@ -54,9 +61,9 @@ const ARCHIVE: &str = "http://deb.debian.org/debian";
 /// How long the guest may run before it is stopped and the run fails.
 const GUEST_LIMIT: Duration = Duration::from_secs(60 * 60);
 
-/// Boots `version` (a series of [`KERNELS`]) and runs the tests there; `extra` goes to each
-/// test binary (a name filter, `--nocapture`...).
-pub fn test(root: &Path, version: &str, extra: &[String]) -> Result<Totals> {
+/// Boots `version` (a series of [`KERNELS`]) and runs the test `targets` (of
+/// [`TEST_TARGETS`]) there; `extra` goes to each test binary (a name filter, `--nocapture`...).
+pub fn test(root: &Path, version: &str, targets: &[&str], extra: &[String]) -> Result<Totals> {
     let Some(&(_, suite)) = KERNELS.iter().find(|(series, _)| *series == version) else {
         let series: Vec<&str> = KERNELS.iter().map(|(series, _)| *series).collect();
         bail!(
@@ -71,9 +78,16 @@ pub fn test(root: &Path, version: &str, extra: &[String]) -> Result<Totals> {
     // emulated CPU's time goes to the data path rather than to debug assertions.
     compile::ebpf(root)?;
     let agent = image::static_agent(root)?;
-    let tests = build_tests(root)?;
+    let tests = build_tests(root, targets)?;
     let initramfs = pack(&work, &kernel, &agent, root, &tests, extra)?;
-    boot(&kernel, &initramfs)
+    let mut totals = boot(&kernel, &initramfs)?;
+    if targets.contains(&"crossnode") && extra.is_empty() {
+        for (test, why) in NOT_IN_GUEST {
+            eprintln!("    not run in the guest: {test} ({why})");
+            totals.ignored += 1;
+        }
+    }
+    Ok(totals)
 }
 
 /// A kernel package unpacked: its image and its modules.
@@ -187,14 +201,14 @@ struct TestBinary {
     path: PathBuf,
 }
 
-/// Builds [`TEST_TARGETS`] (and `mesh-testpod`, which they run in pods); returns their
+/// Builds the test `targets` (and `mesh-testpod`, which they run in pods); returns their
 /// binaries.
-fn build_tests(root: &Path) -> Result<Vec<TestBinary>> {
+fn build_tests(root: &Path, targets: &[&str]) -> Result<Vec<TestBinary>> {
     let step = Step::start("build: the end-to-end tests run in the guest");
     let mut cmd = compile::host_cargo(root, root);
     cmd.args(["test", "--package", "mesh-tests", "--no-run"])
         .args(["--message-format", "json-render-diagnostics"]);
-    for target in TEST_TARGETS {
+    for target in targets {
         cmd.args(["--test", target]);
     }
     eprintln!("    $ {}", shell::describe(&cmd));
@@ -213,18 +227,18 @@ fn build_tests(root: &Path) -> Result<Vec<TestBinary>> {
         ) else {
             continue;
         };
-        if TEST_TARGETS.contains(&name) && message["profile"]["test"] == true {
+        if targets.contains(&name) && message["profile"]["test"] == true {
             tests.push(TestBinary {
                 name: name.to_string(),
                 path: PathBuf::from(path),
             });
         }
     }
-    if tests.len() != TEST_TARGETS.len() {
+    if tests.len() != targets.len() {
         bail!(
             "cargo built {} of the {} test targets",
             tests.len(),
-            TEST_TARGETS.len()
+            targets.len()
         );
     }
     step.done();
@@ -284,7 +298,11 @@ fn pack(
     }
     let modules = copy_modules(kernel, &guest.join("mesh/modules"))?;
     fs::write(guest.join("mesh/modules.order"), modules.join("\n") + "\n")?;
-    fs::write(guest.join("mesh/args"), extra.join("\n") + "\n")?;
+    let skips = NOT_IN_GUEST
+        .iter()
+        .flat_map(|(test, _)| ["--skip".to_string(), test.to_string()]);
+    let args: Vec<String> = extra.iter().cloned().chain(skips).collect();
+    fs::write(guest.join("mesh/args"), args.join("\n") + "\n")?;
     fs::write(
         guest.join("etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n",

@@ -6,6 +6,7 @@ use std::{
     hash::Hash,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
 use anyhow::{Context, Result};
@@ -233,6 +234,10 @@ pub struct OrigDstTable {
     /// Its pin; the same table of other layouts (another agent's programs, during an
     /// upgrade) is pinned beside it.
     pin: PathBuf,
+    /// Those other tables, as last listed, and the pin directory's modification time then
+    /// (a miss lists them again only when a pin came or went).
+    others: Vec<CapturedByClient>,
+    others_listed: Option<SystemTime>,
 }
 
 type CapturedByClient = HashMap<MapData, SockAddr, Captured>;
@@ -247,20 +252,28 @@ impl OrigDstTable {
         Ok(Self {
             table: take_map(ebpf, "CAPTURED_BY_CLIENT")?,
             pin: own.path.clone(),
+            others: Vec::new(),
+            others_listed: None,
         })
     }
 
     /// The same table pinned with other layouts whose keys and values this agent reads (a
     /// resized one), for connects captured by the other agent's programs while both run.
-    fn others(&self) -> impl Iterator<Item = CapturedByClient> {
+    fn others(&mut self) -> &mut [CapturedByClient] {
         let dir = self.pin.parent().unwrap_or(Path::new("/"));
-        pins::find(dir, "CAPTURED_BY_CLIENT")
-            .into_iter()
-            .filter(|p| *p != self.pin)
-            .filter_map(|path| {
-                let data = MapData::from_pin(&path).ok()?;
-                HashMap::try_from(Map::LruHashMap(data)).ok()
-            })
+        let modified = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+        if modified.is_none() || modified != self.others_listed {
+            self.others = pins::find(dir, "CAPTURED_BY_CLIENT")
+                .into_iter()
+                .filter(|p| *p != self.pin)
+                .filter_map(|path| {
+                    let data = MapData::from_pin(&path).ok()?;
+                    HashMap::try_from(Map::LruHashMap(data)).ok()
+                })
+                .collect();
+            self.others_listed = modified;
+        }
+        &mut self.others
     }
 }
 
@@ -274,8 +287,10 @@ impl Captures for OrigDstTable {
             }
             Some(captured)
         };
-        let captured = take_from(&mut self.table)
-            .or_else(|| self.others().find_map(|mut t| take_from(&mut t)))?;
+        let captured = match take_from(&mut self.table) {
+            Some(captured) => captured,
+            None => self.others().iter_mut().find_map(take_from)?,
+        };
         Some(CapturedConnect {
             dst: socket_addr(&captured.dst),
             cgroup: captured.cgroup,

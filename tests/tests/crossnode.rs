@@ -347,6 +347,48 @@ fn five_hundred_concurrent_cross_node_connections_are_byte_exact() {
     assert!((5..=10).contains(&opened), "{opened} tunnel connections");
 }
 
+/// Delay, jitter (so reordering) and loss on the link between the nodes, by netem on each
+/// node's uplink. Debian's kernels build netem as a module; this machine's kernel has none
+/// (CONFIG_NET_SCH_NETEM is not set), so the test runs in the guests of
+/// `cargo xtask test --kernel`, which run ignored tests too.
+#[test]
+#[ignore = "needs netem (sch_netem): runs in the guests of `cargo xtask test --kernel`"]
+fn delay_jitter_and_loss_between_the_nodes_lose_no_byte() {
+    let lab = Lab::new(LabSpec::client_and_echo_across_nodes()).unwrap();
+    let _agents = ["n1", "n2"].map(|n| lab.start_agent(n, &[]).unwrap());
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let netem = ["delay", "20ms", "10ms", "loss", "1%"];
+    for node in ["n1", "n2"] {
+        let args = ["qdisc", "add", "dev", "eth0", "root", "netem"];
+        let out = lab
+            .run_program_on_node(node, "tc", &[&args[..], &netem[..]].concat())
+            .unwrap();
+        assert!(out.status.success(), "tc on {node}: {}", out.stderr);
+    }
+    let bytes = 4u64 << 20;
+    let out = echo(&lab, bytes, 4);
+    assert_eq!(out.field("connections"), "4");
+    assert_eq!(out.field("echoed"), bytes.to_string());
+    // The link did delay and drop: netem counted its drops.
+    let dropped: u64 = ["n1", "n2"]
+        .iter()
+        .map(|node| {
+            let out = lab
+                .run_program_on_node(node, "tc", &["-s", "qdisc", "show", "dev", "eth0"])
+                .unwrap();
+            out.stdout
+                .split("dropped ")
+                .nth(1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(dropped > 0, "netem dropped no packet");
+}
+
 #[test]
 fn reload_adds_a_workload_that_calls_across_nodes_with_its_own_identity() {
     let initial = LabSpec::client_and_echo_across_nodes().pod("n1", "late", false);

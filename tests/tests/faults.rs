@@ -4,8 +4,8 @@
 //! changes. What the hardening bounds (handshakes per source and per second) stays bounded
 //! while the faults last.
 //!
-//! Delay on the link is not tested: this kernel has no netem (CONFIG_NET_SCH_NETEM) and no fq
-//! to delay packets with.
+//! Delay on the link needs netem, which this machine's kernel lacks: that test is in
+//! crossnode.rs and runs in the guests of `cargo xtask test --kernel`.
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -10,18 +10,14 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 
 use crate::{
     compile, image, setup,
-    shell::{self, Step},
+    shell::{self, Step, Watchdog},
     test::Totals,
 };
 
@@ -511,24 +507,7 @@ fn boot(kernel: &Kernel, initramfs: &Path) -> Result<Totals> {
         .stdout(Stdio::piped())
         .spawn()
         .context("cannot start qemu-system-x86_64 (install it: cargo xtask setup)")?;
-    let finished = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let finished = finished.clone();
-        let pid = child.id();
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            while !finished.load(Ordering::Relaxed) {
-                if started.elapsed() > GUEST_LIMIT {
-                    eprintln!("the guest ran past {GUEST_LIMIT:?}: stopping qemu");
-                    let _ = Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
-                        .status();
-                    return;
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })
-    };
+    let watchdog = Watchdog::start("the guest", GUEST_LIMIT, child.id());
     let stdout = child.stdout.take().context("no output from qemu")?;
     let mut totals = Totals::default();
     let mut failed_binaries = None;
@@ -544,8 +523,7 @@ fn boot(kernel: &Kernel, initramfs: &Path) -> Result<Totals> {
         }
     }
     let status = child.wait()?;
-    finished.store(true, Ordering::Relaxed);
-    let _ = watchdog.join();
+    watchdog.stop();
     let Some(failed_binaries) = failed_binaries else {
         bail!("the guest stopped ({status}) before its tests finished: see its console above");
     };

@@ -2,6 +2,10 @@
 
 use std::{
     process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -89,4 +93,71 @@ pub fn require_root(task: &str) -> Result<()> {
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|uid| uid.trim() == "0")
+}
+
+/// Kills a process and every process below it if it outlives its time, unless stopped first:
+/// a hung run must fail, not hold CI until CI's own limit.
+pub struct Watchdog {
+    finished: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Watchdog {
+    /// Watches process `pid` (called `what` when it is killed) for `limit`.
+    pub fn start(what: &'static str, limit: Duration, pid: u32) -> Self {
+        let finished = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let finished = finished.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                while !finished.load(Ordering::Relaxed) {
+                    if started.elapsed() > limit {
+                        eprintln!("{what} ran past {limit:?}: killing it and what it started");
+                        kill_tree(pid);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            })
+        };
+        Self { finished, thread }
+    }
+
+    /// The process ended in time.
+    pub fn stop(self) {
+        self.finished.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// Kills `root` and every process below it.
+fn kill_tree(root: u32) {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut doomed = vec![root];
+    let mut i = 0;
+    while let Some(&pid) = doomed.get(i) {
+        doomed.extend(parents.iter().filter(|(_, p)| *p == pid).map(|(c, _)| *c));
+        i += 1;
+    }
+    for pid in doomed {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
 }

@@ -4,18 +4,14 @@ use std::{
     io::{BufRead, BufReader},
     path::Path,
     process::{Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 
 use crate::{
     compile, fuzz, image, kernel, setup,
-    shell::{self, Step},
+    shell::{self, Step, Watchdog},
 };
 
 pub fn run(root: &Path, extra: &[String]) -> Result<()> {
@@ -126,22 +122,7 @@ const TEST_LIMIT: Duration = Duration::from_secs(45 * 60);
 fn run_counting(cmd: &mut Command) -> Result<Totals> {
     eprintln!("    $ {}", shell::describe(cmd));
     let mut child = cmd.stdout(Stdio::piped()).spawn()?;
-    let cargo = child.id();
-    let finished = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let finished = finished.clone();
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            while !finished.load(Ordering::Relaxed) {
-                if started.elapsed() > TEST_LIMIT {
-                    eprintln!("cargo test ran past {TEST_LIMIT:?}: killing it and its tests");
-                    kill_tree(cargo);
-                    return;
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        })
-    };
+    let watchdog = Watchdog::start("cargo test", TEST_LIMIT, child.id());
     let stdout = child.stdout.take().context("no stdout from cargo test")?;
     let mut totals = Totals::default();
     for line in BufReader::new(stdout).lines() {
@@ -150,44 +131,11 @@ fn run_counting(cmd: &mut Command) -> Result<Totals> {
         totals.add(&line);
     }
     let status = child.wait()?;
-    finished.store(true, Ordering::Relaxed);
-    let _ = watchdog.join();
+    watchdog.stop();
     if !status.success() && totals.failed == 0 {
         bail!("cargo test failed ({status}) before any test failed: see its output above");
     }
     Ok(totals)
-}
-
-/// Kills `root` and every process below it.
-fn kill_tree(root: u32) {
-    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            let ppid = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut doomed = vec![root];
-    let mut i = 0;
-    while let Some(&pid) = doomed.get(i) {
-        doomed.extend(parents.iter().filter(|(_, p)| *p == pid).map(|(c, _)| *c));
-        i += 1;
-    }
-    for pid in doomed {
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
-    }
 }
 
 /// `cargo fmt --check` and `cargo clippy -D warnings` on every crate.

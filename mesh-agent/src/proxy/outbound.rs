@@ -622,8 +622,10 @@ mod tests {
         let agent = Agent::start(state, test_ca()).await;
         for _ in 0..3 {
             let conn = agent.connect(web, cgroup_of(0), vip(80)).await;
-            // Nothing to copy: the client sees its connection closed at once.
-            assert_eq!(read_all(conn).await.unwrap(), b"");
+            // Nothing reached: the client's connection is reset at once, as a connect of its
+            // own would have failed.
+            let err = read_all(conn).await.unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
         }
         // Two endpoints per connection, three connections: three failures in a row each.
         let r = &agent.registry;

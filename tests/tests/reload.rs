@@ -115,7 +115,7 @@ fn hostile_config_files_are_refused_cheaply_and_never_echoed() {
         "{deep}"
     );
     assert!(
-        rejections[1].contains("bytes, more than the 4194304 a config may have"),
+        rejections[1].contains("bytes, more than the 16777216 a config may have"),
         "{}",
         rejections[1]
     );

@@ -683,6 +683,9 @@ fn scale(lab: &Lab, quick: bool) -> Result<Vec<(String, f64)>> {
             format!("agent resident idle, {services} services / {endpoints} endpoints (MiB)"),
             rss_mib(&agent)?,
         ));
+        for (part, mib) in memory_parts(&agent)? {
+            figures.push((format!("  of which {part}, {services} services (MiB)"), mib));
+        }
         agent.terminate()?;
         agent.wait()?;
     }
@@ -1223,6 +1226,63 @@ fn cpu_seconds(pids: &[u32]) -> Result<f64> {
         total += (utime + stime) / ticks;
     }
     Ok(total)
+}
+
+/// What an agent's memory is: its resident pages by what they hold (from /proc/PID/smaps),
+/// and the kernel memory of the eBPF maps it holds (their fdinfo's memlock), which no RSS
+/// counts.
+fn memory_parts(agent: &Agent) -> Result<Vec<(&'static str, f64)>> {
+    let pid = agent.pid();
+    let binary = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut text, mut libraries, mut heap, mut stacks) = (0.0, 0.0, 0.0, 0.0);
+    let mut mapping = String::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: address range, perms, offset, device, inode, [path].
+            mapping = line
+                .split_whitespace()
+                .nth(5)
+                .unwrap_or_default()
+                .to_owned();
+            continue;
+        }
+        if first != "Rss:" {
+            continue;
+        }
+        let kib: f64 = fields.next().unwrap_or("0").parse()?;
+        if mapping == binary.to_string_lossy() {
+            text += kib;
+        } else if mapping.starts_with('/') {
+            libraries += kib;
+        } else if mapping == "[stack]" {
+            stacks += kib;
+        } else {
+            // [heap] and anonymous mappings: malloc's arenas, thread stacks, buffers.
+            heap += kib;
+        }
+    }
+    let mut maps = 0.0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let info = std::fs::read_to_string(fd?.path()).unwrap_or_default();
+        if info.contains("map_type:") {
+            maps += info
+                .lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+                / 1024.0;
+        }
+    }
+    let mib = |kib: f64| kib / 1024.0;
+    Ok(vec![
+        ("the binary's pages", mib(text)),
+        ("libraries' pages", mib(libraries)),
+        ("heap and other anonymous pages", mib(heap + stacks)),
+        ("eBPF maps (kernel memory, not resident)", mib(maps)),
+    ])
 }
 
 fn rss_mib(agent: &Agent) -> Result<f64> {

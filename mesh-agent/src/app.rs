@@ -1,9 +1,10 @@
 //! `mesh-agent run`: the agent's life from start to a clean exit.
 
 use std::{
+    os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -18,15 +19,24 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use prometheus_client::registry::Registry;
 
 use crate::{
     ca::client::CaClient,
     config::{Config, Name, Settings},
-    datapath::{Datapath, Loaded, maps::workload_cgroups, pins::Capacities},
-    discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
+    datapath::{
+        Datapath, Loaded,
+        maps::{OrigDstTable, workload_cgroups},
+        pins::Capacities,
+    },
+    discovery::{
+        Snapshot,
+        dns::Resolving,
+        file,
+        kubernetes::{cgroups::pod_cgroup, watch::ClusterWatch},
+    },
     handover::{self, Ending, Listeners},
     identity::{
         CaFiles, CertificateAuthority, FileCa, bundle::TrustBundle, certificates::Certificates,
@@ -52,6 +62,7 @@ use crate::{
         routes::Routes,
     },
     system,
+    workers::{self, Workers},
 };
 
 /// How many of the connections a shutdown cuts are named in its log, oldest first.
@@ -91,6 +102,8 @@ pub struct Kubernetes {
     pub node: Name,
     /// The kubelet's `--cgroup-root`, relative to the cgroup v2 mount.
     pub kubelet_cgroup_root: String,
+    /// The agent's own pod's UID (from the downward API).
+    pub pod_uid: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -162,7 +175,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         orig_dst,
         refused,
         counters,
-    } = Datapath::load(node, opts.ebpf_log_level, opts.sk_msg, &opts.map_capacities)?;
+    } = Datapath::load(
+        node,
+        opts.ebpf_log_level,
+        opts.sk_msg,
+        &opts.map_capacities,
+        agent_cgroup(&cgroup_mount, opts.kubernetes.as_ref()),
+    )?;
     tokio::spawn(drain_ebpf_log(logger));
     // The maps hold the state before any program reads them: new maps (a changed layout)
     // start full, so no connect passes uncaptured meanwhile.
@@ -205,7 +224,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         let tracker = TaskTracker::new();
         let stop = CancellationToken::new();
         let abort = CancellationToken::new();
-        let tunnels = Arc::new(Tunnels::new(certificates, opts.liveness, metrics.clone()));
         let rate_limit_service = match &config.settings.rate_limit_service {
             Some(service) => Some(Arc::new(GlobalLimiter::new(service, metrics.clone())?)),
             None => None,
@@ -214,37 +232,44 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Some(tracing) => Some(Tracer::start(tracing, node, metrics.clone())?),
             None => None,
         };
-        let http = Arc::new(HttpProxy {
-            routes: routes_rx.clone(),
-            upstreams: Arc::new(Upstreams::new(
-                routes_rx.clone(),
-                tunnels.clone(),
-                LocalDialer::default(),
-            )),
-            metrics: metrics.clone(),
-            tracer: tracer.clone(),
-            rate_limit_service: rate_limit_service.clone(),
-        });
-        let outbound = Outbound {
-            routes: routes_rx.clone(),
-            tunnels,
-            http,
-            local: LocalDialer::default(),
-            metrics: metrics.clone(),
-            open: open.clone(),
-            tracker: tracker.clone(),
-            stop: stop.clone(),
-            abort: abort.clone(),
+        // Each worker thread's: tunnel and upstream pools of its own.
+        let outbound = || {
+            let tunnels = Arc::new(Tunnels::new(
+                certificates.clone(),
+                opts.liveness,
+                metrics.clone(),
+            ));
+            Outbound {
+                routes: routes_rx.clone(),
+                tunnels: tunnels.clone(),
+                http: Arc::new(HttpProxy {
+                    routes: routes_rx.clone(),
+                    upstreams: Arc::new(Upstreams::new(
+                        routes_rx.clone(),
+                        tunnels,
+                        LocalDialer::default(),
+                    )),
+                    metrics: metrics.clone(),
+                    tracer: tracer.clone(),
+                    rate_limit_service: rate_limit_service.clone(),
+                }),
+                local: LocalDialer::default(),
+                metrics: metrics.clone(),
+                open: open.clone(),
+                tracker: tracker.clone(),
+                stop: stop.clone(),
+                abort: abort.clone(),
+            }
         };
         let inbound = Inbound {
             tls: server_tls,
             http: Arc::new(HttpServing {
                 metrics: metrics.clone(),
                 routes: routes_rx.clone(),
-                tracer,
-                rate_limit_service,
+                tracer: tracer.clone(),
+                rate_limit_service: rate_limit_service.clone(),
             }),
-            routes: routes_rx,
+            routes: routes_rx.clone(),
             tracker: tracker.clone(),
             stop: stop.clone(),
             abort: abort.clone(),
@@ -252,7 +277,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             liveness: opts.liveness,
             admission: Arc::default(),
             local: LocalDialer::default(),
-            metrics,
+            metrics: metrics.clone(),
             open: open.clone(),
         };
         tokio::spawn(open::cut_denied_on_change(
@@ -265,8 +290,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             inbound.metrics.clone(),
             stop.clone(),
         ));
-        let accepting = tokio::spawn(outbound.serve(listeners.outbound, orig_dst));
-        let accepting_tunnels = tokio::spawn(inbound.serve(listeners.tunnel));
+        let mut workers = proxies(
+            [listeners.outbound, listeners.tunnel],
+            outbound,
+            &inbound,
+            &Arc::new(Mutex::new(orig_dst)),
+        )?;
         system::release_freed_memory();
         ready.store(true, Ordering::Relaxed);
         if let Some(takeover) = takeover {
@@ -289,10 +318,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         } else {
             handover::withdraw(&handover_socket);
         }
-        accepting.await.context("the outbound listener failed")?;
-        accepting_tunnels
-            .await
-            .context("the inbound tunnel listener failed")?;
+        workers.stopped_accepting().await;
         tracker.close();
         if !tracker.is_empty() {
             info!(
@@ -325,6 +351,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             tracker.wait().await;
         }
         admin_stop.cancel();
+        workers.end();
         admin.await.context("the admin listener failed")?;
         anyhow::Ok(ending)
     }
@@ -338,6 +365,58 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         datapath.unpin()?;
     }
     served.map(|_| ())
+}
+
+/// What each worker thread is given: its copies of the outbound and tunnel listening
+/// sockets, what serves them, and the captured-connect table.
+type PerThread = (
+    (OwnedFd, OwnedFd),
+    Outbound,
+    Inbound,
+    Arc<Mutex<OrigDstTable>>,
+);
+
+/// Starts the worker threads (one per core) that accept on the outbound and tunnel
+/// listeners and proxy what they accept, each with an `outbound()` of its own (its tunnel
+/// and upstream pools), so that a connection's tasks all run on its thread.
+fn proxies(
+    [outbound_listener, tunnel_listener]: [tokio::net::TcpListener; 2],
+    outbound: impl Fn() -> Outbound,
+    inbound: &Inbound,
+    captures: &Arc<Mutex<OrigDstTable>>,
+) -> Result<Workers> {
+    // Out of this runtime: only the workers' wake when a connection comes.
+    let (outbound_listener, tunnel_listener) =
+        (outbound_listener.into_std()?, tunnel_listener.into_std()?);
+    let mut per_thread = Vec::new();
+    for _ in 0..workers::per_core() {
+        let sockets = (
+            outbound_listener.as_fd().try_clone_to_owned()?,
+            tunnel_listener.as_fd().try_clone_to_owned()?,
+        );
+        per_thread.push((sockets, outbound(), inbound.clone(), captures.clone()));
+    }
+    let serve: workers::Serve<PerThread> =
+        Arc::new(|((outbound_fd, tunnel_fd), outbound, inbound, captures)| {
+            Box::pin(async move {
+                let listen = |fd: OwnedFd| {
+                    let listener = std::net::TcpListener::from(fd);
+                    tokio::net::TcpListener::from_std(listener)
+                };
+                match (listen(outbound_fd), listen(tunnel_fd)) {
+                    (Ok(outbound_listener), Ok(tunnel_listener)) => {
+                        tokio::join!(
+                            outbound.serve(outbound_listener, captures),
+                            inbound.serve(tunnel_listener)
+                        );
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        error!("a worker thread cannot accept: {e}");
+                    }
+                }
+            })
+        });
+    Workers::start(per_thread, serve).context("cannot start the worker threads")
 }
 
 /// Starts watching the cluster with the settings in `file`: the watch task, and the configs
@@ -459,6 +538,31 @@ async fn drain_ebpf_log(logger: EbpfLogger<&'static dyn log::Log>) {
                 warn!("cannot read the eBPF log: {e}");
                 return;
             }
+        }
+    }
+}
+
+/// The agent's own cgroup id, by which its programs tell its connects to this node's pods
+/// (both ends of those then skip TCP/IP): the cgroup /proc/self/cgroup names or, inside a
+/// cgroup namespace of its own (a container's), its pod's. Zero (with a warning) if neither
+/// can be found: its dials to local pods then go through TCP/IP.
+fn agent_cgroup(mount: &Path, kubernetes: Option<&Kubernetes>) -> u64 {
+    let own = system::own_cgroup(mount).or_else(|e| {
+        let pod = kubernetes.and_then(|k| Some((k, k.pod_uid.as_deref()?)));
+        let Some((kubernetes, uid)) = pod else {
+            return Err(e);
+        };
+        pod_cgroup(mount, &kubernetes.kubelet_cgroup_root, uid)
+            .map(|c| c.under(mount))
+            .with_context(|| format!("{e:#}, and no cgroup of the pod {uid} was found"))
+    });
+    match own.and_then(|dir| {
+        system::cgroup_id(&dir).with_context(|| format!("cannot read {}", dir.display()))
+    }) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!("the agent's dials to this node's pods go through TCP/IP: {e:#}");
+            0
         }
     }
 }

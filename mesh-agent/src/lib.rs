@@ -22,3 +22,4 @@ pub mod state;
 pub mod system;
 #[cfg(test)]
 pub mod testing;
+pub mod workers;

@@ -43,6 +43,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             kubernetes_node,
             kubelet_cgroup_root,
+            pod_uid,
             cgroup,
             keep_pins,
             grace_period,
@@ -50,11 +51,12 @@ fn run(cli: Cli) -> Result<()> {
             no_sk_msg,
             handover_socket,
             map_capacity,
-        } => tokio::runtime::Runtime::new()?.block_on(app::run(RunOptions {
+        } => control_plane_runtime()?.block_on(app::run(RunOptions {
             config,
             kubernetes: kubernetes_node.map(|node| Kubernetes {
                 node,
                 kubelet_cgroup_root,
+                pod_uid,
             }),
             cgroup,
             keep_pins,
@@ -70,7 +72,7 @@ fn run(cli: Cli) -> Result<()> {
             system::require_root()?;
             system::require_bpffs()?;
             let dir = system::cgroup_dir(&system::cgroup2_mount()?, &cgroup)?;
-            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new())?;
+            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new(), 0)?;
             loaded.datapath.attach(&dir)
         }
         Command::Unload { node } => {
@@ -120,4 +122,12 @@ fn ebpf_level(max: Option<LevelFilter>) -> aya_log::Level {
         LevelFilter::WARN => Level::Warn,
         _ => Level::Error,
     }
+}
+
+/// The agent's main runtime: the control plane (config, certificates, admin API) on one
+/// thread; the data path runs on worker threads of its own (`mesh_agent::workers`).
+fn control_plane_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }

@@ -212,22 +212,6 @@ pub fn cgroup_dir(mount: &Path, cgroup: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// This process's cgroup v2 directory under `mount`, as /proc/self/cgroup names it. Fails
-/// where the process sees its cgroup as the root: it has a cgroup namespace of its own (a
-/// container's), and the path says nothing of where it is under `mount`.
-pub fn own_cgroup(mount: &Path) -> Result<PathBuf> {
-    let text =
-        std::fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
-    let path = text
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .context("/proc/self/cgroup names no cgroup v2")?;
-    if path == "/" {
-        bail!("this process sees its cgroup as / (a cgroup namespace of its own)");
-    }
-    Ok(mount.join(path.trim_start_matches('/')))
-}
-
 /// The id the kernel gives a cgroup v2 directory (`bpf_get_current_cgroup_id`'s): its inode
 /// number.
 pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {

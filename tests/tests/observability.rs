@@ -119,11 +119,6 @@ fn prometheus_sees_exactly_the_traffic_sent() {
             "mesh_ebpf_connects_captured_total{instance=\"198.18.0.1:15020\"}".to_owned(),
             CONNECTIONS as f64,
         ),
-        // The concurrent connections' streams were spread over the pool's first connections.
-        (
-            "mesh_tunnel_connections{instance=\"198.18.0.1:15020\"}".to_owned(),
-            CONNECTIONS.min(mesh_agent::proxy::tunnel::SPREAD_CONNECTIONS as u64) as f64,
-        ),
         (
             "mesh_tunnel_streams{instance=\"198.18.0.1:15020\"}".to_owned(),
             0.0,
@@ -131,6 +126,18 @@ fn prometheus_sees_exactly_the_traffic_sent() {
     ] {
         prometheus.wait_for_value(&query, expected).unwrap();
     }
+    // The concurrent connections' streams were spread over the first connections of each
+    // worker thread's pool (each thread has its own).
+    let per_pool = CONNECTIONS.min(mesh_agent::proxy::tunnel::SPREAD_CONNECTIONS as u64) as f64;
+    let pools = mesh_agent::workers::per_core() as f64;
+    let tunnels = prometheus
+        .wait_for_data("mesh_tunnel_connections{instance=\"198.18.0.1:15020\"}")
+        .unwrap();
+    assert!(
+        tunnels.len() == 1 && (per_pool..=per_pool * pools).contains(&tunnels[0].value),
+        "{tunnels:?}: expected {per_pool} to {} tunnel connections",
+        per_pool * pools
+    );
     // Each agent's and the client's certificate expires in the future, within the TTL.
     let expiries = prometheus
         .query("mesh_certificate_expiry_timestamp_seconds - time()")

@@ -372,7 +372,7 @@ fn proxies(
     inbound: &Inbound,
     captures: &Arc<Mutex<OrigDstTable>>,
 ) -> Result<Workers> {
-    // Out of this runtime: only the workers' wake when a connection comes.
+    // Out of this runtime: only the workers wake when a connection comes.
     let (outbound_listener, tunnel_listener) =
         (outbound_listener.into_std()?, tunnel_listener.into_std()?);
     let mut per_thread = Vec::new();

@@ -212,13 +212,6 @@ pub fn cgroup_dir(mount: &Path, cgroup: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The id the kernel gives a cgroup v2 directory (`bpf_get_current_cgroup_id`'s): its inode
-/// number.
-pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).map(|m| m.ino())
-}
-
 fn mount_point(fstype: &str) -> Result<Option<PathBuf>> {
     Ok(mounts()?
         .into_iter()

@@ -187,7 +187,7 @@ pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>
         .iter()
         .map(|w| {
             let dir = w.cgroup.under(cgroup_mount);
-            system::cgroup_id(&dir)
+            cgroup_id(&dir)
                 .inspect_err(|e| {
                     warn!(
                         workload = %format!("{}/{}", w.namespace, w.name),
@@ -198,6 +198,12 @@ pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>
                 .ok()
         })
         .collect()
+}
+
+/// The id the kernel gives a cgroup v2 directory: its inode number.
+fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| m.ino())
 }
 
 /// An address in the maps' form (IPv4 mapped into IPv6).
@@ -271,21 +277,8 @@ impl OrigDstTable {
     }
 }
 
-/// One table for every worker thread: a take is one lookup and one delete, too short to
-/// contend.
-impl Captures for std::sync::Arc<std::sync::Mutex<OrigDstTable>> {
+impl Captures for OrigDstTable {
     fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
-        let mut table = match self.lock() {
-            Ok(table) => table,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        table.take_captured(client)
-    }
-}
-
-impl OrigDstTable {
-    /// Takes (returns and forgets) the captured connect of `client`.
-    fn take_captured(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
         let key = sock_addr(client);
         let take_from = |table: &mut CapturedByClient| {
             let captured = table.get(&key, 0).ok()?;

@@ -2,7 +2,10 @@
 //! an endpoint and connects to it: directly on this node, through a tunnel to another node's
 //! agent otherwise. A failed connect is retried on another endpoint.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
 use http::StatusCode;
 
@@ -55,6 +58,15 @@ pub struct CapturedConnect {
 pub trait Captures: Send + 'static {
     /// Takes (returns and forgets) what was captured of the connection from `client`.
     fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect>;
+}
+
+/// One table shared by every worker thread: a take is a lookup and a delete, too short to
+/// contend.
+impl<C: Captures> Captures for Arc<Mutex<C>> {
+    fn take(&mut self, client: SocketAddr) -> Option<CapturedConnect> {
+        let mut table = self.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        table.take(client)
+    }
 }
 
 /// What every outbound connection needs.

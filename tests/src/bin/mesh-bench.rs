@@ -1235,7 +1235,7 @@ fn memory_parts(agent: &Agent) -> Result<Vec<(&'static str, f64)>> {
     let pid = agent.pid();
     let binary = std::fs::read_link(format!("/proc/{pid}/exe"))?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let (mut text, mut libraries, mut heap, mut stacks) = (0.0, 0.0, 0.0, 0.0);
+    let (mut text, mut libraries, mut anonymous) = (0.0, 0.0, 0.0);
     let mut mapping = String::new();
     for line in smaps.lines() {
         let mut fields = line.split_whitespace();
@@ -1257,11 +1257,9 @@ fn memory_parts(agent: &Agent) -> Result<Vec<(&'static str, f64)>> {
             text += kib;
         } else if mapping.starts_with('/') {
             libraries += kib;
-        } else if mapping == "[stack]" {
-            stacks += kib;
         } else {
-            // [heap] and anonymous mappings: malloc's arenas, thread stacks, buffers.
-            heap += kib;
+            // [heap], [stack] and anonymous mappings: malloc's arenas, thread stacks, buffers.
+            anonymous += kib;
         }
     }
     let mut maps = 0.0;
@@ -1280,7 +1278,7 @@ fn memory_parts(agent: &Agent) -> Result<Vec<(&'static str, f64)>> {
     Ok(vec![
         ("the binary's pages", mib(text)),
         ("libraries' pages", mib(libraries)),
-        ("heap and other anonymous pages", mib(heap + stacks)),
+        ("heap and other anonymous pages", mib(anonymous)),
         ("eBPF maps (kernel memory, not resident)", mib(maps)),
     ])
 }

@@ -84,6 +84,7 @@ impl Lab {
 
     fn with_id(spec: LabSpec, id: String) -> Result<Self> {
         require_root()?;
+        remember_panic_messages();
         ensure_bpffs()?;
         let cgroup_mount = mesh_agent::system::cgroup2_mount()?;
         remove_stale(&cgroup_mount);
@@ -825,7 +826,40 @@ impl Drop for Lab {
         for problem in self.remove() {
             eprintln!("lab clean-up: {problem}");
         }
+        if let Some(message) = PANIC_MESSAGE.take()
+            && std::thread::panicking()
+        {
+            eprintln!("--- why the test failed (said again after the logs) ---\n{message}");
+        }
     }
+}
+
+thread_local! {
+    /// What the last panic on this thread said, to be said again after the agents' logs
+    /// (which a CI summary's tail would otherwise show alone).
+    static PANIC_MESSAGE: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
+}
+
+/// Has every panic's message kept in [`PANIC_MESSAGE`] as well as printed as before.
+fn remember_panic_messages() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let print = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let location = info
+                .location()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default();
+            let payload = info.payload();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            PANIC_MESSAGE.set(Some(format!("panicked{location}:\n{text}")));
+            print(info);
+        }));
+    });
 }
 
 /// What a lab made, to check that it is gone.

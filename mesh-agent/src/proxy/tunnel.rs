@@ -138,21 +138,34 @@ impl Tunnels {
         let peer = PeerLabels {
             peer_node: node.to_owned(),
         };
-        let (mut sender, stream) = self.stream_slot(source, agent, &peer).await?;
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string());
-        if let Some(protocol) = carries {
-            request = request.header(Upstream::HEADER, protocol.token());
-        }
-        if let Some(address) = source_address {
-            request = request.header(SOURCE_ADDRESS, address.to_string());
-        }
-        let request = request
-            .body(Empty::new())
-            .map_err(|source| TunnelError::Request { target, source })?;
+        let request = || {
+            let mut request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string());
+            if let Some(protocol) = carries {
+                request = request.header(Upstream::HEADER, protocol.token());
+            }
+            if let Some(address) = source_address {
+                request = request.header(SOURCE_ADDRESS, address.to_string());
+            }
+            request
+                .body(Empty::new())
+                .map_err(|source| TunnelError::Request { target, source })
+        };
         let http = |source| TunnelError::Http { agent, source };
-        let response = sender.send_request(request).await.map_err(http)?;
+        let (mut sender, mut stream) = self.stream_slot(source, agent, &peer).await?;
+        let response = match sender.send_request(request()?).await {
+            Err(e) if never_taken(&e) => {
+                // The connection was going away (the peer agent drains, for an upgrade say)
+                // before the peer took this stream: it is safe to ask again, on another.
+                debug!(%agent, "a tunnel connection went away before taking a stream: {e}");
+                self.retire(source, agent, &stream).await;
+                (sender, stream) = self.stream_slot(source, agent, &peer).await?;
+                sender.send_request(request()?).await
+            }
+            sent => sent,
+        }
+        .map_err(http)?;
         if let Some(policy) = response.headers().get(DENIED_BY) {
             let policy = String::from_utf8_lossy(policy.as_bytes()).into();
             return Err(TunnelError::Denied {
@@ -237,6 +250,34 @@ impl Tunnels {
             },
         ))
     }
+
+    /// Takes the connection that holds `stream` out of the pool: no stream is put on it again.
+    async fn retire(&self, source: &SpiffeId, agent: SocketAddr, stream: &StreamGuard) {
+        let pool = self
+            .pools
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(source.clone(), agent))
+            .cloned();
+        if let Some(pool) = pool {
+            let mut conns = pool.lock().await;
+            conns.retain(|c| !Arc::ptr_eq(&c.streams, &stream.streams));
+        }
+    }
+}
+
+/// Whether a stream failed before the peer took it, so that asking again cannot do twice
+/// what the caller asked once: its connection closed before the stream was sent (hyper's
+/// "canceled"), or the peer refused it unprocessed (REFUSED_STREAM, or a GOAWAY that left
+/// it out).
+fn never_taken(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let Some(h2) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
 }
 
 async fn dial(
@@ -324,5 +365,71 @@ impl AsyncWrite for TunnelStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeSet, time::Duration};
+
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    use super::*;
+    use crate::testing::{self, within};
+
+    /// A peer agent that answers the first stream of each connection and refuses every later
+    /// one unprocessed, as a draining agent refuses what its GOAWAY left out; it counts the
+    /// connections made to it.
+    async fn refusing_peer(certificates: &Certificates) -> (SocketAddr, Arc<AtomicUsize>) {
+        let acceptor = TlsAcceptor::from(certificates.server_config().await.unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let tls = acceptor.accept(tcp).await.unwrap();
+                    let mut conn = h2::server::handshake(tls).await.unwrap();
+                    let mut answered = Vec::new();
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        if answered.is_empty() {
+                            let ok = http::Response::new(());
+                            answered.push(respond.send_response(ok, false).unwrap());
+                        } else {
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        }
+                    }
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    /// A stream the peer never took is asked for again on a new connection: its caller
+    /// sees nothing of it.
+    #[tokio::test]
+    async fn a_stream_the_peer_never_took_is_asked_again_on_a_new_connection() {
+        let (_registry, metrics) = testing::metrics();
+        let ttl = Duration::from_secs(3600);
+        let certificates = testing::certificates(testing::test_ca(), ttl, metrics.clone());
+        let id = SpiffeId::workload("cluster.local", "shop", "web");
+        let ids = BTreeSet::from([id.clone()]);
+        certificates.hold(&ids);
+        within(certificates.issued(&ids)).await;
+        let (agent, connections) = refusing_peer(&certificates).await;
+        let tunnels = Tunnels::new(certificates, Liveness::every(ttl), metrics);
+        let target: SocketAddr = "10.0.2.7:8080".parse().unwrap();
+        let open = || tunnels.open(&id, None, "n2", agent, target, None);
+
+        // The first stream is answered; once it is done, its connection is the pool's only
+        // one, so the next stream goes on it and is refused there.
+        drop(within(open()).await.unwrap());
+        assert_eq!(connections.load(Ordering::Relaxed), 1);
+        within(open()).await.unwrap();
+        assert_eq!(connections.load(Ordering::Relaxed), 2);
     }
 }

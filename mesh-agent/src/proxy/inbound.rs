@@ -19,6 +19,7 @@ use hyper::{body::Incoming, server::conn::http2, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch,
     time::timeout,
@@ -231,32 +232,36 @@ impl Inbound {
                     .connect(request, caller.clone(), record, admitted)
             })
         };
-        let connection = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(self.liveness.ping_interval)
-            .keep_alive_timeout(self.liveness.ping_timeout)
-            .max_concurrent_streams(tunnel::MAX_STREAMS_PER_CONNECTION)
-            .initial_stream_window_size(tunnel::STREAM_WINDOW)
-            .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
-            .max_frame_size(tunnel::MAX_FRAME)
-            .max_send_buf_size(tunnel::SEND_BUFFER)
-            .serve_connection(
-                TokioIo::new(SilenceLimit::before_first_byte(tls, PREFACE_TIMEOUT)),
-                service,
-            );
-        tokio::pin!(connection);
-        let served = tokio::select! {
-            served = connection.as_mut() => served,
-            () = self.stop.cancelled() => {
-                connection.as_mut().graceful_shutdown();
-                tokio::select! {
-                    served = connection.as_mut() => served,
-                    () = self.abort.cancelled() => return,
+        let mut io = SilenceLimit::before_first_byte(tls, PREFACE_TIMEOUT);
+        let served = {
+            let connection = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(self.liveness.ping_interval)
+                .keep_alive_timeout(self.liveness.ping_timeout)
+                .max_concurrent_streams(tunnel::MAX_STREAMS_PER_CONNECTION)
+                .initial_stream_window_size(tunnel::STREAM_WINDOW)
+                .initial_connection_window_size(tunnel::CONNECTION_WINDOW)
+                .max_frame_size(tunnel::MAX_FRAME)
+                .max_send_buf_size(tunnel::SEND_BUFFER)
+                .serve_connection(TokioIo::new(&mut io), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                served = connection.as_mut() => served,
+                () = self.stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        served = connection.as_mut() => served,
+                        () = self.abort.cancelled() => return,
+                    }
                 }
             }
         };
         if let Err(e) = served {
             debug!("tunnel connection ended: {e}");
+        }
+        tokio::select! {
+            () = linger(io) => {}
+            () = self.abort.cancelled() => {}
         }
     }
 
@@ -509,6 +514,24 @@ impl Inbound {
     }
 }
 
+/// How long a closed tunnel connection waits for its peer to close too.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a tunnel connection so that the peer gets everything sent: TLS close_notify and
+/// FIN first, then whatever the peer still sends (window updates for the data on its way to
+/// it) read and dropped until it closes too, for at most [`LINGER`]. A socket closed with
+/// unread data in it resets the connection, and a reset throws away what was still on its
+/// way to the peer: the end of a stream the drain had let finish.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    let drained = async {
+        // After HTTP/2's own close, the write side may be shut already.
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 4096];
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = timeout(LINGER, drained).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,6 +580,38 @@ mod tests {
             two: Agent::start(two, ca).await,
             net,
         }
+    }
+
+    /// A connection closed while the peer still sends (window updates, say) and is still
+    /// to receive the end of what was sent: lingering, it gets every byte and a clean end,
+    /// where a plain close would reset it and throw the end away.
+    #[tokio::test]
+    async fn a_lingering_close_loses_nothing_the_peer_has_yet_to_read() {
+        const SENT: usize = 4 << 20;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        // Unread by the server when it closes.
+        client.write_all(b"window update").await.unwrap();
+        let closing = tokio::spawn(async move {
+            server.write_all(&vec![7; SENT]).await.unwrap();
+            linger(server).await;
+        });
+        // A slow reader: much of it is still on its way when the server is done writing.
+        let mut got = 0;
+        let mut buf = vec![0; 64 << 10];
+        loop {
+            match within(client.read(&mut buf)).await {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) => panic!("after {got} of {SENT} bytes: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(got, SENT);
+        drop(client);
+        within(closing).await.unwrap();
     }
 
     #[tokio::test]

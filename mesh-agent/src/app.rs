@@ -89,6 +89,8 @@ pub struct RunOptions {
     pub handover_socket: Option<PathBuf>,
     /// Maps made with another number of entries than the programs'.
     pub map_capacities: Capacities,
+    /// Data-path threads.
+    pub worker_threads: usize,
 }
 
 /// Where the agent is in the cluster.
@@ -282,6 +284,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             outbound,
             &inbound,
             &Arc::new(Mutex::new(orig_dst)),
+            opts.worker_threads,
         )?;
         system::release_freed_memory();
         ready.store(true, Ordering::Relaxed);
@@ -363,20 +366,21 @@ type PerThread = (
     Arc<Mutex<OrigDstTable>>,
 );
 
-/// Starts the worker threads (one per core) that accept on the outbound and tunnel
-/// listeners and proxy what they accept, each with an `outbound()` of its own (its tunnel
+/// Starts `threads` worker threads that accept on the outbound and tunnel listeners and
+/// proxy what they accept, each with an `outbound()` of its own (its tunnel
 /// and upstream pools), so that a connection's tasks all run on its thread.
 fn proxies(
     [outbound_listener, tunnel_listener]: [tokio::net::TcpListener; 2],
     outbound: impl Fn() -> Outbound,
     inbound: &Inbound,
     captures: &Arc<Mutex<OrigDstTable>>,
+    threads: usize,
 ) -> Result<Workers> {
     // Out of this runtime: only the workers wake when a connection comes.
     let (outbound_listener, tunnel_listener) =
         (outbound_listener.into_std()?, tunnel_listener.into_std()?);
     let mut per_thread = Vec::new();
-    for _ in 0..workers::per_core() {
+    for _ in 0..threads {
         let sockets = (
             outbound_listener.as_fd().try_clone_to_owned()?,
             tunnel_listener.as_fd().try_clone_to_owned()?,

@@ -76,6 +76,10 @@ pub enum Command {
         /// maps beside the old ones, which serve the old connections until they are done.
         #[arg(long, value_name = "NAME=ENTRIES", value_parser = parse_capacity)]
         map_capacity: Vec<(String, u32)>,
+        /// Data-path threads (each accepts and proxies its connections to their end); by
+        /// default one per core the agent may use (its CPU limit, under Kubernetes).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        worker_threads: Option<u16>,
     },
     /// Attach the programs to a cgroup and pin them under /sys/fs/bpf/mesh/<node>, then exit.
     Load {

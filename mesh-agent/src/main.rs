@@ -9,7 +9,7 @@ use mesh_agent::{
     datapath::{self, Datapath, pins::Capacities},
     identity::{CaFiles, FileCa},
     proxy::liveness::Liveness,
-    system,
+    system, workers,
 };
 use tracing::level_filters::LevelFilter;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, reload, util::SubscriberInitExt};
@@ -50,6 +50,7 @@ fn run(cli: Cli) -> Result<()> {
             no_sk_msg,
             handover_socket,
             map_capacity,
+            worker_threads,
         } => control_plane_runtime()?.block_on(app::run(RunOptions {
             config,
             kubernetes: kubernetes_node.map(|node| Kubernetes {
@@ -65,6 +66,7 @@ fn run(cli: Cli) -> Result<()> {
             log_filter,
             handover_socket,
             map_capacities: map_capacity.into_iter().collect(),
+            worker_threads: worker_threads.map_or_else(workers::per_core, usize::from),
         })),
         Command::Load { node, cgroup } => {
             system::require_root()?;

@@ -190,3 +190,22 @@ fn load_and_unload_attach_and_detach() {
     assert!(out.stderr.contains("nothing is pinned"), "{}", out.stderr);
     assert!(Path::new(&lab.cgroup_root()).exists());
 }
+
+#[test]
+fn the_data_path_runs_on_as_many_worker_threads_as_told() {
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
+    let _backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    let agent = lab.start_agent("n1", &["--worker-threads", "3"]).unwrap();
+    let workers: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+        .filter(|name| name.starts_with("mesh-worker-"))
+        .collect();
+    assert_eq!(workers.len(), 3, "{workers:?}");
+    lab.run("client", &["echo", "--connect", VIP, "--bytes", "10000"])
+        .unwrap();
+    assert_eq!(captured(&agent.node_name), 1);
+}

@@ -1,7 +1,8 @@
-//! The data path's threads: one per core, each a current-thread runtime that accepts on the
-//! shared listening sockets and runs every connection it accepted to its end, with tunnel and
-//! upstream pools of its own. A connection's tasks (its copy loop, its tunnel's HTTP/2
-//! connection, its pooled upstream) so wake one another on one thread, never across threads.
+//! The data path's threads (by default one per core, `--worker-threads`), each a
+//! current-thread runtime that accepts on the shared listening sockets and runs every
+//! connection it accepted to its end, with tunnel and upstream pools of its own. A
+//! connection's tasks (its copy loop, its tunnel's HTTP/2 connection, its pooled upstream) so
+//! wake one another on one thread, never across threads.
 //! The control plane (config, certificates, admin API) stays on the main runtime.
 
 use std::{

@@ -31,7 +31,12 @@ use crate::{
         maps::{OrigDstTable, workload_cgroups},
         pins::Capacities,
     },
-    discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
+    discovery::{
+        Snapshot,
+        dns::Resolving,
+        file,
+        kubernetes::{cgroups::pod_cgroup, watch::ClusterWatch},
+    },
     handover::{self, Ending, Listeners},
     identity::{
         CaFiles, CertificateAuthority, FileCa, bundle::TrustBundle, certificates::Certificates,
@@ -99,6 +104,8 @@ pub struct Kubernetes {
     pub node: Name,
     /// The kubelet's `--cgroup-root`, relative to the cgroup v2 mount.
     pub kubelet_cgroup_root: String,
+    /// The agent's own pod's UID (from the downward API).
+    pub pod_uid: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -170,7 +177,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         orig_dst,
         refused,
         counters,
-    } = Datapath::load(node, opts.ebpf_log_level, opts.sk_msg, &opts.map_capacities)?;
+    } = Datapath::load(
+        node,
+        opts.ebpf_log_level,
+        opts.sk_msg,
+        &opts.map_capacities,
+        agent_cgroup(&cgroup_mount, opts.kubernetes.as_ref()),
+    )?;
     tokio::spawn(drain_ebpf_log(logger));
     // The maps hold the state before any program reads them: new maps (a changed layout)
     // start full, so no connect passes uncaptured meanwhile.
@@ -529,6 +542,31 @@ async fn drain_ebpf_log(logger: EbpfLogger<&'static dyn log::Log>) {
                 warn!("cannot read the eBPF log: {e}");
                 return;
             }
+        }
+    }
+}
+
+/// The agent's own cgroup id, by which its programs tell its connects to this node's pods
+/// (both ends of those then skip TCP/IP): the cgroup /proc/self/cgroup names or, inside a
+/// cgroup namespace of its own (a container's), its pod's. Zero (with a warning) if neither
+/// can be found: its dials to local pods then go through TCP/IP.
+fn agent_cgroup(mount: &Path, kubernetes: Option<&Kubernetes>) -> u64 {
+    let own = system::own_cgroup(mount).or_else(|e| {
+        let pod = kubernetes.and_then(|k| Some((k, k.pod_uid.as_deref()?)));
+        let Some((kubernetes, uid)) = pod else {
+            return Err(e);
+        };
+        pod_cgroup(mount, &kubernetes.kubelet_cgroup_root, uid)
+            .map(|c| c.under(mount))
+            .with_context(|| format!("{e:#}, and no cgroup of the pod {uid} was found"))
+    });
+    match own.and_then(|dir| {
+        system::cgroup_id(&dir).with_context(|| format!("cannot read {}", dir.display()))
+    }) {
+        Ok(id) => id,
+        Err(e) => {
+            warn!("the agent's dials to this node's pods go through TCP/IP: {e:#}");
+            0
         }
     }
 }

@@ -43,6 +43,7 @@ fn run(cli: Cli) -> Result<()> {
             config,
             kubernetes_node,
             kubelet_cgroup_root,
+            pod_uid,
             cgroup,
             keep_pins,
             grace_period,
@@ -56,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
             kubernetes: kubernetes_node.map(|node| Kubernetes {
                 node,
                 kubelet_cgroup_root,
+                pod_uid,
             }),
             cgroup,
             keep_pins,
@@ -72,7 +74,7 @@ fn run(cli: Cli) -> Result<()> {
             system::require_root()?;
             system::require_bpffs()?;
             let dir = system::cgroup_dir(&system::cgroup2_mount()?, &cgroup)?;
-            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new())?;
+            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new(), 0)?;
             loaded.datapath.attach(&dir)
         }
         Command::Unload { node } => {

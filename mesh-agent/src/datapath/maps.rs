@@ -15,7 +15,8 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
 };
 use mesh_common::{
-    Addr, AgentListener, Captured, REGISTRY_ONLY, SET_MEMBER, SockAddr, ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, Captured, LOCAL_POD_CIDR, REGISTRY_ONLY, SET_MEMBER, SockAddr,
+    ipv4_mapped, ipv4_unmapped,
 };
 use tracing::{info, warn};
 
@@ -113,25 +114,30 @@ impl Mirror for StateMaps {
             .collect();
         sync_set(&mut self.owned_services, &services, "OWNED_SERVICES")?;
 
-        let cidrs: HashSet<(u32, Addr)> = config
+        // This node's pods are told apart: the agent's own dials to them join SOCKETS.
+        let cidrs: std::collections::HashMap<(u32, Addr), u8> = config
             .pod_cidrs()
-            .map(|net| match net {
-                ipnet::IpNet::V4(n) => (
-                    96 + u32::from(n.prefix_len()),
-                    ipv4_mapped(n.network().octets()),
-                ),
-                ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+            .map(|net| {
+                let local = config.node.pod_cidrs.contains(net);
+                let key = match net {
+                    ipnet::IpNet::V4(n) => (
+                        96 + u32::from(n.prefix_len()),
+                        ipv4_mapped(n.network().octets()),
+                    ),
+                    ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
+                };
+                (key, if local { LOCAL_POD_CIDR } else { SET_MEMBER })
             })
             .collect();
         let present: Vec<Key<Addr>> = self.owned_cidrs.keys().collect::<Result<_, _>>()?;
         for key in &present {
-            if !cidrs.contains(&(key.prefix_len(), key.data())) {
+            if !cidrs.contains_key(&(key.prefix_len(), key.data())) {
                 self.owned_cidrs.remove(key)?;
             }
         }
-        for (prefix_len, addr) in &cidrs {
+        for ((prefix_len, addr), value) in &cidrs {
             self.owned_cidrs
-                .insert(&Key::new(*prefix_len, *addr), SET_MEMBER, 0)
+                .insert(&Key::new(*prefix_len, *addr), value, 0)
                 .context("cannot fill OWNED_CIDRS")?;
         }
         let external: HashSet<SockAddr> = config
@@ -187,7 +193,7 @@ pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>
         .iter()
         .map(|w| {
             let dir = w.cgroup.under(cgroup_mount);
-            cgroup_id(&dir)
+            system::cgroup_id(&dir)
                 .inspect_err(|e| {
                     warn!(
                         workload = %format!("{}/{}", w.namespace, w.name),
@@ -198,12 +204,6 @@ pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>
                 .ok()
         })
         .collect()
-}
-
-/// The id the kernel gives a cgroup v2 directory: its inode number.
-fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).map(|m| m.ino())
 }
 
 /// An address in the maps' form (IPv4 mapped into IPv6).

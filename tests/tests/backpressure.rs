@@ -91,12 +91,14 @@ fn buffer_max(sysctl: &str) -> u64 {
 }
 
 #[test]
-fn iperf3_upload_and_download_with_four_streams_on_one_node_and_across() {
+fn iperf3_upload_download_and_both_at_once_with_four_streams_on_one_node_and_across() {
     let _one = HOST_TCP_MEMORY.lock().unwrap_or_else(|e| e.into_inner());
     let r = start();
     for server in ["near", "far"] {
         let (ip, _) = r.lab.pod_addrs(server).unwrap();
-        for reverse in [false, true] {
+        // Upload, download (-R), and both at once (--bidir: each socket of the pair, the
+        // agent's to the pod too on one node, sends while it receives).
+        for direction in [None, Some("-R"), Some("--bidir")] {
             let mut args = vec![
                 "-c".to_owned(),
                 ip.to_string(),
@@ -104,12 +106,10 @@ fn iperf3_upload_and_download_with_four_streams_on_one_node_and_across() {
                 IPERF_PORT.to_string(),
             ];
             args.extend(["-P", "4", "-t", "2", "-l", "128K", "--json"].map(String::from));
-            if reverse {
-                args.push("-R".to_owned());
-            }
+            args.extend(direction.map(String::from));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let out = r.lab.run_program("client", "iperf3", &args).unwrap();
-            let what = format!("iperf3 {} to {server}", if reverse { "-R" } else { "" });
+            let what = format!("iperf3 {} to {server}", direction.unwrap_or(""));
             assert!(
                 out.status.success(),
                 "{what} failed: {}\n{}",
@@ -125,9 +125,15 @@ fn iperf3_upload_and_download_with_four_streams_on_one_node_and_across() {
             // iperf3 sees the server it dialled, not the agent (getpeername).
             let remote = report["start"]["connected"][0]["remote_host"].as_str();
             assert_eq!(remote, Some(ip.to_string().as_str()), "{what}");
-            let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap();
-            assert!(received > 0, "{what} moved nothing: {}", out.stdout);
-            eprintln!("{what}: {received} bytes received");
+            let mut sums = vec!["sum_received"];
+            if direction == Some("--bidir") {
+                sums.push("sum_received_bidir_reverse");
+            }
+            for sum in sums {
+                let received = report["end"][sum]["bytes"].as_u64().unwrap_or(0);
+                assert!(received > 0, "{what} moved nothing ({sum}): {}", out.stdout);
+                eprintln!("{what}: {received} bytes received ({sum})");
+            }
         }
     }
 }

@@ -110,9 +110,10 @@ static CAPTURED_BY_COOKIE: LruHashMap<u64, Captured> = LruHashMap::pinned(65_536
 static CAPTURED_BY_CLIENT: LruHashMap<SockAddr, Captured> = LruHashMap::pinned(65_536, 0);
 
 /// The agent's connects to this node's pods, by socket cookie, until established: both ends
-/// then join `SOCKETS`.
+/// then join `SOCKETS`. An entry lives only that long (one the LRU drops leaves its
+/// connection on TCP/IP), so far fewer entries than sockets do.
 #[map]
-static LOCAL_DIALS: LruHashMap<u64, u8> = LruHashMap::pinned(65_536, 0);
+static LOCAL_DIALS: LruHashMap<u64, u8> = LruHashMap::pinned(16_384, 0);
 
 /// Both ends of app↔agent and agent↔local pod connections, keyed by the connection as each
 /// socket sees it.

@@ -212,11 +212,16 @@ pub fn cgroup_dir(mount: &Path, cgroup: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// This process's cgroup v2 directory under `mount`, as /proc/self/cgroup names it.
+/// This process's cgroup v2 directory under `mount`, as /proc/self/cgroup names it; fails
+/// if `mount` has no such directory (a container's own view of the hierarchy).
 pub fn own_cgroup(mount: &Path) -> Result<PathBuf> {
     let text =
         std::fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
-    cgroup_in(&text, mount)
+    let dir = cgroup_in(&text, mount)?;
+    if !dir.is_dir() {
+        bail!("this process's cgroup {} is not there", dir.display());
+    }
+    Ok(dir)
 }
 
 /// The cgroup v2 directory under `mount` that `proc_cgroup` (a /proc/PID/cgroup) names. Fails

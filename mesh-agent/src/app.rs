@@ -31,12 +31,7 @@ use crate::{
         maps::{OrigDstTable, workload_cgroups},
         pins::Capacities,
     },
-    discovery::{
-        Snapshot,
-        dns::Resolving,
-        file,
-        kubernetes::{cgroups::pod_cgroup, watch::ClusterWatch},
-    },
+    discovery::{Snapshot, dns::Resolving, file, kubernetes::watch::ClusterWatch},
     handover::{self, Ending, Listeners},
     identity::{
         CaFiles, CertificateAuthority, FileCa, bundle::TrustBundle, certificates::Certificates,
@@ -104,8 +99,6 @@ pub struct Kubernetes {
     pub node: Name,
     /// The kubelet's `--cgroup-root`, relative to the cgroup v2 mount.
     pub kubelet_cgroup_root: String,
-    /// The agent's own pod's UID (from the downward API).
-    pub pod_uid: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -177,13 +170,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         orig_dst,
         refused,
         counters,
-    } = Datapath::load(
-        node,
-        opts.ebpf_log_level,
-        opts.sk_msg,
-        &opts.map_capacities,
-        agent_cgroup(&cgroup_mount, opts.kubernetes.as_ref()),
-    )?;
+    } = Datapath::load(node, opts.ebpf_log_level, opts.sk_msg, &opts.map_capacities)?;
     tokio::spawn(drain_ebpf_log(logger));
     // The maps hold the state before any program reads them: new maps (a changed layout)
     // start full, so no connect passes uncaptured meanwhile.
@@ -543,78 +530,5 @@ async fn drain_ebpf_log(logger: EbpfLogger<&'static dyn log::Log>) {
                 return;
             }
         }
-    }
-}
-
-/// The agent's own cgroup id, by which its programs tell its connects to this node's pods
-/// (both ends of those then skip TCP/IP). Zero (with a warning) if it cannot be found: its
-/// dials to local pods then go through TCP/IP.
-fn agent_cgroup(mount: &Path, kubernetes: Option<&Kubernetes>) -> u64 {
-    let dir = agent_cgroup_dir(system::own_cgroup(mount), mount, kubernetes);
-    match dir.and_then(|dir| {
-        system::cgroup_id(&dir).with_context(|| format!("cannot read {}", dir.display()))
-    }) {
-        Ok(id) => id,
-        Err(e) => {
-            warn!("the agent's dials to this node's pods go through TCP/IP: {e:#}");
-            0
-        }
-    }
-}
-
-/// The agent's cgroup directory: its `own` (what /proc/self/cgroup names) or, where that is
-/// hidden (a container's cgroup namespace), its pod's, found from the pod's UID.
-fn agent_cgroup_dir(
-    own: Result<PathBuf>,
-    mount: &Path,
-    kubernetes: Option<&Kubernetes>,
-) -> Result<PathBuf> {
-    own.or_else(|e| {
-        let pod = kubernetes.and_then(|k| Some((k, k.pod_uid.as_deref()?)));
-        let Some((kubernetes, uid)) = pod else {
-            return Err(e);
-        };
-        pod_cgroup(mount, &kubernetes.kubelet_cgroup_root, uid)
-            .map(|c| c.under(mount))
-            .with_context(|| format!("{e:#}, and no cgroup of the pod {uid} was found"))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_agents_cgroup_is_its_own_or_else_its_pods() {
-        let mount = std::env::temp_dir().join(format!("mesh-agent-cgroup-{}", std::process::id()));
-        let uid = "5a8e0c1e-3b2f-4d61-9c7a-0e1f2a3b4c5d";
-        let pod = mount.join(format!("kubepods/burstable/pod{uid}"));
-        std::fs::create_dir_all(&pod).unwrap();
-        let kubernetes = |pod_uid: Option<&str>| Kubernetes {
-            node: "n1".parse().unwrap(),
-            kubelet_cgroup_root: "/".into(),
-            pod_uid: pod_uid.map(String::from),
-        };
-        let hidden = || Err(anyhow::anyhow!("this process sees its cgroup as /"));
-
-        let own = agent_cgroup_dir(
-            Ok(mount.join("agent")),
-            &mount,
-            Some(&kubernetes(Some(uid))),
-        );
-        assert_eq!(own.unwrap(), mount.join("agent"));
-        let from_uid = agent_cgroup_dir(hidden(), &mount, Some(&kubernetes(Some(uid))));
-        assert_eq!(from_uid.unwrap(), pod);
-        let other = agent_cgroup_dir(hidden(), &mount, Some(&kubernetes(Some("0-1"))));
-        let e = format!("{:#}", other.unwrap_err());
-        assert!(e.contains("as /, and no cgroup of the pod 0-1"), "{e}");
-        let no_uid = agent_cgroup_dir(hidden(), &mount, Some(&kubernetes(None)));
-        assert_eq!(
-            no_uid.unwrap_err().to_string(),
-            "this process sees its cgroup as /"
-        );
-        assert!(agent_cgroup_dir(hidden(), &mount, None).is_err());
-
-        std::fs::remove_dir_all(&mount).unwrap();
     }
 }

@@ -50,10 +50,6 @@ pub enum Command {
         /// v2 mount.
         #[arg(long, default_value = "/", requires = "kubernetes_node")]
         kubelet_cgroup_root: String,
-        /// The agent's own pod's UID (the downward API's metadata.uid): inside a cgroup
-        /// namespace of its own, its pod's cgroup is how its programs tell its connects.
-        #[arg(long, requires = "kubernetes_node")]
-        pod_uid: Option<String>,
         /// cgroup v2 subtree whose connects are captured, relative to the cgroup v2 mount.
         #[arg(long, default_value = "/")]
         cgroup: String,

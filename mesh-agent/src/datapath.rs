@@ -89,27 +89,17 @@ impl Datapath {
     ///
     /// Without `shortcut`, the sk_msg program will not be attached: same-node traffic between
     /// pods and the agent goes through TCP/IP (to measure what the shortcut saves).
-    /// `agent_cgroup` is the agent's cgroup id (see [`crate::system::cgroup_id`]), by which the
-    /// programs tell its dials to this node's pods (0: unknown, they go through TCP/IP).
     pub fn load(
         node: &str,
         log_level: aya_log::Level,
         shortcut: bool,
         capacities: &Capacities,
-        agent_cgroup: u64,
     ) -> Result<Loaded> {
         let pin_dir = pin_dir(node);
         let fresh = !pin_dir.exists();
         std::fs::create_dir_all(&pin_dir)
             .with_context(|| format!("cannot create the pin directory {}", pin_dir.display()))?;
-        let loaded = load(
-            &pin_dir,
-            fresh,
-            log_level,
-            shortcut,
-            capacities,
-            agent_cgroup,
-        );
+        let loaded = load(&pin_dir, fresh, log_level, shortcut, capacities);
         if loaded.is_err() {
             remove_if_fresh(&pin_dir, fresh);
         }
@@ -186,7 +176,6 @@ fn load(
     log_level: aya_log::Level,
     shortcut: bool,
     capacities: &Capacities,
-    agent_cgroup: u64,
 ) -> Result<Loaded> {
     if !shortcut && pin_dir.join("prog_mesh_redirect").exists() {
         bail!(
@@ -210,7 +199,6 @@ fn load(
     let mut ebpf = loader
         .override_global(aya_log::LEVEL, &(log_level as u8), true)
         .override_global("KERNEL_LAYOUT", &layout, true)
-        .override_global("AGENT_CGROUP", &agent_cgroup, true)
         .load(OBJECT)
         .context("cannot load the eBPF programs (does this kernel have BPF and BTF?)")?;
     let logger =

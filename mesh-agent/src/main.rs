@@ -43,7 +43,6 @@ fn run(cli: Cli) -> Result<()> {
             config,
             kubernetes_node,
             kubelet_cgroup_root,
-            pod_uid,
             cgroup,
             keep_pins,
             grace_period,
@@ -57,7 +56,6 @@ fn run(cli: Cli) -> Result<()> {
             kubernetes: kubernetes_node.map(|node| Kubernetes {
                 node,
                 kubelet_cgroup_root,
-                pod_uid,
             }),
             cgroup,
             keep_pins,
@@ -74,7 +72,7 @@ fn run(cli: Cli) -> Result<()> {
             system::require_root()?;
             system::require_bpffs()?;
             let dir = system::cgroup_dir(&system::cgroup2_mount()?, &cgroup)?;
-            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new(), 0)?;
+            let mut loaded = Datapath::load(&node, ebpf_log_level, true, &Capacities::new())?;
             loaded.datapath.attach(&dir)
         }
         Command::Unload { node } => {

@@ -212,39 +212,6 @@ pub fn cgroup_dir(mount: &Path, cgroup: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// This process's cgroup v2 directory under `mount`, as /proc/self/cgroup names it; fails
-/// if `mount` has no such directory (a container's own view of the hierarchy).
-pub fn own_cgroup(mount: &Path) -> Result<PathBuf> {
-    let text =
-        std::fs::read_to_string("/proc/self/cgroup").context("cannot read /proc/self/cgroup")?;
-    let dir = cgroup_in(&text, mount)?;
-    if !dir.is_dir() {
-        bail!("this process's cgroup {} is not there", dir.display());
-    }
-    Ok(dir)
-}
-
-/// The cgroup v2 directory under `mount` that `proc_cgroup` (a /proc/PID/cgroup) names. Fails
-/// for `/`: the root, which holds every process, or a cgroup namespace of the process's own
-/// (a container's), where the path says nothing of where it is under `mount`.
-fn cgroup_in(proc_cgroup: &str, mount: &Path) -> Result<PathBuf> {
-    let path = proc_cgroup
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .context("/proc/self/cgroup names no cgroup v2")?;
-    if path == "/" {
-        bail!("this process sees its cgroup as / (the root, or a cgroup namespace of its own)");
-    }
-    Ok(mount.join(path.trim_start_matches('/')))
-}
-
-/// The id the kernel gives a cgroup v2 directory (`bpf_get_current_cgroup_id`'s): its inode
-/// number.
-pub fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir).map(|m| m.ino())
-}
-
 fn mount_point(fstype: &str) -> Result<Option<PathBuf>> {
     Ok(mounts()?
         .into_iter()
@@ -315,18 +282,5 @@ mod tests {
             e.to_string()
                 .contains("cgroup /no-such-mesh-cgroup does not exist")
         );
-    }
-
-    #[test]
-    fn the_own_cgroup_is_read_from_the_v2_line_and_never_the_root() {
-        let mount = Path::new("/sys/fs/cgroup");
-        let hybrid = "12:cpu:/ignored\n0::/kubepods/pod42/abc\n";
-        assert_eq!(
-            cgroup_in(hybrid, mount).unwrap(),
-            Path::new("/sys/fs/cgroup/kubepods/pod42/abc")
-        );
-        let e = cgroup_in("0::/\n", mount).unwrap_err();
-        assert!(e.to_string().contains("sees its cgroup as /"), "{e}");
-        assert!(cgroup_in("1:name=systemd:/x\n", mount).is_err());
     }
 }

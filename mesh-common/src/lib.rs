@@ -140,14 +140,9 @@ pub const SK_USER_DATA_PSOCK: u64 = 4;
 /// The flag bits of `sk_user_data`, below the pointer.
 pub const SK_USER_DATA_FLAGS: u64 = 7;
 
-/// The value of maps that are sets (`ENROLLED`, `OWNED_SERVICES`, `EXTERNAL`,
-/// `EXTERNAL_PORTS`, `MSG_PASSTHROUGH`, `LOCAL_DIALS`): only the key's presence means
-/// anything. Also the value of another node's pod CIDR in `OWNED_CIDRS`.
+/// The value of maps that are sets (`ENROLLED`, `OWNED_SERVICES`, `OWNED_CIDRS`,
+/// `EXTERNAL`, `EXTERNAL_PORTS`, `MSG_PASSTHROUGH`): only the key's presence means anything.
 pub const SET_MEMBER: u8 = 1;
-
-/// The value of this node's own pod CIDRs in `OWNED_CIDRS` (the agent dials those pods
-/// itself, so both ends of its connections to them can join `SOCKETS`).
-pub const LOCAL_POD_CIDR: u8 = 2;
 
 /// `OUTBOUND_POLICY[0]` when an enrolled pod may connect only to the mesh, declared external
 /// hosts and loopback (any other value: anywhere).

@@ -10,9 +10,7 @@
 //!   reports the address its app dialled, not the agent's.
 //! - `mesh_sockops` (`sock_ops`): when a captured connect is established, its original
 //!   destination moves to a map keyed by the client's address and port (what the agent sees
-//!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH; so
-//!   do both ends of the agent's own connections to this node's pods (the agent's connects
-//!   are told by its cgroup, `AGENT_CGROUP`, and noted in `LOCAL_DIALS` by connect4/6).
+//!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH.
 //! - `mesh_redirect` (`sk_msg`): a send on a socket in `SOCKETS` goes straight into the
 //!   receive queue of its peer, skipping the TCP/IP stack and the veth between them, as long
 //!   as the peer's sk_msg queue holds less than its receive buffer; past that the socket
@@ -42,9 +40,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, error};
 use mesh_common::{
-    Addr, AgentListener, COUNTER_SLOTS, Captured, Counter, KernelLayout, LOCAL_POD_CIDR,
-    MAX_CGROUP_DEPTH, REGISTRY_ONLY, SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr,
-    SockPair, ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, COUNTER_SLOTS, Captured, Counter, KernelLayout, MAX_CGROUP_DEPTH,
+    REGISTRY_ONLY, SET_MEMBER, SK_USER_DATA_FLAGS, SK_USER_DATA_PSOCK, SockAddr, SockPair,
+    ipv4_mapped, ipv4_unmapped,
 };
 
 const AF_INET: u32 = 2;
@@ -63,8 +61,7 @@ static ENROLLED: HashMap<u64, u8> = HashMap::pinned(16_384, 0);
 #[map]
 static OWNED_SERVICES: HashMap<SockAddr, u8> = HashMap::pinned(262_144, 0);
 
-/// Meshed address ranges (pod CIDRs), any port: `LOCAL_POD_CIDR` for this node's,
-/// `SET_MEMBER` for the others'.
+/// Set of meshed address ranges (pod CIDRs), any port.
 #[map]
 static OWNED_CIDRS: LpmTrie<Addr, u8> = LpmTrie::pinned(4096, 0);
 
@@ -109,14 +106,7 @@ static CAPTURED_BY_COOKIE: LruHashMap<u64, Captured> = LruHashMap::pinned(65_536
 #[map]
 static CAPTURED_BY_CLIENT: LruHashMap<SockAddr, Captured> = LruHashMap::pinned(65_536, 0);
 
-/// The agent's connects to this node's pods, by socket cookie, until established: both ends
-/// then join `SOCKETS`. An entry lives only that long (one the LRU drops leaves its
-/// connection on TCP/IP), so far fewer entries than sockets do.
-#[map]
-static LOCAL_DIALS: LruHashMap<u64, u8> = LruHashMap::pinned(16_384, 0);
-
-/// Both ends of app↔agent and agent↔local pod connections, keyed by the connection as each
-/// socket sees it.
+/// Both ends of app↔agent connections, keyed by the connection as each socket sees it.
 #[map]
 static SOCKETS: SockHash<SockPair> = SockHash::pinned(131_072, 0);
 
@@ -142,11 +132,6 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     psock_msg_tot_len: 0,
     _pad: 0,
 };
-
-/// The agent's cgroup id (under Kubernetes, its pod's), set at load: a connect from it or
-/// below it is the agent's. Zero: unknown, and the agent's dials stay on TCP/IP.
-#[unsafe(no_mangle)]
-static AGENT_CGROUP: u64 = 0;
 
 /// Per-CPU event counters, indexed by `mesh_common::Counter`.
 #[map]
@@ -197,45 +182,6 @@ fn is_owned(dst: &SockAddr) -> bool {
     // SAFETY: the values are plain bytes read only for their presence.
     unsafe { OWNED_SERVICES.get(dst) }.is_some()
         || OWNED_CIDRS.get(Key::new(128, dst.addr)).is_some()
-}
-
-/// Whether `dst` is a pod of this node.
-#[inline(always)]
-fn is_local_pod(dst: &SockAddr) -> bool {
-    OWNED_CIDRS
-        .get(Key::new(128, dst.addr))
-        .is_some_and(|v| *v == LOCAL_POD_CIDR)
-}
-
-/// Whether the current task is the agent: in `AGENT_CGROUP` or below it.
-#[inline(always)]
-fn is_agent() -> bool {
-    // SAFETY: the constant is set at load; a volatile read keeps the compiler from taking
-    // the zero initial value for it.
-    let agent = unsafe { core::ptr::read_volatile(&AGENT_CGROUP) };
-    if agent == 0 {
-        return false;
-    }
-    for level in 1..=MAX_CGROUP_DEPTH {
-        // SAFETY: plain helper call; returns 0 past the task's own cgroup.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if id == 0 {
-            return false;
-        }
-        if id == agent {
-            return true;
-        }
-    }
-    false
-}
-
-/// Notes the connecting socket as the agent's dial of a local pod. If the note cannot be
-/// kept, the connection simply stays on TCP/IP.
-#[inline(always)]
-fn note_local_dial(ctx: &SockAddrContext) {
-    // SAFETY: `bpf_get_socket_cookie` accepts the sock_addr context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = LOCAL_DIALS.insert(cookie, SET_MEMBER, 0);
 }
 
 #[inline(always)]
@@ -314,9 +260,6 @@ enum Capture {
 #[inline(always)]
 fn capture(ctx: &SockAddrContext, dst: &SockAddr, family_ok: bool) -> Capture {
     let Some(cgroup) = enrolled_cgroup() else {
-        if is_local_pod(dst) && is_agent() {
-            note_local_dial(ctx);
-        }
         count(Counter::ConnectsPassed, 1);
         return Capture::No;
     };
@@ -546,14 +489,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         return 0;
     };
     let shortcut = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: `bpf_get_socket_cookie` accepts the sock_ops context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        hand_over_capture(&ctx, cookie, &pair) || LOCAL_DIALS.remove(cookie).is_ok()
+        hand_over_capture(&ctx, &pair)
     } else {
-        // The agent's listener, or a pod accepting the agent's dial (whose end joined
-        // first: the client's side is established before it sends the last ACK).
-        // SAFETY: read only for presence.
-        is_agent_listener(&pair.local) || unsafe { SOCKET_ADDRS.get(pair.reversed()) }.is_some()
+        is_agent_listener(&pair.local)
     };
     if shortcut {
         let _ = MSG_PASSTHROUGH.remove(pair);
@@ -576,7 +514,9 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
 /// Copies a captured socket's record from its cookie to its client address;
 /// true if the socket was captured.
 #[inline(always)]
-fn hand_over_capture(ctx: &SockOpsContext, cookie: u64, pair: &SockPair) -> bool {
+fn hand_over_capture(ctx: &SockOpsContext, pair: &SockPair) -> bool {
+    // SAFETY: `bpf_get_socket_cookie` accepts the sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the entry is removed.
     let Some(captured) = (unsafe { CAPTURED_BY_COOKIE.get(cookie) }).copied() else {
         return false;

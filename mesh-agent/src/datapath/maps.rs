@@ -15,8 +15,7 @@ use aya::{
     maps::{Array, HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
 };
 use mesh_common::{
-    Addr, AgentListener, Captured, LOCAL_POD_CIDR, REGISTRY_ONLY, SET_MEMBER, SockAddr,
-    ipv4_mapped, ipv4_unmapped,
+    Addr, AgentListener, Captured, REGISTRY_ONLY, SET_MEMBER, SockAddr, ipv4_mapped, ipv4_unmapped,
 };
 use tracing::{info, warn};
 
@@ -114,30 +113,25 @@ impl Mirror for StateMaps {
             .collect();
         sync_set(&mut self.owned_services, &services, "OWNED_SERVICES")?;
 
-        // This node's pods are told apart: the agent's own dials to them join SOCKETS.
-        let cidrs: std::collections::HashMap<(u32, Addr), u8> = config
+        let cidrs: HashSet<(u32, Addr)> = config
             .pod_cidrs()
-            .map(|net| {
-                let local = config.node.pod_cidrs.contains(net);
-                let key = match net {
-                    ipnet::IpNet::V4(n) => (
-                        96 + u32::from(n.prefix_len()),
-                        ipv4_mapped(n.network().octets()),
-                    ),
-                    ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
-                };
-                (key, if local { LOCAL_POD_CIDR } else { SET_MEMBER })
+            .map(|net| match net {
+                ipnet::IpNet::V4(n) => (
+                    96 + u32::from(n.prefix_len()),
+                    ipv4_mapped(n.network().octets()),
+                ),
+                ipnet::IpNet::V6(n) => (u32::from(n.prefix_len()), n.network().octets()),
             })
             .collect();
         let present: Vec<Key<Addr>> = self.owned_cidrs.keys().collect::<Result<_, _>>()?;
         for key in &present {
-            if !cidrs.contains_key(&(key.prefix_len(), key.data())) {
+            if !cidrs.contains(&(key.prefix_len(), key.data())) {
                 self.owned_cidrs.remove(key)?;
             }
         }
-        for ((prefix_len, addr), value) in &cidrs {
+        for (prefix_len, addr) in &cidrs {
             self.owned_cidrs
-                .insert(&Key::new(*prefix_len, *addr), value, 0)
+                .insert(&Key::new(*prefix_len, *addr), SET_MEMBER, 0)
                 .context("cannot fill OWNED_CIDRS")?;
         }
         let external: HashSet<SockAddr> = config
@@ -193,7 +187,7 @@ pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>
         .iter()
         .map(|w| {
             let dir = w.cgroup.under(cgroup_mount);
-            system::cgroup_id(&dir)
+            cgroup_id(&dir)
                 .inspect_err(|e| {
                     warn!(
                         workload = %format!("{}/{}", w.namespace, w.name),
@@ -204,6 +198,12 @@ pub fn workload_cgroups(config: &Config, cgroup_mount: &Path) -> Vec<Option<u64>
                 .ok()
         })
         .collect()
+}
+
+/// The id the kernel gives a cgroup v2 directory: its inode number.
+fn cgroup_id(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir).map(|m| m.ino())
 }
 
 /// An address in the maps' form (IPv4 mapped into IPv6).

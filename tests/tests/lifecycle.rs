@@ -15,6 +15,16 @@ fn captured(node_name: &str) -> u64 {
     kernel_count(node_name, Counter::ConnectsCaptured)
 }
 
+/// The client-and-echo lab, with its backend serving (dropped before the lab: the pattern's
+/// bindings go in reverse order).
+fn echo_lab() -> (Lab, Running) {
+    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
+    let backend = lab
+        .spawn("backend", &["serve", "--listen", "[::]:8080"])
+        .unwrap();
+    (lab, backend)
+}
+
 /// Starts a client in `client` that sends half of `bytes` through the echo service, then
 /// waits for the returned file to appear before it sends the rest.
 fn paused_client(lab: &Lab, bytes: u64) -> (Running, PathBuf) {
@@ -38,10 +48,7 @@ fn paused_client(lab: &Lab, bytes: u64) -> (Running, PathBuf) {
 
 #[test]
 fn restarted_agent_reuses_pins_and_connects_fail_closed_meanwhile() {
-    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
-    let _backend = lab
-        .spawn("backend", &["serve", "--listen", "[::]:8080"])
-        .unwrap();
+    let (lab, _backend) = echo_lab();
     let echo = ["echo", "--connect", VIP, "--bytes", "10000"];
 
     let agent = lab.start_agent("n1", &["--keep-pins"]).unwrap();
@@ -99,10 +106,7 @@ fn restarted_agent_reuses_pins_and_connects_fail_closed_meanwhile() {
 
 #[test]
 fn sigterm_stops_accepting_and_lets_open_connections_finish() {
-    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
-    let _backend = lab
-        .spawn("backend", &["serve", "--listen", "[::]:8080"])
-        .unwrap();
+    let (lab, _backend) = echo_lab();
     let agent = lab.start_agent("n1", &["--grace-period", "120"]).unwrap();
     let bytes = 2u64 << 20;
     let (open, go) = paused_client(&lab, bytes);
@@ -135,10 +139,7 @@ fn sigterm_stops_accepting_and_lets_open_connections_finish() {
 
 #[test]
 fn connections_still_open_after_the_grace_period_are_closed() {
-    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
-    let _backend = lab
-        .spawn("backend", &["serve", "--listen", "[::]:8080"])
-        .unwrap();
+    let (lab, _backend) = echo_lab();
     let agent = lab.start_agent("n1", &["--grace-period", "1"]).unwrap();
     let (open, _never_released) = paused_client(&lab, 1000);
 
@@ -193,10 +194,7 @@ fn load_and_unload_attach_and_detach() {
 
 #[test]
 fn the_data_path_runs_on_as_many_worker_threads_as_told() {
-    let lab = Lab::new(LabSpec::client_and_echo()).unwrap();
-    let _backend = lab
-        .spawn("backend", &["serve", "--listen", "[::]:8080"])
-        .unwrap();
+    let (lab, _backend) = echo_lab();
     let agent = lab.start_agent("n1", &["--worker-threads", "3"]).unwrap();
     let workers: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
         .unwrap()

@@ -22,4 +22,5 @@ pub mod outbound;
 pub mod plan;
 pub mod rate_limit;
 pub mod refusal;
+pub mod shortcut;
 pub mod tunnel;

@@ -29,6 +29,7 @@ use crate::{
         http::egress::EgressHttp,
         outbound::Caller,
         refusal::Refusal,
+        shortcut::ShortcutStream,
         tunnel::{TunnelStream, Tunnels},
     },
     state::{
@@ -104,7 +105,7 @@ impl Egress {
     pub async fn carry(
         self,
         tunnels: Arc<Tunnels>,
-        client: TcpStream,
+        client: ShortcutStream,
         external: External,
         caller: Caller,
         mut record: Record,

@@ -35,6 +35,7 @@ use crate::{
         plan::{self, OutboundPlan},
         rate_limit,
         refusal::Refusal,
+        shortcut::ShortcutStream,
         tunnel::{TunnelError, TunnelStream, Tunnels},
     },
     state::routes::{Hop, LocalWorkload, Route, Routes, ServicePort},
@@ -115,7 +116,7 @@ impl Outbound {
             };
             self.tracker.spawn(
                 self.clone()
-                    .forward(client, route, caller, record)
+                    .forward(ShortcutStream::new(client), route, caller, record)
                     .instrument(span),
             );
         }
@@ -131,7 +132,13 @@ impl Outbound {
         )
     }
 
-    async fn forward(self, client: TcpStream, route: Route, caller: Caller, mut record: Record) {
+    async fn forward(
+        self,
+        client: ShortcutStream,
+        route: Route,
+        caller: Caller,
+        mut record: Record,
+    ) {
         if let Route::External(external) = route {
             let egress = Egress::new(
                 &self.routes.borrow(),
@@ -243,7 +250,7 @@ impl Outbound {
     /// Serves an HTTP connection: each request is routed on its own (`proxy::http`).
     async fn serve_http(
         self,
-        client: TcpStream,
+        client: ShortcutStream,
         port: Arc<ServicePort>,
         caller: Caller,
         mut record: Record,

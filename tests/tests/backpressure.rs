@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_tests::{Daemon, Lab, LabSpec};
+use mesh_tests::{Daemon, Lab, LabSpec, ServiceSpec};
 
 /// These tests read the host's TCP memory: one at a time, so none sees another's.
 static HOST_TCP_MEMORY: Mutex<()> = Mutex::new(());
@@ -207,6 +207,72 @@ fn a_paused_reader_holds_about_its_buffers_then_gets_every_byte() {
             held <= bound_pages,
             "from {server}: TCP memory grew by {held} pages while the reader paused \
              (bound {bound_pages})"
+        );
+    }
+}
+
+/// curl uploads 3 MiB to an HTTP service whose server reads nothing for two seconds: more
+/// than the shortcut's queue holds (2 MiB), less than the whole path holds while the server
+/// waits. So the upload fills the agent's sk_msg queue and goes on through TCP/IP, and curl
+/// has sent it all and only waits for the answer when the server starts reading. The
+/// agent's reads then take the socket's two queues one after the other (a read ends where
+/// the first queue does) and must still carry every byte to the server, and its echo back,
+/// on one node and across. (Before `ShortcutStream`, five of six runs stalled on one node.)
+#[test]
+fn an_upload_a_busy_server_holds_back_arrives_whole_and_comes_back() {
+    let lab = Lab::new(
+        LabSpec::default()
+            .node("n1")
+            .node("n2")
+            .pod("n1", "client", true)
+            .pod("n1", "near", false)
+            .pod("n2", "far", false)
+            .service(ServiceSpec::echo("near", &["198.19.0.30"], &["near"]).http("http", None))
+            .service(ServiceSpec::echo("far", &["198.19.0.31"], &["far"]).http("http", None)),
+    )
+    .unwrap();
+    let _agents: Vec<_> = ["n1", "n2"]
+        .iter()
+        .map(|n| lab.start_agent(n, &[]).unwrap())
+        .collect();
+    let _servers: Vec<_> = ["near", "far"]
+        .iter()
+        .map(|p| lab.serve_http(p, &[]).unwrap())
+        .collect();
+    let sent = lab.scratch_path("upload.bin");
+    let body: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&sent, &body).unwrap();
+    let back = lab.scratch_path("echoed.bin");
+    let servers = [("near", "198.19.0.30"), ("far", "198.19.0.31")];
+    for (server, address) in servers.into_iter().chain(servers) {
+        let out = lab
+            .run_program(
+                "client",
+                "curl",
+                &[
+                    "-sS",
+                    "-m",
+                    "15",
+                    "--data-binary",
+                    &format!("@{}", sent.display()),
+                    "-o",
+                    &back.display().to_string(),
+                    "-w",
+                    "%{http_code} %{size_upload}",
+                    &format!("http://{address}/sleep/2000"),
+                ],
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "to {server}: curl {} {}",
+            out.stdout,
+            out.stderr
+        );
+        assert_eq!(out.stdout, format!("200 {}", body.len()), "to {server}");
+        assert!(
+            std::fs::read(&back).unwrap() == body,
+            "to {server}: the body came back changed"
         );
     }
 }

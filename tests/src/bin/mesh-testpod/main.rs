@@ -54,7 +54,8 @@ enum Cmd {
         #[arg(long)]
         hold: Vec<String>,
         /// Also an HTTP server (HTTP/1.1 and h2c) on these: answers with `x-pod: <name>` and
-        /// the request's body; `/status/N` answers N, `/sleep/MS` answers after MS ms.
+        /// the request's body; `/status/N` answers N, `/sleep/MS` reads the body and answers
+        /// with it only after MS ms.
         #[arg(long)]
         http: Vec<String>,
         /// The name the HTTP server answers with.
@@ -430,9 +431,11 @@ async fn serve_http(stream: TcpStream, name: &'static str, always: Option<u16>) 
             let status = always.or_else(|| path.strip_prefix("/status/")?.parse().ok());
             if let Some(code) = status {
                 *response.status_mut() = http::StatusCode::from_u16(code).unwrap_or_default();
-            } else if let Some(ms) = path.strip_prefix("/sleep/") {
-                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             } else {
+                // `/sleep/MS` reads nothing for MS ms (a busy server holding back an upload).
+                if let Some(ms) = path.strip_prefix("/sleep/") {
+                    tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+                }
                 let body = request.into_body().collect().await?.to_bytes();
                 *response.body_mut() = Full::new(body);
             }

@@ -165,13 +165,15 @@ pub enum Counter {
     MsgRedirected = 3,
     /// Bytes that `sk_msg` put straight into the peer socket.
     BytesRedirected = 4,
-    /// Messages of shortcut sockets that went through the TCP/IP stack instead.
+    /// Messages an app's shortcut socket sent through the TCP/IP stack instead (the agent's
+    /// queue full, or its socket not in the map yet). The agent's own sends always take
+    /// TCP/IP and are not counted.
     MsgPassed = 5,
     /// Times a socket left the shortcut because its peer's queue reached the bound.
     ShortcutFull = 6,
     /// Times a socket came back to the shortcut once its peer had read everything.
     ShortcutResumed = 7,
-    /// Bytes of shortcut sockets that went through the TCP/IP stack.
+    /// Bytes of those messages.
     BytesPassed = 8,
     /// TCP packets to a strict pod's listening socket from outside its node, dropped.
     StrictDropped = 9,

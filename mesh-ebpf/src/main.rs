@@ -11,10 +11,12 @@
 //! - `mesh_sockops` (`sock_ops`): when a captured connect is established, its original
 //!   destination moves to a map keyed by the client's address and port (what the agent sees
 //!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH.
-//! - `mesh_redirect` (`sk_msg`): a send on a socket in `SOCKETS` goes straight into the
-//!   receive queue of its peer, skipping the TCP/IP stack and the veth between them, as long
-//!   as the peer's sk_msg queue holds less than its receive buffer; past that the socket
-//!   sends through TCP/IP (TCP's own backpressure) until the peer has read everything.
+//! - `mesh_redirect` (`sk_msg`): an app's send on a socket in `SOCKETS` goes straight into
+//!   the receive queue of the agent's end, skipping the TCP/IP stack and the veth between
+//!   them, as long as that queue holds less than its receive buffer; past that the app sends
+//!   through TCP/IP (TCP's own backpressure) until the agent has read everything. The agent's
+//!   own sends go through TCP/IP: only the agent, which reads until EAGAIN, ever reads a
+//!   socket whose bytes came both ways.
 //! - `mesh_strict` (`cgroup_skb/ingress`): a strict pod (its cgroup or an ancestor in
 //!   `STRICT`) accepts TCP connections only from its node's addresses (`NODE_ADDRESSES`: the
 //!   agent's dials, the kubelet's probes) and loopback; packets from elsewhere to its
@@ -544,6 +546,13 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     let Some(me) = socket_fields!(ctx.msg).pair() else {
         return SK_PASS;
     };
+    if is_agent_listener(&me.local) {
+        // The agent's own sends go through TCP/IP: a socket that got bytes both ways (its
+        // sk_msg queue, then TCP/IP past the bound) is read one queue per call, and an app
+        // that takes a short read for an empty socket (as tokio does) would wait for the
+        // rest forever. Only the agent, which reads until EAGAIN, gets redirected bytes.
+        return SK_PASS;
+    }
     let mut peer = me.reversed();
     // SAFETY: read only for presence.
     let passing = unsafe { MSG_PASSTHROUGH.get(me) }.is_some();

@@ -82,6 +82,17 @@ enum Cmd {
     },
     /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
     /// reading, then reads and checks every byte: `received=<bytes>`.
+    /// POSTs `bytes` bytes to `/echo` of an `--http` server over HTTP/1.1, waits `pause_ms`
+    /// without reading, then reads the answer as a tokio app does (64 KiB reads, a short one
+    /// taken for an empty socket): `received=<body bytes>`. Fails after 10 s without a byte.
+    SlowPost {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long)]
+        pause_ms: u64,
+    },
     Download {
         #[arg(long)]
         connect: SocketAddr,
@@ -238,6 +249,11 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Serve { .. } | Cmd::Collect { .. } => bail!("servers run without the watchdog"),
+        Cmd::SlowPost {
+            connect,
+            bytes,
+            pause_ms,
+        } => slow_post(connect, bytes, Duration::from_millis(pause_ms)).await,
         Cmd::Download {
             connect,
             bytes,
@@ -448,6 +464,34 @@ async fn serve_http(stream: TcpStream, name: &'static str, always: Option<u16>) 
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// See `slow-post`.
+async fn slow_post(connect: SocketAddr, bytes: usize, pause: Duration) -> Result<()> {
+    let mut stream = TcpStream::connect(connect).await?;
+    let head = format!("POST /echo HTTP/1.1\r\nhost: {connect}\r\ncontent-length: {bytes}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    let mut body = vec![0u8; bytes];
+    fill_pattern(&mut body, 0);
+    stream.write_all(&body).await?;
+    tokio::time::sleep(pause).await;
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; CHUNK];
+    let received = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .map_err(|_| anyhow::anyhow!("no byte in 10 s after {} bytes", answer.len()))??;
+        ensure!(n > 0, "the answer ended after {} bytes", answer.len());
+        answer.extend_from_slice(&buf[..n]);
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n")
+            && answer.len() - (end + 4) >= bytes
+        {
+            ensure!(answer[end + 4..] == body[..], "the answer's body differs");
+            break bytes;
+        }
+    };
+    println!("received={received}");
+    Ok(())
 }
 
 /// Sends as many pattern bytes as the client asks for, then closes.

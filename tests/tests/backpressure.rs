@@ -214,13 +214,6 @@ fn a_paused_reader_holds_about_its_buffers_then_gets_every_byte() {
     }
 }
 
-/// curl uploads 3 MiB to an HTTP service whose server reads nothing for two seconds: more
-/// than the shortcut's queue holds (2 MiB), less than the whole path holds while the server
-/// waits. So the upload fills the agent's sk_msg queue and goes on through TCP/IP, and curl
-/// has sent it all and only waits for the answer when the server starts reading. The
-/// agent's reads then take the socket's two queues one after the other (a read ends where
-/// the first queue does) and must still carry every byte to the server, and its echo back,
-/// on one node and across. (Before `ShortcutStream`, five of six runs stalled on one node.)
 /// Both agents, and HTTP echo servers behind the services `near` (on n1, with the
 /// enrolled `client`) and `far` (on n2).
 fn http_services() -> (Lab, Vec<mesh_tests::Agent>, Vec<mesh_tests::Running>) {
@@ -246,6 +239,13 @@ fn http_services() -> (Lab, Vec<mesh_tests::Agent>, Vec<mesh_tests::Running>) {
     (lab, agents, servers)
 }
 
+/// curl uploads 3 MiB to an HTTP service whose server reads nothing for two seconds: more
+/// than the shortcut's queue holds (2 MiB), less than the whole path holds while the server
+/// waits. So the upload fills the agent's sk_msg queue and goes on through TCP/IP, and curl
+/// has sent it all and only waits for the answer when the server starts reading. The
+/// agent's reads then take the socket's two queues one after the other (a read ends where
+/// the first queue does) and must still carry every byte to the server, and its echo back,
+/// on one node and across. (Before `ShortcutStream`, five of six runs stalled on one node.)
 #[test]
 fn an_upload_a_busy_server_holds_back_arrives_whole_and_comes_back() {
     let (lab, _agents, _servers) = http_services();

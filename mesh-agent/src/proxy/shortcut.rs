@@ -27,6 +27,7 @@ use tokio::{
 pub struct ShortcutStream(TcpStream);
 
 impl ShortcutStream {
+    /// The agent's end of a captured connection, as `accept` gave it.
     pub fn new(stream: TcpStream) -> Self {
         Self(stream)
     }

@@ -80,8 +80,6 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
-    /// reading, then reads and checks every byte: `received=<bytes>`.
     /// POSTs `bytes` bytes to `/echo` of an `--http` server over HTTP/1.1, waits `pause_ms`
     /// without reading, then reads the answer as a tokio app does (64 KiB reads, a short one
     /// taken for an empty socket): `received=<body bytes>`. Fails after 10 s without a byte.
@@ -93,6 +91,8 @@ enum Cmd {
         #[arg(long)]
         pause_ms: u64,
     },
+    /// Asks a `--source` server for `bytes` bytes, prints `ready`, waits `pause_ms` without
+    /// reading, then reads and checks every byte: `received=<bytes>`.
     Download {
         #[arg(long)]
         connect: SocketAddr,

@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span, info_span};
 
 use crate::{
     config::{Protocol, egress::ExternalProtocol},
@@ -303,7 +303,7 @@ impl Inbound {
         };
         let mut labels = egress::labels(source, host, "egress");
         labels.direction = Direction::Inbound.as_str();
-        let span = info_span!("egress", %caller, %dst);
+        let span = debug_span!("egress", %caller, %dst);
         self.tracker.spawn(
             async move {
                 match hyper::upgrade::on(request).await {
@@ -475,7 +475,7 @@ impl Inbound {
             });
         }
         let http = self.http.clone();
-        let span = info_span!("inbound", %caller, %target);
+        let span = debug_span!("inbound", %caller, %target);
         self.tracker.spawn(
             async move {
                 let mut tunnel = match hyper::upgrade::on(request).await {

@@ -15,7 +15,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 use crate::{
     config::Protocol,
@@ -108,7 +108,7 @@ impl Outbound {
                     continue;
                 }
             };
-            let span = info_span!("conn", %peer, %dst);
+            let span = debug_span!("conn", %peer, %dst);
             let caller = Caller {
                 addr: peer,
                 workload: source,
@@ -366,7 +366,7 @@ impl Outbound {
                     let ejected = lease.endpoint().failed();
                     self.metrics
                         .endpoint_unreachable(&port.service, target, ejected);
-                    warn_sampled!(service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
+                    warn_sampled!(source = %caller.addr, service = %port.service, endpoint = %target, "connect failed, trying another endpoint: {e}");
                     tried.push(target);
                 }
                 // This node's fault, or the caller's, not the endpoint's: no ejection, no

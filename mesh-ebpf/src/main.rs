@@ -10,13 +10,14 @@
 //!   reports the address its app dialled, not the agent's.
 //! - `mesh_sockops` (`sock_ops`): when a captured connect is established, its original
 //!   destination moves to a map keyed by the client's address and port (what the agent sees
-//!   from `accept`), and both ends of app↔agent connections join the `SOCKETS` SOCKHASH.
-//! - `mesh_redirect` (`sk_msg`): an app's send on a socket in `SOCKETS` goes straight into
-//!   the receive queue of the agent's end, skipping the TCP/IP stack and the veth between
-//!   them, as long as that queue holds less than its receive buffer; past that the app sends
-//!   through TCP/IP (TCP's own backpressure) until the agent has read everything. The agent's
-//!   own sends go through TCP/IP: only the agent, which reads until EAGAIN, ever reads a
-//!   socket whose bytes came both ways.
+//!   from `accept`), and the ends of app↔agent connections join two SOCKHASHes: the app's
+//!   `SOCKETS`, the agent's `AGENT_ENDS`.
+//! - `mesh_redirect` (`sk_msg`, on `SOCKETS` only): an app's send goes straight into the
+//!   receive queue of the agent's end, skipping the TCP/IP stack and the veth between them,
+//!   as long as that queue holds less than its receive buffer; past that the app sends
+//!   through TCP/IP (TCP's own backpressure) until the agent has read everything. The
+//!   agent's own sends run no program and go through TCP/IP: only the agent, which reads
+//!   until EAGAIN, ever reads a socket whose bytes came both ways.
 //! - `mesh_strict` (`cgroup_skb/ingress`): a strict pod (its cgroup or an ancestor in
 //!   `STRICT`) accepts TCP connections only from its node's addresses (`NODE_ADDRESSES`: the
 //!   agent's dials, the kubelet's probes) and loopback; packets from elsewhere to its
@@ -108,16 +109,27 @@ static CAPTURED_BY_COOKIE: LruHashMap<u64, Captured> = LruHashMap::pinned(65_536
 #[map]
 static CAPTURED_BY_CLIENT: LruHashMap<SockAddr, Captured> = LruHashMap::pinned(65_536, 0);
 
-/// Both ends of app↔agent connections, keyed by the connection as each socket sees it.
+/// The apps' ends of app↔agent connections, keyed by the connection as each socket sees
+/// it; `mesh_redirect` runs on their sends.
 #[map]
 static SOCKETS: SockHash<SockPair> = SockHash::pinned(131_072, 0);
 
-/// The kernel socket (`struct sock *`, as a number) of each end in `SOCKETS`, by the same
-/// key: `mesh_redirect` reads the peer's queue and sequence numbers through it.
+/// The agent's ends of app↔agent connections, by the same key: the targets of
+/// `mesh_redirect`. No program runs on their sends, which go through TCP/IP: past the bound
+/// a socket holds bytes in two queues (redirected, and from TCP/IP) that the kernel reads
+/// one per call, and an app that takes a short read for an empty socket (as tokio does)
+/// would wait for the rest forever; only the agent, which reads until EAGAIN, gets
+/// redirected bytes.
+#[map]
+static AGENT_ENDS: SockHash<SockPair> = SockHash::pinned(131_072, 0);
+
+/// The kernel socket (`struct sock *`, as a number) of each end in `SOCKETS` and
+/// `AGENT_ENDS`, by the same key: `mesh_redirect` reads the peer's queue and sequence
+/// numbers through it.
 #[map]
 static SOCKET_ADDRS: LruHashMap<SockPair, u64> = LruHashMap::pinned(131_072, 0);
 
-/// Sockets whose sends go through TCP/IP for now: their peer was not in `SOCKETS` yet, or its
+/// Sockets whose sends go through TCP/IP for now: their peer was not in `AGENT_ENDS` yet, or its
 /// queue was full. A socket leaves this set only once its peer has read every byte it sent
 /// through TCP/IP, so a redirected send never overtakes one on the wire.
 #[map]
@@ -490,7 +502,8 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     let Some(pair) = socket_fields!(ctx.ops).pair() else {
         return 0;
     };
-    let shortcut = if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let app_end = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+    let shortcut = if app_end {
         hand_over_capture(&ctx, &pair)
     } else {
         is_agent_listener(&pair.local)
@@ -506,8 +519,14 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         }
         let mut key = pair;
         // SAFETY: the context is the `bpf_sock_ops` of the established socket.
-        if let Err(e) = SOCKETS.update(&mut key, unsafe { &mut *ctx.ops }, 0) {
-            error!(&ctx, "sock_ops: cannot add socket to SOCKETS: {}", e);
+        let ops = unsafe { &mut *ctx.ops };
+        let added = if app_end {
+            SOCKETS.update(&mut key, ops, 0)
+        } else {
+            AGENT_ENDS.update(&mut key, ops, 0)
+        };
+        if let Err(e) = added {
+            error!(&ctx, "sock_ops: cannot add a socket to its SOCKHASH: {}", e);
         }
     }
     0
@@ -546,13 +565,6 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     let Some(me) = socket_fields!(ctx.msg).pair() else {
         return SK_PASS;
     };
-    if is_agent_listener(&me.local) {
-        // The agent's own sends go through TCP/IP: a socket that got bytes both ways (its
-        // sk_msg queue, then TCP/IP past the bound) is read one queue per call, and an app
-        // that takes a short read for an empty socket (as tokio does) would wait for the
-        // rest forever. Only the agent, which reads until EAGAIN, gets redirected bytes.
-        return SK_PASS;
-    }
     let mut peer = me.reversed();
     // SAFETY: read only for presence.
     let passing = unsafe { MSG_PASSTHROUGH.get(me) }.is_some();
@@ -575,7 +587,8 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     };
     let size = u64::from(ctx.size());
     if redirect
-        && SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
+        && AGENT_ENDS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+            == i64::from(SK_PASS)
     {
         if passing {
             let _ = MSG_PASSTHROUGH.remove(me);
@@ -606,7 +619,7 @@ struct Peer {
 }
 
 impl Peer {
-    /// The peer's socket, if it joined `SOCKETS` and the kernel's layout is known.
+    /// The peer's socket, if it joined `AGENT_ENDS` and the kernel's layout is known.
     #[inline(always)]
     fn of(peer: &SockPair) -> Option<Self> {
         // SAFETY: the constant is set at load; a volatile read keeps the compiler from

@@ -114,7 +114,7 @@ fn an_upgrade_refuses_no_connection_and_finishes_open_transfers() {
     // Same layout: the new agents took the very maps over.
     for agent in &new {
         let pins = pin_dir(&agent.node_name);
-        for map in ["ENROLLED", "SOCKETS", "CAPTURED_BY_CLIENT"] {
+        for map in ["ENROLLED", "SOCKETS", "AGENT_ENDS", "CAPTURED_BY_CLIENT"] {
             assert_eq!(pins::find(&pins, map).len(), 1, "{map}");
         }
     }
@@ -130,6 +130,8 @@ fn an_upgrade_to_another_map_layout_refuses_nothing_and_retires_the_old_maps() {
         "CAPTURED_BY_CLIENT=32768",
         "--map-capacity",
         "SOCKETS=65536",
+        "--map-capacity",
+        "AGENT_ENDS=65536",
     ];
     let (_lab, new) = upgrade_under_load(&resized);
     for agent in &new {
@@ -139,9 +141,12 @@ fn an_upgrade_to_another_map_layout_refuses_nothing_and_retires_the_old_maps() {
             "{}",
             agent.log()
         );
-        // The old state maps go at once; the old socket map once its sockets have closed.
+        // The old state maps go at once; the old socket maps once their sockets have closed.
         let started = Instant::now();
-        while pins::find(&pins, "SOCKETS").len() > 1 || pins::find(&pins, "ENROLLED").len() > 1 {
+        while ["SOCKETS", "AGENT_ENDS", "ENROLLED"]
+            .iter()
+            .any(|map| pins::find(&pins, map).len() > 1)
+        {
             assert!(
                 started.elapsed() < Duration::from_secs(30),
                 "old maps still pinned: {:?}",

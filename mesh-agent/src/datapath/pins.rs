@@ -92,7 +92,7 @@ pub fn find(pin_dir: &Path, name: &str) -> Vec<PathBuf> {
 
 /// Unpins the maps of earlier layouts once nothing new can need them: at once if only the
 /// old programs use them (they hold their own references), the captured-connect table after
-/// [`CAPTURES_KEPT`], and the socket map once its last socket has closed (unpinning it
+/// [`CAPTURES_KEPT`], and the socket maps once their last socket has closed (unpinning it
 /// sooner would tear the shortcut down under open connections).
 pub async fn retire(pins: Vec<MapPin>) {
     let mut waiting: Vec<(PathBuf, Retire)> = Vec::new();
@@ -130,14 +130,14 @@ enum Retire {
     Now,
     /// The captured-connect table: once the connects the old programs captured are accepted.
     AfterCapturesKept,
-    /// The socket map: once its last socket has closed.
+    /// A socket map: once its last socket has closed.
     WhenEmpty,
 }
 
 impl Retire {
     fn of(map: &str) -> Self {
         match map {
-            "SOCKETS" => Self::WhenEmpty,
+            "SOCKETS" | "AGENT_ENDS" => Self::WhenEmpty,
             "CAPTURED_BY_CLIENT" => Self::AfterCapturesKept,
             _ => Self::Now,
         }

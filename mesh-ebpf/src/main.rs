@@ -129,9 +129,9 @@ static AGENT_ENDS: SockHash<SockPair> = SockHash::pinned(131_072, 0);
 #[map]
 static SOCKET_ADDRS: LruHashMap<SockPair, u64> = LruHashMap::pinned(131_072, 0);
 
-/// Sockets whose sends go through TCP/IP for now: their peer was not in `AGENT_ENDS` yet, or its
-/// queue was full. A socket leaves this set only once its peer has read every byte it sent
-/// through TCP/IP, so a redirected send never overtakes one on the wire.
+/// Sockets whose sends go through TCP/IP for now: their peer was not in `AGENT_ENDS` yet, or
+/// its queue was full. A socket leaves this set only once its peer has read every byte it
+/// sent through TCP/IP, so a redirected send never overtakes one on the wire.
 #[map]
 static MSG_PASSTHROUGH: LruHashMap<SockPair, u8> = LruHashMap::pinned(131_072, 0);
 

@@ -587,8 +587,7 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     };
     let size = u64::from(ctx.size());
     if redirect
-        && AGENT_ENDS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
-            == i64::from(SK_PASS)
+        && AGENT_ENDS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS)) == i64::from(SK_PASS)
     {
         if passing {
             let _ = MSG_PASSTHROUGH.remove(me);

@@ -166,8 +166,8 @@ pub enum Counter {
     /// Bytes that `sk_msg` put straight into the peer socket.
     BytesRedirected = 4,
     /// Messages an app's shortcut socket sent through the TCP/IP stack instead (the agent's
-    /// queue full, or its socket not in the map yet). The agent's own sends always take
-    /// TCP/IP and are not counted.
+    /// queue full, or the agent's end not in `AGENT_ENDS` yet). The agent's own sends always
+    /// take TCP/IP and are not counted.
     MsgPassed = 5,
     /// Times a socket left the shortcut because its peer's queue reached the bound.
     ShortcutFull = 6,

@@ -435,7 +435,7 @@ impl Outbound {
                 debug!(%target, "connected on this node");
                 Ok(Upstream::Direct(stream))
             }
-            Hop::Tunnel { node, agent } => {
+            Hop::Tunnel(peer) => {
                 let source = &caller
                     .workload
                     .as_ref()
@@ -446,8 +446,8 @@ impl Outbound {
                     self.tunnels.open(
                         source,
                         Some(caller.addr.ip().to_canonical()),
-                        node,
-                        *agent,
+                        &peer.node,
+                        peer.agent,
                         target,
                         None,
                     ),
@@ -466,7 +466,7 @@ impl Outbound {
                     }
                     e => Failed::Dial(DialError::Failed(e.to_string())),
                 })?;
-                debug!(%target, %node, %source, "connected over mTLS through the peer agent");
+                debug!(%target, node = %peer.node, %source, "connected over mTLS through the peer agent");
                 Ok(Upstream::Tunnel(tunnel))
             }
         }

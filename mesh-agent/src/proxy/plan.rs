@@ -114,9 +114,9 @@ mod tests {
                         hop: Hop::Local, ..
                     } => "pod local".to_owned(),
                     Route::Pod {
-                        hop: Hop::Tunnel { node, .. },
+                        hop: Hop::Tunnel(peer),
                         ..
-                    } => format!("pod via {node}"),
+                    } => format!("pod via {}", peer.node),
                 };
                 format!("{route} as {source}")
             }

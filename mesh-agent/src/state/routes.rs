@@ -36,7 +36,7 @@ pub struct Routes {
     /// The service ports each endpoint on this node serves (usually one).
     served: HashMap<SocketAddr, Vec<Arc<ServicePort>>>,
     /// Every service endpoint and the hop to it.
-    endpoint_hops: HashMap<SocketAddr, Hop>,
+    endpoint_hops: Arc<HashMap<SocketAddr, Hop>>,
     local_pod_cidrs: Vec<IpNet>,
     /// The pods of this node the state knows (see [`Routes::is_local_pod`]).
     local_pods: HashSet<IpAddr>,
@@ -75,8 +75,17 @@ impl LocalWorkload {
 pub enum Hop {
     /// Dial it directly: it runs on this node.
     Local,
-    /// Through the agent of the node it runs on, at this tunnel address.
-    Tunnel { node: Arc<str>, agent: SocketAddr },
+    /// Through the agent of the node it runs on (one, shared by all its destinations).
+    Tunnel(Arc<PeerAgent>),
+}
+
+/// Another node's agent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PeerAgent {
+    /// Its node's name.
+    pub node: String,
+    /// Its tunnel address.
+    pub agent: SocketAddr,
 }
 
 /// One port of one service: its endpoints and how to reach each; for an HTTP port, its
@@ -90,7 +99,8 @@ pub struct ServicePort {
     /// How fast its endpoints on this node take requests or connections, if it says.
     /// Shared by every view of the port (its subsets, a route's backend): one set of buckets.
     pub rate_limits: Option<Arc<RateLimiter>>,
-    hops: HashMap<SocketAddr, Hop>,
+    /// Every service endpoint's hop (the table's, shared by its ports).
+    hops: Arc<HashMap<SocketAddr, Hop>>,
     /// Set where pinning to regions left endpoints out.
     pub pinned: Option<Pinned>,
     /// The endpoints' port.
@@ -191,10 +201,10 @@ impl Routes {
                 let hop = if node.name == config.node.name {
                     Hop::Local
                 } else {
-                    Hop::Tunnel {
-                        node: node.name.as_str().into(),
+                    Hop::Tunnel(Arc::new(PeerAgent {
+                        node: node.name.to_string(),
                         agent: SocketAddr::new(node.addresses[0], TUNNEL_PORT),
-                    }
+                    }))
                 };
                 (node.name.as_str(), hop)
             })
@@ -214,11 +224,23 @@ impl Routes {
             .map(|n| (n.name.as_str(), &n.labels))
             .collect();
         let here = Locality::of(config.node.name.as_str(), &no_labels, &config.node.labels);
+        let endpoint_hops: Arc<HashMap<SocketAddr, Hop>> = Arc::new(
+            config
+                .services
+                .iter()
+                .flat_map(|s| s.ports.iter().map(move |port| (s, port)))
+                .flat_map(|(s, port)| {
+                    s.endpoints.iter().filter_map(|e| {
+                        let hop = node_hops.get(e.node.as_str())?;
+                        Some((SocketAddr::new(e.address, e.target_port(port)), hop.clone()))
+                    })
+                })
+                .collect(),
+        );
         // Every port's endpoints first, so that HTTP routes can send to other services'.
         let port_of = |s: &config::Service,
                        port: &config::ServicePort,
                        keep: &dyn Fn(&config::Endpoint) -> bool| {
-            let mut hops = HashMap::new();
             let mut endpoints = Vec::new();
             let mut pinned_out = 0;
             for e in s.endpoints.iter().filter(|e| keep(e)) {
@@ -233,8 +255,7 @@ impl Routes {
                     pinned_out += 1;
                     continue;
                 }
-                if let Some(hop) = node_hops.get(e.node.as_str()) {
-                    hops.insert(addr, hop.clone());
+                if endpoint_hops.contains_key(&addr) {
                     let level = locality.level(&here, s.traffic_distribution);
                     endpoints.push((states.get(addr), level));
                 }
@@ -252,7 +273,7 @@ impl Routes {
                 rate_limits: limiters
                     .get(&(s.name.as_str(), s.namespace.as_str(), port.port))
                     .cloned(),
-                hops,
+                hops: endpoint_hops.clone(),
                 pinned: (pinned_out > 0).then(|| Pinned {
                     regions: s.allowed_regions.join(","),
                     left_out: pinned_out,
@@ -270,10 +291,6 @@ impl Routes {
                 let name = format!("{}/{}", s.namespace, s.name);
                 ((name, port.port), Arc::new(port_of(s, port, &|_| true)))
             })
-            .collect();
-        let endpoint_hops = base
-            .values()
-            .flat_map(|port| port.hops.iter().map(|(addr, hop)| (*addr, hop.clone())))
             .collect();
         let mut services = HashMap::new();
         let mut served = HashMap::new();
@@ -549,10 +566,10 @@ services:
                 (lease.endpoint().addr, hop)
             })
             .collect();
-        let tunnel = Hop::Tunnel {
+        let tunnel = Hop::Tunnel(Arc::new(PeerAgent {
             node: "n2".into(),
             agent: "198.18.0.2:15008".parse().unwrap(),
-        };
+        }));
         assert_eq!(
             picks,
             vec![
@@ -570,7 +587,7 @@ services:
             panic!("not a pod route");
         };
         assert_eq!(target, "198.18.2.7:9000".parse().unwrap());
-        assert!(matches!(hop, Hop::Tunnel { node, .. } if &*node == "n2"));
+        assert!(matches!(hop, Hop::Tunnel(peer) if peer.node == "n2"));
         let Ok(Route::Pod { hop, .. }) = r.route("198.18.1.9:9000".parse().unwrap()) else {
             panic!("not a pod route");
         };

@@ -153,12 +153,18 @@ impl tower_service::Service<Uri> for Connector {
                         .map_err(|e| ConnectError::Failed(e.to_string()))?;
                     Ok(Conn::Direct(TokioIo::new(stream)))
                 }
-                Some(Hop::Tunnel { node, agent }) => {
+                Some(Hop::Tunnel(peer)) => {
                     let source = this.source.as_ref().ok_or(ConnectError::NoIdentity)?;
                     let stream = timeout(
                         CONNECT_TIMEOUT,
-                        this.tunnels
-                            .open(source, None, &node, agent, endpoint, this.upstream),
+                        this.tunnels.open(
+                            source,
+                            None,
+                            &peer.node,
+                            peer.agent,
+                            endpoint,
+                            this.upstream,
+                        ),
                     )
                     .await
                     .map_err(|_| {

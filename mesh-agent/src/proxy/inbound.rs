@@ -496,7 +496,8 @@ impl Inbound {
                             destination,
                             ports,
                         };
-                        http.serve(tunnel, pod, protocol, parties, &cut).await
+                        // Boxed: a TCP stream's task keeps only the copy's state.
+                        Box::pin(http.serve(tunnel, pod, protocol, parties, &cut)).await
                     }
                     None => {
                         let ended = copy::until_done(&mut tunnel, &mut pod, &cut).await;

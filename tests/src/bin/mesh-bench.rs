@@ -693,12 +693,14 @@ fn scale(lab: &Lab, quick: bool) -> Result<Vec<(String, f64)>> {
     // 10,000 would be the figure; this machine caps a process at 20,000 descriptors and
     // the agent needs two per connection (the per-connection figure does not depend on it).
     let connections = if quick { 500 } else { 9_000 };
-    let agent = lab.start_agent("n1", &[])?;
     for (what, target) in [
         ("same node", "198.19.0.1:80"),
         ("across nodes", "198.19.0.3:80"),
     ] {
         eprintln!("==> scale: {connections} idle connections, {what}");
+        // A fresh agent each: one that held connections before keeps their freed heap, which
+        // the next ones reuse without adding to its resident size.
+        let agent = lab.start_agent("n1", &[])?;
         std::thread::sleep(std::time::Duration::from_millis(300));
         let before = rss_mib(&agent)?;
         let go = lab.scratch_path(&format!("idle-{}", what.replace(' ', "-")));
@@ -732,6 +734,8 @@ fn scale(lab: &Lab, quick: bool) -> Result<Vec<(String, f64)>> {
                 std::fs::read_to_string(lab.scratch_path("pod-meshed.log"))?
             );
         }
+        agent.terminate()?;
+        agent.wait()?;
     }
     Ok(figures)
 }

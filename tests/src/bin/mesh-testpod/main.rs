@@ -21,12 +21,16 @@ use clap::{Parser, Subcommand};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
-    sync::Barrier,
+    sync::{Barrier, Semaphore},
 };
 
 /// Ends a client command that has not finished by then.
 const WATCHDOG: Duration = Duration::from_secs(180);
 const CHUNK: usize = 64 * 1024;
+/// Connections `echo --connections` opens at once: thousands of SYNs at once overflow a
+/// listener's backlog (the kernel's cap is 4,096), and a dropped SYN is sent again only 1, 3,
+/// 7, ... 63 s later.
+const OPENING_AT_ONCE: usize = 256;
 
 #[derive(Parser)]
 struct Cli {
@@ -599,9 +603,16 @@ async fn echo_all(
     connections: usize,
 ) -> Result<()> {
     let barrier = Arc::new(Barrier::new(connections));
+    let opening = Arc::new(Semaphore::new(OPENING_AT_ONCE));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..connections {
-        tasks.spawn(echo(addr, bytes, pause_until.clone(), barrier.clone()));
+        tasks.spawn(echo(
+            addr,
+            bytes,
+            pause_until.clone(),
+            barrier.clone(),
+            opening.clone(),
+        ));
     }
     let mut banners = Vec::new();
     let mut failures = Vec::new();
@@ -648,14 +659,17 @@ async fn echo_all(
     Ok(())
 }
 
-/// One echo of `bytes` bytes; every byte must come back as sent. Returns the server's banner.
+/// One echo of `bytes` bytes, opened in its turn (`opening`); every byte must come back as
+/// sent. Returns the server's banner.
 async fn echo(
     addr: SocketAddr,
     bytes: u64,
     pause_until: Option<PathBuf>,
     barrier: Arc<Barrier>,
+    opening: Arc<Semaphore>,
 ) -> Result<String> {
     let opened = async {
+        let _turn = opening.acquire().await?;
         let stream = TcpStream::connect(addr)
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;

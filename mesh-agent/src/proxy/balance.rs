@@ -273,6 +273,8 @@ pub struct Balancer {
     /// How many endpoints each level has, from the closest to the farthest; one level (or
     /// none) when there is nothing to prefer.
     level_sizes: Vec<usize>,
+    /// Whether all endpoints are at one level (then the level never narrows a pick).
+    one_level: bool,
     next: AtomicUsize,
 }
 
@@ -305,6 +307,7 @@ impl Balancer {
             max_per_endpoint,
             endpoints,
             levels,
+            one_level: level_sizes.iter().filter(|&&n| n > 0).count() <= 1,
             level_sizes,
             next: AtomicUsize::new(0),
         }
@@ -343,6 +346,10 @@ impl Balancer {
     /// failure than a certain one).
     pub fn pick(&self, tried: &[SocketAddr]) -> Result<Lease, Unpicked> {
         let now = Instant::now();
+        if let Some(chosen) = self.two_choices(tried, now) {
+            chosen.outstanding.fetch_add(1, Ordering::Relaxed);
+            return Ok(Lease(chosen.clone()));
+        }
         let untried: Vec<usize> = (0..self.endpoints.len())
             .filter(|&i| !tried.contains(&self.endpoints[i].addr))
             .collect();
@@ -392,6 +399,36 @@ impl Balancer {
         };
         chosen.outstanding.fetch_add(1, Ordering::Relaxed);
         Ok(Lease(chosen.clone()))
+    }
+
+    /// Least outstanding's two choices without a look at the other endpoints, where they
+    /// cannot change the pick: all at one level, and both choices untried, below the cap and
+    /// not ejected. A pair drawn so and kept only if both qualify is as uniform over the
+    /// qualifying pairs as [`Balancer::pick`]'s draw among the qualifying endpoints, which
+    /// takes over when they do not (with a cost that grows with the port's endpoints).
+    fn two_choices(&self, tried: &[SocketAddr], now: Instant) -> Option<&Arc<EndpointState>> {
+        let n = self.endpoints.len();
+        if self.strategy != Strategy::LeastOutstanding || !self.one_level || n < 2 {
+            return None;
+        }
+        let a = fastrand::usize(..n);
+        let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+        let (a, b) = (&self.endpoints[a], &self.endpoints[b]);
+        let qualifies = |e: &EndpointState| {
+            !tried.contains(&e.addr)
+                && self
+                    .max_per_endpoint
+                    .is_none_or(|max| e.outstanding() < max)
+                && !e.ejected(now)
+        };
+        if !qualifies(a) || !qualifies(b) {
+            return None;
+        }
+        Some(if b.outstanding() < a.outstanding() {
+            b
+        } else {
+            a
+        })
     }
 
     /// The endpoints of `healthy` (indexes) at one locality level, drawn by the levels'
@@ -490,6 +527,29 @@ mod tests {
         );
         drop(leases);
         assert!(b.endpoints.iter().all(|e| e.outstanding() == 0));
+    }
+
+    #[test]
+    fn picks_among_many_skip_the_tried_the_full_and_the_ejected_first() {
+        let states = EndpointStates::default();
+        let endpoints = (1..=20)
+            .map(|p| (states.get(SocketAddr::from(([198, 18, 1, 2], p))), 2))
+            .collect();
+        // At most one connection each.
+        let b = Balancer::new(Strategy::LeastOutstanding, None, Some(1), endpoints);
+        for e in &b.endpoints[..5] {
+            for _ in 0..EJECT_AFTER {
+                e.failed();
+            }
+        }
+        let tried: Vec<SocketAddr> = b.endpoints[5..10].iter().map(|e| e.addr).collect();
+        let leases: Vec<Lease> = (0..10).map(|_| b.pick(&tried).unwrap()).collect();
+        let mut picked: Vec<u16> = leases.iter().map(|l| l.endpoint().addr.port()).collect();
+        picked.sort();
+        assert_eq!(picked, (11..=20).collect::<Vec<_>>());
+        // The healthy ones full: an ejected one is still better than nothing.
+        let last = b.pick(&tried).unwrap();
+        assert!((1..=5).contains(&last.endpoint().addr.port()));
     }
 
     #[test]

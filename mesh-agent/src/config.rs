@@ -241,9 +241,9 @@ impl Config {
         Self::parse(file, &read_limited(file)?)
     }
 
-    /// Frees what the services' lists hold beyond their length (a list read from YAML has up
-    /// to twice the room it needs): they live as long as the snapshot, and at 10,000 services
-    /// the room was 10 MiB.
+    /// Frees what the services' lists hold beyond their length (a list read from YAML, or
+    /// built by pushing, has up to four times the room it needs): they live as long as the
+    /// snapshot, and at 10,000 services the room was 10 MiB.
     pub fn shrink_to_fit(&mut self) {
         self.services.shrink_to_fit();
         for s in &mut self.services {

@@ -141,17 +141,19 @@ impl Cluster {
             &self.last_good.egress,
             &mut refused,
         );
+        let mut config = Config {
+            node: this,
+            peers: nodes,
+            settings: settings.clone(),
+            workloads,
+            unmeshed_pods,
+            services,
+            authorization,
+            egress,
+        };
+        config.shrink_to_fit();
         Some(Discovered {
-            config: Config {
-                node: this,
-                peers: nodes,
-                settings: settings.clone(),
-                workloads,
-                unmeshed_pods,
-                services,
-                authorization,
-                egress,
-            },
+            config,
             skipped,
             refused,
             cgroups_pending,

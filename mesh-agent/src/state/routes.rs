@@ -255,7 +255,7 @@ impl Routes {
                     pinned_out += 1;
                     continue;
                 }
-                if endpoint_hops.contains_key(&addr) {
+                if node_hops.contains_key(e.node.as_str()) {
                     let level = locality.level(&here, s.traffic_distribution);
                     endpoints.push((states.get(addr), level));
                 }

@@ -273,8 +273,6 @@ pub struct Balancer {
     /// How many endpoints each level has, from the closest to the farthest; one level (or
     /// none) when there is nothing to prefer.
     level_sizes: Vec<usize>,
-    /// Whether all endpoints are at one level (then the level never narrows a pick).
-    one_level: bool,
     next: AtomicUsize,
 }
 
@@ -307,7 +305,6 @@ impl Balancer {
             max_per_endpoint,
             endpoints,
             levels,
-            one_level: level_sizes.iter().filter(|&&n| n > 0).count() <= 1,
             level_sizes,
             next: AtomicUsize::new(0),
         }
@@ -384,17 +381,11 @@ impl Balancer {
                 &self.endpoints[candidates[self.next.fetch_add(1, Ordering::Relaxed) % n]]
             }
             (Strategy::LeastOutstanding, n) => {
-                let a = fastrand::usize(..n);
-                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                let (a, b) = (
+                let (a, b) = two_of(n);
+                less_loaded(
                     &self.endpoints[candidates[a]],
                     &self.endpoints[candidates[b]],
-                );
-                if b.outstanding() < a.outstanding() {
-                    b
-                } else {
-                    a
-                }
+                )
             }
         };
         chosen.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -408,11 +399,11 @@ impl Balancer {
     /// takes over when they do not (with a cost that grows with the port's endpoints).
     fn two_choices(&self, tried: &[SocketAddr], now: Instant) -> Option<&Arc<EndpointState>> {
         let n = self.endpoints.len();
-        if self.strategy != Strategy::LeastOutstanding || !self.one_level || n < 2 {
+        let one_level = self.level_sizes.iter().filter(|&&size| size > 0).count() <= 1;
+        if self.strategy != Strategy::LeastOutstanding || !one_level || n < 2 {
             return None;
         }
-        let a = fastrand::usize(..n);
-        let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+        let (a, b) = two_of(n);
         let (a, b) = (&self.endpoints[a], &self.endpoints[b]);
         let qualifies = |e: &EndpointState| {
             !tried.contains(&e.addr)
@@ -421,14 +412,7 @@ impl Balancer {
                     .is_none_or(|max| e.outstanding() < max)
                 && !e.ejected(now)
         };
-        if !qualifies(a) || !qualifies(b) {
-            return None;
-        }
-        Some(if b.outstanding() < a.outstanding() {
-            b
-        } else {
-            a
-        })
+        (qualifies(a) && qualifies(b)).then(|| less_loaded(a, b))
     }
 
     /// The endpoints of `healthy` (indexes) at one locality level, drawn by the levels'
@@ -455,6 +439,21 @@ impl Balancer {
             .into_iter()
             .filter(|&i| self.levels[i] == level)
             .collect()
+    }
+}
+
+/// Two different indexes below `n` (at least 2), each pair as likely as any other.
+fn two_of(n: usize) -> (usize, usize) {
+    let a = fastrand::usize(..n);
+    (a, (a + 1 + fastrand::usize(..n - 1)) % n)
+}
+
+/// Of least outstanding's two choices, the one with fewer open connections (`a` on a tie).
+fn less_loaded<'a>(a: &'a Arc<EndpointState>, b: &'a Arc<EndpointState>) -> &'a Arc<EndpointState> {
+    if b.outstanding() < a.outstanding() {
+        b
+    } else {
+        a
     }
 }
 

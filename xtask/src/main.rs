@@ -2,6 +2,7 @@
 
 mod compile;
 mod fuzz;
+mod hot_text;
 mod image;
 mod kernel;
 mod setup;
@@ -82,6 +83,9 @@ enum Task {
         #[arg(long, default_value = image::DEFAULT_NAME)]
         name: String,
     },
+    /// Profile the lab demo's agents under callgrind and rewrite mesh-agent/symbol-order.txt,
+    /// the functions they ran, which release links lay out together (fewer pages resident).
+    HotText,
     /// The fuzzers (cargo-fuzz) of what the agent parses from outside: the YAML config,
     /// Kubernetes objects, tunnel CONNECT authorities, protocol detection, HTTP requests.
     Fuzz {
@@ -163,6 +167,11 @@ fn main() -> Result<()> {
         Task::Image { name } => {
             setup::run()?;
             image::run(&root, &name)
+        }
+        Task::HotText => {
+            shell::require_root("hot-text")?;
+            setup::run()?;
+            hot_text::run(&root)
         }
         Task::Fuzz { seconds, target } => {
             setup::run()?;

@@ -19,8 +19,8 @@ use crate::{
 /// The image's name unless told otherwise (the kustomizations in deploy/ use it).
 pub const DEFAULT_NAME: &str = "registry.example/mesh/mesh-agent";
 
-/// The host target, named so that the static flags reach the agent and not build scripts.
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Where the static agent is built: apart from the host build, whose agent is dynamic.
+const TARGET_DIR: &str = "target/static";
 
 /// Builds the image of the agent, named `name` and tagged with the agent's version.
 pub fn run(root: &Path, name: &str) -> Result<()> {
@@ -110,22 +110,27 @@ pub fn verify(root: &Path) -> Result<()> {
 /// loader: the image holds nothing else.
 pub fn static_agent(root: &Path) -> Result<PathBuf> {
     let step = Step::start("image: mesh-agent, static (release)");
+    // `cargo rustc` gives the static flags to the agent's own link only, not to build
+    // scripts and proc macros; without `--target` its symbols keep the host build's names,
+    // which mesh-agent/symbol-order.txt lists.
     shell::run(
         compile::host_cargo(root, root)
-            .env(
-                "RUSTFLAGS",
-                "-C target-feature=+crt-static -C strip=symbols",
-            )
+            .env("CARGO_TARGET_DIR", root.join(TARGET_DIR))
             .args([
-                "build",
+                "rustc",
                 "--release",
                 "--package",
                 "mesh-agent",
-                "--target",
-                TARGET,
+                "--bin",
+                "mesh-agent",
+                "--",
+                "-C",
+                "target-feature=+crt-static",
+                "-C",
+                "strip=symbols",
             ]),
     )?;
-    let binary = root.join("target").join(TARGET).join("release/mesh-agent");
+    let binary = root.join(TARGET_DIR).join("release/mesh-agent");
     if has_interpreter(&fs::read(&binary)?)? {
         bail!(
             "{} is linked dynamically; the image needs a static binary (is libc6-dev installed?)",

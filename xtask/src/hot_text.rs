@@ -1,7 +1,7 @@
 //! `cargo xtask hot-text`: lays the agent's code out so that what it runs sits together.
 //!
 //! The kernel maps a binary's code in blocks around each page touched (fault-around, 64 KiB),
-//! so an agent that runs 4 MiB of functions scattered over 18 MiB of code holds 13 MiB of it
+//! so an agent that runs 5 MiB of functions scattered over 18 MiB of code holds 13 MiB of it
 //! resident. This task runs the lab demo with each agent under callgrind and lists every
 //! function of the binary that ran (start-up, TCP and HTTP traffic, egress, an upgrade) in
 //! [`ORDER`], which `mesh-agent/build.rs` gives the linker for release builds: they go first,
@@ -25,6 +25,7 @@ pub fn run(root: &Path) -> Result<()> {
         bail!("hot-text profiles the agents with valgrind: install it (apt-get install valgrind)");
     }
     let dir = compile::lab(root, true)?;
+    let agent = dir.join("mesh-agent");
     let out = root.join("target/hot-text");
     if out.exists() {
         fs::remove_dir_all(&out)?;
@@ -37,7 +38,7 @@ pub fn run(root: &Path) -> Result<()> {
             "#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no --dump-instr=no \
              --log-file={out}/valgrind.%p.log --callgrind-out-file={out}/callgrind.%p {agent} \"$@\"\n",
             out = out.display(),
-            agent = dir.join("mesh-agent").display()
+            agent = agent.display()
         ),
     )?;
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
@@ -67,8 +68,7 @@ pub fn run(root: &Path) -> Result<()> {
         "callgrind wrote no profile in {}",
         out.display()
     );
-    let binary = dir.join("mesh-agent");
-    let symbols = function_symbols(&binary)?;
+    let symbols = function_symbols(&agent)?;
     let ran: BTreeSet<String> = names
         .into_iter()
         .filter(|name| symbols.contains(name))
